@@ -1,0 +1,307 @@
+//! `t2 bench`: prefill and decode throughput for the base model, one merged mix, and 8 different mixes in
+//! one batch (factored path), per target set and batch size, beside this machine's measured memory
+//! bandwidth so decode speed can be read as a fraction of the hardware limit.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+use clap::Args;
+use serde::Serialize;
+use t2_model::{random_llama, Llama, LlamaConfig, SeqStep, WantLogits};
+use t2_svf::{Decomposition, SvfProjector, TargetSet, BASE_MIX};
+
+use crate::common::ModelArgs;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Random weights of a known shape instead of a checkpoint: llama-3.2-1b
+    #[arg(long)]
+    pub random: Option<String>,
+    /// Batch sizes, comma-separated
+    #[arg(long, default_value = "1,8,32", value_delimiter = ',')]
+    pub batches: Vec<usize>,
+    /// Target sets, comma-separated
+    #[arg(long, default_value = "mlp,all", value_delimiter = ',')]
+    pub targets: Vec<TargetSet>,
+    /// Modes, comma-separated: base, merged, mixes
+    #[arg(long, default_value = "base,merged,mixes", value_delimiter = ',')]
+    pub modes: Vec<String>,
+    /// Prompt tokens per sequence for the prefill measurement
+    #[arg(long, default_value_t = 64)]
+    pub prompt_len: usize,
+    /// Decode steps measured per configuration
+    #[arg(long, default_value_t = 32)]
+    pub decode_steps: usize,
+    /// Write the results as JSON here too
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+}
+
+#[derive(Serialize)]
+struct Row {
+    targets: String,
+    mode: String,
+    batch: usize,
+    prefill_tok_s: f64,
+    decode_tok_s: f64,
+    /// Weight bytes read per decode step.
+    bytes_per_step: f64,
+    /// Single-stream decode as a fraction of the bandwidth cap (bytes per step × steps/s ÷ bandwidth).
+    bandwidth_fraction: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    model: String,
+    dtype: String,
+    device: String,
+    threads: usize,
+    bandwidth_gb_s: f64,
+    rows: Vec<Row>,
+}
+
+const MIXES: usize = 8;
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    for m in &a.modes {
+        if !["base", "merged", "mixes"].contains(&m.as_str()) {
+            bail!("unknown bench mode '{m}' (expected base, merged, mixes)");
+        }
+    }
+    if a.batches.iter().any(|&b| b == 0) || a.prompt_len == 0 || a.decode_steps == 0 {
+        bail!("batch sizes, --prompt-len and --decode-steps must be positive");
+    }
+    let device = a.model.device()?;
+    let dtype = a.model.dtype(&device)?;
+    let (model, name, real_path, sha) = match &a.random {
+        Some(shape) => {
+            let cfg = match shape.as_str() {
+                "llama-3.2-1b" => LlamaConfig::llama_3_2_1b(),
+                other => bail!("unknown random shape '{other}' (known: llama-3.2-1b)"),
+            };
+            (
+                random_llama(&cfg, dtype, &device, 7)?,
+                format!("random {shape}"),
+                None,
+                String::new(),
+            )
+        }
+        None => {
+            let path = a.model.model_path();
+            let l = a.model.load()?;
+            (l.model, l.model_id, Some(path), l.weights_sha256)
+        }
+    };
+    let bandwidth = measure_bandwidth();
+    eprintln!(
+        "{name}: {:.0} MB of weights, {dtype:?} on {device:?}; measured read bandwidth {:.1} GB/s",
+        model.weight_bytes() as f64 / 1e6,
+        bandwidth / 1e9
+    );
+    let mut rows = Vec::new();
+    for &targets in &a.targets {
+        let decomp = match &real_path {
+            Some(p) => Decomposition::load_or_compute(p, &model, &sha, targets, true)?.0,
+            None => Decomposition::random(&model, targets, 11)?,
+        };
+        let extra = decomp.extra_bytes_factored(&model);
+        let svf = SvfProjector::new(decomp, MIXES + 2, 1)?;
+        let mut ids = Vec::new();
+        for k in 0..MIXES {
+            let z: BTreeMap<_, _> = svf
+                .decomp
+                .factors
+                .iter()
+                .map(|(id, f)| {
+                    (
+                        *id,
+                        (0..f.rank())
+                            .map(|i| 0.5 + 0.1 * (((i * 7 + k * 13) % 17) as f32 / 17.0 - 0.5))
+                            .collect(),
+                    )
+                })
+                .collect();
+            ids.push(svf.register(&format!("bench-{k}"), &z)?);
+        }
+        svf.merge(ids[0])?;
+        for mode in &a.modes {
+            for &b in &a.batches {
+                let mixes: Vec<u32> = match mode.as_str() {
+                    "base" => vec![BASE_MIX; b],
+                    "merged" => vec![ids[0]; b],
+                    // 8 different unmerged-at-batch-1 mixes: always the factored path
+                    _ => (0..b).map(|i| ids[(i + 1) % MIXES]).collect(),
+                };
+                let (prefill, decode) =
+                    measure(&model, &svf, &mixes, a.prompt_len, a.decode_steps)?;
+                let bytes =
+                    model.weight_bytes() as f64 + if mode == "mixes" { extra as f64 } else { 0.0 };
+                let row = Row {
+                    targets: targets.to_string(),
+                    mode: mode.clone(),
+                    batch: b,
+                    prefill_tok_s: prefill,
+                    decode_tok_s: decode,
+                    bytes_per_step: bytes,
+                    bandwidth_fraction: bytes * (decode / b as f64) / bandwidth,
+                };
+                eprintln!(
+                    "  {:<4} {:<7} b={:<3} prefill {:>8.1} tok/s  decode {:>8.1} tok/s",
+                    row.targets, row.mode, b, prefill, decode
+                );
+                rows.push(row);
+            }
+        }
+    }
+    let report = Report {
+        model: name,
+        dtype: format!("{dtype:?}"),
+        device: format!("{device:?}"),
+        threads: candle_core::utils::get_num_threads(),
+        bandwidth_gb_s: bandwidth / 1e9,
+        rows,
+    };
+    print_table(&report);
+    let json = serde_json::to_string_pretty(&report)?;
+    println!("{json}");
+    if let Some(p) = &a.json {
+        std::fs::write(p, &json)?;
+    }
+    Ok(())
+}
+
+/// Prefill `prompt_len` tokens for each sequence in one step, then decode `steps` tokens for all of them.
+fn measure(
+    model: &Llama,
+    svf: &SvfProjector,
+    mixes: &[u32],
+    prompt_len: usize,
+    steps: usize,
+) -> Result<(f64, f64)> {
+    let vocab = model.cfg.vocab_size as u32;
+    let prompts: Vec<Vec<u32>> = (0..mixes.len())
+        .map(|s| {
+            (0..prompt_len)
+                .map(|i| ((i * 31 + s * 7 + 1) as u32) % vocab)
+                .collect()
+        })
+        .collect();
+    let run = |steps: usize| -> Result<(f64, f64)> {
+        let mut caches: Vec<_> = mixes.iter().map(|_| model.new_cache()).collect();
+        let t0 = Instant::now();
+        let mut step: Vec<SeqStep> = caches
+            .iter_mut()
+            .zip(&prompts)
+            .zip(mixes)
+            .map(|((c, p), &m)| SeqStep {
+                cache: c,
+                tokens: p,
+                mix: m,
+                want: WantLogits::Last,
+            })
+            .collect();
+        let mut last = next_tokens(model.forward(&mut step, svf)?)?;
+        let prefill = (mixes.len() * prompt_len) as f64 / t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        for _ in 0..steps {
+            let toks: Vec<[u32; 1]> = last.iter().map(|&t| [t]).collect();
+            let mut step: Vec<SeqStep> = caches
+                .iter_mut()
+                .zip(&toks)
+                .zip(mixes)
+                .map(|((c, t), &m)| SeqStep {
+                    cache: c,
+                    tokens: t,
+                    mix: m,
+                    want: WantLogits::Last,
+                })
+                .collect();
+            last = next_tokens(model.forward(&mut step, svf)?)?;
+        }
+        Ok((
+            prefill,
+            (mixes.len() * steps) as f64 / t1.elapsed().as_secs_f64(),
+        ))
+    };
+    run(2)?; // warm-up: first-touch allocations, thread pools
+    run(steps)
+}
+
+fn next_tokens(logits: Vec<Option<Tensor>>) -> Result<Vec<u32>> {
+    logits
+        .into_iter()
+        .map(|l| {
+            Ok(t2_model::sampling::argmax(
+                &l.expect("logits").to_vec1::<f32>()?,
+            ))
+        })
+        .collect()
+}
+
+/// Read bandwidth with as many threads as candle uses: the ceiling for memory-bound decode.
+fn measure_bandwidth() -> f64 {
+    let threads = candle_core::utils::get_num_threads().max(1);
+    let n: usize = 256 << 20; // 1 GiB of f32
+    let data: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+    let chunk = n.div_ceil(threads);
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        let sum: f32 = std::thread::scope(|s| {
+            let hs: Vec<_> = data
+                .chunks(chunk)
+                .map(|c| {
+                    s.spawn(move || {
+                        c.chunks(16)
+                            .fold([0f32; 16], |mut acc, x| {
+                                for (a, v) in acc.iter_mut().zip(x) {
+                                    *a += v;
+                                }
+                                acc
+                            })
+                            .iter()
+                            .sum::<f32>()
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().expect("bandwidth thread"))
+                .sum()
+        });
+        std::hint::black_box(sum);
+        best = best.max((n * 4) as f64 / t0.elapsed().as_secs_f64());
+    }
+    best
+}
+
+fn print_table(r: &Report) {
+    println!(
+        "\n{} ({}, {}, {} threads), read bandwidth {:.1} GB/s",
+        r.model, r.dtype, r.device, r.threads, r.bandwidth_gb_s
+    );
+    println!("| targets | mode | batch | prefill tok/s | decode tok/s | vs base | MB/step | bw fraction |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for row in &r.rows {
+        let base = r
+            .rows
+            .iter()
+            .find(|b| b.targets == row.targets && b.mode == "base" && b.batch == row.batch)
+            .map(|b| row.decode_tok_s / b.decode_tok_s)
+            .unwrap_or(f64::NAN);
+        println!(
+            "| {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.0} | {:.2} |",
+            row.targets,
+            row.mode,
+            row.batch,
+            row.prefill_tok_s,
+            row.decode_tok_s,
+            base,
+            row.bytes_per_step / 1e6,
+            row.bandwidth_fraction
+        );
+    }
+}

@@ -1,0 +1,53 @@
+//! `t2`: serve, generate with, decompose, inspect experts of, and benchmark a self-adaptive LLM.
+
+mod bench;
+mod common;
+mod experts_cmd;
+mod generate_cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "t2",
+    version,
+    about = "Transformer² (self-adaptive LLM) inference server and toolkit"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a chat reply, streamed to stdout.
+    Generate(generate_cmd::GenerateArgs),
+    /// Decompose (SVD) the model's target matrices and cache the result beside the model.
+    Decompose(common::DecomposeArgs),
+    /// List or inspect the experts of the model.
+    #[command(subcommand)]
+    Experts(experts_cmd::ExpertsCmd),
+    /// Measure prefill and decode speed (base, merged mix, many mixes in one batch).
+    Bench(bench::BenchArgs),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("T2_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(a) => generate_cmd::run(a),
+        Command::Decompose(a) => common::decompose(a),
+        Command::Experts(c) => experts_cmd::run(c),
+        Command::Bench(a) => bench::run(a),
+    };
+    if let Err(e) = result {
+        // One line, the whole cause chain: the CLI's contract for bad input.
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

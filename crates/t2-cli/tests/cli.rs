@@ -1,0 +1,303 @@
+//! The `t2` binary on the real model: it works, and every kind of bad input gives one clear line on
+//! stderr, a non-zero exit and no panic.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{DType, Device};
+use t2_model::LoadedModel;
+use t2_svf::{Decomposition, Expert, ExpertMeta, ExpertStore, TargetSet};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn model() -> PathBuf {
+    let p = repo().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.exists(), "run `bash scripts/fetch-model.sh` first");
+    p
+}
+
+fn t2(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_t2"))
+        .args(args)
+        .env_remove("T2_MODEL")
+        .env_remove("T2_EXPERTS")
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// Fails unless the command failed cleanly: non-zero exit, a single `error:` line, no panic.
+fn assert_clean_failure(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert!(
+        !o.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
+    assert_eq!(o.status.code(), Some(1), "stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    let lines: Vec<_> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line expected, got: {err}");
+    assert!(
+        lines[0].starts_with("error: ") && lines[0].contains(needle),
+        "'{needle}' not in: {err}"
+    );
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn generate_streams_a_reply() {
+    let o = t2(&[
+        "generate",
+        "--model",
+        s(&model()),
+        "--prompt",
+        "What is the capital of France?",
+        "--max-tokens",
+        "12",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("Paris"), "unexpected reply: {out}");
+    assert!(
+        stderr(&o).contains("generated"),
+        "summary line missing: {}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn missing_model_says_how_to_fetch_it() {
+    let o = t2(&[
+        "generate",
+        "--model",
+        "/nonexistent/model.gguf",
+        "--prompt",
+        "hi",
+    ]);
+    assert_clean_failure(&o, "fetch-model.sh");
+}
+
+#[test]
+fn truncated_or_garbage_gguf_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(model()).unwrap();
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
+    assert_clean_failure(
+        &t2(&["generate", "--model", s(&cut), "--prompt", "hi"]),
+        "truncated",
+    );
+    let junk = dir.path().join("junk.gguf");
+    std::fs::write(&junk, b"this is not a model at all").unwrap();
+    assert_clean_failure(
+        &t2(&["generate", "--model", s(&junk), "--prompt", "hi"]),
+        "not a valid GGUF",
+    );
+}
+
+#[test]
+fn bad_arguments_are_refused() {
+    let m = model();
+    assert_clean_failure(
+        &t2(&[
+            "generate",
+            "--model",
+            s(&m),
+            "--prompt",
+            "hi",
+            "--temperature",
+            "-1",
+        ]),
+        "temperature",
+    );
+    assert_clean_failure(
+        &t2(&[
+            "generate",
+            "--model",
+            s(&m),
+            "--prompt",
+            "hi",
+            "--device",
+            "tpu",
+        ]),
+        "unknown device",
+    );
+    assert_clean_failure(
+        &t2(&[
+            "generate",
+            "--model",
+            s(&m),
+            "--prompt",
+            "hi",
+            "--mix",
+            "math=abc",
+        ]),
+        "not a number",
+    );
+    assert_clean_failure(
+        &t2(&[
+            "generate",
+            "--model",
+            s(&m),
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "9000",
+        ]),
+        "context",
+    );
+}
+
+/// An expert store for the default model in a temp dir, holding `experts`.
+fn store_with(experts: Vec<Expert>) -> (tempfile::TempDir, Decomposition) {
+    // one thread at a time: the first may have to build the decomposition cache
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let loaded = LoadedModel::load(&model(), &Device::Cpu, DType::F32).unwrap();
+    let (d, _) = Decomposition::load_or_compute(
+        &model(),
+        &loaded.model,
+        &loaded.weights_sha256,
+        TargetSet::All,
+        false,
+    )
+    .unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let mut store = ExpertStore::open(root.path(), &loaded.model_id, &d).unwrap();
+    for e in experts {
+        store.add(e, &d).unwrap();
+    }
+    (root, d)
+}
+
+fn meta(d: &Decomposition, name: &str) -> ExpertMeta {
+    ExpertMeta {
+        name: name.into(),
+        description: "test expert".into(),
+        category: "math".into(),
+        model_id: "SmolLM2-135M-Instruct".into(),
+        decomposition_hash: d.hash.clone(),
+        targets: TargetSet::All,
+    }
+}
+
+#[test]
+fn experts_unknown_foreign_and_nan_are_refused_and_a_constant_expert_is_the_base_model() {
+    let (root, d) = store_with(vec![]);
+    let m = model();
+    let experts = s(root.path()).to_string();
+    // a constant z is the base model: greedy output must be identical
+    let mut store = ExpertStore::open(root.path(), "SmolLM2-135M-Instruct", &d).unwrap();
+    store
+        .add(Expert::constant(meta(&d, "flat"), &d, 0.5), &d)
+        .unwrap();
+    let args = [
+        "generate",
+        "--model",
+        s(&m),
+        "--experts-dir",
+        &experts,
+        "--prompt",
+        "Name three fruits.",
+        "--max-tokens",
+        "16",
+    ];
+    let base = t2(&args);
+    let mut with_expert = args.to_vec();
+    with_expert.extend(["--expert", "flat"]);
+    let flat = t2(&with_expert);
+    assert!(
+        base.status.success() && flat.status.success(),
+        "{}",
+        stderr(&flat)
+    );
+    assert_eq!(base.stdout, flat.stdout);
+
+    let list = t2(&[
+        "experts",
+        "list",
+        "--model",
+        s(&m),
+        "--experts-dir",
+        &experts,
+    ]);
+    assert!(
+        String::from_utf8_lossy(&list.stdout).contains("flat"),
+        "{}",
+        stderr(&list)
+    );
+
+    let mut unknown = args.to_vec();
+    unknown.extend(["--expert", "nope"]);
+    assert_clean_failure(&t2(&unknown), "unknown expert 'nope'");
+
+    // files written behind the store's back: NaN values, another model's expert
+    let mut nan = Expert::constant(meta(&d, "nan"), &d, 0.5);
+    nan.z.values_mut().next().unwrap()[0] = f32::NAN;
+    let mut foreign = Expert::constant(meta(&d, "foreign"), &d, 0.5);
+    foreign.meta.model_id = "Llama-3-8B".into();
+    for (e, needle) in [
+        (nan, "non-finite"),
+        (foreign, "made for model 'Llama-3-8B'"),
+    ] {
+        let (root, _) = store_with(vec![]);
+        let dir = root.path().join("SmolLM2-135M-Instruct");
+        std::fs::create_dir_all(&dir).unwrap();
+        e.save(&dir.join("x.safetensors")).unwrap();
+        let manifest = serde_json::json!({"model_id": "SmolLM2-135M-Instruct", "experts": [{"name": e.meta.name, "file": "x.safetensors", "category": "math", "description": ""}]});
+        std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+        let o = t2(&[
+            "generate",
+            "--model",
+            s(&m),
+            "--experts-dir",
+            s(root.path()),
+            "--prompt",
+            "hi",
+            "--expert",
+            &e.meta.name,
+        ]);
+        assert_clean_failure(&o, needle);
+    }
+}
+
+#[test]
+fn corrupt_decomposition_cache_is_rebuilt_by_decompose() {
+    // a private copy of the model, so its cache does not disturb other tests
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    std::fs::copy(model(), &m).unwrap();
+    let first = t2(&["decompose", "--model", s(&m), "--targets", "attn"]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let out = String::from_utf8_lossy(&first.stdout);
+    assert!(
+        out.contains("decomposed in") && out.contains("max relative reconstruction error"),
+        "{out}"
+    );
+    let cache = Decomposition::cache_path(&m, TargetSet::Attn);
+    let mut bytes = std::fs::read(&cache).unwrap();
+    let n = bytes.len();
+    bytes[n / 2] ^= 0xff;
+    std::fs::write(&cache, bytes).unwrap();
+    let second = t2(&["decompose", "--model", s(&m), "--targets", "attn"]);
+    assert!(second.status.success(), "{}", stderr(&second));
+    let out = String::from_utf8_lossy(&second.stdout);
+    assert!(
+        out.contains("rejected the old cache") && out.contains("checksum"),
+        "{out}"
+    );
+    let third = t2(&["decompose", "--model", s(&m), "--targets", "attn"]);
+    assert!(
+        String::from_utf8_lossy(&third.stdout).contains("warm start"),
+        "{}",
+        String::from_utf8_lossy(&third.stdout)
+    );
+}

@@ -1,0 +1,29 @@
+//! t2-model: everything needed to run a Llama-family model in candle, and nothing about HTTP or experts.
+//!
+//! Loading (GGUF dequantized to dense tensors, or an HF folder of safetensors), the tokenizer and chat
+//! template, the forward pass over a *ragged* batch (many sequences of different lengths advanced in one
+//! step), and sampling. Every projection goes through a [`Projector`] so that callers (SVF) decide how
+//! each batch row is multiplied.
+
+pub mod chat;
+pub mod config;
+pub mod error;
+pub mod export;
+pub mod kernels;
+pub mod kv_cache;
+pub mod llama;
+pub mod load;
+pub mod sampling;
+pub mod tokenizer;
+
+pub use chat::{ChatMessage, ChatTemplate};
+pub use config::{LlamaConfig, RopeStyle};
+pub use error::{ModelError, Result};
+pub use kv_cache::KvCache;
+pub use llama::{
+    random_llama, DenseProjector, Linear, Llama, ProjId, ProjKind, Projector, RowMixes, SeqStep,
+    WantLogits,
+};
+pub use load::{LoadedModel, ModelSource};
+pub use sampling::{Sampler, SamplingParams, TokenLogprob};
+pub use tokenizer::T2Tokenizer;

@@ -1,0 +1,558 @@
+//! The Llama-family decoder (Llama, Mistral, Qwen2, SmolLM): RMSNorm, RoPE, grouped-query attention,
+//! SiLU-gated MLP. One forward advances a *ragged* batch: the new tokens of every sequence are packed into
+//! one (T, hidden) matrix for the projections, which is where the work is, and attention runs per sequence
+//! against that sequence's own KV cache.
+
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::config::{LlamaConfig, RopeStyle};
+use crate::kv_cache::KvCache;
+
+/// Which projection of a layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ProjKind {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl ProjKind {
+    pub const ALL: [ProjKind; 7] = [
+        Self::Q,
+        Self::K,
+        Self::V,
+        Self::O,
+        Self::Gate,
+        Self::Up,
+        Self::Down,
+    ];
+    pub const MLP: [ProjKind; 3] = [Self::Gate, Self::Up, Self::Down];
+    pub const ATTN: [ProjKind; 4] = [Self::Q, Self::K, Self::V, Self::O];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Q => "q_proj",
+            Self::K => "k_proj",
+            Self::V => "v_proj",
+            Self::O => "o_proj",
+            Self::Gate => "gate_proj",
+            Self::Up => "up_proj",
+            Self::Down => "down_proj",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == s)
+    }
+}
+
+/// A projection matrix of the model: layer and kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProjId {
+    pub layer: usize,
+    pub kind: ProjKind,
+}
+
+impl ProjId {
+    /// Stable name used in decomposition caches and expert files, e.g. `layers.3.gate_proj`.
+    pub fn name(&self) -> String {
+        format!("layers.{}.{}", self.layer, self.kind.name())
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        let rest = s.strip_prefix("layers.")?;
+        let (layer, kind) = rest.split_once('.')?;
+        Some(Self {
+            layer: layer.parse().ok()?,
+            kind: ProjKind::from_name(kind)?,
+        })
+    }
+}
+
+/// A dense projection y = x·Wᵀ (+ b). `weight` is (out, in).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub id: ProjId,
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+/// The mix id of every packed row of a batch step. `uniform` is set when all rows share one mix, which lets
+/// a projector use merged weights.
+#[derive(Debug, Clone)]
+pub struct RowMixes {
+    pub ids: Vec<u32>,
+    pub uniform: Option<u32>,
+    /// `ids` on the model's device, built once per step for projectors that gather per-row scales.
+    pub ids_tensor: Tensor,
+}
+
+impl RowMixes {
+    pub fn new(ids: Vec<u32>, device: &Device) -> candle_core::Result<Self> {
+        let uniform = match ids.first() {
+            Some(&first) if ids.iter().all(|&m| m == first) => Some(first),
+            _ => None,
+        };
+        let ids_tensor = Tensor::from_slice(&ids, ids.len(), device)?;
+        Ok(Self {
+            ids,
+            uniform,
+            ids_tensor,
+        })
+    }
+}
+
+/// How every projection's matrix product is carried out. The model knows nothing of experts: SVF plugs in
+/// here to multiply each row with its own mix.
+pub trait Projector: Send + Sync {
+    /// Returns x·W'ᵀ (no bias) for x of shape (rows, in), where W' is `lin`'s weight as adapted for each row.
+    fn project(&self, lin: &Linear, x: &Tensor, rows: &RowMixes) -> candle_core::Result<Tensor>;
+}
+
+/// The unadapted model: every row uses the base weights.
+pub struct DenseProjector;
+
+impl Projector for DenseProjector {
+    fn project(&self, lin: &Linear, x: &Tensor, _rows: &RowMixes) -> candle_core::Result<Tensor> {
+        crate::kernels::linear(x, &lin.weight)
+    }
+}
+
+pub(crate) struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f32,
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::rms_norm(x, &self.weight, self.eps)
+    }
+}
+
+pub(crate) struct Attention {
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+}
+
+pub(crate) struct Mlp {
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+pub(crate) struct Block {
+    pub attn_norm: RmsNorm,
+    pub attn: Attention,
+    pub mlp_norm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+/// Which logits a sequence wants back from a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WantLogits {
+    None,
+    /// The last new position: (vocab,).
+    Last,
+    /// Every new position: (t, vocab), for scoring continuations.
+    All,
+}
+
+/// One sequence's part of a batch step: its cache, its new tokens and the mix its rows use.
+pub struct SeqStep<'a> {
+    pub cache: &'a mut KvCache,
+    pub tokens: &'a [u32],
+    pub mix: u32,
+    pub want: WantLogits,
+}
+
+pub struct Llama {
+    pub cfg: LlamaConfig,
+    pub(crate) embed: Tensor,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) norm: RmsNorm,
+    pub(crate) lm_head: Tensor,
+    rope_cos: Tensor,
+    rope_sin: Tensor,
+    dtype: DType,
+    device: Device,
+}
+
+/// The longest RoPE table built up front; longer contexts are capped here.
+const MAX_ROPE_TABLE: usize = 131_072;
+
+impl Llama {
+    pub(crate) fn new(
+        cfg: LlamaConfig,
+        embed: Tensor,
+        blocks: Vec<Block>,
+        norm: RmsNorm,
+        lm_head: Tensor,
+    ) -> candle_core::Result<Self> {
+        let device = embed.device().clone();
+        let dtype = embed.dtype();
+        let (rope_cos, rope_sin) = rope_tables(&cfg, dtype, &device)?;
+        Ok(Self {
+            cfg,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            rope_cos,
+            rope_sin,
+            dtype,
+            device,
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(&self.cfg, self.dtype, &self.device)
+    }
+
+    /// Every projection of the model, in layer order.
+    pub fn linears(&self) -> impl Iterator<Item = &Linear> {
+        self.blocks.iter().flat_map(|b| {
+            [
+                &b.attn.q,
+                &b.attn.k,
+                &b.attn.v,
+                &b.attn.o,
+                &b.mlp.gate,
+                &b.mlp.up,
+                &b.mlp.down,
+            ]
+        })
+    }
+
+    pub fn linear(&self, id: ProjId) -> Option<&Linear> {
+        self.linears().find(|l| l.id == id)
+    }
+
+    /// Bytes of weights read per decoded token (every projection, norms, and the output head).
+    pub fn weight_bytes(&self) -> usize {
+        let elem = self.dtype.size_in_bytes();
+        let lin: usize = self.linears().map(|l| l.weight.elem_count()).sum();
+        (lin + self.lm_head.elem_count() + self.cfg.hidden_size * (2 * self.cfg.num_layers + 1))
+            * elem
+    }
+
+    /// Advances every sequence of `steps` by its new tokens in one batched pass. Returns, per step, the
+    /// logits it asked for, in f32.
+    pub fn forward(
+        &self,
+        steps: &mut [SeqStep<'_>],
+        projector: &dyn Projector,
+    ) -> candle_core::Result<Vec<Option<Tensor>>> {
+        let cfg = &self.cfg;
+        let mut tokens = Vec::new();
+        let mut positions = Vec::new();
+        let mut row_mix = Vec::new();
+        let mut spans = Vec::with_capacity(steps.len());
+        for s in steps.iter_mut() {
+            if s.tokens.is_empty() {
+                candle_core::bail!("a sequence step needs at least one token");
+            }
+            if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+                candle_core::bail!(
+                    "token id {bad} is outside the vocabulary of {}",
+                    cfg.vocab_size
+                );
+            }
+            s.cache.reserve(s.tokens.len())?;
+            let start = s.cache.len();
+            spans.push((tokens.len(), s.tokens.len(), start));
+            tokens.extend_from_slice(s.tokens);
+            positions.extend((start..start + s.tokens.len()).map(|p| p as u32));
+            row_mix.extend(std::iter::repeat_n(s.mix, s.tokens.len()));
+        }
+        if tokens.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = tokens.len();
+        let rows = RowMixes::new(row_mix, &self.device)?;
+        let token_ids = Tensor::from_slice(&tokens, n, &self.device)?;
+        let pos_ids = Tensor::from_slice(&positions, n, &self.device)?;
+        let half = cfg.head_dim / 2;
+        let cos = self
+            .rope_cos
+            .index_select(&pos_ids, 0)?
+            .reshape((n, 1, half))?;
+        let sin = self
+            .rope_sin
+            .index_select(&pos_ids, 0)?
+            .reshape((n, 1, half))?;
+
+        let mut x = self.embed.index_select(&token_ids, 0)?;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let h = block.attn_norm.forward(&x)?;
+            let attn = self.attention(
+                layer,
+                &block.attn,
+                &h,
+                &cos,
+                &sin,
+                steps,
+                &spans,
+                projector,
+                &rows,
+            )?;
+            x = (x + attn)?;
+            let h = block.mlp_norm.forward(&x)?;
+            x = (x + self.mlp(&block.mlp, &h, projector, &rows)?)?;
+        }
+        for s in steps.iter_mut() {
+            s.cache.advance(s.tokens.len());
+        }
+
+        // Only the rows someone asked for go through the (large) output head.
+        let mut wanted = Vec::new();
+        for (s, &(off, t, _)) in steps.iter().zip(&spans) {
+            match s.want {
+                WantLogits::None => {}
+                WantLogits::Last => wanted.push((off + t - 1) as u32),
+                WantLogits::All => wanted.extend((off..off + t).map(|r| r as u32)),
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(steps.iter().map(|_| None).collect());
+        }
+        let picked =
+            x.index_select(&Tensor::from_slice(&wanted, wanted.len(), &self.device)?, 0)?;
+        let logits = crate::kernels::linear(&self.norm.forward(&picked)?, &self.lm_head)?
+            .to_dtype(DType::F32)?;
+        let mut out = Vec::with_capacity(steps.len());
+        let mut at = 0;
+        for (s, &(_, t, _)) in steps.iter().zip(&spans) {
+            out.push(match s.want {
+                WantLogits::None => None,
+                WantLogits::Last => {
+                    at += 1;
+                    Some(logits.get(at - 1)?)
+                }
+                WantLogits::All => {
+                    at += t;
+                    Some(logits.narrow(0, at - t, t)?)
+                }
+            });
+        }
+        Ok(out)
+    }
+
+    fn project(
+        &self,
+        lin: &Linear,
+        x: &Tensor,
+        p: &dyn Projector,
+        rows: &RowMixes,
+    ) -> candle_core::Result<Tensor> {
+        let y = p.project(lin, x, rows)?;
+        match &lin.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+        // (rows, heads, head_dim) seen as (batch=rows, heads, seq=1, head_dim): every row has its own position.
+        let (n, h, d) = x.dims3()?;
+        let x = x.reshape((n, h, 1, d))?;
+        let y = match self.cfg.rope_style {
+            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x, cos, sin)?,
+            RopeStyle::Half => candle_nn::rotary_emb::rope(&x, cos, sin)?,
+        };
+        y.reshape((n, h, d))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        layer: usize,
+        attn: &Attention,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        steps: &mut [SeqStep<'_>],
+        spans: &[(usize, usize, usize)],
+        p: &dyn Projector,
+        rows: &RowMixes,
+    ) -> candle_core::Result<Tensor> {
+        let cfg = &self.cfg;
+        let n = h.dim(0)?;
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let q = self.project(&attn.q, h, p, rows)?.reshape((n, nh, hd))?;
+        let k = self.project(&attn.k, h, p, rows)?.reshape((n, nkv, hd))?;
+        let v = self.project(&attn.v, h, p, rows)?.reshape((n, nkv, hd))?;
+        let q = self.rope(&q, cos, sin)?;
+        let k = self.rope(&k, cos, sin)?;
+
+        let mut outs = Vec::with_capacity(steps.len());
+        for (s, &(off, t, start)) in steps.iter_mut().zip(spans) {
+            let qs = q.narrow(0, off, t)?.transpose(0, 1)?.contiguous()?;
+            let ks = k.narrow(0, off, t)?.transpose(0, 1)?.contiguous()?;
+            let vs = v.narrow(0, off, t)?.transpose(0, 1)?.contiguous()?;
+            let (k_all, v_all) = s.cache.append(layer, &ks, &vs)?;
+            outs.push(self.attend(&qs, &k_all, &v_all, start)?);
+        }
+        let out = if outs.len() == 1 {
+            outs.pop().unwrap()
+        } else {
+            Tensor::cat(&outs, 0)?
+        };
+        self.project(&attn.o, &out, p, rows)
+    }
+
+    /// Causal attention of one sequence's new queries (heads, t, d) over its cache (kv_heads, start + t, d).
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        start: usize,
+    ) -> candle_core::Result<Tensor> {
+        let cfg = &self.cfg;
+        let (nh, t, hd) = q.dims3()?;
+        let (nkv, g) = (cfg.num_kv_heads, cfg.group_size());
+        let total = start + t;
+        // Query heads that share a KV head are stacked as extra rows so K and V are never copied per head.
+        let q = q.reshape((nkv, g * t, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+        if t > 1 {
+            let mask: Vec<f32> = (0..t)
+                .flat_map(|i| {
+                    (0..total).map(move |j| {
+                        if j > start + i {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.0
+                        }
+                    })
+                })
+                .collect();
+            let mask = Tensor::from_vec(mask, (t, total), &self.device)?;
+            scores = scores
+                .reshape((nkv, g, t, total))?
+                .broadcast_add(&mask)?
+                .reshape((nkv, g * t, total))?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
+        let out = probs.matmul(&v.contiguous()?)?; // (nkv, g*t, hd)
+        out.reshape((nh, t, hd))?
+            .transpose(0, 1)?
+            .reshape((t, nh * hd))
+    }
+
+    fn mlp(
+        &self,
+        mlp: &Mlp,
+        h: &Tensor,
+        p: &dyn Projector,
+        rows: &RowMixes,
+    ) -> candle_core::Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.project(&mlp.gate, h, p, rows)?)?;
+        let up = self.project(&mlp.up, h, p, rows)?;
+        self.project(&mlp.down, &(gate * up)?, p, rows)
+    }
+}
+
+fn rope_tables(
+    cfg: &LlamaConfig,
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let half = cfg.head_dim / 2;
+    let len = cfg.max_position_embeddings.min(MAX_ROPE_TABLE);
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32))
+        .collect();
+    let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+    let pos = Tensor::arange(0u32, len as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((len, 1))?;
+    let freqs = pos.broadcast_mul(&inv_freq)?;
+    Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
+}
+
+/// Random weights of a given shape, for tests of the machinery and speed work at sizes we cannot ship.
+pub fn random_llama(
+    cfg: &LlamaConfig,
+    dtype: DType,
+    device: &Device,
+    seed: u64,
+) -> candle_core::Result<Llama> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut rand_t = |shape: (usize, usize), std: f32| -> candle_core::Result<Tensor> {
+        let data: Vec<f32> = (0..shape.0 * shape.1)
+            .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * std * 1.732)
+            .collect();
+        Tensor::from_vec(data, shape, device)?.to_dtype(dtype)
+    };
+    let (hs, is) = (cfg.hidden_size, cfg.intermediate_size);
+    let (qd, kvd) = (
+        cfg.num_heads * cfg.head_dim,
+        cfg.num_kv_heads * cfg.head_dim,
+    );
+    let std_in = 1.0 / (hs as f32).sqrt();
+    let mut blocks = Vec::with_capacity(cfg.num_layers);
+    let ones = Tensor::ones(hs, dtype, device)?;
+    for layer in 0..cfg.num_layers {
+        let mut lin = |kind, shape: (usize, usize), std| -> candle_core::Result<Linear> {
+            Ok(Linear {
+                id: ProjId { layer, kind },
+                weight: rand_t(shape, std)?,
+                bias: None,
+            })
+        };
+        blocks.push(Block {
+            attn_norm: RmsNorm {
+                weight: ones.clone(),
+                eps: cfg.rms_norm_eps as f32,
+            },
+            attn: Attention {
+                q: lin(ProjKind::Q, (qd, hs), std_in)?,
+                k: lin(ProjKind::K, (kvd, hs), std_in)?,
+                v: lin(ProjKind::V, (kvd, hs), std_in)?,
+                o: lin(ProjKind::O, (hs, qd), 1.0 / (qd as f32).sqrt())?,
+            },
+            mlp_norm: RmsNorm {
+                weight: ones.clone(),
+                eps: cfg.rms_norm_eps as f32,
+            },
+            mlp: Mlp {
+                gate: lin(ProjKind::Gate, (is, hs), std_in)?,
+                up: lin(ProjKind::Up, (is, hs), std_in)?,
+                down: lin(ProjKind::Down, (hs, is), 1.0 / (is as f32).sqrt())?,
+            },
+        });
+    }
+    let embed = rand_t((cfg.vocab_size, hs), 1.0)?;
+    let lm_head = if cfg.tie_word_embeddings {
+        embed.clone()
+    } else {
+        rand_t((cfg.vocab_size, hs), std_in)?
+    };
+    Llama::new(
+        cfg.clone(),
+        embed,
+        blocks,
+        RmsNorm {
+            weight: ones,
+            eps: cfg.rms_norm_eps as f32,
+        },
+        lm_head,
+    )
+}

@@ -1,0 +1,256 @@
+//! Turning logits into the next token: greedy, temperature, top-k, top-p, with a per-request seed so that
+//! a request with a seed is reproducible, and log-probabilities with top alternatives.
+
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ModelError, Result};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// Keep the k most likely tokens (None or 0: all).
+    pub top_k: Option<usize>,
+    /// Keep the smallest set of tokens whose probability reaches top_p (1.0: all).
+    pub top_p: f32,
+    pub seed: Option<u64>,
+    /// Number of alternatives to report with each token's log-probability; None: no logprobs.
+    pub logprobs: Option<usize>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: None,
+            top_p: 1.0,
+            seed: None,
+            logprobs: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature.is_finite() && (0.0..=2.0).contains(&self.temperature)) {
+            return Err(ModelError::Invalid(format!(
+                "temperature must be in [0, 2], got {}",
+                self.temperature
+            )));
+        }
+        if !(self.top_p.is_finite() && self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(ModelError::Invalid(format!(
+                "top_p must be in (0, 1], got {}",
+                self.top_p
+            )));
+        }
+        if let Some(n) = self.logprobs {
+            if n > 20 {
+                return Err(ModelError::Invalid(format!(
+                    "top_logprobs must be at most 20, got {n}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The chosen token's log-probability (under the model's raw distribution) and the top alternatives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+pub struct Sampler {
+    params: SamplingParams,
+    rng: rand::rngs::StdRng,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = match params.seed {
+            Some(s) => rand::rngs::StdRng::seed_from_u64(s),
+            None => rand::rngs::StdRng::from_os_rng(),
+        };
+        Self { params, rng }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    pub fn sample(&mut self, logits: &[f32]) -> (u32, Option<TokenLogprob>) {
+        let token = if self.params.temperature <= 0.0 || self.params.top_k == Some(1) {
+            argmax(logits)
+        } else {
+            self.sample_random(logits)
+        };
+        let lp = self.params.logprobs.map(|k| logprob_of(logits, token, k));
+        (token, lp)
+    }
+
+    fn sample_random(&mut self, logits: &[f32]) -> u32 {
+        let t = self.params.temperature;
+        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+        let by_logit_desc = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+        let k = self.params.top_k.filter(|&k| k > 0 && k < idx.len());
+        if let Some(k) = k {
+            idx.select_nth_unstable_by(k - 1, by_logit_desc);
+            idx.truncate(k);
+        }
+        idx.sort_unstable_by(by_logit_desc);
+        let max = logits[idx[0] as usize];
+        let mut probs: Vec<f32> = idx
+            .iter()
+            .map(|&i| ((logits[i as usize] - max) / t).exp())
+            .collect();
+        let sum: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= sum);
+        if self.params.top_p < 1.0 {
+            let mut cum = 0.0;
+            let mut keep = probs.len();
+            for (i, p) in probs.iter().enumerate() {
+                cum += p;
+                if cum >= self.params.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            probs.truncate(keep);
+        }
+        let total: f32 = probs.iter().sum();
+        let mut r = self.rng.random::<f32>() * total;
+        for (i, p) in probs.iter().enumerate() {
+            r -= p;
+            if r <= 0.0 {
+                return idx[i];
+            }
+        }
+        idx[probs.len() - 1]
+    }
+}
+
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// log-softmax of the raw logits, evaluated at `token`, plus the `k` most likely tokens.
+pub fn logprob_of(logits: &[f32], token: u32, k: usize) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max
+        + logits
+            .iter()
+            .map(|&l| ((l - max) as f64).exp())
+            .sum::<f64>()
+            .ln() as f32;
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let k = k.min(idx.len());
+    let top = if k > 0 {
+        let desc = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+        idx.select_nth_unstable_by(k - 1, desc);
+        idx.truncate(k);
+        idx.sort_unstable_by(desc);
+        idx.iter().map(|&i| (i, logits[i as usize] - lse)).collect()
+    } else {
+        Vec::new()
+    };
+    TokenLogprob {
+        token,
+        logprob: logits[token as usize] - lse,
+        top,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_picks_the_largest_logit() {
+        let mut s = Sampler::new(SamplingParams::default());
+        assert_eq!(s.sample(&[0.1, 3.0, -1.0, 2.9]).0, 1);
+    }
+
+    #[test]
+    fn seeded_sampling_is_reproducible_and_seed_dependent() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let run = |seed| {
+            let mut s = Sampler::new(SamplingParams {
+                temperature: 1.0,
+                seed: Some(seed),
+                ..Default::default()
+            });
+            (0..40).map(|_| s.sample(&logits).0).collect::<Vec<_>>()
+        };
+        assert_eq!(run(7), run(7));
+        assert_ne!(run(7), run(8));
+    }
+
+    #[test]
+    fn top_k_and_top_p_restrict_the_candidates() {
+        let logits = vec![5.0, 4.9, 0.0, -1.0, -2.0];
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.5,
+            top_k: Some(2),
+            seed: Some(1),
+            ..Default::default()
+        });
+        for _ in 0..200 {
+            assert!(s.sample(&logits).0 < 2);
+        }
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_p: 0.3,
+            seed: Some(1),
+            ..Default::default()
+        });
+        for _ in 0..200 {
+            assert_eq!(s.sample(&logits).0, 0);
+        }
+    }
+
+    #[test]
+    fn logprobs_are_normalized_and_sorted() {
+        let logits = vec![1.0, 2.0, 3.0];
+        let lp = logprob_of(&logits, 0, 3);
+        let total: f32 = lp.top.iter().map(|(_, l)| l.exp()).sum();
+        assert!((total - 1.0).abs() < 1e-5);
+        assert_eq!(
+            lp.top.iter().map(|t| t.0).collect::<Vec<_>>(),
+            vec![2, 1, 0]
+        );
+        assert!((lp.logprob - lp.top[2].1).abs() < 1e-6);
+    }
+
+    #[test]
+    fn invalid_parameters_are_rejected() {
+        assert!(SamplingParams {
+            temperature: -1.0,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+        assert!(SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+        assert!(SamplingParams {
+            logprobs: Some(21),
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+        assert!(SamplingParams::default().validate().is_ok());
+    }
+}

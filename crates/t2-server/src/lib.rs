@@ -1,0 +1,1 @@
+//! (server: issue 3)

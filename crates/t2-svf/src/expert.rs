@@ -1,0 +1,347 @@
+//! Expert files: one z vector (after the sigmoid) per target matrix, in safetensors, with metadata that
+//! ties the expert to one model and one decomposition. A manifest per model lists them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use t2_model::ProjId;
+
+use crate::decompose::Decomposition;
+use crate::error::{Result, SvfError};
+use crate::targets::TargetSet;
+
+const EXPERT_FORMAT: &str = "t2-expert-v1";
+const MANIFEST: &str = "manifest.json";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExpertMeta {
+    pub name: String,
+    pub description: String,
+    /// The pass-1 label this expert serves (code, math, reasoning, ...).
+    pub category: String,
+    pub model_id: String,
+    pub decomposition_hash: String,
+    pub targets: TargetSet,
+}
+
+#[derive(Debug, Clone)]
+pub struct Expert {
+    pub meta: ExpertMeta,
+    pub z: BTreeMap<ProjId, Vec<f32>>,
+}
+
+impl Serialize for TargetSet {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for TargetSet {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl Expert {
+    /// z ≡ `value` on every target matrix (0.5 ≈ the research code's initial point; any constant is the base model).
+    pub fn constant(meta: ExpertMeta, decomp: &Decomposition, value: f32) -> Self {
+        let z = decomp
+            .factors
+            .iter()
+            .filter(|(id, _)| meta.targets.contains(id.kind))
+            .map(|(id, f)| (*id, vec![value; f.rank()]))
+            .collect();
+        Self { meta, z }
+    }
+
+    /// Checks the expert fits `decomp` (and `model_id`): every problem becomes one clear error.
+    pub fn validate(&self, decomp: &Decomposition, model_id: &str) -> Result<()> {
+        let bad = |reason: String| SvfError::BadExpert {
+            name: self.meta.name.clone(),
+            reason,
+        };
+        if self.meta.model_id != model_id {
+            return Err(bad(format!(
+                "made for model '{}', not '{model_id}'",
+                self.meta.model_id
+            )));
+        }
+        if self.meta.decomposition_hash != decomp.hash {
+            return Err(bad(format!(
+                "made for decomposition {}, but these weights have {} (other weights or an older format)",
+                self.meta.decomposition_hash, decomp.hash
+            )));
+        }
+        if !decomp.targets.covers(self.meta.targets) {
+            return Err(bad(format!(
+                "adapts '{}' matrices but the decomposition only covers '{}' (run `t2 decompose --targets {}`)",
+                self.meta.targets, decomp.targets, self.meta.targets
+            )));
+        }
+        if self.z.is_empty() {
+            return Err(bad("holds no vectors".into()));
+        }
+        for (id, z) in &self.z {
+            if !self.meta.targets.contains(id.kind) {
+                return Err(bad(format!(
+                    "{} is outside its target set '{}'",
+                    id.name(),
+                    self.meta.targets
+                )));
+            }
+            let f = decomp
+                .factors
+                .get(id)
+                .ok_or_else(|| bad(format!("{} is not in the decomposition", id.name())))?;
+            if z.len() != f.rank() {
+                return Err(bad(format!(
+                    "{} has length {}, expected {}",
+                    id.name(),
+                    z.len(),
+                    f.rank()
+                )));
+            }
+            if let Some(i) = z.iter().position(|v| !v.is_finite()) {
+                return Err(bad(format!(
+                    "{} has a non-finite value at {i} ({})",
+                    id.name(),
+                    z[i]
+                )));
+            }
+            let total: f64 = f.sigma_host.iter().map(|&s| s as f64).sum();
+            let scaled: f64 = f
+                .sigma_host
+                .iter()
+                .zip(z)
+                .map(|(&s, &v)| s as f64 * v as f64)
+                .sum();
+            if scaled.abs() <= 1e-6 * total {
+                return Err(bad(format!(
+                    "Σ(σ⊙z) ≈ 0 on {}: the expert would erase the matrix",
+                    id.name()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let tensors: Vec<(String, candle_core::Tensor)> = self
+            .z
+            .iter()
+            .map(|(id, z)| {
+                Ok((
+                    id.name(),
+                    candle_core::Tensor::from_slice(z, z.len(), &candle_core::Device::Cpu)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        let m = &self.meta;
+        let metadata = HashMap::from([
+            ("format".to_string(), EXPERT_FORMAT.to_string()),
+            ("name".into(), m.name.clone()),
+            ("description".into(), m.description.clone()),
+            ("category".into(), m.category.clone()),
+            ("model_id".into(), m.model_id.clone()),
+            ("decomposition_hash".into(), m.decomposition_hash.clone()),
+            ("targets".into(), m.targets.to_string()),
+        ]);
+        let tmp = crate::temp_path(path);
+        safetensors::serialize_to_file(
+            tensors.iter().map(|(n, t)| (n.as_str(), t)),
+            Some(metadata),
+            &tmp,
+        )
+        .map_err(|e| SvfError::Io {
+            path: tmp.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        std::fs::rename(&tmp, path).map_err(|e| SvfError::Io {
+            path: path.into(),
+            source: e,
+        })
+    }
+
+    /// Reads an expert file; [`Expert::validate`] checks it against a decomposition.
+    pub fn load(path: &Path) -> Result<Self> {
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let bad = |reason: String| SvfError::BadExpert {
+            name: name.clone(),
+            reason,
+        };
+        let bytes = std::fs::read(path).map_err(|e| SvfError::Io {
+            path: path.into(),
+            source: e,
+        })?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| bad(format!("unreadable file: {e}")))?;
+        let (_, header) =
+            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+        let md = header.metadata().clone().unwrap_or_default();
+        let get = |k: &str| {
+            md.get(k)
+                .cloned()
+                .ok_or_else(|| bad(format!("metadata lacks '{k}'")))
+        };
+        if get("format")? != EXPERT_FORMAT {
+            return Err(bad(format!(
+                "format '{}' is not {EXPERT_FORMAT}",
+                get("format")?
+            )));
+        }
+        let meta = ExpertMeta {
+            name: get("name")?,
+            description: get("description").unwrap_or_default(),
+            category: get("category").unwrap_or_default(),
+            model_id: get("model_id")?,
+            decomposition_hash: get("decomposition_hash")?,
+            targets: get("targets")?.parse().map_err(bad)?,
+        };
+        let mut z = BTreeMap::new();
+        for (tname, view) in st.tensors() {
+            let id =
+                ProjId::parse(&tname).ok_or_else(|| bad(format!("unexpected tensor '{tname}'")))?;
+            if view.dtype() != safetensors::Dtype::F32 || view.shape().len() != 1 {
+                return Err(bad(format!("{tname} must be a 1-D f32 vector")));
+            }
+            let v: Vec<f32> = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            z.insert(id, v);
+        }
+        Ok(Self { meta, z })
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ManifestEntry {
+    pub name: String,
+    pub file: String,
+    pub category: String,
+    pub description: String,
+}
+
+/// A stored mix: named weights over experts (made by few-shot search, or by hand).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StoredMix {
+    pub name: String,
+    pub alpha: BTreeMap<String, f32>,
+    #[serde(default)]
+    pub description: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Manifest {
+    pub model_id: String,
+    pub experts: Vec<ManifestEntry>,
+    #[serde(default)]
+    pub mixes: Vec<StoredMix>,
+}
+
+/// The experts of one model: `experts/<model-id>/manifest.json` and the files it names.
+pub struct ExpertStore {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    experts: BTreeMap<String, Expert>,
+}
+
+impl ExpertStore {
+    /// Opens (and validates) the store for `model_id` under `root`; no manifest means no experts yet.
+    pub fn open(root: &Path, model_id: &str, decomp: &Decomposition) -> Result<Self> {
+        let dir = root.join(model_id);
+        let path = dir.join(MANIFEST);
+        let manifest = if path.is_file() {
+            let text = std::fs::read_to_string(&path).map_err(|e| SvfError::Io {
+                path: path.clone(),
+                source: e,
+            })?;
+            serde_json::from_str::<Manifest>(&text).map_err(|e| SvfError::BadExpert {
+                name: path.display().to_string(),
+                reason: format!("bad manifest: {e}"),
+            })?
+        } else {
+            Manifest {
+                model_id: model_id.into(),
+                ..Default::default()
+            }
+        };
+        let mut experts = BTreeMap::new();
+        for entry in &manifest.experts {
+            let e = Expert::load(&dir.join(&entry.file))?;
+            if e.meta.name != entry.name {
+                return Err(SvfError::BadExpert {
+                    name: entry.name.clone(),
+                    reason: format!("{} holds expert '{}'", entry.file, e.meta.name),
+                });
+            }
+            e.validate(decomp, model_id)?;
+            experts.insert(entry.name.clone(), e);
+        }
+        Ok(Self {
+            dir,
+            manifest,
+            experts,
+        })
+    }
+
+    pub fn get(&self, name: &str) -> Result<&Expert> {
+        self.experts
+            .get(name)
+            .ok_or_else(|| SvfError::UnknownExpert {
+                name: name.into(),
+                known: if self.experts.is_empty() {
+                    "none".into()
+                } else {
+                    self.names().join(", ")
+                },
+            })
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.experts.keys().cloned().collect()
+    }
+
+    pub fn experts(&self) -> impl Iterator<Item = &Expert> {
+        self.experts.values()
+    }
+
+    /// Adds (or replaces) an expert: file first, then the manifest, each written atomically.
+    pub fn add(&mut self, expert: Expert, decomp: &Decomposition) -> Result<()> {
+        expert.validate(decomp, &self.manifest.model_id)?;
+        std::fs::create_dir_all(&self.dir).map_err(|e| SvfError::Io {
+            path: self.dir.clone(),
+            source: e,
+        })?;
+        let file = format!("{}.safetensors", expert.meta.name);
+        expert.save(&self.dir.join(&file))?;
+        self.manifest.experts.retain(|e| e.name != expert.meta.name);
+        self.manifest.experts.push(ManifestEntry {
+            name: expert.meta.name.clone(),
+            file,
+            category: expert.meta.category.clone(),
+            description: expert.meta.description.clone(),
+        });
+        self.write_manifest()?;
+        self.experts.insert(expert.meta.name.clone(), expert);
+        Ok(())
+    }
+
+    fn write_manifest(&self) -> Result<()> {
+        let path = self.dir.join(MANIFEST);
+        let tmp = crate::temp_path(&path);
+        let text = serde_json::to_string_pretty(&self.manifest).expect("manifest serializes");
+        std::fs::write(&tmp, text).map_err(|e| SvfError::Io {
+            path: tmp.clone(),
+            source: e,
+        })?;
+        std::fs::rename(&tmp, &path).map_err(|e| SvfError::Io { path, source: e })
+    }
+}
