@@ -72,7 +72,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             bail!("unknown bench mode '{m}' (expected base, merged, mixes)");
         }
     }
-    if a.batches.iter().any(|&b| b == 0) || a.prompt_len == 0 || a.decode_steps == 0 {
+    if a.batches.contains(&0) || a.prompt_len == 0 || a.decode_steps == 0 {
         bail!("batch sizes, --prompt-len and --decode-steps must be positive");
     }
     let device = a.model.device()?;

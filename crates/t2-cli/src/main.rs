@@ -38,7 +38,20 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            let msg = e.to_string();
+            let first = msg
+                .lines()
+                .next()
+                .unwrap_or("bad arguments")
+                .trim_start_matches("error: ");
+            eprintln!("error: {first} (see --help)");
+            std::process::exit(2);
+        }
+    };
     let result = match cli.command {
         Command::Generate(a) => generate_cmd::run(a),
         Command::Decompose(a) => common::decompose(a),
@@ -46,8 +59,10 @@ fn main() {
         Command::Bench(a) => bench::run(a),
     };
     if let Err(e) = result {
-        // One line, the whole cause chain: the CLI's contract for bad input.
-        eprintln!("error: {e:#}");
+        // One line, the whole cause chain: the CLI's contract for bad input. (Some libraries append a
+        // backtrace on later lines when RUST_BACKTRACE is set.)
+        let msg = format!("{e:#}");
+        eprintln!("error: {}", msg.lines().next().unwrap_or("unknown error"));
         std::process::exit(1);
     }
 }

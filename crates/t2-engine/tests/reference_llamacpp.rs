@@ -50,7 +50,14 @@ fn chat_template_and_tokenizer_match_llama_cpp() {
             case["name"]
         );
     }
-    for case in f["tokenize_cases"].as_array().unwrap() {
+    // t2 always parses special tokens written in text (chat templates need that); llama.cpp's cases
+    // without parse_special test another mode.
+    for case in f["tokenize_cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["parse_special"] == true)
+    {
         let text = case["text"].as_str().unwrap();
         assert_eq!(
             e.loaded.tokenizer.encode(text).unwrap(),
@@ -141,6 +148,12 @@ fn logprobs_match_llama_cpp() {
                     continue; // probabilities below e^-20 are noise in either implementation
                 }
                 let got = row[tok] - lse;
+                if std::env::var("T2_DEBUG_LOGPROBS").is_ok() && (got - want).abs() > 2e-3 {
+                    eprintln!(
+                        "{} pos {pos} tok {tok}: t2 {got:.5} llama.cpp {want:.5}",
+                        c["name"]
+                    );
+                }
                 worst = worst.max((got - want).abs());
             }
         }

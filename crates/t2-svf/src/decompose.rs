@@ -292,7 +292,7 @@ impl Decomposition {
             let rel_error = *errors
                 .get(&name)
                 .ok_or_else(|| bad(format!("no error recorded for {name}")))?;
-            if !(rel_error <= MAX_REL_ERROR) {
+            if rel_error.is_nan() || rel_error > MAX_REL_ERROR {
                 return Err(bad(format!(
                     "{name} reconstructs with relative error {rel_error:.2e} > {MAX_REL_ERROR:.0e}"
                 )));
