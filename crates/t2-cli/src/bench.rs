@@ -127,7 +127,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 .collect();
             ids.push(svf.register(&format!("bench-{k}"), &z)?);
         }
-        svf.merge(ids[0])?;
+        if a.modes.iter().any(|m| m == "merged") {
+            svf.merge(ids[0])?;
+        }
         for mode in &a.modes {
             for &b in &a.batches {
                 let mixes: Vec<u32> = match mode.as_str() {
@@ -242,38 +244,17 @@ fn next_tokens(logits: Vec<Option<Tensor>>) -> Result<Vec<u32>> {
         .collect()
 }
 
-/// Read bandwidth with as many threads as candle uses: the ceiling for memory-bound decode.
+/// Read bandwidth as the decode kernel sees it: one streaming x·Wᵀ over a 1 GiB matrix, best of 3.
 fn measure_bandwidth() -> f64 {
-    let threads = candle_core::utils::get_num_threads().max(1);
-    let n: usize = 256 << 20; // 1 GiB of f32
-    let data: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
-    let chunk = n.div_ceil(threads);
+    let (rows, cols) = (262_144, 1024);
+    let dev = candle_core::Device::Cpu;
+    let w = Tensor::ones((rows, cols), candle_core::DType::F32, &dev).expect("1 GiB buffer");
+    let x = Tensor::ones((1, cols), candle_core::DType::F32, &dev).expect("vector");
     let mut best = 0f64;
     for _ in 0..3 {
         let t0 = Instant::now();
-        let sum: f32 = std::thread::scope(|s| {
-            let hs: Vec<_> = data
-                .chunks(chunk)
-                .map(|c| {
-                    s.spawn(move || {
-                        c.chunks(16)
-                            .fold([0f32; 16], |mut acc, x| {
-                                for (a, v) in acc.iter_mut().zip(x) {
-                                    *a += v;
-                                }
-                                acc
-                            })
-                            .iter()
-                            .sum::<f32>()
-                    })
-                })
-                .collect();
-            hs.into_iter()
-                .map(|h| h.join().expect("bandwidth thread"))
-                .sum()
-        });
-        std::hint::black_box(sum);
-        best = best.max((n * 4) as f64 / t0.elapsed().as_secs_f64());
+        std::hint::black_box(t2_model::kernels::linear(&x, &w).expect("bandwidth probe"));
+        best = best.max((rows * cols * 4) as f64 / t0.elapsed().as_secs_f64());
     }
     best
 }

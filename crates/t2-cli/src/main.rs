@@ -7,6 +7,11 @@ mod generate_cmd;
 
 use clap::{Parser, Subcommand};
 
+// Candle allocates a fresh buffer for every op; glibc returns large ones to the OS each time, so every
+// decode step paid page faults. mimalloc keeps them for reuse.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "t2",

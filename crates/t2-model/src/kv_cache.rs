@@ -119,6 +119,11 @@ impl KvCache {
         ))
     }
 
+    /// The whole (kv_heads, capacity, head_dim) buffers of one layer, for kernels that read them in place.
+    pub(crate) fn buffers(&self, layer: usize) -> (&Tensor, &Tensor, usize) {
+        (&self.k[layer], &self.v[layer], self.cap)
+    }
+
     pub(crate) fn advance(&mut self, t: usize) {
         self.len += t;
     }

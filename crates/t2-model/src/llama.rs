@@ -404,7 +404,16 @@ impl Llama {
             let ks = k.narrow(0, off, t)?.transpose(0, 1)?.contiguous()?;
             let vs = v.narrow(0, off, t)?.transpose(0, 1)?.contiguous()?;
             let (k_all, v_all) = s.cache.append(layer, &ks, &vs)?;
-            outs.push(self.attend(&qs, &k_all, &v_all, start)?);
+            let (kb, vb, cap) = s.cache.buffers(layer);
+            let fast = if t == 1 {
+                crate::kernels::decode_attention(&qs, kb, vb, cap, start + 1, cfg.group_size())?
+            } else {
+                None
+            };
+            outs.push(match fast {
+                Some(o) => o,
+                None => self.attend(&qs, &k_all, &v_all, start)?,
+            });
         }
         let out = if outs.len() == 1 {
             outs.pop().unwrap()
