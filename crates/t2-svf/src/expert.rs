@@ -31,20 +31,6 @@ pub struct Expert {
     pub z: BTreeMap<ProjId, Vec<f32>>,
 }
 
-impl Serialize for TargetSet {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
-
-impl<'de> Deserialize<'de> for TargetSet {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
-    }
-}
-
 impl Expert {
     /// z ≡ `value` on every target matrix (0.5 ≈ the research code's initial point; any constant is the base model).
     pub fn constant(meta: ExpertMeta, decomp: &Decomposition, value: f32) -> Self {

@@ -1,6 +1,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use serde::{Deserialize, Serialize};
 use t2_model::ProjKind;
 
 /// Which projections of every layer SVF adapts. Embeddings, the output head and norms never are.
@@ -59,5 +60,19 @@ impl FromStr for TargetSet {
                 "unknown target set '{other}' (expected mlp, attn or all)"
             )),
         }
+    }
+}
+
+impl Serialize for TargetSet {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for TargetSet {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
