@@ -111,14 +111,7 @@ impl T2Tokenizer {
         inner.add_special_tokens(&added(special, true));
         inner.add_tokens(&added(user, false));
 
-        let mut eos_ids = vec![eos];
-        for extra in ["<|im_end|>", "<|eot_id|>", "<|end|>"] {
-            if let Some(id) = inner.token_to_id(extra) {
-                if !eos_ids.contains(&id) {
-                    eos_ids.push(id);
-                }
-            }
-        }
+        let eos_ids = with_turn_terminators(&inner, vec![eos]);
         Ok(Self {
             inner,
             bos,
@@ -136,14 +129,7 @@ impl T2Tokenizer {
     ) -> Result<Self> {
         let inner =
             Tokenizer::from_file(path).map_err(|e| tok_err(format!("{}: {e}", path.display())))?;
-        let mut eos = eos;
-        for extra in ["<|im_end|>", "<|eot_id|>", "<|end|>"] {
-            if let Some(id) = inner.token_to_id(extra) {
-                if !eos.contains(&id) {
-                    eos.push(id);
-                }
-            }
-        }
+        let eos = with_turn_terminators(&inner, eos);
         if eos.is_empty() {
             return Err(tok_err(
                 "no end-of-sequence token known for this checkpoint",
@@ -195,6 +181,18 @@ impl T2Tokenizer {
     pub fn save(&self, path: &std::path::Path) -> Result<()> {
         self.inner.save(path, false).map_err(tok_err)
     }
+}
+
+/// Chat models end a turn with their own token, which must stop generation like EOS does.
+fn with_turn_terminators(inner: &Tokenizer, mut eos: Vec<u32>) -> Vec<u32> {
+    for extra in ["<|im_end|>", "<|eot_id|>", "<|end|>"] {
+        if let Some(id) = inner.token_to_id(extra) {
+            if !eos.contains(&id) {
+                eos.push(id);
+            }
+        }
+    }
+    eos
 }
 
 fn pre_tokenizer_for(pre: &str) -> Result<PreTokenizerWrapper> {
