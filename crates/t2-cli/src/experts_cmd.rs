@@ -1,5 +1,7 @@
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Subcommand;
+use t2_svf::expert::{Expert, ExpertMeta, StoredMix};
+use t2_svf::mix::parse_mix;
 
 use crate::common::{open_engine, ModelArgs, SvfArgs};
 
@@ -7,6 +9,36 @@ use crate::common::{open_engine, ModelArgs, SvfArgs};
 pub enum ExpertsCmd {
     /// The experts and stored mixes of the model
     List {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        svf: SvfArgs,
+    },
+    /// Write a seeded random (untrained) expert: for testing and benchmarking the serving paths
+    Synth {
+        /// Expert name (used in model ids as `<base>:<name>`)
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// z is drawn uniformly from [1 - strength, 1 + strength]
+        #[arg(long, default_value_t = 0.5)]
+        strength: f32,
+        #[arg(long, default_value = "other")]
+        category: String,
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        svf: SvfArgs,
+    },
+    /// Store a named mix of existing experts, e.g. --mix "math=0.7,code=0.3"
+    SaveMix {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        mix: String,
+        #[arg(long, default_value = "")]
+        description: String,
         #[command(flatten)]
         model: ModelArgs,
         #[command(flatten)]
@@ -49,6 +81,52 @@ pub fn run(cmd: ExpertsCmd) -> Result<()> {
                 let alpha: Vec<String> = m.alpha.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 println!("  mix {:<12} {}", m.name, alpha.join(","));
             }
+            Ok(())
+        }
+        ExpertsCmd::Synth {
+            name,
+            seed,
+            strength,
+            category,
+            model,
+            svf,
+        } => {
+            if !(strength.is_finite() && (0.0..1.0).contains(&strength)) {
+                bail!("--strength must be in [0, 1), got {strength}");
+            }
+            let mut engine = open_engine(&model, &svf, true)?;
+            let svf_p = engine.svf.as_ref().expect("svf engine has a decomposition");
+            let meta = ExpertMeta {
+                name: name.clone(),
+                description: format!("random test expert (seed {seed}, strength {strength})"),
+                category,
+                model_id: engine.loaded.model_id.clone(),
+                decomposition_hash: svf_p.decomp.hash.clone(),
+                targets: svf_p.decomp.targets,
+            };
+            let expert = Expert::random(meta, &svf_p.decomp, seed, strength);
+            let decomp = &engine.svf.as_ref().expect("checked").decomp;
+            let store = engine.experts.as_mut().expect("svf engine has a store");
+            store.add(expert, decomp)?;
+            println!("wrote expert '{name}' to {}", store.dir.display());
+            Ok(())
+        }
+        ExpertsCmd::SaveMix {
+            name,
+            mix,
+            description,
+            model,
+            svf,
+        } => {
+            let alpha = parse_mix(&mix)?;
+            let mut engine = open_engine(&model, &svf, true)?;
+            let store = engine.experts.as_mut().expect("svf engine has a store");
+            store.save_mix(StoredMix {
+                name: name.clone(),
+                alpha,
+                description,
+            })?;
+            println!("stored mix '{name}' in {}", store.dir.display());
             Ok(())
         }
         ExpertsCmd::Inspect { name, model, svf } => {

@@ -57,7 +57,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         top_k: a.top_k,
         top_p: a.top_p,
         seed: a.seed,
-        logprobs: None,
+        ..Default::default()
     };
     sampling.validate()?;
     // The decomposition is only needed when adapting.
@@ -78,6 +78,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         max_tokens: a.max_tokens,
         sampling,
         stop: a.stop.clone(),
+        ignore_eos: false,
     };
     let t0 = Instant::now();
     let mut first = None;

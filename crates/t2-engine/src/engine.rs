@@ -163,6 +163,30 @@ impl Engine {
         Ok(svf.register(&name, &z)?)
     }
 
+    /// Checks that an adaptation can be resolved (SVF on, every expert known) without registering it.
+    pub fn check_adaptation(&self, a: &Adaptation) -> Result<()> {
+        let names: Vec<&String> = match a {
+            Adaptation::Base => return Ok(()),
+            Adaptation::Expert(e) => vec![e],
+            Adaptation::Mix(m) => {
+                if m.is_empty() {
+                    return Err(EngineError::Invalid("the mix names no expert".into()));
+                }
+                if let Some((k, w)) = m.iter().find(|(_, w)| !w.is_finite()) {
+                    return Err(EngineError::Invalid(format!(
+                        "the weight of '{k}' in the mix is not a finite number ({w})"
+                    )));
+                }
+                m.keys().collect()
+            }
+        };
+        let store = self.experts.as_ref().ok_or(EngineError::NoSvf)?;
+        for n in names {
+            store.get(n)?;
+        }
+        Ok(())
+    }
+
     /// The chat template applied to `messages`, tokenized.
     pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
         let text = self.loaded.template.render(messages)?;

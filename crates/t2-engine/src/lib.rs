@@ -1,9 +1,15 @@
-//! t2-engine: a resident model with its SVF machinery, and the generation loop that advances many
-//! sequences (each with its own mix and sampling) in shared batch steps.
+//! t2-engine: a resident model with its SVF machinery, the one-shot batch loop, and the scheduler that
+//! runs many requests (each with its own mix and sampling) in shared, continuously refilled batch steps.
 
 pub mod engine;
 pub mod generate;
+pub mod scheduler;
+pub mod sequence;
 pub mod text;
 
 pub use engine::{Adaptation, Engine, EngineConfig, EngineError};
-pub use generate::{FinishReason, GenOutput, GenRequest, TokenEvent};
+pub use generate::GenOutput;
+pub use scheduler::{
+    Scheduler, SchedulerConfig, SchedulerStats, SeqEvent, SeqHandle, Submission, SubmitError,
+};
+pub use sequence::{FinishReason, GenRequest, TokenEvent};

@@ -81,6 +81,7 @@ fn greedy_tokens_match_llama_cpp() {
             max_tokens: ids(&c["generated_tokens"]).len(),
             sampling: SamplingParams::default(),
             stop: vec![],
+            ignore_eos: false,
         })
         .collect();
     let outs = e.generate(reqs, |_, _| {}).unwrap();

@@ -149,6 +149,7 @@ fn batch_of_different_mixes_equals_each_alone() {
             max_tokens: 24,
             sampling: SamplingParams::default(),
             stop: vec![],
+            ignore_eos: false,
         })
         .collect();
     let together = e.generate(reqs.clone(), |_, _| {}).unwrap();

@@ -71,7 +71,7 @@ impl KvCache {
     }
 
     /// Makes room for `extra` more tokens in every layer.
-    pub(crate) fn reserve(&mut self, extra: usize) -> candle_core::Result<()> {
+    pub fn reserve(&mut self, extra: usize) -> candle_core::Result<()> {
         let need = self.len + extra;
         if need > self.max_len {
             candle_core::bail!(

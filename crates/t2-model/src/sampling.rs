@@ -17,6 +17,12 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     /// Number of alternatives to report with each token's log-probability; None: no logprobs.
     pub logprobs: Option<usize>,
+    /// OpenAI's penalties on tokens already generated: a flat `presence` once a token appeared, plus
+    /// `frequency` per occurrence, subtracted from its logit before choosing.
+    #[serde(default)]
+    pub presence_penalty: f32,
+    #[serde(default)]
+    pub frequency_penalty: f32,
 }
 
 impl Default for SamplingParams {
@@ -27,6 +33,8 @@ impl Default for SamplingParams {
             top_p: 1.0,
             seed: None,
             logprobs: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
         }
     }
 }
@@ -44,6 +52,16 @@ impl SamplingParams {
                 "top_p must be in (0, 1], got {}",
                 self.top_p
             )));
+        }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(v.is_finite() && (-2.0..=2.0).contains(&v)) {
+                return Err(ModelError::Invalid(format!(
+                    "{name} must be in [-2, 2], got {v}"
+                )));
+            }
         }
         if let Some(n) = self.logprobs {
             if n > 20 {
@@ -67,6 +85,8 @@ pub struct TokenLogprob {
 pub struct Sampler {
     params: SamplingParams,
     rng: rand::rngs::StdRng,
+    /// How often each token was chosen so far (only kept when a penalty is set).
+    counts: std::collections::HashMap<u32, u32>,
 }
 
 impl Sampler {
@@ -75,19 +95,45 @@ impl Sampler {
             Some(s) => rand::rngs::StdRng::seed_from_u64(s),
             None => rand::rngs::StdRng::from_os_rng(),
         };
-        Self { params, rng }
+        Self {
+            params,
+            rng,
+            counts: Default::default(),
+        }
+    }
+
+    fn has_penalties(&self) -> bool {
+        self.params.presence_penalty != 0.0 || self.params.frequency_penalty != 0.0
     }
 
     pub fn params(&self) -> &SamplingParams {
         &self.params
     }
 
+    /// Chooses the next token. Reported log-probabilities are those of the model's own distribution,
+    /// before penalties and temperature.
     pub fn sample(&mut self, logits: &[f32]) -> (u32, Option<TokenLogprob>) {
-        let token = if self.params.temperature <= 0.0 || self.params.top_k == Some(1) {
-            argmax(logits)
+        let penalized;
+        let choose_from = if self.has_penalties() && !self.counts.is_empty() {
+            let mut l = logits.to_vec();
+            for (&t, &c) in &self.counts {
+                if let Some(v) = l.get_mut(t as usize) {
+                    *v -= self.params.presence_penalty + self.params.frequency_penalty * c as f32;
+                }
+            }
+            penalized = l;
+            &penalized[..]
         } else {
-            self.sample_random(logits)
+            logits
         };
+        let token = if self.params.temperature <= 0.0 || self.params.top_k == Some(1) {
+            argmax(choose_from)
+        } else {
+            self.sample_random(choose_from)
+        };
+        if self.has_penalties() {
+            *self.counts.entry(token).or_default() += 1;
+        }
         let lp = self.params.logprobs.map(|k| logprob_of(logits, token, k));
         (token, lp)
     }
@@ -216,6 +262,30 @@ mod tests {
         for _ in 0..200 {
             assert_eq!(s.sample(&logits).0, 0);
         }
+    }
+
+    #[test]
+    fn penalties_push_greedy_off_repeated_tokens() {
+        let logits = vec![3.0, 2.5, 0.0];
+        let run = |presence: f32, frequency: f32| {
+            let mut s = Sampler::new(SamplingParams {
+                presence_penalty: presence,
+                frequency_penalty: frequency,
+                ..Default::default()
+            });
+            (0..4).map(|_| s.sample(&logits).0).collect::<Vec<_>>()
+        };
+        assert_eq!(run(0.0, 0.0), vec![0, 0, 0, 0]);
+        // 3.0 - 1.0 < 2.5: after one use token 0 loses to token 1, then both are penalized equally.
+        assert_eq!(run(1.0, 0.0), vec![0, 1, 0, 0]);
+        // Frequency grows per use: 3.0 - 0.4k vs 2.5 - 0.4j alternates once both have been used.
+        assert_eq!(run(0.0, 0.4), vec![0, 0, 1, 0]);
+        assert!(SamplingParams {
+            presence_penalty: 2.5,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
     }
 
     #[test]

@@ -43,6 +43,25 @@ impl Expert {
         Self { meta, z }
     }
 
+    /// A seeded random expert, z uniform in [1 - strength, 1 + strength]: not trained, but it changes the
+    /// model's output, which is what tests and benchmarks of the serving paths need.
+    pub fn random(meta: ExpertMeta, decomp: &Decomposition, seed: u64, strength: f32) -> Self {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let z = decomp
+            .factors
+            .iter()
+            .filter(|(id, _)| meta.targets.contains(id.kind))
+            .map(|(id, f)| {
+                let v = (0..f.rank())
+                    .map(|_| 1.0 + strength * rng.random_range(-1.0f32..=1.0))
+                    .collect();
+                (*id, v)
+            })
+            .collect();
+        Self { meta, z }
+    }
+
     /// Checks the expert fits `decomp` (and `model_id`): every problem becomes one clear error.
     pub fn validate(&self, decomp: &Decomposition, model_id: &str) -> Result<()> {
         let bad = |reason: String| SvfError::BadExpert {
@@ -299,8 +318,44 @@ impl ExpertStore {
         self.experts.values()
     }
 
+    pub fn mix(&self, name: &str) -> Option<&StoredMix> {
+        self.manifest.mixes.iter().find(|m| m.name == name)
+    }
+
+    /// Stores (or replaces) a named mix; every expert it names must exist, and a mix may not shadow an
+    /// expert's name.
+    pub fn save_mix(&mut self, mix: StoredMix) -> Result<()> {
+        check_name(&mix.name)?;
+        if mix.alpha.is_empty() {
+            return Err(SvfError::BadMix(format!(
+                "mix '{}' names no expert",
+                mix.name
+            )));
+        }
+        if self.experts.contains_key(&mix.name) {
+            return Err(SvfError::BadMix(format!(
+                "'{}' is already an expert's name",
+                mix.name
+            )));
+        }
+        for (e, w) in &mix.alpha {
+            self.get(e)?;
+            if !w.is_finite() {
+                return Err(SvfError::BadMix(format!("weight of '{e}' is {w}")));
+            }
+        }
+        std::fs::create_dir_all(&self.dir).map_err(|e| SvfError::Io {
+            path: self.dir.clone(),
+            source: e,
+        })?;
+        self.manifest.mixes.retain(|m| m.name != mix.name);
+        self.manifest.mixes.push(mix);
+        self.write_manifest()
+    }
+
     /// Adds (or replaces) an expert: file first, then the manifest, each written atomically.
     pub fn add(&mut self, expert: Expert, decomp: &Decomposition) -> Result<()> {
+        check_name(&expert.meta.name)?;
         expert.validate(decomp, &self.manifest.model_id)?;
         std::fs::create_dir_all(&self.dir).map_err(|e| SvfError::Io {
             path: self.dir.clone(),
@@ -330,4 +385,21 @@ impl ExpertStore {
         })?;
         std::fs::rename(&tmp, &path).map_err(|e| SvfError::Io { path, source: e })
     }
+}
+
+/// Names appear in model ids (`<base>:<name>`) and file names: keep them to a safe alphabet, and away from
+/// the words the server reserves.
+pub fn check_name(name: &str) -> Result<()> {
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if name.is_empty() || name.len() > 64 || !ok_chars || name.starts_with('.') {
+        return Err(SvfError::BadMix(format!(
+            "'{name}' is not a valid name (1-64 characters: letters, digits, '_', '-', '.')"
+        )));
+    }
+    if ["base", "auto"].contains(&name) {
+        return Err(SvfError::BadMix(format!("'{name}' is reserved")));
+    }
+    Ok(())
 }

@@ -150,6 +150,14 @@ impl MixTable {
         self.by_name.len()
     }
 
+    /// The registered mixes, base included.
+    pub fn ids(&self) -> Vec<MixId> {
+        (0..self.slots.len())
+            .filter(|&i| self.slots[i].is_some())
+            .map(|i| i as MixId)
+            .collect()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.by_name.is_empty()
     }
@@ -165,6 +173,9 @@ impl MixTable {
             return Err(SvfError::BadMix(
                 "'base' is reserved for the unadapted model".into(),
             ));
+        }
+        if !self.by_name.contains_key(name) && self.slots.iter().all(Option::is_some) {
+            return Err(SvfError::TableFull(self.slots.len()));
         }
         // Compute everything before touching the table, so a bad mix leaves it unchanged.
         let mut rows = Vec::new();

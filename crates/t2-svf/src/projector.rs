@@ -66,6 +66,11 @@ impl SvfProjector {
         self.table.read().unwrap().get(name)
     }
 
+    /// Every registered mix, base included.
+    pub fn mix_ids(&self) -> Vec<MixId> {
+        self.table.read().unwrap().ids()
+    }
+
     pub fn mix_name(&self, id: MixId) -> Option<String> {
         self.table.read().unwrap().name(id).map(str::to_string)
     }
@@ -86,13 +91,29 @@ impl SvfProjector {
         if self.is_merged(id) || self.merged.lock().unwrap().capacity == 0 {
             return Ok(());
         }
-        let mut weights = BTreeMap::new();
-        {
+        // Copy the scales and let go of the table: merging takes seconds and runs beside the model thread,
+        // which must stay free to register mixes meanwhile.
+        let (name, scales) = {
             let table = self.table.read().unwrap();
-            for (pid, f) in &self.decomp.factors {
-                let s = table.scales_of(*pid, id)?.unsqueeze(0)?;
-                weights.insert(*pid, f.u.broadcast_mul(&s)?.matmul(&f.vt)?);
-            }
+            let Some(name) = table.name(id).map(str::to_string) else {
+                return Ok(());
+            };
+            let scales = self
+                .decomp
+                .factors
+                .keys()
+                .map(|pid| Ok((*pid, table.scales_of(*pid, id)?.copy()?)))
+                .collect::<Result<BTreeMap<_, _>>>()?;
+            (name, scales)
+        };
+        let mut weights = BTreeMap::new();
+        for (pid, f) in &self.decomp.factors {
+            let s = scales[pid].unsqueeze(0)?;
+            weights.insert(*pid, f.u.broadcast_mul(&s)?.matmul(&f.vt)?);
+        }
+        // Names are content (the canonical adaptation), so the same name still means the same scales.
+        if self.mix_name(id).as_deref() != Some(name.as_str()) {
+            return Ok(());
         }
         let mut m = self.merged.lock().unwrap();
         while m.weights.len() >= m.capacity {

@@ -1,0 +1,529 @@
+//! Continuous batching on a dedicated model thread.
+//!
+//! Submissions wait in a bounded queue. Between two batch steps the scheduler admits waiting submissions
+//! while the batch has room (sequences, KV budget, mix table), so new prompts prefill alongside other
+//! sequences' decode steps; prefill is chunked to keep a step under `max_batched_tokens`. Every row carries
+//! its own mix id. A sequence whose event receiver is gone (client disconnected, timed out) is dropped
+//! before the next step. Nothing here blocks an async runtime: callers only `try_send` into the queue and
+//! read tokens from bounded channels that can never fill (each holds a whole answer).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use t2_model::SeqStep;
+use t2_svf::{MixId, SvfError, BASE_MIX};
+use tokio::sync::mpsc;
+
+use crate::engine::{Adaptation, Engine, EngineError};
+use crate::sequence::{GenRequest, Sequence, TokenEvent};
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Sequences decoded together at most.
+    pub max_batch: usize,
+    /// Input tokens per batch step at most (prefill is chunked to fit).
+    pub max_batched_tokens: usize,
+    /// Submissions waiting for admission at most; beyond it `submit` answers `QueueFull`.
+    pub max_queue: usize,
+    /// KV cache tokens reserved by running sequences at most (each reserves prompt + max_tokens).
+    pub kv_budget_tokens: usize,
+    /// Build merged weights for a mix once it has been the only mix of the batch for this many steps
+    /// (None: never merge, always the factored path).
+    pub merge_after_steps: Option<usize>,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: 32,
+            max_batched_tokens: 512,
+            max_queue: 64,
+            kv_budget_tokens: 64 * 1024,
+            merge_after_steps: Some(32),
+        }
+    }
+}
+
+/// What one client request asks for: one or more sequences (OpenAI's `n`) admitted together, all with
+/// the same adaptation. The `mix` field of the requests is ignored: the scheduler resolves `adaptation`.
+pub struct Submission {
+    pub adaptation: Adaptation,
+    pub requests: Vec<GenRequest>,
+}
+
+#[derive(Debug)]
+pub enum SeqEvent {
+    /// The sequence left the queue and joined the batch.
+    Admitted {
+        queue_time: Duration,
+        mix: MixId,
+    },
+    Token(TokenEvent),
+    /// The sequence was dropped by an engine error; no more events follow.
+    Failed(String),
+}
+
+/// The receiving end of one sequence's events. Dropping it cancels the sequence.
+pub struct SeqHandle {
+    pub events: mpsc::Receiver<SeqEvent>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the request queue is full ({0} waiting); retry later")]
+    QueueFull(usize),
+    #[error("the server is shutting down")]
+    ShutDown,
+    #[error(transparent)]
+    Invalid(#[from] EngineError),
+}
+
+/// Live counters, read by the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct SchedulerStats {
+    pub queue_depth: AtomicUsize,
+    pub running: AtomicUsize,
+    pub kv_used_tokens: AtomicUsize,
+    pub kv_budget_tokens: AtomicUsize,
+    pub steps: AtomicU64,
+    pub cancelled: AtomicU64,
+    pub merges: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+struct Queued {
+    submission: Submission,
+    senders: Vec<mpsc::Sender<SeqEvent>>,
+    enqueued: Instant,
+}
+
+pub struct Scheduler {
+    tx: Option<SyncSender<Queued>>,
+    stats: Arc<SchedulerStats>,
+    cfg: SchedulerConfig,
+    engine: Arc<Engine>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Scheduler {
+    pub fn start(engine: Arc<Engine>, cfg: SchedulerConfig) -> Self {
+        let (tx, rx) = sync_channel(cfg.max_queue.max(1));
+        let stats = Arc::new(SchedulerStats::default());
+        stats
+            .kv_budget_tokens
+            .store(cfg.kv_budget_tokens, Ordering::Relaxed);
+        let mut worker = Worker {
+            engine: engine.clone(),
+            cfg: cfg.clone(),
+            stats: stats.clone(),
+            rx,
+            next: None,
+            running: Vec::new(),
+            mixes: MixRefs::default(),
+            uniform_steps: 0,
+            merging: None,
+        };
+        let thread = std::thread::Builder::new()
+            .name("t2-model".into())
+            .spawn(move || worker.run())
+            .expect("spawn the model thread");
+        Self {
+            tx: Some(tx),
+            stats,
+            cfg,
+            engine,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    pub fn stats(&self) -> &Arc<SchedulerStats> {
+        &self.stats
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Queues a submission, or refuses it at once (invalid, queue full, shutting down). Never blocks.
+    pub fn submit(&self, s: Submission) -> Result<Vec<SeqHandle>, SubmitError> {
+        if s.requests.is_empty() {
+            return Err(EngineError::Invalid("no sequences requested".into()).into());
+        }
+        for r in &s.requests {
+            self.engine.check_request(r)?;
+        }
+        self.engine.check_adaptation(&s.adaptation)?;
+        let need: usize = s.requests.iter().map(GenRequest::kv_tokens).sum();
+        if need > self.cfg.kv_budget_tokens {
+            return Err(EngineError::Invalid(format!(
+                "the request needs {need} tokens of KV cache (prompt + max_tokens, times n), over the \
+                 server's budget of {}",
+                self.cfg.kv_budget_tokens
+            ))
+            .into());
+        }
+        let tx = self.tx.as_ref().ok_or(SubmitError::ShutDown)?;
+        let (senders, handles): (Vec<_>, Vec<_>) = s
+            .requests
+            .iter()
+            .map(|r| {
+                // Admitted + every token + a failure: the channel can never be full, so the model thread
+                // never waits on a slow reader.
+                let (stx, srx) = mpsc::channel(r.max_tokens + 3);
+                (stx, SeqHandle { events: srx })
+            })
+            .unzip();
+        self.stats.queue_depth.fetch_add(1, Ordering::SeqCst);
+        let queued = Queued {
+            submission: s,
+            senders,
+            enqueued: Instant::now(),
+        };
+        match tx.try_send(queued) {
+            Ok(()) => Ok(handles),
+            Err(e) => {
+                self.stats.queue_depth.fetch_sub(1, Ordering::SeqCst);
+                Err(match e {
+                    TrySendError::Full(_) => SubmitError::QueueFull(self.cfg.max_queue),
+                    TrySendError::Disconnected(_) => SubmitError::ShutDown,
+                })
+            }
+        }
+    }
+
+    /// Stops taking submissions; the model thread finishes what is queued and running, then exits.
+    pub fn close(&mut self) {
+        self.tx = None;
+    }
+
+    /// Closes and waits for the model thread to finish.
+    pub fn join(mut self) {
+        self.close();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+struct Running {
+    seq: Sequence,
+    tx: mpsc::Sender<SeqEvent>,
+    kv_tokens: usize,
+}
+
+/// How many running sequences use each mix, and which registered mixes nobody uses (oldest first): those
+/// are evicted from the mix table when it is full.
+#[derive(Default)]
+struct MixRefs {
+    refs: HashMap<MixId, usize>,
+    idle: VecDeque<MixId>,
+}
+
+enum Acquire {
+    Got(MixId),
+    /// Every slot is held by a running sequence: wait for one to finish.
+    Full,
+    Failed(EngineError),
+}
+
+struct Worker {
+    engine: Arc<Engine>,
+    cfg: SchedulerConfig,
+    stats: Arc<SchedulerStats>,
+    rx: Receiver<Queued>,
+    /// A submission taken off the queue that did not fit yet.
+    next: Option<Queued>,
+    running: Vec<Running>,
+    mixes: MixRefs,
+    /// Consecutive steps in which every row used the same non-base mix.
+    uniform_steps: usize,
+    merging: Option<(MixId, JoinHandle<()>)>,
+}
+
+impl Worker {
+    fn run(&mut self) {
+        loop {
+            if self.running.is_empty() && self.next.is_none() {
+                match self.rx.recv() {
+                    Ok(q) => self.take(q),
+                    Err(_) => break, // closed, and nothing left to do
+                }
+            }
+            self.admit();
+            self.drop_cancelled();
+            if self.running.is_empty() {
+                continue;
+            }
+            self.maybe_merge();
+            if let Err(e) = self.step() {
+                tracing::error!(error = %e, "batch step failed; dropping its sequences");
+                let msg = e.to_string();
+                for r in std::mem::take(&mut self.running) {
+                    let _ = r.tx.try_send(SeqEvent::Failed(msg.clone()));
+                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                    self.release(r);
+                }
+            }
+            self.publish();
+        }
+        if let Some((_, h)) = self.merging.take() {
+            let _ = h.join();
+        }
+    }
+
+    fn take(&mut self, q: Queued) {
+        self.stats.queue_depth.fetch_sub(1, Ordering::SeqCst);
+        self.next = Some(q);
+    }
+
+    fn kv_used(&self) -> usize {
+        self.running.iter().map(|r| r.kv_tokens).sum()
+    }
+
+    /// Moves waiting submissions into the batch while they fit.
+    fn admit(&mut self) {
+        loop {
+            if self.next.is_none() {
+                match self.rx.try_recv() {
+                    Ok(q) => self.take(q),
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => return,
+                }
+            }
+            let q = self.next.as_ref().expect("just filled");
+            if q.senders.iter().all(|s| s.is_closed()) {
+                self.stats
+                    .cancelled
+                    .fetch_add(q.senders.len() as u64, Ordering::Relaxed);
+                self.next = None;
+                continue;
+            }
+            let n = q.submission.requests.len();
+            let need: usize = q
+                .submission
+                .requests
+                .iter()
+                .map(GenRequest::kv_tokens)
+                .sum();
+            let fits = self.running.len() + n <= self.cfg.max_batch.max(n)
+                && self.kv_used() + need <= self.cfg.kv_budget_tokens;
+            if !fits {
+                return;
+            }
+            let adaptation = q.submission.adaptation.clone();
+            let mix = match self.acquire(&adaptation) {
+                Acquire::Got(id) => id,
+                Acquire::Full => return,
+                Acquire::Failed(e) => {
+                    let q = self.next.take().expect("present");
+                    for s in q.senders {
+                        let _ = s.try_send(SeqEvent::Failed(e.to_string()));
+                    }
+                    continue;
+                }
+            };
+            let q = self.next.take().expect("present");
+            let queue_time = q.enqueued.elapsed();
+            for (i, (mut req, tx)) in q.submission.requests.into_iter().zip(q.senders).enumerate() {
+                if i > 0 {
+                    self.mixes.hold(mix);
+                }
+                req.mix = mix;
+                let kv_tokens = req.kv_tokens();
+                match Sequence::new(&self.engine, req) {
+                    Ok(seq) => {
+                        let _ = tx.try_send(SeqEvent::Admitted { queue_time, mix });
+                        self.running.push(Running { seq, tx, kv_tokens });
+                    }
+                    Err(e) => {
+                        let _ = tx.try_send(SeqEvent::Failed(e.to_string()));
+                        self.mixes.release(mix);
+                    }
+                }
+            }
+        }
+    }
+
+    fn drop_cancelled(&mut self) {
+        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.running)
+            .into_iter()
+            .partition(|r| r.tx.is_closed());
+        self.running = kept;
+        for r in gone {
+            self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            self.release(r);
+        }
+    }
+
+    fn release(&mut self, r: Running) {
+        self.mixes.release(r.seq.mix);
+    }
+
+    fn acquire(&mut self, a: &Adaptation) -> Acquire {
+        loop {
+            match self.engine.resolve(a) {
+                Ok(id) => {
+                    self.mixes.hold(id);
+                    return Acquire::Got(id);
+                }
+                Err(EngineError::Svf(SvfError::TableFull(n))) => {
+                    let svf = self.engine.svf.as_ref().expect("a full table exists");
+                    if self.mixes.idle.is_empty() {
+                        // Mixes registered outside this scheduler (or before it) are idle too.
+                        for id in svf.mix_ids() {
+                            if id != BASE_MIX && self.mixes.refs.get(&id).copied().unwrap_or(0) == 0
+                            {
+                                self.mixes.idle.push_back(id);
+                            }
+                        }
+                    }
+                    let Some(victim) = self.mixes.idle.pop_front() else {
+                        if self.running.is_empty() {
+                            // Nothing will ever free a slot: the table is too small for any mix.
+                            return Acquire::Failed(EngineError::Svf(SvfError::TableFull(n)));
+                        }
+                        return Acquire::Full;
+                    };
+                    if let Some(name) = svf.mix_name(victim) {
+                        svf.remove(&name);
+                    }
+                }
+                Err(e) => return Acquire::Failed(e),
+            }
+        }
+    }
+
+    /// Starts building merged weights (on a helper thread) for a mix that has had the batch to itself
+    /// for a while, so that its steps become plain dense products.
+    fn maybe_merge(&mut self) {
+        let Some(after) = self.cfg.merge_after_steps else {
+            return;
+        };
+        let Some(svf) = &self.engine.svf else {
+            return;
+        };
+        if let Some((_, h)) = &self.merging {
+            if !h.is_finished() {
+                return;
+            }
+            let (_, h) = self.merging.take().expect("present");
+            let _ = h.join();
+        }
+        let first = self.running[0].seq.mix;
+        let uniform = first != BASE_MIX && self.running.iter().all(|r| r.seq.mix == first);
+        self.uniform_steps = if uniform { self.uniform_steps + 1 } else { 0 };
+        if self.uniform_steps < after || svf.is_merged(first) {
+            return;
+        }
+        let engine = self.engine.clone();
+        let stats = self.stats.clone();
+        let handle = std::thread::Builder::new()
+            .name("t2-merge".into())
+            .spawn(move || {
+                let svf = engine.svf.as_ref().expect("checked");
+                match svf.merge(first) {
+                    Ok(()) => {
+                        stats.merges.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "merging a mix failed; staying factored"),
+                }
+            });
+        match handle {
+            Ok(h) => self.merging = Some((first, h)),
+            Err(e) => tracing::warn!(error = %e, "could not start a merge thread"),
+        }
+    }
+
+    /// One batch step: every running sequence feeds its next input (decode: one token; prefill: a chunk
+    /// within the step's token budget) and those with a complete prompt sample a token.
+    fn step(&mut self) -> Result<(), EngineError> {
+        let decoding = self
+            .running
+            .iter()
+            .filter(|r| !r.seq.is_prefilling())
+            .count();
+        // Decode rows first, then prompt chunks in admission order; a prompt always gets some room so that
+        // a full decode batch cannot starve newcomers.
+        let mut budget = self.cfg.max_batched_tokens.saturating_sub(decoding).max(16);
+        let mut stepping = Vec::with_capacity(self.running.len());
+        let mut steps: Vec<SeqStep<'_>> = Vec::with_capacity(self.running.len());
+        for (i, r) in self.running.iter_mut().enumerate() {
+            if r.seq.is_prefilling() {
+                if budget == 0 {
+                    continue;
+                }
+                let step = r.seq.step(budget);
+                budget -= step.tokens.len();
+                steps.push(step);
+            } else {
+                steps.push(r.seq.step(1));
+            }
+            stepping.push(i);
+        }
+        let logits = self
+            .engine
+            .loaded
+            .model
+            .forward(&mut steps, self.engine.projector())?;
+        drop(steps);
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        let mut finished = Vec::new();
+        for (i, logits) in stepping.into_iter().zip(logits) {
+            let r = &mut self.running[i];
+            r.seq.fed();
+            let Some(logits) = logits else {
+                continue; // a prompt chunk that is not the last
+            };
+            let event = r.seq.on_logits(&self.engine, &logits.to_vec1::<f32>()?)?;
+            let done = event.finish.is_some();
+            if r.tx.try_send(SeqEvent::Token(event)).is_err() || done {
+                finished.push(i);
+            }
+        }
+        for i in finished.into_iter().rev() {
+            let r = self.running.swap_remove(i);
+            if r.seq.finish.is_none() {
+                self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            }
+            self.release(r);
+        }
+        Ok(())
+    }
+
+    fn publish(&self) {
+        self.stats
+            .running
+            .store(self.running.len(), Ordering::Relaxed);
+        self.stats
+            .kv_used_tokens
+            .store(self.kv_used(), Ordering::Relaxed);
+    }
+}
+
+impl MixRefs {
+    fn hold(&mut self, id: MixId) {
+        *self.refs.entry(id).or_default() += 1;
+        self.idle.retain(|&m| m != id);
+    }
+
+    fn release(&mut self, id: MixId) {
+        let n = self.refs.entry(id).or_default();
+        *n = n.saturating_sub(1);
+        if *n == 0 && id != BASE_MIX {
+            self.idle.push_back(id);
+        }
+    }
+}

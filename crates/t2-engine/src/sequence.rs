@@ -1,0 +1,214 @@
+//! One sequence being generated: its prompt (fed in chunks), KV cache, sampler and stop conditions. Both
+//! the one-shot batch loop and the continuous-batching scheduler drive sequences through this type.
+
+use t2_model::{KvCache, Sampler, SamplingParams, SeqStep, TokenLogprob, WantLogits};
+use t2_svf::MixId;
+
+use crate::engine::{Engine, EngineError, Result};
+use crate::text::TextStream;
+
+#[derive(Debug, Clone)]
+pub struct GenRequest {
+    pub prompt: Vec<u32>,
+    pub mix: MixId,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    /// Keep going past end-of-sequence until max_tokens (benchmarks want fixed-length answers).
+    pub ignore_eos: bool,
+}
+
+impl GenRequest {
+    pub fn new(prompt: Vec<u32>, mix: MixId, max_tokens: usize, sampling: SamplingParams) -> Self {
+        Self {
+            prompt,
+            mix,
+            max_tokens,
+            sampling,
+            stop: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+
+    /// Tokens of KV cache this request can need at most.
+    pub fn kv_tokens(&self) -> usize {
+        self.prompt.len() + self.max_tokens
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// End-of-sequence token or a stop string.
+    Stop,
+    /// max_tokens reached.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+        }
+    }
+}
+
+/// One generated token of one sequence, as it happens.
+#[derive(Debug, Clone)]
+pub struct TokenEvent {
+    pub token: u32,
+    /// Text released by this token (may be empty while a stop string or a character is incomplete).
+    pub text: String,
+    pub logprob: Option<TokenLogprob>,
+    pub finish: Option<FinishReason>,
+    /// False for the end-of-sequence token, which is reported (it carries the finish) but not counted.
+    pub counted: bool,
+}
+
+pub(crate) struct Sequence {
+    pub cache: KvCache,
+    pub mix: MixId,
+    prompt: Vec<u32>,
+    /// Prompt tokens already in the cache.
+    prefilled: usize,
+    /// Input tokens of the step in flight.
+    feeding: usize,
+    /// The last sampled token, fed at the next step.
+    last: Option<u32>,
+    sampler: Sampler,
+    text: TextStream,
+    pub generated: Vec<u32>,
+    pub logprobs: Vec<TokenLogprob>,
+    max_tokens: usize,
+    ignore_eos: bool,
+    pub finish: Option<FinishReason>,
+}
+
+impl Sequence {
+    pub fn new(engine: &Engine, r: GenRequest) -> Result<Self> {
+        let mut cache = engine.loaded.model.new_cache();
+        // Exactly what the request can use: no regrowth copies while decoding, and the scheduler's KV
+        // budget accounts for real allocations.
+        cache.reserve(r.kv_tokens())?;
+        Ok(Self {
+            cache,
+            mix: r.mix,
+            prompt: r.prompt,
+            prefilled: 0,
+            feeding: 0,
+            last: None,
+            sampler: Sampler::new(r.sampling),
+            text: TextStream::new(r.stop),
+            generated: Vec::new(),
+            logprobs: Vec::new(),
+            max_tokens: r.max_tokens,
+            ignore_eos: r.ignore_eos,
+            finish: None,
+        })
+    }
+
+    pub fn prompt_len(&self) -> usize {
+        self.prompt.len()
+    }
+
+    pub fn is_prefilling(&self) -> bool {
+        self.prefilled < self.prompt.len()
+    }
+
+    /// This step's input: at most `budget` prompt tokens while prefilling (logits only once the whole
+    /// prompt is in), else the last sampled token. Call [`Self::fed`] after the forward pass.
+    pub fn step(&mut self, budget: usize) -> SeqStep<'_> {
+        let (range, want) = if self.is_prefilling() {
+            let end = (self.prefilled + budget.max(1)).min(self.prompt.len());
+            let want = if end == self.prompt.len() {
+                WantLogits::Last
+            } else {
+                WantLogits::None
+            };
+            (self.prefilled..end, want)
+        } else {
+            (0..1, WantLogits::Last)
+        };
+        self.feeding = range.len();
+        let tokens = if self.is_prefilling() {
+            &self.prompt[range]
+        } else {
+            std::slice::from_ref(self.last.as_ref().expect("decoding has a last token"))
+        };
+        SeqStep {
+            cache: &mut self.cache,
+            tokens,
+            mix: self.mix,
+            want,
+        }
+    }
+
+    /// The input of the last [`Self::step`] went through the model.
+    pub fn fed(&mut self) {
+        if self.is_prefilling() {
+            self.prefilled += self.feeding;
+        }
+        self.feeding = 0;
+    }
+
+    /// Samples from the logits of the last position and advances the text and stop conditions.
+    pub fn on_logits(&mut self, engine: &Engine, logits: &[f32]) -> Result<TokenEvent> {
+        let tok = &engine.loaded.tokenizer;
+        let (token, logprob) = self.sampler.sample(logits);
+        if tok.is_eos(token) && !self.ignore_eos {
+            self.finish = Some(FinishReason::Stop);
+            return Ok(TokenEvent {
+                token,
+                text: self.text.flush(),
+                logprob,
+                finish: self.finish,
+                counted: false,
+            });
+        }
+        self.generated.push(token);
+        self.last = Some(token);
+        let released = self.text.update(tok.decode(&self.generated)?);
+        let mut text = released.delta;
+        if released.stopped {
+            self.finish = Some(FinishReason::Stop);
+        } else if self.generated.len() >= self.max_tokens {
+            text.push_str(&self.text.flush());
+            self.finish = Some(FinishReason::Length);
+        }
+        if let Some(lp) = &logprob {
+            self.logprobs.push(lp.clone());
+        }
+        Ok(TokenEvent {
+            token,
+            text,
+            logprob,
+            finish: self.finish,
+            counted: true,
+        })
+    }
+
+    pub fn text(&self) -> &str {
+        self.text.text()
+    }
+}
+
+impl Engine {
+    pub fn check_request(&self, r: &GenRequest) -> Result<()> {
+        if r.prompt.is_empty() {
+            return Err(EngineError::Invalid("the prompt is empty".into()));
+        }
+        if r.max_tokens == 0 {
+            return Err(EngineError::Invalid("max_tokens must be at least 1".into()));
+        }
+        let ctx = self.context_length();
+        if r.kv_tokens() > ctx {
+            return Err(EngineError::Invalid(format!(
+                "prompt ({} tokens) + max_tokens ({}) exceeds the context of {ctx} tokens",
+                r.prompt.len(),
+                r.max_tokens
+            )));
+        }
+        r.sampling.validate()?;
+        Ok(())
+    }
+}
