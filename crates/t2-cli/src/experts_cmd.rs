@@ -22,7 +22,7 @@ pub enum ExpertsCmd {
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// z is drawn uniformly from [1 - strength, 1 + strength]
-        #[arg(long, default_value_t = 0.5)]
+        #[arg(long, default_value_t = 0.2)]
         strength: f32,
         #[arg(long, default_value = "other")]
         category: String,

@@ -4,6 +4,7 @@ mod bench;
 mod common;
 mod experts_cmd;
 mod generate_cmd;
+mod serve_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -25,6 +26,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the OpenAI-compatible API (chat and text completions, per-request experts)
+    Serve(serve_cmd::ServeArgs),
     /// Generate a chat reply, streamed to stdout.
     Generate(generate_cmd::GenerateArgs),
     /// Decompose (SVD) the model's target matrices and cache the result beside the model.
@@ -58,6 +61,7 @@ fn main() {
         }
     };
     let result = match cli.command {
+        Command::Serve(a) => serve_cmd::run(a),
         Command::Generate(a) => generate_cmd::run(a),
         Command::Decompose(a) => common::decompose(a),
         Command::Experts(c) => experts_cmd::run(c),

@@ -10,7 +10,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -102,11 +102,11 @@ struct Queued {
 }
 
 pub struct Scheduler {
-    tx: Option<SyncSender<Queued>>,
+    tx: Mutex<Option<SyncSender<Queued>>>,
     stats: Arc<SchedulerStats>,
     cfg: SchedulerConfig,
     engine: Arc<Engine>,
-    thread: Option<JoinHandle<()>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Scheduler {
@@ -132,11 +132,11 @@ impl Scheduler {
             .spawn(move || worker.run())
             .expect("spawn the model thread");
         Self {
-            tx: Some(tx),
+            tx: Mutex::new(Some(tx)),
             stats,
             cfg,
             engine,
-            thread: Some(thread),
+            thread: Mutex::new(Some(thread)),
         }
     }
 
@@ -170,7 +170,9 @@ impl Scheduler {
             ))
             .into());
         }
-        let tx = self.tx.as_ref().ok_or(SubmitError::ShutDown)?;
+        let Some(tx) = self.tx.lock().unwrap().clone() else {
+            return Err(SubmitError::ShutDown);
+        };
         let (senders, handles): (Vec<_>, Vec<_>) = s
             .requests
             .iter()
@@ -200,14 +202,14 @@ impl Scheduler {
     }
 
     /// Stops taking submissions; the model thread finishes what is queued and running, then exits.
-    pub fn close(&mut self) {
-        self.tx = None;
+    pub fn close(&self) {
+        self.tx.lock().unwrap().take();
     }
 
-    /// Closes and waits for the model thread to finish.
-    pub fn join(mut self) {
+    /// Closes and waits for the model thread to finish (blocking).
+    pub fn join(&self) {
         self.close();
-        if let Some(t) = self.thread.take() {
+        if let Some(t) = self.thread.lock().unwrap().take() {
             let _ = t.join();
         }
     }

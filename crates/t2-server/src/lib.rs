@@ -1,1 +1,249 @@
-//! (server: issue 3)
+//! t2-server: the OpenAI-compatible HTTP front end. Handlers are thin: they validate, turn the body into
+//! engine requests, submit them to the scheduler (which owns the model thread) and stream tokens back.
+//! Nothing here runs model work on the async runtime.
+
+pub mod adaptation;
+pub mod completions;
+pub mod error;
+pub mod generation;
+pub mod info;
+pub mod metrics;
+pub mod openai;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::header;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use t2_engine::{Engine, EngineConfig, GenRequest, Scheduler, SeqEvent, Submission};
+use tower_http::request_id::{
+    MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+
+use crate::completions::BodyLimit;
+use crate::error::ApiError;
+pub use crate::state::{AppState, Core, ServerConfig};
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let protected = Router::new()
+        .route("/v1/chat/completions", post(completions::chat_completions))
+        .route("/v1/completions", post(completions::completions))
+        .route("/v1/models", get(info::models))
+        .route("/v1/experts", get(info::experts))
+        .route("/openapi.json", get(info::openapi_json))
+        .route("/docs", get(info::docs))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
+    let open = Router::new()
+        .route("/health", get(info::health))
+        .route("/ready", get(info::ready))
+        .route("/metrics", get(info::metrics));
+    let limit = state.cfg.max_body_bytes;
+    protected
+        .merge(open)
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::Extension(BodyLimit(limit)))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .with_state(state)
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::NotFound(format!(
+        "no route for {} {}",
+        req.method(),
+        req.uri().path()
+    ))
+}
+
+/// Bearer-token check with a constant-time comparison (every key is compared in full).
+async fn require_api_key(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if state.cfg.api_keys.is_empty() {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(given) = given else {
+        return ApiError::Unauthorized(
+            "missing API key: send 'Authorization: Bearer <key>'".into(),
+        )
+        .into_response();
+    };
+    let ok = state.cfg.api_keys.iter().fold(false, |acc, k| {
+        acc | constant_time_eq(k.as_bytes(), given.as_bytes())
+    });
+    if !ok {
+        return ApiError::Unauthorized("invalid API key".into()).into_response();
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Counts requests by route and status and logs each one with its request id.
+async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let id = req
+        .extensions()
+        .get::<RequestId>()
+        .and_then(|r| r.header_value().to_str().ok())
+        .unwrap_or("-")
+        .to_string();
+    let method = req.method().clone();
+    let t0 = Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status();
+    state
+        .metrics
+        .requests
+        .with_label_values(&[route.as_str(), status.as_str()])
+        .inc();
+    tracing::info!(request_id = %id, %method, route = %route, status = status.as_u16(),
+        ms = t0.elapsed().as_millis() as u64, "request");
+    resp
+}
+
+/// Loads the model (on a blocking thread), starts the scheduler and runs one tiny request through it.
+fn load(state: &AppState, engine_cfg: &EngineConfig) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let engine = Arc::new(Engine::open(engine_cfg)?);
+    let mut sched_cfg = state.cfg.scheduler.clone();
+    let per_token = t2_model::KvCache::bytes_per_token(&engine.loaded.model.cfg, engine_cfg.dtype);
+    sched_cfg.kv_budget_tokens = (state.cfg.kv_memory_bytes / per_token.max(1)).max(1);
+    tracing::info!(
+        kv_budget_tokens = sched_cfg.kv_budget_tokens,
+        experts = engine
+            .experts
+            .as_ref()
+            .map(|s| s.names().len())
+            .unwrap_or(0),
+        "model loaded in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let scheduler = Scheduler::start(engine.clone(), sched_cfg);
+    let warm = engine.encode_chat(&[t2_model::ChatMessage::new("user", "Hi")])?;
+    let mut h = scheduler
+        .submit(Submission {
+            adaptation: t2_engine::Adaptation::Base,
+            requests: vec![GenRequest::new(
+                warm,
+                t2_svf::BASE_MIX,
+                2,
+                Default::default(),
+            )],
+        })
+        .map_err(|e| anyhow::anyhow!("warm-up: {e}"))?;
+    while let Some(ev) = h[0].events.blocking_recv() {
+        match ev {
+            SeqEvent::Token(t) if t.finish.is_some() => break,
+            SeqEvent::Failed(m) => anyhow::bail!("warm-up failed: {m}"),
+            _ => {}
+        }
+    }
+    state.set_core(Core { engine, scheduler });
+    state.set_warm();
+    Ok(())
+}
+
+/// Binds, logs `listening on http://ADDR`, loads the model in the background (/health answers at once,
+/// /ready once the model is warm), and serves until SIGINT/SIGTERM; then stops accepting, lets in-flight
+/// requests finish up to the shutdown timeout, and stops the model thread.
+pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> anyhow::Result<()> {
+    let addr: SocketAddr = format!("{}:{}", cfg.host, cfg.port)
+        .parse()
+        .map_err(|e| anyhow::anyhow!("bad listen address {}:{}: {e}", cfg.host, cfg.port))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    let local = listener.local_addr()?;
+    eprintln!("t2 serve: listening on http://{local}");
+    let state = Arc::new(AppState::new(cfg));
+    let (fail_tx, mut fail_rx) = tokio::sync::mpsc::channel::<anyhow::Error>(1);
+    {
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = load(&state, &engine_cfg) {
+                let _ = fail_tx.blocking_send(e);
+            } else {
+                eprintln!("t2 serve: ready");
+            }
+        });
+    }
+    let app = router(state.clone());
+    let shutdown_state = state.clone();
+    let (load_err_tx, load_err_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
+    let signal = async move {
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            Some(e) = fail_rx.recv() => { let _ = load_err_tx.send(e); }
+        }
+        shutdown_state.begin_shutdown();
+        let timeout = shutdown_state.cfg.shutdown_timeout;
+        eprintln!(
+            "t2 serve: shutting down (finishing in-flight requests, up to {} s)",
+            timeout.as_secs()
+        );
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            eprintln!("t2 serve: shutdown deadline reached; exiting with requests still in flight");
+            std::process::exit(1);
+        });
+    };
+    axum::serve(listener, app)
+        .with_graceful_shutdown(signal)
+        .await?;
+    let mut load_err_rx = load_err_rx;
+    if let Ok(e) = load_err_rx.try_recv() {
+        return Err(e);
+    }
+    if let Some(core) = state.core_if_loaded() {
+        let sched = &core.scheduler;
+        tokio::task::block_in_place(|| sched.join());
+    }
+    eprintln!("t2 serve: stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

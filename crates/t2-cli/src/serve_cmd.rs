@@ -1,0 +1,128 @@
+//! `t2 serve`: the OpenAI-compatible server on the default (or given) model and its experts.
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use t2_engine::SchedulerConfig;
+use t2_server::adaptation::DefaultStrategy;
+use t2_server::ServerConfig;
+
+use crate::common::{engine_config, ModelArgs, SvfArgs};
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub svf: SvfArgs,
+    /// Address to listen on
+    #[arg(long, default_value = "127.0.0.1", env = "T2_HOST")]
+    pub host: String,
+    /// Port (0: any free port; the bound address is logged)
+    #[arg(long, default_value_t = 8080, env = "T2_PORT")]
+    pub port: u16,
+    /// API key clients must send as 'Authorization: Bearer KEY' (repeat or comma-separate for several)
+    #[arg(
+        long = "api-key",
+        env = "T2_API_KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<String>,
+    /// Sequences decoded together at most
+    #[arg(long, default_value_t = 32)]
+    pub max_batch: usize,
+    /// Input tokens per batch step at most (longer prompts are prefilled in chunks)
+    #[arg(long, default_value_t = 512)]
+    pub max_batched_tokens: usize,
+    /// Requests waiting for admission at most; more get 429
+    #[arg(long, default_value_t = 64)]
+    pub max_queue: usize,
+    /// KV cache memory for running sequences, in MiB (each reserves prompt + max_tokens)
+    #[arg(long, default_value_t = 2048)]
+    pub kv_memory_mb: usize,
+    /// Largest n (choices per request)
+    #[arg(long, default_value_t = 8)]
+    pub max_n: usize,
+    /// Largest request body in bytes; larger gets 413
+    #[arg(long, default_value_t = 2 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// A request that has not finished after this many seconds is cancelled
+    #[arg(long, default_value_t = 600)]
+    pub request_timeout_s: u64,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_timeout_s: u64,
+    /// max_tokens for requests that give none (capped by the context left)
+    #[arg(long, default_value_t = 512)]
+    pub default_max_tokens: usize,
+    /// What the plain model id means: none, expert:NAME or profile:NAME
+    #[arg(long, default_value = "none")]
+    pub default_adaptation: String,
+    /// Mixes registered at once (each costs a row of scales per matrix)
+    #[arg(long, default_value_t = 64)]
+    pub mix_capacity: usize,
+    /// Build merged weights for a mix after it has had the batch to itself for this many steps (0: never)
+    #[arg(long, default_value_t = 32)]
+    pub merge_after_steps: usize,
+}
+
+pub fn run(a: ServeArgs) -> Result<()> {
+    let path = a.model.model_path();
+    if !path.exists() {
+        bail!(
+            "model file not found: {} (run `bash scripts/fetch-model.sh` to fetch the default model, or pass --model PATH)",
+            path.display()
+        );
+    }
+    let default_strategy: DefaultStrategy = a
+        .default_adaptation
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!(e))?;
+    for (name, v) in [
+        ("--max-batch", a.max_batch),
+        ("--max-batched-tokens", a.max_batched_tokens),
+        ("--max-queue", a.max_queue),
+        ("--kv-memory-mb", a.kv_memory_mb),
+        ("--max-n", a.max_n),
+        ("--default-max-tokens", a.default_max_tokens),
+        ("--request-timeout-s", a.request_timeout_s as usize),
+    ] {
+        if v == 0 {
+            bail!("{name} must be at least 1");
+        }
+    }
+    if a.mix_capacity < 2 {
+        bail!("--mix-capacity must be at least 2 (the base model and one mix)");
+    }
+    if a.api_keys.iter().any(|k| k.trim().is_empty()) {
+        bail!("--api-key must not be empty");
+    }
+    let mut engine_cfg = engine_config(&a.model, &a.svf, true)?;
+    engine_cfg.mix_capacity = a.mix_capacity;
+    let cfg = ServerConfig {
+        host: a.host,
+        port: a.port,
+        api_keys: a.api_keys,
+        max_n: a.max_n,
+        max_body_bytes: a.max_body_bytes,
+        request_timeout: Duration::from_secs(a.request_timeout_s),
+        shutdown_timeout: Duration::from_secs(a.shutdown_timeout_s),
+        default_max_tokens: a.default_max_tokens,
+        default_strategy,
+        scheduler: SchedulerConfig {
+            max_batch: a.max_batch,
+            max_batched_tokens: a.max_batched_tokens,
+            max_queue: a.max_queue,
+            kv_budget_tokens: 0, // set from kv_memory_bytes once the model is loaded
+            merge_after_steps: (a.merge_after_steps > 0).then_some(a.merge_after_steps),
+        },
+        kv_memory_bytes: a.kv_memory_mb << 20,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("t2-http")
+        .build()?;
+    rt.block_on(t2_server::serve(cfg, engine_cfg))
+}

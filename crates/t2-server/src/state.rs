@@ -1,0 +1,110 @@
+//! What every handler shares: configuration, metrics, and (once loaded) the engine and its scheduler.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use t2_engine::{Engine, Scheduler, SchedulerConfig};
+
+use crate::adaptation::DefaultStrategy;
+use crate::error::{ApiError, ApiResult};
+use crate::metrics::Metrics;
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub host: String,
+    /// 0 picks a free port (the bound address is logged).
+    pub port: u16,
+    /// Bearer keys accepted; empty: no authentication.
+    pub api_keys: Vec<String>,
+    pub max_n: usize,
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    /// max_tokens when a request gives none (capped by the context left).
+    pub default_max_tokens: usize,
+    pub default_strategy: DefaultStrategy,
+    pub scheduler: SchedulerConfig,
+    /// KV cache memory for running sequences; turned into `scheduler.kv_budget_tokens` once the model's
+    /// per-token size is known.
+    pub kv_memory_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            api_keys: Vec::new(),
+            max_n: 8,
+            max_body_bytes: 2 * 1024 * 1024,
+            request_timeout: Duration::from_secs(600),
+            shutdown_timeout: Duration::from_secs(30),
+            default_max_tokens: 512,
+            default_strategy: DefaultStrategy::None,
+            scheduler: SchedulerConfig::default(),
+            kv_memory_bytes: 2 << 30,
+        }
+    }
+}
+
+pub struct Core {
+    pub engine: Arc<Engine>,
+    pub scheduler: Scheduler,
+}
+
+pub struct AppState {
+    pub cfg: ServerConfig,
+    pub metrics: Metrics,
+    core: OnceLock<Core>,
+    warm: AtomicBool,
+    shutting_down: AtomicBool,
+}
+
+impl AppState {
+    pub fn new(cfg: ServerConfig) -> Self {
+        Self {
+            cfg,
+            metrics: Metrics::new(),
+            core: OnceLock::new(),
+            warm: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
+        }
+    }
+
+    pub fn set_core(&self, core: Core) {
+        if self.core.set(core).is_err() {
+            tracing::error!("the model was loaded twice; keeping the first");
+        }
+    }
+
+    pub fn core_if_loaded(&self) -> Option<&Core> {
+        self.core.get()
+    }
+
+    /// The loaded engine, or 503 while it loads or once shutdown began.
+    pub fn core(&self) -> ApiResult<&Core> {
+        if self.is_shutting_down() {
+            return Err(ApiError::Unavailable("the server is shutting down".into()));
+        }
+        self.core.get().ok_or_else(|| {
+            ApiError::Unavailable("the model is still loading; retry shortly".into())
+        })
+    }
+
+    pub fn set_warm(&self) {
+        self.warm.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.warm.load(Ordering::SeqCst) && !self.is_shutting_down()
+    }
+
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+}
