@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# The project's test command (README, CI): fetch the default model if needed, then run every test.
+# The project's test command (README, CI): fetch the default model and the Python test clients if needed,
+# run every Rust test, then the end-to-end suite against the real `t2 serve` (target/debug/t2, built by
+# cargo test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/fetch-model.sh
+bash scripts/setup-python.sh
 cargo test --workspace --locked
+T2_BIN="$PWD/target/debug/t2" .venv/bin/python -m pytest tests/e2e -q

@@ -116,7 +116,8 @@ class ServerProcess:
             if match:
                 return int(match.group(1))
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} before listening\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"{self.name} exited with {self.proc.returncode} before listening\n{self.log_tail()}")
             time.sleep(0.05)
         raise RuntimeError(f"{self.name} printed no `listening on` line within {LISTEN_TIMEOUT_S}s\n{self.log_tail()}")
 
@@ -430,7 +431,8 @@ def _check_histogram(family: MetricFamily) -> None:
         if any(b > a for a, b in zip(values[1:], values[:-1])):
             raise PrometheusParseError(f"{family.name}{dict(key)}: bucket counts not cumulative: {values}")
         if key not in counts or counts[key] != values[-1]:
-            raise PrometheusParseError(f"{family.name}{dict(key)}: +Inf bucket {values[-1]} != _count {counts.get(key)}")
+            raise PrometheusParseError(
+                f"{family.name}{dict(key)}: +Inf bucket {values[-1]} != _count {counts.get(key)}")
 
 
 def metric_value(families: dict[str, MetricFamily], sample_name: str, **label_filter: str) -> float:

@@ -230,6 +230,38 @@ def test_logprobs_and_top_logprobs(client):
     assert "".join(e.token for e in entries) == choice.message.content
 
 
+def test_logprobs_bytes_rebuild_multibyte_text(client):
+    # Emoji take several tokens each, and a token can be part of one character. OpenAI's `bytes` field carries
+    # each token's raw UTF-8 bytes so that clients can rebuild such characters: concatenated, they must
+    # equal the content exactly (a replacement character's bytes, EF BF BD, in their place would not).
+    resp = chat(client, "Write the word hello followed by a waving hand emoji.", max_tokens=12, logprobs=True,
+                top_logprobs=2)
+    content = resp.choices[0].message.content
+    assert "\ufffd" not in content, f"the prompt no longer ends on a whole character: {content!r}"
+    assert len(content.encode()) > len(content), f"the prompt no longer produces non-ASCII text: {content!r}"
+    entries = resp.choices[0].logprobs.content
+    rebuilt = b"".join(bytes(entry.bytes) for entry in entries)
+    assert rebuilt == content.encode(), (rebuilt, content, [e.bytes for e in entries])
+    for entry in entries:
+        for alternative in entry.top_logprobs:
+            if "\ufffd" not in alternative.token:
+                assert bytes(alternative.bytes) == alternative.token.encode(), alternative
+
+
+# OpenAI's schema lets these optional fields be null, meaning "not given"; some clients send them so.
+NULLABLE_FIELDS = ["logprobs", "stream", "temperature", "top_p", "n", "stop", "seed", "presence_penalty",
+                   "frequency_penalty", "top_logprobs", "stream_options", "max_completion_tokens"]
+
+
+@pytest.mark.parametrize("field", NULLABLE_FIELDS)
+def test_null_optional_field_means_absent(base_url, field):
+    request = {"model": BASE_MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+               field: None}
+    resp = post_json(base_url, "/v1/chat/completions", request)
+    assert resp.status == 200, resp
+    assert resp.json()["object"] == "chat.completion"  # not a stream: stream null means false
+
+
 def test_logprobs_without_top_logprobs(client):
     resp = chat(client, PROMPT, max_tokens=4, logprobs=True)
     entries = resp.choices[0].logprobs.content

@@ -107,7 +107,8 @@ def _post_huge_body(base_url: str, size: int) -> Response:
         conn.putheader("Content-Type", "application/json")
         conn.putheader("Content-Length", str(size))
         conn.endheaders()
-        prefix = b'{"model": "' + BASE_MODEL.encode() + b'", "max_tokens": 2, "messages": [{"role": "user", "content": "'
+        prefix = (b'{"model": "' + BASE_MODEL.encode()
+                  + b'", "max_tokens": 2, "messages": [{"role": "user", "content": "')
         suffix = b'"}]}'
         filler = b"a" * (size - len(prefix) - len(suffix))
         try:

@@ -140,12 +140,13 @@ def test_request_timeout_cancels_generation(limited_server):
     finally:
         stream.close()
     elapsed = time.monotonic() - began
-    assert elapsed < 12, f"request ran {elapsed:.1f} s despite --request-timeout-s 3"
+    assert elapsed < 15, f"request ran {elapsed:.1f} s despite --request-timeout-s 3"
     after = metric_value(fetch_metrics(server.base_url), "t2_cancellations_total", reason="timeout")
     assert after == before + 1
 
 
-def test_sigterm_drains_in_flight_stream_then_exits_zero(start_server):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_drains_in_flight_stream_then_exits_zero(start_server, sig):
     server = start_server("--shutdown-timeout-s", "30", name="drain")
     stream = SseStream(server.base_url, "/v1/chat/completions",
                        {**LONG_REQUEST, "stream": True, "stream_options": {"include_usage": True}})
@@ -154,14 +155,14 @@ def test_sigterm_drains_in_flight_stream_then_exits_zero(start_server):
         events = stream.events()
         first = next(events)
         assert first != "[DONE]"
-        server.signal(signal.SIGTERM)
+        server.signal(sig)
         signalled_at = time.monotonic()
 
         # While draining, new connections must not be served.
         time.sleep(0.5)
         try:
             late = http_request(server.base_url, "GET", "/health", timeout=5)
-            assert late.status != 200, "a new request was served after SIGTERM"
+            assert late.status != 200, "a new request was served after the signal"
         except OSError:
             pass  # refused, reset or never answered (timeout): all mean "not accepting"
 

@@ -135,14 +135,40 @@ fn run<T: WeightElem>(w: &[T], xs: &[f32], m: usize, k: usize, out: &mut [f32]) 
     // ~4 bands per thread balances uneven cores without paying much per-task overhead.
     let bands = (rayon::current_num_threads() * 4).max(1);
     let rows_per_band = n.div_ceil(bands).max(16);
+    let x = |b: usize| &xs[b * k..(b + 1) * k];
     out.par_chunks_mut(rows_per_band * m)
         .enumerate()
         .for_each(|(band, o)| {
             let first = band * rows_per_band;
-            for (i, orow) in o.chunks_mut(m).enumerate() {
-                let wr = &w[(first + i) * k..(first + i + 1) * k];
-                for (b, y) in orow.iter_mut().enumerate() {
-                    *y = T::dot(wr, &xs[b * k..(b + 1) * k]);
+            let rows = o.len() / m;
+            let wrow = |r: usize| &w[(first + r) * k..(first + r + 1) * k];
+            let mut r = 0;
+            // Two weight rows against four inputs at a time: eight independent FMA chains keep the FMA
+            // units busy once a batch has several rows (one chain per dot is latency-bound). Both kernels
+            // sum in the same order, so the result of a row does not depend on its neighbours.
+            while r + 2 <= rows {
+                let w2 = [wrow(r), wrow(r + 1)];
+                let mut b = 0;
+                while b + 4 <= m {
+                    let mut acc = [[0f32; 4]; 2];
+                    if !T::dot_2x4(w2, [x(b), x(b + 1), x(b + 2), x(b + 3)], &mut acc) {
+                        break;
+                    }
+                    for j in 0..4 {
+                        o[r * m + b + j] = acc[0][j];
+                        o[(r + 1) * m + b + j] = acc[1][j];
+                    }
+                    b += 4;
+                }
+                for bb in b..m {
+                    o[r * m + bb] = T::dot(w2[0], x(bb));
+                    o[(r + 1) * m + bb] = T::dot(w2[1], x(bb));
+                }
+                r += 2;
+            }
+            if r < rows {
+                for b in 0..m {
+                    o[r * m + b] = T::dot(wrow(r), x(b));
                 }
             }
         });

@@ -161,6 +161,33 @@ impl T2Tokenizer {
         self.inner.decode(ids, true).map_err(tok_err)
     }
 
+    /// The raw bytes one token stands for (a token can be part of a multi-byte character, which `decode`
+    /// of that token alone would turn into U+FFFD). Handles byte-level BPE vocabularies (GPT-2's byte
+    /// alphabet), SentencePiece byte tokens `<0xHH>` and its `▁` space marker; special tokens give their
+    /// text.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let Some(tok) = self.inner.id_to_token(id) else {
+            return Vec::new();
+        };
+        if let Some(hex) = tok.strip_prefix("<0x").and_then(|t| t.strip_suffix('>')) {
+            if let Ok(b) = u8::from_str_radix(hex, 16) {
+                return vec![b];
+            }
+        }
+        let byte_level: Option<Vec<u8>> = tok.chars().map(byte_level_char).collect();
+        match byte_level {
+            Some(bytes) if !self.is_special(id) => bytes,
+            _ => tok.replace('\u{2581}', " ").into_bytes(),
+        }
+    }
+
+    fn is_special(&self, id: u32) -> bool {
+        self.inner
+            .get_added_tokens_decoder()
+            .get(&id)
+            .is_some_and(|t| t.special)
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
@@ -229,4 +256,20 @@ fn pre_tokenizer_for(pre: &str) -> Result<PreTokenizerWrapper> {
             )))
         }
     })
+}
+
+/// GPT-2's byte-level alphabet, inverted: printable bytes stand for themselves, the other 68 bytes were
+/// shifted to U+0100 and up in byte order.
+fn byte_level_char(c: char) -> Option<u8> {
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let u = c as u32;
+    if u < 256 {
+        return printable(u).then_some(u as u8);
+    }
+    let n = (u - 256) as usize;
+    (0u32..256)
+        .filter(|&b| !printable(b))
+        .nth(n)
+        .map(|b| b as u8)
 }

@@ -161,7 +161,7 @@ pub async fn chat_completions(
         req.sampling.adaptation.as_ref(),
     )?;
     let msgs = messages(&req.messages)?;
-    let top = match (req.logprobs, req.top_logprobs) {
+    let top = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
         (_, Some(k)) if !(0..=20).contains(&k) => {
             return Err(ApiError::invalid(
                 format!("top_logprobs must be between 0 and 20, got {k}"),
@@ -189,7 +189,7 @@ pub async fn chat_completions(
         handles,
         Kind::Chat,
         req.model,
-        req.sampling.stream,
+        req.sampling.stream.unwrap_or(false),
         started,
     )
     .await
@@ -221,7 +221,7 @@ pub async fn completions(
         &req.model,
         req.sampling.adaptation.as_ref(),
     )?;
-    if req.echo {
+    if req.echo.unwrap_or(false) {
         return Err(ApiError::invalid("echo is not supported", "echo"));
     }
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
@@ -264,7 +264,7 @@ pub async fn completions(
         handles,
         Kind::Text,
         req.model,
-        req.sampling.stream,
+        req.sampling.stream.unwrap_or(false),
         started,
     )
     .await
@@ -382,15 +382,15 @@ fn text_logprobs(core: &Core, lps: &[t2_model::TokenLogprob], offset: usize) -> 
     let mut out = CompletionLogprobs::default();
     let mut at = offset;
     for lp in lps {
-        let tok = token_text(core, lp.token);
+        let (tok, bytes) = token_text(core, lp.token);
         out.text_offset.push(at);
-        at += tok.len();
+        at += bytes.len();
         out.tokens.push(tok);
         out.token_logprobs.push(lp.logprob);
         out.top_logprobs.push(
             lp.top
                 .iter()
-                .map(|&(id, l)| (token_text(core, id), l))
+                .map(|&(id, l)| (token_text(core, id).0, l))
                 .collect(),
         );
     }

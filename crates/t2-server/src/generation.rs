@@ -187,7 +187,7 @@ pub fn prepare(
                 max_tokens,
                 sampling: p,
                 stop: stop.clone(),
-                ignore_eos: f.ignore_eos,
+                ignore_eos: f.ignore_eos.unwrap_or(false),
             }
         })
         .collect();
@@ -195,7 +195,10 @@ pub fn prepare(
         requests,
         prompt_tokens,
         chosen,
-        include_usage: f.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        include_usage: f
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage == Some(true)),
         want_logprobs: logprobs.is_some(),
     })
 }
@@ -352,23 +355,24 @@ impl Drop for Tracker {
     }
 }
 
-/// Logprob entries in the chat format.
+/// Logprob entries in the chat format: each token's text and its raw bytes (a token may hold only part
+/// of a character; the bytes of consecutive tokens concatenate to the UTF-8 of the text).
 pub fn chat_logprobs(core: &Core, lps: &[TokenLogprob]) -> Vec<TokenLogprobEntry> {
     lps.iter()
         .map(|lp| {
-            let token = token_text(core, lp.token);
+            let (token, bytes) = token_text(core, lp.token);
             TokenLogprobEntry {
-                bytes: token.as_bytes().to_vec(),
                 token,
+                bytes,
                 logprob: lp.logprob,
                 top_logprobs: lp
                     .top
                     .iter()
                     .map(|&(id, l)| {
-                        let t = token_text(core, id);
+                        let (token, bytes) = token_text(core, id);
                         TopLogprob {
-                            bytes: t.as_bytes().to_vec(),
-                            token: t,
+                            token,
+                            bytes,
                             logprob: l,
                         }
                     })
@@ -378,12 +382,10 @@ pub fn chat_logprobs(core: &Core, lps: &[TokenLogprob]) -> Vec<TokenLogprobEntry
         .collect()
 }
 
-pub fn token_text(core: &Core, id: u32) -> String {
-    core.engine
-        .loaded
-        .tokenizer
-        .decode(&[id])
-        .unwrap_or_default()
+/// A token's text (lossy where it is part of a character) and its raw bytes.
+pub fn token_text(core: &Core, id: u32) -> (String, Vec<u8>) {
+    let bytes = core.engine.loaded.tokenizer.token_bytes(id);
+    (String::from_utf8_lossy(&bytes).into_owned(), bytes)
 }
 
 /// The deadline of a request that starts now.

@@ -50,8 +50,7 @@ impl StringOrList {
 
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct StreamOptions {
-    #[serde(default)]
-    pub include_usage: bool,
+    pub include_usage: Option<bool>,
 }
 
 /// t2's extension: how to adapt the model for this request (sent by SDKs through `extra_body`).
@@ -80,16 +79,14 @@ pub struct SamplingFields {
     pub n: Option<i64>,
     pub stop: Option<StringOrList>,
     pub seed: Option<i64>,
-    #[serde(default)]
-    pub stream: bool,
+    pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
     /// Accepted and logged, not used.
     pub user: Option<String>,
     /// Extension: generate exactly max_tokens tokens, ignoring end-of-sequence.
-    #[serde(default)]
-    pub ignore_eos: bool,
+    pub ignore_eos: Option<bool>,
     pub adaptation: Option<AdaptationRequest>,
     /// Not supported: refused with a clear error when present.
     pub logit_bias: Option<serde_json::Value>,
@@ -103,8 +100,7 @@ pub struct ChatCompletionRequest {
     pub model: String,
     pub messages: Vec<RequestMessage>,
     /// Return log-probabilities of the chosen tokens.
-    #[serde(default)]
-    pub logprobs: bool,
+    pub logprobs: Option<bool>,
     /// 0-20 alternatives per position (needs logprobs).
     pub top_logprobs: Option<i64>,
     #[serde(flatten)]
@@ -117,8 +113,7 @@ pub struct CompletionRequest {
     pub prompt: StringOrList,
     /// 0-20 alternatives per position.
     pub logprobs: Option<i64>,
-    #[serde(default)]
-    pub echo: bool,
+    pub echo: Option<bool>,
     pub suffix: Option<String>,
     pub best_of: Option<i64>,
     #[serde(flatten)]
