@@ -111,7 +111,9 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn start(engine: Arc<Engine>, cfg: SchedulerConfig) -> Self {
-        let (tx, rx) = sync_channel(cfg.max_queue.max(1));
+        // The depth counter enforces max_queue (it also counts the one submission the worker holds aside);
+        // the channel only needs to be at least that large.
+        let (tx, rx) = sync_channel(cfg.max_queue.max(1) + 1);
         let stats = Arc::new(SchedulerStats::default());
         stats
             .kv_budget_tokens
@@ -183,7 +185,11 @@ impl Scheduler {
                 (stx, SeqHandle { events: srx })
             })
             .unzip();
-        self.stats.queue_depth.fetch_add(1, Ordering::SeqCst);
+        let depth = &self.stats.queue_depth;
+        if depth.fetch_add(1, Ordering::SeqCst) >= self.cfg.max_queue.max(1) {
+            depth.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::QueueFull(self.cfg.max_queue));
+        }
         let queued = Queued {
             submission: s,
             senders,
@@ -288,8 +294,13 @@ impl Worker {
     }
 
     fn take(&mut self, q: Queued) {
-        self.stats.queue_depth.fetch_sub(1, Ordering::SeqCst);
         self.next = Some(q);
+    }
+
+    /// The held-aside submission leaves the queue (admitted, refused or cancelled).
+    fn pop_next(&mut self) -> Queued {
+        self.stats.queue_depth.fetch_sub(1, Ordering::SeqCst);
+        self.next.take().expect("a submission is held")
     }
 
     fn kv_used(&self) -> usize {
@@ -310,7 +321,7 @@ impl Worker {
                 self.stats
                     .cancelled
                     .fetch_add(q.senders.len() as u64, Ordering::Relaxed);
-                self.next = None;
+                self.pop_next();
                 continue;
             }
             let n = q.submission.requests.len();
@@ -330,14 +341,14 @@ impl Worker {
                 Acquire::Got(id) => id,
                 Acquire::Full => return,
                 Acquire::Failed(e) => {
-                    let q = self.next.take().expect("present");
+                    let q = self.pop_next();
                     for s in q.senders {
                         let _ = s.try_send(SeqEvent::Failed(e.to_string()));
                     }
                     continue;
                 }
             };
-            let q = self.next.take().expect("present");
+            let q = self.pop_next();
             let queue_time = q.enqueued.elapsed();
             for (i, (mut req, tx)) in q.submission.requests.into_iter().zip(q.senders).enumerate() {
                 if i > 0 {
