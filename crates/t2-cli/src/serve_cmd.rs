@@ -63,8 +63,9 @@ pub struct ServeArgs {
     /// Mixes registered at once (each costs a row of scales per matrix)
     #[arg(long, default_value_t = 64)]
     pub mix_capacity: usize,
-    /// Build merged weights for a mix after it has had the batch to itself for this many steps (0: never)
-    #[arg(long, default_value_t = 32)]
+    /// Build merged weights for a mix after it has had the batch to itself for this many steps (0: never).
+    /// On CPU a merge costs seconds of both cores, so it only pays off for long single-mix runs.
+    #[arg(long, default_value_t = 512)]
     pub merge_after_steps: usize,
 }
 

@@ -43,7 +43,7 @@ impl Default for SchedulerConfig {
             max_batched_tokens: 512,
             max_queue: 64,
             kv_budget_tokens: 64 * 1024,
-            merge_after_steps: Some(32),
+            merge_after_steps: Some(512),
         }
     }
 }

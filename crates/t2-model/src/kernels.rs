@@ -98,25 +98,119 @@ pub fn decode_attention(
     for (h, o) in out.chunks_mut(d).enumerate() {
         let qh = &qv[q0 + h * d..q0 + (h + 1) * d];
         let base = (h / group) * cap * d;
-        let mut max = f32::NEG_INFINITY;
-        for (j, sc) in scores.iter_mut().enumerate() {
-            let kr = &kv[k0 + base + j * d..k0 + base + (j + 1) * d];
-            *sc = f32::dot(kr, qh) * scale;
-            max = max.max(*sc);
-        }
-        let mut sum = 0f32;
-        for sc in scores.iter_mut() {
-            *sc = (*sc - max).exp();
-            sum += *sc;
-        }
-        for (j, sc) in scores.iter().enumerate() {
-            let p = sc / sum;
-            let vr = &vv[v0 + base + j * d..v0 + base + (j + 1) * d];
-            o.iter_mut().zip(vr).for_each(|(a, b)| *a += p * b);
-        }
+        attend_head(
+            qh,
+            &kv[k0 + base..],
+            &vv[v0 + base..],
+            len,
+            scale,
+            &mut scores,
+            o,
+        );
     }
     drop((qs, ks, vs));
     Ok(Some(Tensor::from_vec(out, (1, heads * d), q.device())?))
+}
+
+/// One query head against `len` cached positions (rows of `k`/`v`, each `o.len()` long): o = softmax(k·q·scale)·v.
+/// Shared by the one-sequence and the batched decode kernels so both give identical results.
+fn attend_head(
+    qh: &[f32],
+    k: &[f32],
+    v: &[f32],
+    len: usize,
+    scale: f32,
+    scores: &mut [f32],
+    o: &mut [f32],
+) {
+    let d = o.len();
+    let scores = &mut scores[..len];
+    let mut max = f32::NEG_INFINITY;
+    for (j, sc) in scores.iter_mut().enumerate() {
+        *sc = f32::dot(&k[j * d..(j + 1) * d], qh) * scale;
+        max = max.max(*sc);
+    }
+    let mut sum = 0f32;
+    for sc in scores.iter_mut() {
+        *sc = (*sc - max).exp();
+        sum += *sc;
+    }
+    o.fill(0.0);
+    for (j, sc) in scores.iter().enumerate() {
+        let p = sc / sum;
+        o.iter_mut()
+            .zip(&v[j * d..(j + 1) * d])
+            .for_each(|(a, b)| *a += p * b);
+    }
+}
+
+/// One KV cache layer of one sequence for [`decode_attention_batch`]: K and V buffers
+/// (kv_heads, cap, head_dim) and how many positions are filled.
+pub struct CachedKv<'a> {
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub cap: usize,
+    pub len: usize,
+}
+
+/// The decode attention of many sequences at once (one new token each): q is (seqs, heads, head_dim)
+/// f32, contiguous; returns (seqs, heads·head_dim). One call per layer instead of a dozen tensor ops per
+/// sequence, with (sequence, head) pairs spread over the cores. None where this CPU/f32 path does not apply.
+pub fn decode_attention_batch(
+    q: &Tensor,
+    caches: &[CachedKv<'_>],
+    group: usize,
+) -> candle_core::Result<Option<Tensor>> {
+    if !q.device().is_cpu() || q.dtype() != DType::F32 || !q.is_contiguous() {
+        return Ok(None);
+    }
+    let (n, heads, d) = q.dims3()?;
+    if n != caches.len() || caches.iter().any(|c| c.len == 0 || c.len > c.cap) {
+        return Ok(None);
+    }
+    let (qs, ql) = q.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::F32(qv)), Some((q0, _))) = (&*qs, ql.contiguous_offsets()) else {
+        return Ok(None);
+    };
+    let guards: Vec<_> = caches
+        .iter()
+        .map(|c| (c.k.storage_and_layout(), c.v.storage_and_layout()))
+        .collect();
+    let mut slices: Vec<(&[f32], &[f32])> = Vec::with_capacity(n);
+    for ((ks, kl), (vs, vl)) in &guards {
+        let (
+            Storage::Cpu(CpuStorage::F32(kv)),
+            Storage::Cpu(CpuStorage::F32(vv)),
+            Some((k0, _)),
+            Some((v0, _)),
+        ) = (
+            &**ks,
+            &**vs,
+            kl.contiguous_offsets(),
+            vl.contiguous_offsets(),
+        )
+        else {
+            return Ok(None);
+        };
+        slices.push((&kv[k0..], &vv[v0..]));
+    }
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut out = vec![0f32; n * heads * d];
+    out.par_chunks_mut(d).enumerate().for_each_init(
+        || vec![0f32; caches.iter().map(|c| c.len).max().unwrap_or(0)],
+        |scores, (i, o)| {
+            let (seq, h) = (i / heads, i % heads);
+            let c = &caches[seq];
+            let (kv, vv) = slices[seq];
+            let base = (h / group) * c.cap * d;
+            let qh = &qv[q0 + i * d..q0 + (i + 1) * d];
+            attend_head(qh, &kv[base..], &vv[base..], c.len, scale, scores, o);
+        },
+    );
+    drop(slices);
+    drop(guards);
+    drop(qs);
+    Ok(Some(Tensor::from_vec(out, (n, heads * d), q.device())?))
 }
 
 /// A weight element the kernels can widen to f32.
@@ -148,6 +242,12 @@ fn run<T: WeightElem>(w: &[T], xs: &[f32], m: usize, k: usize, out: &mut [f32]) 
             // sum in the same order, so the result of a row does not depend on its neighbours.
             while r + 2 <= rows {
                 let w2 = [wrow(r), wrow(r + 1)];
+                // Pull the next pair of rows toward the cache while this pair is computed from L1: otherwise
+                // every pair first waits on memory and then computes with the memory bus idle.
+                if m > 4 && r + 4 <= rows {
+                    prefetch(wrow(r + 2));
+                    prefetch(wrow(r + 3));
+                }
                 let mut b = 0;
                 while b + 4 <= m {
                     let mut acc = [[0f32; 4]; 2];
@@ -172,6 +272,24 @@ fn run<T: WeightElem>(w: &[T], xs: &[f32], m: usize, k: usize, out: &mut [f32]) 
                 }
             }
         });
+}
+
+/// Hints the CPU to start loading `w` into cache (a no-op where there is no such instruction).
+#[inline(always)]
+fn prefetch<T>(w: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let bytes = std::mem::size_of_val(w);
+        let p = w.as_ptr() as *const i8;
+        for off in (0..bytes).step_by(64) {
+            // SAFETY: prefetching is a hint, valid for any address; `off` stays inside `w`.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.add(off))
+            };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = w;
 }
 
 fn dot_scalar<T: WeightElem>(w: &[T], x: &[f32]) -> f32 {

@@ -398,6 +398,11 @@ impl Llama {
         let q = self.rope(&q, cos, sin)?;
         let k = self.rope(&k, cos, sin)?;
 
+        if steps.len() > 1 && steps.iter().all(|s| s.tokens.len() == 1) {
+            if let Some(out) = self.decode_attention_all(layer, &q, &k, &v, steps)? {
+                return self.project(&attn.o, &out, p, rows);
+            }
+        }
         let mut outs = Vec::with_capacity(steps.len());
         for (s, &(off, t, start)) in steps.iter_mut().zip(spans) {
             let qs = q.narrow(0, off, t)?.transpose(0, 1)?.contiguous()?;
@@ -421,6 +426,39 @@ impl Llama {
             Tensor::cat(&outs, 0)?
         };
         self.project(&attn.o, &out, p, rows)
+    }
+
+    /// A pure decode step (one new token per sequence): every row's K/V goes into its cache, then one
+    /// kernel call attends all sequences. None where the kernel does not apply (the caller falls back).
+    fn decode_attention_all(
+        &self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        steps: &mut [SeqStep<'_>],
+    ) -> candle_core::Result<Option<Tensor>> {
+        if !q.device().is_cpu() || q.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        for (i, s) in steps.iter_mut().enumerate() {
+            s.cache
+                .append(layer, &k.get(i)?.unsqueeze(1)?, &v.get(i)?.unsqueeze(1)?)?;
+        }
+        let caches: Vec<crate::kernels::CachedKv<'_>> = steps
+            .iter()
+            .map(|s| {
+                let (k, v, cap) = s.cache.buffers(layer);
+                crate::kernels::CachedKv {
+                    k,
+                    v,
+                    cap,
+                    len: s.cache.len() + 1,
+                }
+            })
+            .collect();
+        crate::kernels::decode_attention_batch(&q.contiguous()?, &caches, self.cfg.group_size())
     }
 
     /// Causal attention of one sequence's new queries (heads, t, d) over its cache (kv_heads, start + t, d).

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Side-by-side serving benchmark on this machine: llama.cpp's llama-server (F32, F16, Q4_1 copies of the
+# default model) vs t2 serve (f32: base model, and 4 different mixes in flight), driven identically by
+# scripts/loadgen.py (streaming, 128 tokens, ignore_eos, temperature 0) at concurrency 1, 4, 16, 64.
+# Usage: LLAMA_SERVER=~/lab/llama.cpp/bin/llama-server LLAMA_MODELS=~/lab/models bash scripts/bench-serving.sh
+# (the dense ggufs come from ../shared/peer/dequant_gguf.py). Results: bench-out/serving/*.json and tables.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+T2_BIN=${T2_BIN:-target/release/t2}
+LLAMA_SERVER=${LLAMA_SERVER:-$HOME/lab/llama.cpp/bin/llama-server}
+LLAMA_MODELS=${LLAMA_MODELS:-$HOME/lab/models}
+LEVELS=${LEVELS:-"1:4 4:8 16:32 64:64"}   # concurrency:requests
+MAX_TOKENS=${MAX_TOKENS:-128}
+ONLY=${ONLY:-"llama-f32 llama-f16 llama-q4_1 t2-base t2-mixes"}
+OUT=bench-out/serving
+PORT=18181
+mkdir -p "$OUT"
+
+wait_ready() { # url path
+    for _ in $(seq 1 240); do
+        curl -sf "$1$2" >/dev/null 2>&1 && return 0
+        sleep 0.5
+    done
+    echo "server at $1 never became ready" >&2
+    return 1
+}
+
+run_levels() { # name extra-loadgen-args...
+    local name=$1; shift
+    for lv in $LEVELS; do
+        local c=${lv%%:*} n=${lv##*:}
+        python3 scripts/loadgen.py --url "http://127.0.0.1:$PORT" --concurrency "$c" --requests "$n" \
+            --max-tokens "$MAX_TOKENS" --warmup 1 --json "$OUT/$name-c$c.json" "$@" | tail -n 1 | sed "s/^/$name /"
+    done
+}
+
+stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+
+for what in $ONLY; do
+    case $what in
+    llama-*)
+        case $what in
+            llama-f32) m=$LLAMA_MODELS/smollm2-f32.gguf ;;
+            llama-f16) m=$LLAMA_MODELS/smollm2-f16.gguf ;;
+            llama-q4_1) m=models/SmolLM2-135M-Instruct.Q4_1.gguf ;;
+        esac
+        "$LLAMA_SERVER" -m "$m" --port $PORT -np 64 -c 32768 -t 2 --log-disable >/dev/null 2>&1 &
+        pid=$!
+        wait_ready "http://127.0.0.1:$PORT" /health
+        run_levels "$what"
+        stop $pid
+        ;;
+    t2-*)
+        experts=$(mktemp -d)
+        for i in 1 2 3 4; do
+            "$T2_BIN" experts synth --experts-dir "$experts" --targets mlp --name "e$i" --seed "$i" >/dev/null
+        done
+        "$T2_BIN" serve --port $PORT --experts-dir "$experts" --targets mlp --max-batch 64 >/dev/null 2>&1 &
+        pid=$!
+        wait_ready "http://127.0.0.1:$PORT" /ready
+        if [ "$what" = t2-base ]; then
+            run_levels "$what"
+        else
+            run_levels "$what" --mixes 'e1=1;e2=1;e3=1;e4=1'
+        fi
+        stop $pid
+        rm -rf "$experts"
+        ;;
+    esac
+done
+python3 - "$OUT" <<'PY'
+import json, sys, glob, os
+rows = {}
+for f in sorted(glob.glob(os.path.join(sys.argv[1], "*-c*.json"))):
+    name, c = os.path.basename(f)[:-5].rsplit("-c", 1)
+    d = json.load(open(f))
+    lv = d["levels"][0] if "levels" in d else d
+    rows.setdefault(name, {})[int(c)] = lv
+levels = sorted({c for r in rows.values() for c in r})
+print("| server | " + " | ".join(f"c={c} tok/s | TTFT p50/p95 ms" for c in levels) + " |")
+print("|---|" + "---|---|" * len(levels))
+for name, r in rows.items():
+    cells = []
+    for c in levels:
+        lv = r.get(c)
+        if lv is None:
+            cells += ["", ""]
+            continue
+        err = f" ({lv['errors']} errors)" if lv["errors"] else ""
+        cells += [f"{lv['output_tok_per_s']:.1f}{err}",
+                  f"{lv['ttft_p50_s'] * 1e3:.0f} / {lv['ttft_p95_s'] * 1e3:.0f}"]
+    print(f"| {name} | " + " | ".join(cells) + " |")
+PY
