@@ -1,4 +1,4 @@
-//! y = x·Wᵀ on CPU, and the attention of one decoded token.
+//! y = x·Wᵀ on CPU, and the attention of newly decoded tokens over their KV caches.
 //!
 //! Decoding is memory-bound: every weight is read once per step and used for only a handful of rows, so
 //! each core streams its own band of W's rows once, dotting every row of x against it while it sits in L1
@@ -55,65 +55,7 @@ fn stream_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> 
     Ok(Some(y.to_dtype(x.dtype())?))
 }
 
-/// Attention of one new query token (q: (heads, 1, head_dim)) over the first `len` positions of one
-/// sequence's f32 K/V buffers (kv_heads, cap, head_dim), read in place. Returns (1, heads·head_dim), or
-/// None where this CPU/f32 path does not apply. A decode step would otherwise spend a dozen tensor ops per
-/// sequence and layer on what is a few thousand multiply-adds.
-pub fn decode_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    cap: usize,
-    len: usize,
-    group: usize,
-) -> candle_core::Result<Option<Tensor>> {
-    if !q.device().is_cpu() || q.dtype() != DType::F32 || k.dtype() != DType::F32 {
-        return Ok(None);
-    }
-    let (heads, t, d) = q.dims3()?;
-    if t != 1 || len == 0 || len > cap {
-        return Ok(None);
-    }
-    let (qs, ql) = q.storage_and_layout();
-    let (ks, kl) = k.storage_and_layout();
-    let (vs, vl) = v.storage_and_layout();
-    let (
-        Storage::Cpu(CpuStorage::F32(qv)),
-        Storage::Cpu(CpuStorage::F32(kv)),
-        Storage::Cpu(CpuStorage::F32(vv)),
-    ) = (&*qs, &*ks, &*vs)
-    else {
-        return Ok(None);
-    };
-    let (Some((q0, _)), Some((k0, _)), Some((v0, _))) = (
-        ql.contiguous_offsets(),
-        kl.contiguous_offsets(),
-        vl.contiguous_offsets(),
-    ) else {
-        return Ok(None);
-    };
-    let scale = 1.0 / (d as f32).sqrt();
-    let mut out = vec![0f32; heads * d];
-    let mut scores = vec![0f32; len];
-    for (h, o) in out.chunks_mut(d).enumerate() {
-        let qh = &qv[q0 + h * d..q0 + (h + 1) * d];
-        let base = (h / group) * cap * d;
-        attend_head(
-            qh,
-            &kv[k0 + base..],
-            &vv[v0 + base..],
-            len,
-            scale,
-            &mut scores,
-            o,
-        );
-    }
-    drop((qs, ks, vs));
-    Ok(Some(Tensor::from_vec(out, (1, heads * d), q.device())?))
-}
-
 /// One query head against `len` cached positions (rows of `k`/`v`, each `o.len()` long): o = softmax(k·q·scale)·v.
-/// Shared by the one-sequence and the batched decode kernels so both give identical results.
 fn attend_head(
     qh: &[f32],
     k: &[f32],
@@ -242,12 +184,6 @@ fn run<T: WeightElem>(w: &[T], xs: &[f32], m: usize, k: usize, out: &mut [f32]) 
             // sum in the same order, so the result of a row does not depend on its neighbours.
             while r + 2 <= rows {
                 let w2 = [wrow(r), wrow(r + 1)];
-                // Pull the next pair of rows toward the cache while this pair is computed from L1: otherwise
-                // every pair first waits on memory and then computes with the memory bus idle.
-                if m > 4 && r + 4 <= rows {
-                    prefetch(wrow(r + 2));
-                    prefetch(wrow(r + 3));
-                }
                 let mut b = 0;
                 while b + 4 <= m {
                     let mut acc = [[0f32; 4]; 2];
@@ -272,24 +208,6 @@ fn run<T: WeightElem>(w: &[T], xs: &[f32], m: usize, k: usize, out: &mut [f32]) 
                 }
             }
         });
-}
-
-/// Hints the CPU to start loading `w` into cache (a no-op where there is no such instruction).
-#[inline(always)]
-fn prefetch<T>(w: &[T]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let bytes = std::mem::size_of_val(w);
-        let p = w.as_ptr() as *const i8;
-        for off in (0..bytes).step_by(64) {
-            // SAFETY: prefetching is a hint, valid for any address; `off` stays inside `w`.
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.add(off))
-            };
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = w;
 }
 
 fn dot_scalar<T: WeightElem>(w: &[T], x: &[f32]) -> f32 {

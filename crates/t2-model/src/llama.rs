@@ -409,9 +409,19 @@ impl Llama {
             let ks = k.narrow(0, off, t)?.transpose(0, 1)?.contiguous()?;
             let vs = v.narrow(0, off, t)?.transpose(0, 1)?.contiguous()?;
             let (k_all, v_all) = s.cache.append(layer, &ks, &vs)?;
-            let (kb, vb, cap) = s.cache.buffers(layer);
             let fast = if t == 1 {
-                crate::kernels::decode_attention(&qs, kb, vb, cap, start + 1, cfg.group_size())?
+                let (k, v, cap) = s.cache.buffers(layer);
+                let cached = crate::kernels::CachedKv {
+                    k,
+                    v,
+                    cap,
+                    len: start + 1,
+                };
+                crate::kernels::decode_attention_batch(
+                    &q.narrow(0, off, 1)?,
+                    &[cached],
+                    cfg.group_size(),
+                )?
             } else {
                 None
             };

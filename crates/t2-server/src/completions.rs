@@ -177,22 +177,15 @@ pub async fn chat_completions(
         (true, k) => Some(k.unwrap_or(0) as usize),
         (false, _) => None,
     };
-    let engine = core.engine.clone();
-    let prompt = tokio::task::spawn_blocking(move || engine.encode_chat(&msgs))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))??;
-    let prepared = prepare(&state, core, &req.sampling, prompt, top, chosen)?;
-    let handles = submit(&state, core, &prepared)?;
-    respond(
-        state,
-        prepared,
-        handles,
-        Kind::Chat,
-        req.model,
-        req.sampling.stream.unwrap_or(false),
+    let request = Validated {
+        kind: Kind::Chat,
+        model: req.model,
+        sampling: req.sampling,
+        top,
+        chosen,
         started,
-    )
-    .await
+    };
+    run(state, request, move |e| e.encode_chat(&msgs)).await
 }
 
 /// Text completion (legacy), streaming or not.
@@ -251,23 +244,45 @@ pub async fn completions(
         }
         k => k.map(|k| k as usize),
     };
-    let engine = core.engine.clone();
-    let prompt = tokio::task::spawn_blocking(move || engine.loaded.tokenizer.encode(&text))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(t2_engine::EngineError::from)?;
-    let prepared = prepare(&state, core, &req.sampling, prompt, top, chosen)?;
-    let handles = submit(&state, core, &prepared)?;
-    respond(
-        state,
-        prepared,
-        handles,
-        Kind::Text,
-        req.model,
-        req.sampling.stream.unwrap_or(false),
+    let request = Validated {
+        kind: Kind::Text,
+        model: req.model,
+        sampling: req.sampling,
+        top,
+        chosen,
         started,
-    )
+    };
+    run(state, request, move |e| {
+        Ok(e.loaded.tokenizer.encode(&text)?)
+    })
     .await
+}
+
+/// What both handlers hand on once the body is validated.
+struct Validated {
+    kind: Kind,
+    model: String,
+    sampling: SamplingFields,
+    top: Option<usize>,
+    chosen: crate::adaptation::Chosen,
+    started: Instant,
+}
+
+/// Tokenizes off the async runtime, submits, and answers (streamed or whole).
+async fn run(
+    state: Arc<AppState>,
+    r: Validated,
+    encode: impl FnOnce(&t2_engine::Engine) -> t2_engine::engine::Result<Vec<u32>> + Send + 'static,
+) -> ApiResult<Response> {
+    let core = state.core()?;
+    let engine = core.engine.clone();
+    let prompt = tokio::task::spawn_blocking(move || encode(&engine))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let prepared = prepare(&state, core, &r.sampling, prompt, r.top, r.chosen)?;
+    let handles = submit(&state, core, &prepared)?;
+    let stream = r.sampling.stream.unwrap_or(false);
+    respond(state, prepared, handles, r.kind, r.model, stream, r.started).await
 }
 
 async fn respond(

@@ -28,16 +28,12 @@ pub struct Metrics {
     pub merges: IntCounter,
 }
 
-fn buckets(v: &[f64]) -> Vec<f64> {
-    v.to_vec()
-}
-
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
-        let latency = buckets(&[
+        let latency = [
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
-        ]);
+        ];
         let hist = |name: &str, help: &str, b: &[f64]| {
             let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(b.to_vec()))
                 .expect("valid histogram");
