@@ -274,6 +274,9 @@ impl Worker {
             self.admit();
             self.drop_cancelled();
             if self.running.is_empty() {
+                // The last sequences may just have been cancelled: the gauges must say so before
+                // this thread blocks waiting for work.
+                self.publish();
                 continue;
             }
             self.maybe_merge();
