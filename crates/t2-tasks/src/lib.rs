@@ -1,0 +1,7 @@
+//! Verifiable tasks: the items of every split (read from the files `scripts/fetch-data.sh` writes), and the
+//! verifiers that turn a generated answer into a reward. Knows nothing of models.
+
+pub mod data;
+pub mod verify;
+
+pub use data::{Answer, Split, Task, TaskError, TaskInfo, TaskItem};

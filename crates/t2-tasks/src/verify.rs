@@ -1,0 +1,1 @@
+//! Verifiers: is a generated answer right? (Filled in by the verifiers work.)

@@ -1,0 +1,1 @@
+//! RL training of SVF experts and their evaluation.
