@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/fetch-model.sh
+bash scripts/fetch-data.sh
 bash scripts/setup-python.sh
 cargo test --workspace --locked
 T2_BIN="$PWD/target/debug/t2" .venv/bin/python -m pytest tests/e2e -q

@@ -103,6 +103,7 @@ pub fn run(cmd: ExpertsCmd) -> Result<()> {
                 model_id: engine.loaded.model_id.clone(),
                 decomposition_hash: svf_p.decomp.hash.clone(),
                 targets: svf_p.decomp.targets,
+                provenance: Default::default(),
             };
             let expert = Expert::random(meta, &svf_p.decomp, seed, strength);
             let decomp = &engine.svf.as_ref().expect("checked").decomp;

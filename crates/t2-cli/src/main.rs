@@ -5,6 +5,7 @@ mod common;
 mod experts_cmd;
 mod generate_cmd;
 mod serve_cmd;
+mod train_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -37,6 +38,10 @@ enum Command {
     Experts(experts_cmd::ExpertsCmd),
     /// Measure prefill and decode speed (base, merged mix, many mixes in one batch).
     Bench(bench::BenchArgs),
+    /// Train an SVF expert on a task with REINFORCE (checkpoints, resume, log.csv and curve.svg).
+    Train(train_cmd::TrainArgs),
+    /// Accuracy with a 95% confidence interval: base, experts and mixes on task splits.
+    Eval(train_cmd::EvalArgs),
 }
 
 fn main() {
@@ -71,6 +76,8 @@ fn main() {
         Command::Decompose(a) => common::decompose(a),
         Command::Experts(c) => experts_cmd::run(c),
         Command::Bench(a) => bench::run(a),
+        Command::Train(a) => train_cmd::train(a),
+        Command::Eval(a) => train_cmd::eval(a),
     };
     if let Err(e) = result {
         // One line, the whole cause chain: the CLI's contract for bad input. (Some libraries append a

@@ -188,6 +188,7 @@ fn meta(d: &Decomposition, name: &str) -> ExpertMeta {
         model_id: "SmolLM2-135M-Instruct".into(),
         decomposition_hash: d.hash.clone(),
         targets: TargetSet::All,
+        provenance: Default::default(),
     }
 }
 

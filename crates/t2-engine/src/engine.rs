@@ -3,9 +3,10 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use candle_core::{DType, Device};
-use t2_model::{ChatMessage, DenseProjector, LoadedModel, ModelError, Projector};
+use t2_model::{ChatMessage, DenseProjector, LoadedModel, ModelError, ProjId, Projector};
 use t2_svf::decompose::Origin;
 use t2_svf::mix::{combine, MixId};
 use t2_svf::{Decomposition, ExpertStore, SvfError, SvfProjector, TargetSet, BASE_MIX};
@@ -64,6 +65,22 @@ pub enum Adaptation {
     Expert(String),
     /// α per expert name.
     Mix(BTreeMap<String, f32>),
+    /// z vectors that are not in the expert store (the policy being trained, an expert file under
+    /// evaluation). The name stands for the contents: give changed vectors a new name.
+    Vectors {
+        name: String,
+        z: ZVectors,
+    },
+}
+
+/// Per-matrix z, shared cheaply between requests.
+#[derive(Clone, PartialEq)]
+pub struct ZVectors(pub Arc<BTreeMap<ProjId, Vec<f32>>>);
+
+impl std::fmt::Debug for ZVectors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ZVectors({} matrices)", self.0.len())
+    }
 }
 
 impl Adaptation {
@@ -79,6 +96,7 @@ impl Adaptation {
                     .collect::<Vec<_>>()
                     .join(",")
             ),
+            Self::Vectors { name, .. } => format!("z:{name}"),
         }
     }
 }
@@ -151,8 +169,11 @@ impl Engine {
         if let Some(id) = svf.mix_id(&name) {
             return Ok(id);
         }
+        if let Adaptation::Vectors { z, .. } = a {
+            return Ok(svf.register(&name, &z.0)?);
+        }
         let parts: Vec<_> = match a {
-            Adaptation::Base => unreachable!("handled above"),
+            Adaptation::Base | Adaptation::Vectors { .. } => unreachable!("handled above"),
             Adaptation::Expert(e) => vec![(store.get(e)?, 1.0)],
             Adaptation::Mix(m) => m
                 .iter()
@@ -167,6 +188,12 @@ impl Engine {
     pub fn check_adaptation(&self, a: &Adaptation) -> Result<()> {
         let names: Vec<&String> = match a {
             Adaptation::Base => return Ok(()),
+            Adaptation::Vectors { .. } => {
+                return match self.svf {
+                    Some(_) => Ok(()),
+                    None => Err(EngineError::NoSvf),
+                }
+            }
             Adaptation::Expert(e) => vec![e],
             Adaptation::Mix(m) => {
                 if m.is_empty() {

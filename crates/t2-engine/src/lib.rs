@@ -7,7 +7,7 @@ pub mod scheduler;
 pub mod sequence;
 pub mod text;
 
-pub use engine::{Adaptation, Engine, EngineConfig, EngineError};
+pub use engine::{Adaptation, Engine, EngineConfig, EngineError, ZVectors};
 pub use generate::GenOutput;
 pub use scheduler::{
     Scheduler, SchedulerConfig, SchedulerStats, SeqEvent, SeqHandle, Submission, SubmitError,

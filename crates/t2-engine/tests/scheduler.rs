@@ -41,6 +41,7 @@ fn engine() -> Arc<Engine> {
                         model_id: e.loaded.model_id.clone(),
                         decomposition_hash: svf.decomp.hash.clone(),
                         targets: svf.decomp.targets,
+                        provenance: Default::default(),
                     };
                     Expert::random(meta, &svf.decomp, seed, 0.5)
                 })

@@ -122,7 +122,7 @@ impl Projector for DenseProjector {
     }
 }
 
-pub(crate) struct RmsNorm {
+pub struct RmsNorm {
     pub weight: Tensor,
     pub eps: f32,
 }
@@ -133,20 +133,20 @@ impl Module for RmsNorm {
     }
 }
 
-pub(crate) struct Attention {
+pub struct Attention {
     pub q: Linear,
     pub k: Linear,
     pub v: Linear,
     pub o: Linear,
 }
 
-pub(crate) struct Mlp {
+pub struct Mlp {
     pub gate: Linear,
     pub up: Linear,
     pub down: Linear,
 }
 
-pub(crate) struct Block {
+pub struct Block {
     pub attn_norm: RmsNorm,
     pub attn: Attention,
     pub mlp_norm: RmsNorm,
@@ -173,10 +173,10 @@ pub struct SeqStep<'a> {
 
 pub struct Llama {
     pub cfg: LlamaConfig,
-    pub(crate) embed: Tensor,
-    pub(crate) blocks: Vec<Block>,
-    pub(crate) norm: RmsNorm,
-    pub(crate) lm_head: Tensor,
+    pub embed: Tensor,
+    pub blocks: Vec<Block>,
+    pub norm: RmsNorm,
+    pub lm_head: Tensor,
     rope_cos: Tensor,
     rope_sin: Tensor,
     dtype: DType,
@@ -525,7 +525,7 @@ impl Llama {
     }
 }
 
-fn rope_tables(
+pub fn rope_tables(
     cfg: &LlamaConfig,
     dtype: DType,
     device: &Device,

@@ -23,6 +23,9 @@ pub struct ExpertMeta {
     pub model_id: String,
     pub decomposition_hash: String,
     pub targets: TargetSet,
+    /// How the expert was made (training command, data, steps, seed, validation score, ...).
+    #[serde(default)]
+    pub provenance: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone)]
@@ -153,6 +156,10 @@ impl Expert {
             ("model_id".into(), m.model_id.clone()),
             ("decomposition_hash".into(), m.decomposition_hash.clone()),
             ("targets".into(), m.targets.to_string()),
+            (
+                "provenance".into(),
+                serde_json::to_string(&m.provenance).expect("a string map serializes"),
+            ),
         ]);
         let tmp = crate::temp_path(path);
         safetensors::serialize_to_file(
@@ -207,6 +214,11 @@ impl Expert {
             model_id: get("model_id")?,
             decomposition_hash: get("decomposition_hash")?,
             targets: get("targets")?.parse().map_err(bad)?,
+            provenance: match md.get("provenance") {
+                Some(p) => serde_json::from_str(p)
+                    .map_err(|e| bad(format!("unreadable provenance: {e}")))?,
+                None => BTreeMap::new(),
+            },
         };
         let mut z = BTreeMap::new();
         for (tname, view) in st.tensors() {
@@ -232,6 +244,8 @@ pub struct ManifestEntry {
     pub file: String,
     pub category: String,
     pub description: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub provenance: BTreeMap<String, String>,
 }
 
 /// A stored mix: named weights over experts (made by few-shot search, or by hand).
@@ -369,6 +383,7 @@ impl ExpertStore {
             file,
             category: expert.meta.category.clone(),
             description: expert.meta.description.clone(),
+            provenance: expert.meta.provenance.clone(),
         });
         self.write_manifest()?;
         self.experts.insert(expert.meta.name.clone(), expert);

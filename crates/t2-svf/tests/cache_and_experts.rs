@@ -20,6 +20,7 @@ fn meta(d: &Decomposition, name: &str) -> ExpertMeta {
         model_id: "tiny".into(),
         decomposition_hash: d.hash.clone(),
         targets: TargetSet::All,
+        provenance: Default::default(),
     }
 }
 

@@ -2,6 +2,10 @@
 //! verifiers that turn a generated answer into a reward. Knows nothing of models.
 
 pub mod data;
+pub mod prompts;
+pub mod sandbox;
 pub mod verify;
 
 pub use data::{Answer, Split, Task, TaskError, TaskInfo, TaskItem};
+pub use sandbox::{RunOutcome, RunReport, Sandbox, SandboxConfig, SandboxError};
+pub use verify::{verify, verify_all, Verdict};

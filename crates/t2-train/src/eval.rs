@@ -1,0 +1,380 @@
+//! `t2 eval`: accuracy with a 95% Wilson interval, for any set of tasks × adaptations in one run.
+//!
+//! Generation mode sends every (task, adaptation, item) to the serving scheduler at once, so different
+//! adaptations share batches, then verifies each answer. Log-likelihood mode (multiple choice only) picks
+//! the option whose tokens are most likely after the prompt: the prompt is prefilled once per item and
+//! each option is scored on top of it, several items per forward.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use t2_engine::{Adaptation, Engine};
+use t2_model::{ChatMessage, KvCache, SamplingParams, SeqStep, WantLogits};
+use t2_tasks::{Answer, Split, Task, TaskItem};
+
+use crate::rollout::Job;
+use crate::{Result, TrainError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EvalMode {
+    /// Greedy answers, checked by the task's verifier.
+    Generate,
+    /// Multiple choice: the option with the highest summed log-probability.
+    LogLikelihood,
+}
+
+impl std::str::FromStr for EvalMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "generate" => Ok(Self::Generate),
+            "loglik" | "log-likelihood" => Ok(Self::LogLikelihood),
+            _ => Err(format!("unknown eval mode '{s}' (generate, loglik)")),
+        }
+    }
+}
+
+pub struct EvalConfig {
+    pub data_dir: std::path::PathBuf,
+    pub tasks: Vec<String>,
+    /// (label, adaptation) pairs, e.g. ("base", Base), ("math", Expert("math")).
+    pub adaptations: Vec<(String, Adaptation)>,
+    pub split: Split,
+    /// The first `limit` items of each split (the files are in a fixed shuffled order).
+    pub limit: Option<usize>,
+    /// Tokens per answer (None: by answer kind).
+    pub max_new_tokens: Option<usize>,
+    pub mode: EvalMode,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalResult {
+    pub task: String,
+    pub area: String,
+    pub split: String,
+    pub adaptation: String,
+    pub mode: EvalMode,
+    pub n: usize,
+    pub correct: usize,
+    pub accuracy: f64,
+    pub ci95: (f64, f64),
+    pub seconds: f64,
+}
+
+/// The answer length that fits each kind of task: a number, a label or letter, a small function.
+pub fn default_max_tokens(items: &[TaskItem]) -> usize {
+    match items.first().map(|i| &i.answer) {
+        Some(Answer::Python { .. }) => 192,
+        Some(Answer::Choice { .. }) => 32,
+        _ => 96,
+    }
+}
+
+/// Wilson score interval at 95% for `k` successes out of `n`.
+pub fn wilson_interval(k: usize, n: usize) -> (f64, f64) {
+    if n == 0 {
+        return (0.0, 1.0);
+    }
+    let z = 1.959_963_984_540_054_f64;
+    let (n, p) = (n as f64, k as f64 / n as f64);
+    let denom = 1.0 + z * z / n;
+    let centre = (p + z * z / (2.0 * n)) / denom;
+    let half = z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt() / denom;
+    ((centre - half).max(0.0), (centre + half).min(1.0))
+}
+
+pub fn load_items(cfg: &EvalConfig, name: &str) -> Result<(Task, Vec<TaskItem>)> {
+    let task = Task::open(&cfg.data_dir, name)?;
+    let mut items = task.items(cfg.split)?;
+    if let Some(l) = cfg.limit {
+        items.truncate(l);
+    }
+    if items.is_empty() {
+        return Err(TrainError::Config(format!(
+            "task '{name}' has no {} items",
+            cfg.split.as_str()
+        )));
+    }
+    Ok((task, items))
+}
+
+/// Generation mode: every task × adaptation in one stream of jobs.
+pub fn evaluate_generate(
+    trainer: &crate::Trainer,
+    cfg: &EvalConfig,
+    progress: bool,
+) -> Result<Vec<EvalResult>> {
+    let mut results = Vec::new();
+    let mut groups = Vec::new();
+    let mut jobs = Vec::new();
+    let gen = trainer.generator();
+    for name in &cfg.tasks {
+        let (task, items) = load_items(cfg, name)?;
+        let max_tokens = cfg
+            .max_new_tokens
+            .unwrap_or_else(|| default_max_tokens(&items));
+        for (label, a) in &cfg.adaptations {
+            gen.engine().check_adaptation(a)?;
+            let start = jobs.len();
+            for it in &items {
+                jobs.push(Job {
+                    prompt: gen
+                        .chat_prompt(&t2_tasks::prompts::user_message(&task.info.area, it))?,
+                    adaptation: a.clone(),
+                    max_tokens,
+                    sampling: SamplingParams::default(),
+                });
+            }
+            groups.push((task.clone(), items.clone(), label.clone(), start));
+        }
+    }
+    let bar = if progress {
+        let b = indicatif::ProgressBar::new(jobs.len() as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len} answers eta {eta}",
+            )
+            .expect("a valid template"),
+        );
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let started = Instant::now();
+    let rollouts = gen.run(jobs, Some(&bar))?;
+    bar.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
+    for (task, items, label, start) in groups {
+        let pairs: Vec<_> = items
+            .iter()
+            .zip(&rollouts[start..start + items.len()])
+            .map(|(it, r)| (&it.answer, r.text.as_str()))
+            .collect();
+        let verdicts = t2_tasks::verify::verify_all(&pairs, trainer.sandbox());
+        let correct = verdicts.iter().filter(|v| v.correct).count();
+        results.push(result(
+            &task,
+            cfg,
+            &label,
+            EvalMode::Generate,
+            items.len(),
+            correct,
+            seconds,
+        ));
+    }
+    Ok(results)
+}
+
+fn result(
+    task: &Task,
+    cfg: &EvalConfig,
+    label: &str,
+    mode: EvalMode,
+    n: usize,
+    correct: usize,
+    seconds: f64,
+) -> EvalResult {
+    EvalResult {
+        task: task.info.name.clone(),
+        area: task.info.area.clone(),
+        split: cfg.split.as_str().into(),
+        adaptation: label.into(),
+        mode,
+        n,
+        correct,
+        accuracy: correct as f64 / n as f64,
+        ci95: wilson_interval(correct, n),
+        seconds,
+    }
+}
+
+/// Log-likelihood mode for multiple-choice tasks.
+pub fn evaluate_loglik(
+    engine: &Arc<Engine>,
+    cfg: &EvalConfig,
+    progress: bool,
+) -> Result<Vec<EvalResult>> {
+    let mut results = Vec::new();
+    for name in &cfg.tasks {
+        let (task, items) = load_items(cfg, name)?;
+        if !items
+            .iter()
+            .all(|i| matches!(i.answer, Answer::Choice { .. }))
+        {
+            return Err(TrainError::Config(format!(
+                "log-likelihood scoring needs a multiple-choice task; '{name}' is not one"
+            )));
+        }
+        for (label, a) in &cfg.adaptations {
+            let started = Instant::now();
+            let mix = engine.resolve(a)?;
+            let bar = if progress {
+                indicatif::ProgressBar::new(items.len() as u64)
+            } else {
+                indicatif::ProgressBar::hidden()
+            };
+            let mut correct = 0;
+            for chunk in items.chunks(16) {
+                let picks = pick_by_loglik(engine, &task.info.area, chunk, mix)?;
+                for (it, pick) in chunk.iter().zip(picks) {
+                    if let Answer::Choice { correct: c, .. } = it.answer {
+                        correct += usize::from(pick == c);
+                    }
+                }
+                bar.inc(chunk.len() as u64);
+            }
+            bar.finish_and_clear();
+            results.push(result(
+                &task,
+                cfg,
+                label,
+                EvalMode::LogLikelihood,
+                items.len(),
+                correct,
+                started.elapsed().as_secs_f64(),
+            ));
+        }
+    }
+    Ok(results)
+}
+
+/// For each item, the index of its most likely option (summed log-probability of the option's tokens as
+/// the assistant's reply).
+pub fn pick_by_loglik(
+    engine: &Engine,
+    area: &str,
+    items: &[TaskItem],
+    mix: u32,
+) -> Result<Vec<usize>> {
+    let model = &engine.loaded.model;
+    let tok = &engine.loaded.tokenizer;
+    let mut prompts = Vec::with_capacity(items.len());
+    let mut options = Vec::with_capacity(items.len());
+    for it in items {
+        let Answer::Choice { options: opts, .. } = &it.answer else {
+            return Err(TrainError::Config(format!(
+                "{} is not multiple choice",
+                it.id
+            )));
+        };
+        prompts.push(engine.encode_chat(&[ChatMessage {
+            role: "user".into(),
+            content: t2_tasks::prompts::user_message(area, it),
+        }])?);
+        options.push(
+            opts.iter()
+                .map(|o| tok.encode(o))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| TrainError::Engine(e.into()))?,
+        );
+    }
+    let mut caches: Vec<KvCache> = items.iter().map(|_| model.new_cache()).collect();
+    let mut steps: Vec<SeqStep<'_>> = caches
+        .iter_mut()
+        .zip(&prompts)
+        .map(|(cache, p)| SeqStep {
+            cache,
+            tokens: p,
+            mix,
+            want: WantLogits::Last,
+        })
+        .collect();
+    let first = model.forward(&mut steps, engine.projector())?;
+    drop(steps);
+    let first: Vec<Vec<f32>> = first
+        .into_iter()
+        .map(|l| log_softmax(&l.expect("asked for").to_vec1::<f32>()?))
+        .collect::<std::result::Result<_, candle_core::Error>>()?;
+    let mut scores: Vec<Vec<f64>> = options.iter().map(|o| vec![0.0; o.len()]).collect();
+    let most = options.iter().map(Vec::len).max().unwrap_or(0);
+    for k in 0..most {
+        // Option k of every item that has one, on top of its prompt; the cache is cut back afterwards.
+        let mut idx = Vec::new();
+        let mut steps = Vec::new();
+        for (i, cache) in caches.iter_mut().enumerate() {
+            if let Some(o) = options[i].get(k).filter(|o| !o.is_empty()) {
+                idx.push(i);
+                steps.push(SeqStep {
+                    cache,
+                    tokens: o,
+                    mix,
+                    want: WantLogits::All,
+                });
+            }
+        }
+        let out = model.forward(&mut steps, engine.projector())?;
+        drop(steps);
+        for (&i, logits) in idx.iter().zip(out) {
+            let o = &options[i][k];
+            let rows = logits.expect("asked for").to_vec2::<f32>()?;
+            let mut s = first[i][o[0] as usize] as f64;
+            for (row, &t) in rows.iter().zip(&o[1..]) {
+                s += log_softmax(row)?[t as usize] as f64;
+            }
+            scores[i][k] = s;
+        }
+        for (i, cache) in caches.iter_mut().enumerate() {
+            cache.truncate(prompts[i].len());
+        }
+    }
+    Ok(scores
+        .iter()
+        .map(|s| {
+            let f: Vec<f32> = s.iter().map(|&x| x as f32).collect();
+            t2_tasks::verify::choice_by_scores(&f)
+        })
+        .collect())
+}
+
+fn log_softmax(x: &[f32]) -> std::result::Result<Vec<f32>, candle_core::Error> {
+    let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let lse = x.iter().map(|&v| ((v - m) as f64).exp()).sum::<f64>().ln() as f32 + m;
+    Ok(x.iter().map(|&v| v - lse).collect())
+}
+
+/// The results as a markdown table.
+pub fn markdown(results: &[EvalResult]) -> String {
+    let mut s = String::from("| task | area | split | adaptation | mode | n | accuracy | 95% CI |\n|---|---|---|---|---|---|---|---|\n");
+    for r in results {
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {:.1}% | {:.1}–{:.1}% |\n",
+            r.task,
+            r.area,
+            r.split,
+            r.adaptation,
+            match r.mode {
+                EvalMode::Generate => "generate",
+                EvalMode::LogLikelihood => "loglik",
+            },
+            r.n,
+            100.0 * r.accuracy,
+            100.0 * r.ci95.0,
+            100.0 * r.ci95.1
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wilson_interval_matches_known_values() {
+        // 50/100: 0.4038–0.5962; 0/10: 0–0.2775; 10/10: 0.7225–1 (standard Wilson figures).
+        let (lo, hi) = wilson_interval(50, 100);
+        assert!(
+            (lo - 0.4038).abs() < 1e-3 && (hi - 0.5962).abs() < 1e-3,
+            "{lo} {hi}"
+        );
+        let (lo, hi) = wilson_interval(0, 10);
+        assert!(lo.abs() < 1e-12 && (hi - 0.2775).abs() < 1e-3, "{lo} {hi}");
+        let (lo, hi) = wilson_interval(10, 10);
+        assert!(
+            (lo - 0.7225).abs() < 1e-3 && (hi - 1.0).abs() < 1e-12,
+            "{lo} {hi}"
+        );
+    }
+}

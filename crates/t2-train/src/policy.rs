@@ -1,0 +1,340 @@
+//! The model as a differentiable function of the SVF logits.
+//!
+//! The serving forward (`t2_model::Llama::forward`) runs on hand-written kernels and a KV cache, which
+//! autograd cannot see through. Training needs log π(y|x) with gradients reaching z, so this is the same
+//! decoder written with plain candle ops over a padded batch: embeddings → [RMSNorm → attention (RoPE,
+//! grouped-query, causal) → residual → RMSNorm → SiLU-gated MLP → residual] × L → RMSNorm → lm_head.
+//! Each adapted matrix multiplies in factored form, y = ((x·V)⊙s)·Uᵀ with s = σ⊙z·(Σσ/Σ(σ⊙z)) and
+//! z = sigmoid(p), so the only trainable numbers are the logits p. A test checks these log-probabilities
+//! against the serving forward.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use t2_model::llama::{rope_tables, Linear};
+use t2_model::{Llama, ProjId, RopeStyle};
+use t2_svf::{Decomposition, TargetSet};
+
+pub type Result<T> = candle_core::Result<T>;
+
+/// The trainable logits p, one vector per adapted matrix (z = sigmoid(p)).
+pub struct SvfLogits {
+    pub p: BTreeMap<ProjId, Var>,
+}
+
+impl SvfLogits {
+    /// p = mean + std·N(0,1), seeded. The paper's start (mean 0.1, std 0.01) gives z ≈ 0.525 everywhere,
+    /// which the Σσ-preserving rescale turns back into (almost exactly) the base model.
+    pub fn init(
+        decomp: &Decomposition,
+        targets: TargetSet,
+        seed: u64,
+        mean: f32,
+        std: f32,
+    ) -> Result<Self> {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut p = BTreeMap::new();
+        for (id, f) in decomp
+            .factors
+            .iter()
+            .filter(|(id, _)| targets.contains(id.kind))
+        {
+            let v: Vec<f32> = (0..f.rank())
+                .map(|_| mean + std * standard_normal(&mut rng))
+                .collect();
+            let n = v.len();
+            p.insert(*id, Var::from_vec(v, n, &Device::Cpu)?);
+        }
+        Ok(Self { p })
+    }
+
+    /// Wraps stored logits (a checkpoint) as trainable variables.
+    pub fn from_host(p: BTreeMap<ProjId, Vec<f32>>) -> Result<Self> {
+        let p = p
+            .into_iter()
+            .map(|(id, v)| {
+                let n = v.len();
+                Ok((id, Var::from_vec(v, n, &Device::Cpu)?))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { p })
+    }
+
+    pub fn to_host(&self) -> Result<BTreeMap<ProjId, Vec<f32>>> {
+        self.p
+            .iter()
+            .map(|(id, v)| Ok((*id, v.as_tensor().to_vec1::<f32>()?)))
+            .collect()
+    }
+
+    /// z = sigmoid(p) on the host: what an expert file stores and what the engine serves.
+    pub fn z_host(&self) -> Result<BTreeMap<ProjId, Vec<f32>>> {
+        Ok(self
+            .to_host()?
+            .into_iter()
+            .map(|(id, p)| (id, p.into_iter().map(sigmoid).collect()))
+            .collect())
+    }
+
+    pub fn vars(&self) -> impl Iterator<Item = (&ProjId, &Var)> {
+        self.p.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.p.values().map(|v| v.elem_count()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.p.is_empty()
+    }
+}
+
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+pub fn logit(z: f32) -> f32 {
+    (z / (1.0 - z)).ln()
+}
+
+fn standard_normal(rng: &mut impl rand::Rng) -> f32 {
+    // Box–Muller: rand's distributions crate is not a dependency, and this is all we need.
+    let u1: f64 = rng.random::<f64>().max(1e-300);
+    let u2: f64 = rng.random::<f64>();
+    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+}
+
+/// One sequence to score: log π(tokens[from..] | tokens[..from]).
+#[derive(Debug, Clone)]
+pub struct Scored {
+    pub tokens: Vec<u32>,
+    pub from: usize,
+}
+
+/// The scored positions of a batch: per-token log-probabilities (flat, sequence after sequence) and,
+/// when asked for, the full log-softmax rows (for the KL penalty).
+pub struct ScoredBatch {
+    pub token_logprobs: Tensor,
+    pub spans: Vec<(usize, usize)>,
+    pub log_softmax: Option<Tensor>,
+}
+
+pub struct Policy<'a> {
+    model: &'a Llama,
+    decomp: &'a Decomposition,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl<'a> Policy<'a> {
+    pub fn new(model: &'a Llama, decomp: &'a Decomposition, max_len: usize) -> Result<Self> {
+        if model.dtype() != DType::F32 {
+            candle_core::bail!(
+                "training needs the model in f32 (it is {:?})",
+                model.dtype()
+            );
+        }
+        let mut cfg = model.cfg.clone();
+        cfg.max_position_embeddings = max_len;
+        let (cos, sin) = rope_tables(&cfg, DType::F32, model.device())?;
+        Ok(Self {
+            model,
+            decomp,
+            cos,
+            sin,
+        })
+    }
+
+    /// Log-probabilities of the scored tokens of every sequence, under the model adapted by `logits`
+    /// (the base model when `None`). Differentiable in the logits.
+    pub fn score(
+        &self,
+        logits: Option<&SvfLogits>,
+        batch: &[Scored],
+        want_log_softmax: bool,
+    ) -> Result<ScoredBatch> {
+        let cfg = &self.model.cfg;
+        let dev = self.model.device();
+        let b = batch.len();
+        let t = batch.iter().map(|s| s.tokens.len()).max().unwrap_or(0);
+        if b == 0 || t < 2 {
+            candle_core::bail!("nothing to score");
+        }
+        if t > self.cos.dim(0)? {
+            candle_core::bail!(
+                "a sequence of {t} tokens is longer than the policy's {}",
+                self.cos.dim(0)?
+            );
+        }
+        let mut ids = vec![0u32; b * t];
+        let mut rows = Vec::new();
+        let mut targets = Vec::new();
+        let mut spans = Vec::with_capacity(b);
+        for (i, s) in batch.iter().enumerate() {
+            if s.from == 0 || s.from >= s.tokens.len() {
+                candle_core::bail!("scored span must leave a prefix and score at least one token");
+            }
+            ids[i * t..i * t + s.tokens.len()].copy_from_slice(&s.tokens);
+            spans.push((rows.len(), s.tokens.len() - s.from));
+            for p in s.from..s.tokens.len() {
+                rows.push((i * t + p - 1) as u32);
+                targets.push(s.tokens[p]);
+            }
+        }
+        let scales = match logits {
+            Some(l) => Some(self.scales(l)?),
+            None => None,
+        };
+
+        // Right padding: the causal mask already hides every pad from the real positions before it.
+        let ids = Tensor::from_vec(ids, b * t, dev)?;
+        let mut x = self.model.embed.index_select(&ids, 0)?;
+        let mask = causal_mask(t, dev)?;
+        let cos = self.cos.narrow(0, 0, t)?;
+        let sin = self.sin.narrow(0, 0, t)?;
+        for block in &self.model.blocks {
+            let h = rms_norm(&x, &block.attn_norm.weight, block.attn_norm.eps)?;
+            let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+            let q = self
+                .linear(&block.attn.q, &h, &scales)?
+                .reshape((b, t, nh, hd))?;
+            let k = self
+                .linear(&block.attn.k, &h, &scales)?
+                .reshape((b, t, nkv, hd))?;
+            let v = self
+                .linear(&block.attn.v, &h, &scales)?
+                .reshape((b, t, nkv, hd))?;
+            let q = rope(&q, &cos, &sin, cfg.rope_style)?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let k = rope(&k, &cos, &sin, cfg.rope_style)?.transpose(1, 2)?;
+            let v = v.transpose(1, 2)?;
+            let g = nh / nkv;
+            let k = repeat_kv(&k, g)?;
+            let v = repeat_kv(&v, g)?;
+            let att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(&mask)?;
+            let att = softmax_last(&att)?;
+            let out = att.matmul(&v)?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
+            x = (x + self.linear(&block.attn.o, &out, &scales)?)?;
+            let h = rms_norm(&x, &block.mlp_norm.weight, block.mlp_norm.eps)?;
+            let gate = self.linear(&block.mlp.gate, &h, &scales)?.silu()?;
+            let up = self.linear(&block.mlp.up, &h, &scales)?;
+            x = (x + self.linear(&block.mlp.down, &(gate * up)?, &scales)?)?;
+        }
+        let n = rows.len();
+        let rows = Tensor::from_vec(rows, n, dev)?;
+        let h = x.index_select(&rows, 0)?;
+        let h = rms_norm(&h, &self.model.norm.weight, self.model.norm.eps)?;
+        let logits = h.matmul(&self.model.lm_head.t()?)?;
+        let log_softmax = log_softmax_last(&logits)?;
+        let targets = Tensor::from_vec(targets, (n, 1), dev)?;
+        let token_logprobs = log_softmax.gather(&targets, 1)?.squeeze(1)?;
+        Ok(ScoredBatch {
+            token_logprobs,
+            spans,
+            log_softmax: want_log_softmax.then_some(log_softmax),
+        })
+    }
+
+    /// s = σ⊙z·(Σσ/Σ(σ⊙z)) per adapted matrix, as (1, r) rows, in the graph.
+    fn scales(&self, logits: &SvfLogits) -> Result<BTreeMap<ProjId, Tensor>> {
+        let mut out = BTreeMap::new();
+        for (id, p) in logits.vars() {
+            let Some(f) = self.decomp.factors.get(id) else {
+                candle_core::bail!("no decomposition for {}", id.name());
+            };
+            let z = (p.as_tensor().neg()?.exp()? + 1.0)?.recip()?;
+            let sz = (&f.sigma * z)?;
+            let total: f32 = f.sigma_host.iter().sum();
+            let s = sz.broadcast_mul(&(sz.sum_all()?.recip()? * total as f64)?)?;
+            out.insert(*id, s.unsqueeze(0)?);
+        }
+        Ok(out)
+    }
+
+    fn linear(
+        &self,
+        lin: &Linear,
+        x: &Tensor,
+        scales: &Option<BTreeMap<ProjId, Tensor>>,
+    ) -> Result<Tensor> {
+        let y = match scales.as_ref().and_then(|s| s.get(&lin.id)) {
+            Some(s) => {
+                let f = &self.decomp.factors[&lin.id];
+                x.matmul(&f.vt.t()?)?.broadcast_mul(s)?.matmul(&f.u.t()?)?
+            }
+            None => x.matmul(&lin.weight.t()?)?,
+        };
+        match &lin.bias {
+            Some(bias) => y.broadcast_add(bias),
+            None => Ok(y),
+        }
+    }
+}
+
+fn causal_mask(t: usize, dev: &Device) -> Result<Tensor> {
+    // A large negative number rather than -inf: exp underflows to exactly 0 either way, and no inf − inf
+    // can turn into NaN in the backward pass.
+    let m: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j > i { -1e30 } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(m, (t, t), dev)
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(ms + eps as f64)?.sqrt()?)?
+        .broadcast_mul(w)
+}
+
+/// x: (b, t, heads, d); cos, sin: (t, d/2).
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, style: RopeStyle) -> Result<Tensor> {
+    let (b, t, h, d) = x.dims4()?;
+    let half = d / 2;
+    let cos = cos.reshape((1, t, 1, half))?;
+    let sin = sin.reshape((1, t, 1, half))?;
+    match style {
+        RopeStyle::Interleaved => {
+            let pairs = x.reshape((b, t, h, half, 2))?;
+            let x0 = pairs.narrow(4, 0, 1)?.squeeze(4)?;
+            let x1 = pairs.narrow(4, 1, 1)?.squeeze(4)?;
+            let y0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+            let y1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
+            Tensor::stack(&[y0, y1], 4)?.reshape((b, t, h, d))
+        }
+        RopeStyle::Half => {
+            let x0 = x.narrow(3, 0, half)?;
+            let x1 = x.narrow(3, half, half)?;
+            let y0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+            let y1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
+            Tensor::cat(&[y0, y1], 3)
+        }
+    }
+}
+
+/// (b, kv_heads, t, d) → (b, kv_heads·g, t, d): query head i reads kv head i / g.
+fn repeat_kv(x: &Tensor, g: usize) -> Result<Tensor> {
+    if g == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, t, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, kv, g, t, d))?
+        .contiguous()?
+        .reshape((b, kv * g, t, d))
+}
+
+fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    // The max is a constant shift: detached, so autograd sees the plain softmax.
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&m)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&m)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
+}

@@ -1,0 +1,138 @@
+//! Batched generation for training and evaluation: every prompt goes through the serving scheduler, so
+//! rollouts of one step (and evaluations of several adaptations at once) share batches.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use indicatif::ProgressBar;
+use t2_engine::{
+    Adaptation, Engine, FinishReason, GenRequest, Scheduler, SchedulerConfig, SeqEvent, SeqHandle,
+    Submission, SubmitError,
+};
+use t2_model::{ChatMessage, SamplingParams};
+
+use crate::TrainError;
+
+/// One generated answer.
+#[derive(Debug, Clone)]
+pub struct Rollout {
+    /// The generated tokens, the end-of-sequence token included when the model chose to stop.
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub finish: Option<FinishReason>,
+}
+
+/// One generation job: a tokenized prompt, the adaptation to run it with, and how to sample.
+pub struct Job {
+    pub prompt: Vec<u32>,
+    pub adaptation: Adaptation,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+}
+
+pub struct Generator {
+    engine: Arc<Engine>,
+    scheduler: Scheduler,
+}
+
+impl Generator {
+    pub fn new(engine: Arc<Engine>, max_batch: usize) -> Self {
+        let cfg = SchedulerConfig {
+            max_batch,
+            max_batched_tokens: 1024,
+            max_queue: max_batch * 2,
+            kv_budget_tokens: 256 * 1024,
+            // Rollout mixes change every step: merged weights would be built and thrown away.
+            merge_after_steps: None,
+        };
+        let scheduler = Scheduler::start(engine.clone(), cfg);
+        Self { engine, scheduler }
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// The chat template around one user message, tokenized: how every task prompt reaches the model.
+    pub fn chat_prompt(&self, user: &str) -> Result<Vec<u32>, TrainError> {
+        Ok(self.engine.encode_chat(&[ChatMessage {
+            role: "user".into(),
+            content: user.into(),
+        }])?)
+    }
+
+    /// Runs every job and returns the answers in job order. Jobs are queued as fast as the scheduler takes
+    /// them; when its queue is full, the oldest outstanding answer is collected first.
+    pub fn run(
+        &self,
+        jobs: Vec<Job>,
+        progress: Option<&ProgressBar>,
+    ) -> Result<Vec<Rollout>, TrainError> {
+        let n = jobs.len();
+        let mut out: Vec<Option<Rollout>> = vec![None; n];
+        let mut pending: VecDeque<(usize, SeqHandle)> = VecDeque::new();
+        for (i, job) in jobs.into_iter().enumerate() {
+            let req = GenRequest::new(job.prompt, 0, job.max_tokens, job.sampling);
+            loop {
+                let sub = Submission {
+                    adaptation: job.adaptation.clone(),
+                    requests: vec![req.clone()],
+                };
+                match self.scheduler.submit(sub) {
+                    Ok(mut handles) => {
+                        pending.push_back((i, handles.remove(0)));
+                        break;
+                    }
+                    Err(SubmitError::QueueFull(_)) => {
+                        let (j, h) = pending.pop_front().expect("a full queue has work in it");
+                        out[j] = Some(collect(h)?);
+                        if let Some(p) = progress {
+                            p.inc(1);
+                        }
+                    }
+                    Err(e) => return Err(TrainError::Generate(e.to_string())),
+                }
+            }
+        }
+        while let Some((j, h)) = pending.pop_front() {
+            out[j] = Some(collect(h)?);
+            if let Some(p) = progress {
+                p.inc(1);
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|r| r.expect("every job answered"))
+            .collect())
+    }
+}
+
+impl Drop for Generator {
+    fn drop(&mut self) {
+        self.scheduler.close();
+        self.scheduler.join();
+    }
+}
+
+fn collect(mut h: SeqHandle) -> Result<Rollout, TrainError> {
+    let mut r = Rollout {
+        tokens: Vec::new(),
+        text: String::new(),
+        finish: None,
+    };
+    while let Some(ev) = h.events.blocking_recv() {
+        match ev {
+            SeqEvent::Admitted { .. } => {}
+            SeqEvent::Token(t) => {
+                r.tokens.push(t.token);
+                r.text.push_str(&t.text);
+                if t.finish.is_some() {
+                    r.finish = t.finish;
+                    break;
+                }
+            }
+            SeqEvent::Failed(msg) => return Err(TrainError::Generate(msg)),
+        }
+    }
+    Ok(r)
+}

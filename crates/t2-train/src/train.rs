@@ -1,0 +1,689 @@
+//! `t2 train`: REINFORCE on the SVF logits of one task.
+//!
+//! Each step samples a batch of training prompts (seeded by step), generates answers with the current
+//! expert through the serving scheduler (every prompt of the step in one batch), scores them with the
+//! task's verifier (+1 right, −1 wrong), and ascends J = mean_i r_i·mean_t log π(y_it | x_i, y_i<t)
+//! − λ·KL(π_z ‖ π_base) with Adam on the logits p (z = sigmoid(p)), gradient norm clipped. Every
+//! `eval_every` steps the expert is scored on the validation split and the best one is kept. Rollouts are
+//! greedy by default, prompts are drawn by seed and step, and the checkpoint holds Adam's moments: the
+//! same command gives the same loss trace, resumed or not.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::backprop::GradStore;
+use candle_core::Tensor;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use t2_engine::{Adaptation, Engine, ZVectors};
+use t2_model::{ProjId, SamplingParams};
+use t2_svf::{Expert, ExpertMeta, ExpertStore, TargetSet};
+use t2_tasks::sandbox::Sandbox;
+use t2_tasks::{Split, Task, TaskItem};
+
+use crate::adam::{clip_grad_norm, Adam};
+use crate::checkpoint::{Checkpoint, TrainState};
+use crate::plot::{line_chart, Series};
+use crate::policy::{Policy, Scored, SvfLogits};
+use crate::rollout::{Generator, Job, Rollout};
+use crate::{Result, TrainError};
+
+/// What defines a training run: the same config gives the same expert.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainConfig {
+    pub task: String,
+    /// Name of the expert to write.
+    pub name: String,
+    /// The pass-1 label it serves (defaults to the task's area).
+    pub category: String,
+    pub targets: TargetSet,
+    pub steps: usize,
+    /// Prompts per step (the whole training split when it is smaller).
+    pub batch: usize,
+    pub lr: f64,
+    /// Gradient L2-norm clip.
+    pub clip: f64,
+    /// λ of the KL penalty against the base model (0: none).
+    pub kl: f64,
+    pub eval_every: usize,
+    /// Validation items used for model selection (the first ones of the split).
+    pub val_limit: usize,
+    pub max_new_tokens: usize,
+    /// Rollout temperature (0: greedy, as in the paper).
+    pub temperature: f32,
+    /// Sequences per forward/backward pass (memory, not results).
+    pub micro_batch: usize,
+    pub seed: u64,
+    pub init_mean: f32,
+    pub init_std: f32,
+}
+
+impl TrainConfig {
+    /// The paper's settings for `task`: lr 2e-3, 256 prompts a step, clip 1e-3, 200 steps, validation
+    /// every 10 steps, no KL, greedy rollouts.
+    pub fn paper(task: &str, name: &str) -> Self {
+        Self {
+            task: task.into(),
+            name: name.into(),
+            category: String::new(),
+            targets: TargetSet::Mlp,
+            steps: 200,
+            batch: 256,
+            lr: 2e-3,
+            clip: 1e-3,
+            kl: 0.0,
+            eval_every: 10,
+            val_limit: 256,
+            max_new_tokens: 512,
+            temperature: 0.0,
+            micro_batch: 8,
+            seed: 0,
+            init_mean: 0.1,
+            init_std: 0.01,
+        }
+    }
+
+    fn identity(&self) -> serde_json::Value {
+        // Steps may be extended on resume, and micro_batch only changes how the sum is split.
+        let mut v = serde_json::to_value(self).expect("config serializes");
+        v.as_object_mut().map(|o| {
+            o.remove("steps");
+            o.remove("micro_batch")
+        });
+        v
+    }
+
+    pub fn check(&self) -> Result<()> {
+        let bad = |m: &str| Err(TrainError::Config(m.into()));
+        if self.steps == 0 || self.batch == 0 || self.micro_batch == 0 || self.max_new_tokens == 0 {
+            return bad("steps, batch, micro-batch and max-new-tokens must be at least 1");
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return bad("the learning rate must be a positive number");
+        }
+        if !(self.clip >= 0.0 && self.kl >= 0.0 && self.temperature >= 0.0) {
+            return bad("clip, kl and temperature must not be negative");
+        }
+        if self.eval_every == 0 || self.val_limit == 0 {
+            return bad("eval-every and val-limit must be at least 1");
+        }
+        t2_svf::expert::check_name(&self.name)?;
+        Ok(())
+    }
+}
+
+/// Where a run keeps its files, and what else it needs that does not change its result.
+pub struct RunOptions {
+    pub data_dir: PathBuf,
+    pub out_dir: PathBuf,
+    /// The expert store root the best expert is written into (None: only the run folder).
+    pub experts_dir: Option<PathBuf>,
+    pub resume: bool,
+    /// Stop after this many steps of this invocation (tests of reproducibility).
+    pub stop_after: Option<usize>,
+    pub progress: bool,
+    /// The command line, recorded in the expert's provenance.
+    pub command: String,
+}
+
+/// One row of `log.csv`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogRow {
+    pub step: usize,
+    pub loss: f64,
+    pub train_acc: f64,
+    pub grad_norm: f64,
+    pub kl: f64,
+    pub val_acc: Option<f64>,
+    pub seconds: f64,
+}
+
+const CSV_HEADER: &str = "step,loss,train_acc,grad_norm,kl,val_acc,seconds";
+
+impl LogRow {
+    fn csv(&self) -> String {
+        format!(
+            "{},{:.6},{:.4},{:.6e},{:.6},{},{:.1}",
+            self.step,
+            self.loss,
+            self.train_acc,
+            self.grad_norm,
+            self.kl,
+            self.val_acc.map(|v| format!("{v:.4}")).unwrap_or_default(),
+            self.seconds
+        )
+    }
+
+    pub fn parse(line: &str) -> Option<Self> {
+        let f: Vec<&str> = line.split(',').collect();
+        if f.len() != 7 {
+            return None;
+        }
+        Some(Self {
+            step: f[0].parse().ok()?,
+            loss: f[1].parse().ok()?,
+            train_acc: f[2].parse().ok()?,
+            grad_norm: f[3].parse().ok()?,
+            kl: f[4].parse().ok()?,
+            val_acc: if f[5].is_empty() {
+                None
+            } else {
+                Some(f[5].parse().ok()?)
+            },
+            seconds: f[6].parse().ok()?,
+        })
+    }
+}
+
+pub fn read_log(path: &Path) -> Result<Vec<LogRow>> {
+    let text = std::fs::read_to_string(path).map_err(|e| TrainError::Io(path.into(), e))?;
+    Ok(text.lines().skip(1).filter_map(LogRow::parse).collect())
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub steps: usize,
+    pub best_step: usize,
+    pub best_val: f64,
+    pub seconds: f64,
+    pub log: Vec<LogRow>,
+    pub expert_path: Option<PathBuf>,
+}
+
+pub struct Trainer {
+    engine: Arc<Engine>,
+    generator: Generator,
+    sandbox: Sandbox,
+}
+
+impl Trainer {
+    pub fn new(engine: Arc<Engine>, rollout_batch: usize) -> Result<Self> {
+        if engine.svf.is_none() {
+            return Err(TrainError::Config(
+                "training needs SVF (a decomposition)".into(),
+            ));
+        }
+        let sandbox =
+            Sandbox::new(Default::default()).map_err(|e| TrainError::Verifier(e.to_string()))?;
+        let generator = Generator::new(engine.clone(), rollout_batch);
+        Ok(Self {
+            engine,
+            generator,
+            sandbox,
+        })
+    }
+
+    pub fn generator(&self) -> &Generator {
+        &self.generator
+    }
+
+    pub fn sandbox(&self) -> &Sandbox {
+        &self.sandbox
+    }
+
+    /// Greedy answers of `items` under `adaptation`, verified: (correct?, rollout) per item.
+    pub fn answer_and_verify(
+        &self,
+        area: &str,
+        items: &[TaskItem],
+        adaptation: &Adaptation,
+        max_new_tokens: usize,
+        sampling: impl Fn(usize) -> SamplingParams,
+        progress: Option<&ProgressBar>,
+    ) -> Result<Vec<(bool, Rollout)>> {
+        let jobs = items
+            .iter()
+            .enumerate()
+            .map(|(i, it)| {
+                Ok(Job {
+                    prompt: self
+                        .generator
+                        .chat_prompt(&t2_tasks::prompts::user_message(area, it))?,
+                    adaptation: adaptation.clone(),
+                    max_tokens: max_new_tokens,
+                    sampling: sampling(i),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let rollouts = self.generator.run(jobs, progress)?;
+        let pairs: Vec<_> = items
+            .iter()
+            .zip(&rollouts)
+            .map(|(it, r)| (&it.answer, r.text.as_str()))
+            .collect();
+        let verdicts = t2_tasks::verify::verify_all(&pairs, &self.sandbox);
+        Ok(verdicts
+            .into_iter()
+            .zip(rollouts)
+            .map(|(v, r)| (v.correct, r))
+            .collect())
+    }
+
+    pub fn train(&self, cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
+        cfg.check()?;
+        let task = Task::open(&opts.data_dir, &cfg.task)?;
+        let area = task.info.area.clone();
+        let train_items = task.items(Split::Train)?;
+        let val_items: Vec<TaskItem> = task
+            .items(Split::Val)?
+            .into_iter()
+            .take(cfg.val_limit)
+            .collect();
+        if train_items.is_empty() || val_items.is_empty() {
+            return Err(TrainError::Config(format!(
+                "task '{}' has an empty train or val split",
+                cfg.task
+            )));
+        }
+        let svf = self.engine.svf.as_ref().expect("checked in new");
+        let decomp = &svf.decomp;
+        if !decomp.targets.covers(cfg.targets) {
+            return Err(TrainError::Config(format!(
+                "the decomposition covers '{}', training asks for '{}'",
+                decomp.targets, cfg.targets
+            )));
+        }
+        std::fs::create_dir_all(&opts.out_dir)
+            .map_err(|e| TrainError::Io(opts.out_dir.clone(), e))?;
+        let ckpt_path = opts.out_dir.join("checkpoint.safetensors");
+        let log_path = opts.out_dir.join("log.csv");
+
+        // Start fresh, or pick up exactly where the checkpoint left off.
+        let (mut p, mut adam, mut state, mut log, mut best) = if opts.resume && ckpt_path.exists() {
+            let ck = Checkpoint::load(&ckpt_path)?;
+            if ck.state.config != cfg.identity() {
+                return Err(TrainError::Checkpoint {
+                    path: ckpt_path,
+                    reason:
+                        "it was made by a different configuration (task, seed or hyper-parameters)"
+                            .into(),
+                });
+            }
+            let mut adam = Adam::new(cfg.lr, &ck.p);
+            adam.m = ck.m;
+            adam.v = ck.v;
+            adam.t = ck.state.adam_t;
+            let log: Vec<LogRow> = if log_path.exists() {
+                read_log(&log_path)?
+                    .into_iter()
+                    .filter(|r| r.step <= ck.state.step)
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            (ck.p, adam, ck.state, log, ck.best)
+        } else {
+            let init = SvfLogits::init(decomp, cfg.targets, cfg.seed, cfg.init_mean, cfg.init_std)?;
+            let p = init.to_host()?;
+            let adam = Adam::new(cfg.lr, &p);
+            let state = TrainState {
+                step: 0,
+                adam_t: 0,
+                best_val: None,
+                best_step: 0,
+                config: cfg.identity(),
+            };
+            let best = p.clone();
+            (p, adam, state, Vec::new(), best)
+        };
+
+        let bar = progress_bar(opts.progress, cfg.steps as u64, state.step as u64);
+        let started = Instant::now();
+        let prior_seconds = log.last().map(|r| r.seconds).unwrap_or(0.0);
+        let max_len = 4096;
+        let policy = Policy::new(&self.engine.loaded.model, decomp, max_len)?;
+
+        // The starting point is scored too: it is the base model up to the init noise.
+        if state.step == 0 && state.best_val.is_none() {
+            let acc = self.validate(&area, &val_items, cfg, &p, 0)?;
+            state.best_val = Some(acc);
+            log.push(LogRow {
+                step: 0,
+                loss: f64::NAN,
+                train_acc: f64::NAN,
+                grad_norm: 0.0,
+                kl: 0.0,
+                val_acc: Some(acc),
+                seconds: 0.0,
+            });
+            bar.set_message(format!("val {acc:.3} at step 0"));
+        }
+
+        let mut ran = 0;
+        while state.step < cfg.steps && opts.stop_after.is_none_or(|k| ran < k) {
+            let step = state.step + 1;
+            let batch = sample_batch(&train_items, cfg.batch, cfg.seed, step);
+            let z = z_of(&p);
+            let adaptation = Adaptation::Vectors {
+                name: format!("train-{}-{step}", cfg.name),
+                z: ZVectors(Arc::new(z)),
+            };
+            let seed = cfg.seed;
+            let temperature = cfg.temperature;
+            let answers = self.answer_and_verify(
+                &area,
+                &batch,
+                &adaptation,
+                cfg.max_new_tokens,
+                |i| SamplingParams {
+                    temperature,
+                    seed: Some(seed ^ ((step as u64) << 20) ^ i as u64),
+                    ..Default::default()
+                },
+                None,
+            )?;
+            drop(adaptation);
+            let train_acc =
+                answers.iter().filter(|(c, _)| *c).count() as f64 / answers.len() as f64;
+
+            // REINFORCE over the step's rollouts, in micro-batches whose gradients add up.
+            let logits = SvfLogits::from_host(p.clone())?;
+            let mut grads: BTreeMap<ProjId, Vec<f32>> = BTreeMap::new();
+            let (mut loss_sum, mut kl_sum) = (0.0f64, 0.0f64);
+            let n = answers.len() as f64;
+            let scored: Vec<(f64, Scored)> = batch
+                .iter()
+                .zip(&answers)
+                .map(|(it, (ok, r))| {
+                    let prompt = self
+                        .generator
+                        .chat_prompt(&t2_tasks::prompts::user_message(&area, it))?;
+                    let from = prompt.len();
+                    let mut tokens = prompt;
+                    tokens.extend_from_slice(&r.tokens);
+                    Ok((if *ok { 1.0 } else { -1.0 }, Scored { tokens, from }))
+                })
+                .collect::<Result<_>>()?;
+            for chunk in scored.chunks(cfg.micro_batch) {
+                let seqs: Vec<Scored> = chunk.iter().map(|(_, s)| s.clone()).collect();
+                if seqs.iter().any(|s| s.tokens.len() > max_len) {
+                    return Err(TrainError::Config(format!(
+                        "a rollout is longer than {max_len} tokens"
+                    )));
+                }
+                let out = policy.score(Some(&logits), &seqs, cfg.kl > 0.0)?;
+                let mut objective: Option<Tensor> = None;
+                for (k, &(start, len)) in out.spans.iter().enumerate() {
+                    let mean_lp = out.token_logprobs.narrow(0, start, len)?.mean_all()?;
+                    let term = (mean_lp * (chunk[k].0 / n))?;
+                    objective = Some(match objective {
+                        Some(o) => (o + term)?,
+                        None => term,
+                    });
+                }
+                let mut loss = objective.expect("a chunk has sequences").neg()?;
+                if cfg.kl > 0.0 {
+                    let base = policy.score(None, &seqs, true)?;
+                    let lp = out.log_softmax.as_ref().expect("asked for");
+                    let lq = base.log_softmax.expect("asked for").detach();
+                    // Mean over scored positions of Σ_v p(v)·(log p(v) − log q(v)), weighted like the reward term.
+                    let per_row = (lp.exp()? * (lp - lq)?)?.sum(1)?;
+                    let kl_term =
+                        (per_row.sum_all()? * (seqs.len() as f64 / n / per_row.dim(0)? as f64))?;
+                    kl_sum += kl_term.to_scalar::<f32>()? as f64;
+                    loss = (loss + (kl_term * cfg.kl)?)?;
+                }
+                loss_sum += loss.to_scalar::<f32>()? as f64;
+                let g = loss.backward()?;
+                accumulate(&mut grads, &g, &logits)?;
+            }
+            let grad_norm = clip_grad_norm(&mut grads, cfg.clip);
+            adam.step(&mut p, &grads);
+            state.step = step;
+            state.adam_t = adam.t;
+            ran += 1;
+
+            let val_acc = if step % cfg.eval_every == 0 || step == cfg.steps {
+                let acc = self.validate(&area, &val_items, cfg, &p, step)?;
+                if state.best_val.is_none_or(|b| acc > b) {
+                    state.best_val = Some(acc);
+                    state.best_step = step;
+                    best = p.clone();
+                }
+                Some(acc)
+            } else {
+                None
+            };
+            log.push(LogRow {
+                step,
+                loss: loss_sum,
+                train_acc,
+                grad_norm,
+                kl: kl_sum,
+                val_acc,
+                seconds: prior_seconds + started.elapsed().as_secs_f64(),
+            });
+            bar.inc(1);
+            bar.set_message(format!(
+                "loss {loss_sum:+.4} train {train_acc:.3} best val {:.3} (step {})",
+                state.best_val.unwrap_or(0.0),
+                state.best_step
+            ));
+            // Checkpoint and log after every step: an interrupted run loses at most one step.
+            Checkpoint {
+                state: state.clone(),
+                p: p.clone(),
+                m: adam.m.clone(),
+                v: adam.v.clone(),
+                best: best.clone(),
+            }
+            .save(&ckpt_path)?;
+            write_log(&log_path, &log)?;
+            write_curve(&opts.out_dir.join("curve.svg"), &cfg.name, &cfg.task, &log)?;
+        }
+        bar.finish();
+        let seconds = prior_seconds + started.elapsed().as_secs_f64();
+        if state.step == 0 {
+            write_log(&log_path, &log)?;
+        }
+
+        let mut expert_path = None;
+        if state.step >= cfg.steps {
+            let expert = self.expert(cfg, &task, &best, &state, seconds, &opts.command)?;
+            expert.save(&opts.out_dir.join(format!("{}.safetensors", cfg.name)))?;
+            if let Some(root) = &opts.experts_dir {
+                let mut store = ExpertStore::open(root, &self.engine.loaded.model_id, decomp)?;
+                store.add(expert, decomp)?;
+                expert_path = Some(store.dir.join(format!("{}.safetensors", cfg.name)));
+            }
+        }
+        Ok(TrainSummary {
+            steps: state.step,
+            best_step: state.best_step,
+            best_val: state.best_val.unwrap_or(0.0),
+            seconds,
+            log,
+            expert_path,
+        })
+    }
+
+    fn validate(
+        &self,
+        area: &str,
+        items: &[TaskItem],
+        cfg: &TrainConfig,
+        p: &BTreeMap<ProjId, Vec<f32>>,
+        step: usize,
+    ) -> Result<f64> {
+        let adaptation = Adaptation::Vectors {
+            name: format!("val-{}-{step}", cfg.name),
+            z: ZVectors(Arc::new(z_of(p))),
+        };
+        let answers = self.answer_and_verify(
+            area,
+            items,
+            &adaptation,
+            cfg.max_new_tokens,
+            |_| SamplingParams::default(),
+            None,
+        )?;
+        Ok(answers.iter().filter(|(c, _)| *c).count() as f64 / answers.len() as f64)
+    }
+
+    fn expert(
+        &self,
+        cfg: &TrainConfig,
+        task: &Task,
+        best: &BTreeMap<ProjId, Vec<f32>>,
+        state: &TrainState,
+        seconds: f64,
+        command: &str,
+    ) -> Result<Expert> {
+        let decomp = &self.engine.svf.as_ref().expect("checked").decomp;
+        let category = if cfg.category.is_empty() {
+            task.info.area.clone()
+        } else {
+            cfg.category.clone()
+        };
+        let provenance = BTreeMap::from([
+            ("command".to_string(), command.to_string()),
+            ("task".into(), cfg.task.clone()),
+            ("data".into(), task.info.source.clone()),
+            ("steps".into(), state.step.to_string()),
+            ("best_step".into(), state.best_step.to_string()),
+            ("seed".into(), cfg.seed.to_string()),
+            (
+                "val_accuracy".into(),
+                format!("{:.4}", state.best_val.unwrap_or(0.0)),
+            ),
+            ("val_items".into(), cfg.val_limit.to_string()),
+            ("train_seconds".into(), format!("{seconds:.0}")),
+            (
+                "config".into(),
+                serde_json::to_string(cfg).expect("config serializes"),
+            ),
+        ]);
+        Ok(Expert {
+            meta: ExpertMeta {
+                name: cfg.name.clone(),
+                description: format!(
+                    "{} expert trained with REINFORCE on {}",
+                    task.info.area, cfg.task
+                ),
+                category,
+                model_id: self.engine.loaded.model_id.clone(),
+                decomposition_hash: decomp.hash.clone(),
+                targets: cfg.targets,
+                provenance,
+            },
+            z: z_of(best),
+        })
+    }
+}
+
+fn z_of(p: &BTreeMap<ProjId, Vec<f32>>) -> BTreeMap<ProjId, Vec<f32>> {
+    p.iter()
+        .map(|(id, v)| (*id, v.iter().map(|&x| crate::policy::sigmoid(x)).collect()))
+        .collect()
+}
+
+/// The step's prompts: a seeded shuffle of the training split (all of it when the batch is larger).
+pub fn sample_batch(items: &[TaskItem], batch: usize, seed: u64, step: usize) -> Vec<TaskItem> {
+    let mut idx: Vec<usize> = (0..items.len()).collect();
+    let mut rng =
+        rand::rngs::StdRng::seed_from_u64(seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
+    idx.shuffle(&mut rng);
+    idx.truncate(batch.min(items.len()));
+    idx.into_iter().map(|i| items[i].clone()).collect()
+}
+
+fn accumulate(
+    acc: &mut BTreeMap<ProjId, Vec<f32>>,
+    g: &GradStore,
+    logits: &SvfLogits,
+) -> Result<()> {
+    for (id, var) in logits.vars() {
+        let Some(grad) = g.get(var.as_tensor()) else {
+            continue;
+        };
+        let v = grad.to_vec1::<f32>()?;
+        match acc.get_mut(id) {
+            Some(a) => a.iter_mut().zip(&v).for_each(|(a, b)| *a += b),
+            None => {
+                acc.insert(*id, v);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn write_log(path: &Path, log: &[LogRow]) -> Result<()> {
+    let tmp = path.with_extension("csv.tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(|e| TrainError::Io(tmp.clone(), e))?;
+    let mut text = String::from(CSV_HEADER);
+    text.push('\n');
+    for r in log {
+        text.push_str(&r.csv());
+        text.push('\n');
+    }
+    f.write_all(text.as_bytes())
+        .map_err(|e| TrainError::Io(tmp.clone(), e))?;
+    std::fs::rename(&tmp, path).map_err(|e| TrainError::Io(path.into(), e))
+}
+
+fn write_curve(path: &Path, name: &str, task: &str, log: &[LogRow]) -> Result<()> {
+    let train: Vec<(f64, f64)> = log
+        .iter()
+        .filter(|r| r.train_acc.is_finite())
+        .map(|r| (r.step as f64, r.train_acc))
+        .collect();
+    // A moving average reads better than the raw, noisy per-batch accuracy.
+    let smooth: Vec<(f64, f64)> = train
+        .iter()
+        .enumerate()
+        .map(|(i, &(x, _))| {
+            let lo = i.saturating_sub(4);
+            let w = &train[lo..=i];
+            (x, w.iter().map(|p| p.1).sum::<f64>() / w.len() as f64)
+        })
+        .collect();
+    let val: Vec<(f64, f64)> = log
+        .iter()
+        .filter_map(|r| r.val_acc.map(|v| (r.step as f64, v)))
+        .collect();
+    let svg = line_chart(
+        &format!("{name}: REINFORCE on {task}"),
+        "step",
+        "accuracy",
+        (0.0, 1.0),
+        &[
+            Series {
+                name: "train batch".into(),
+                color: "#9ecae1",
+                points: train,
+            },
+            Series {
+                name: "train (avg of 5)".into(),
+                color: "#3182bd",
+                points: smooth,
+            },
+            Series {
+                name: "validation".into(),
+                color: "#e6550d",
+                points: val,
+            },
+        ],
+    );
+    std::fs::write(path, svg).map_err(|e| TrainError::Io(path.into(), e))
+}
+
+fn progress_bar(show: bool, len: u64, pos: u64) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] step {pos}/{len} eta {eta} {msg}",
+        )
+        .expect("a valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_position(pos);
+    bar
+}
