@@ -48,7 +48,7 @@ pub struct TrainArgs {
     /// Validate (and keep the best) every this many steps
     #[arg(long, default_value_t = 10)]
     pub eval_every: usize,
-    /// Validation items used for selection
+    /// Validation items used for selection (a fixed-seed sample)
     #[arg(long, default_value_t = 256)]
     pub val_limit: usize,
     /// Tokens per rollout [default: by answer kind: 96 numbers, 32 choices, 192 code]
@@ -84,11 +84,24 @@ pub struct TrainArgs {
     /// Sequences generated together in a rollout
     #[arg(long, default_value_t = 32)]
     pub rollout_batch: usize,
+    /// generate (answers checked by the verifier) or label (multiple choice: π over the options' first
+    /// tokens, as pass-1 routing reads it) [default: label for routing tasks, else generate]
+    #[arg(long)]
+    pub rollouts: Option<String>,
+    /// Subtract the batch's mean reward from each reward (a REINFORCE baseline; the paper has none)
+    #[arg(long)]
+    pub reward_baseline: bool,
 }
 
 pub fn train(a: TrainArgs) -> Result<()> {
     let task = t2_tasks::Task::open(&a.data, &a.task)?;
     let items = task.items(Split::Train)?;
+    let label_policy = match a.rollouts.as_deref() {
+        None => task.info.area == "routing",
+        Some("generate") => false,
+        Some("label") => true,
+        Some(other) => bail!("unknown --rollouts '{other}' (generate, label)"),
+    };
     let cfg = TrainConfig {
         task: a.task.clone(),
         name: a.name.clone(),
@@ -109,6 +122,8 @@ pub fn train(a: TrainArgs) -> Result<()> {
         seed: a.seed,
         init_mean: a.init_mean,
         init_std: a.init_std,
+        label_policy,
+        reward_baseline: a.reward_baseline,
     };
     cfg.check()?;
     let engine = Arc::new(open_engine(&a.model, &a.svf, true)?);
@@ -169,7 +184,7 @@ pub struct EvalArgs {
     pub adaptation: Vec<String>,
     #[arg(long, default_value = "test")]
     pub split: String,
-    /// Evaluate the first N items of each split
+    /// Evaluate a fixed-seed sample of N items of each split
     #[arg(long)]
     pub limit: Option<usize>,
     /// generate (answers checked by the verifier) or loglik (multiple choice by log-likelihood)

@@ -304,3 +304,93 @@ fn corrupt_decomposition_cache_is_rebuilt_by_decompose() {
         String::from_utf8_lossy(&third.stdout)
     );
 }
+
+#[test]
+fn train_and_eval_refuse_bad_input() {
+    let data = repo().join("data/tasks");
+    assert!(data.exists(), "run `bash scripts/fetch-data.sh` first");
+    let m = model();
+    let common = ["--model", s(&m), "--data", s(&data)];
+    // A task that does not exist names the ones that do.
+    let o = t2(&[&["train", "--task", "nosuch", "--name", "x"][..], &common].concat());
+    assert_clean_failure(
+        &o,
+        "unknown task 'nosuch'; known tasks: arc_challenge, arc_easy, arith",
+    );
+    let o = t2(&[&["eval", "--task", "arith,nosuch"][..], &common].concat());
+    assert_clean_failure(&o, "unknown task 'nosuch'");
+    // No data at all: say how to get it.
+    let o = t2(&[
+        "train",
+        "--task",
+        "arith",
+        "--name",
+        "x",
+        "--data",
+        "/nonexistent/tasks",
+    ]);
+    assert_clean_failure(&o, "run `bash scripts/fetch-data.sh` first");
+    // Hyper-parameters and names are checked before any work.
+    let o = t2(&[
+        &["train", "--task", "arith", "--name", "x", "--lr=-1"][..],
+        &common,
+    ]
+    .concat());
+    assert_clean_failure(&o, "learning rate must be a positive number");
+    let o = t2(&[&["train", "--task", "arith", "--name", "auto"][..], &common].concat());
+    assert_clean_failure(&o, "reserved");
+    let o = t2(&[
+        &[
+            "train",
+            "--task",
+            "arith",
+            "--name",
+            "x",
+            "--rollouts",
+            "label",
+        ][..],
+        &common,
+    ]
+    .concat());
+    assert_clean_failure(&o, "label policy needs a multiple-choice task");
+    let o = t2(&[&["eval", "--task", "arith", "--split", "dev"][..], &common].concat());
+    assert_clean_failure(&o, "unknown split 'dev'");
+    let o = t2(&[
+        &["eval", "--task", "arith", "--adaptation", "nosuch-expert"][..],
+        &common,
+    ]
+    .concat());
+    assert_clean_failure(&o, "nosuch-expert");
+    let o = t2(&[
+        &[
+            "eval", "--task", "arith", "--mode", "loglik", "--limit", "2",
+        ][..],
+        &common,
+    ]
+    .concat());
+    assert_clean_failure(&o, "needs a multiple-choice task");
+
+    // A damaged checkpoint is refused on resume, never half-used.
+    let out = tempfile::tempdir().unwrap();
+    std::fs::write(
+        out.path().join("checkpoint.safetensors"),
+        b"not a checkpoint at all",
+    )
+    .unwrap();
+    let o = t2(&[
+        &[
+            "train",
+            "--task",
+            "sst2",
+            "--name",
+            "x",
+            "--resume",
+            "--no-install",
+            "--out",
+            s(out.path()),
+        ][..],
+        &common,
+    ]
+    .concat());
+    assert_clean_failure(&o, "is unusable");
+}

@@ -19,26 +19,29 @@ const CATEGORY_HINTS: &[(&str, &str)] = &[
     ("other", "anything else"),
 ];
 
-/// The pass-1 prompt: classify `request` as exactly one of `labels`, answering `\boxed{label}`.
+/// The pass-1 prompt: the request first, then the question, so that a small model does not start
+/// answering the request itself. The label is read after [`ROUTING_ANSWER_PREFIX`] in the reply.
 pub fn routing_prompt(request: &str, labels: &[String]) -> String {
-    let mut s = String::from("Classify the request below into exactly one of these categories:\n");
+    let mut s = String::from("Here is a request:\n\"\"\"\n");
+    s.push_str(request.trim());
+    s.push_str("\n\"\"\"\nDo not answer it. Classify it into one of these categories:\n");
     for l in labels {
-        let hint = CATEGORY_HINTS
-            .iter()
-            .find(|(k, _)| k == l)
-            .map(|(_, h)| *h)
-            .unwrap_or("");
-        if hint.is_empty() {
-            s.push_str(&format!("- {l}\n"));
-        } else {
-            s.push_str(&format!("- {l}: {hint}\n"));
+        match CATEGORY_HINTS.iter().find(|(k, _)| k == l) {
+            Some((_, hint)) => s.push_str(&format!("- {l}: {hint}\n")),
+            None => s.push_str(&format!("- {l}\n")),
         }
     }
-    s.push_str("Do not answer the request. Reply with the category name in \\boxed{}, for example \\boxed{");
-    s.push_str(labels.first().map(String::as_str).unwrap_or("other"));
-    s.push_str("}.\n\nRequest:\n");
-    s.push_str(request);
+    s.push_str("Reply with the category name only.");
     s
+}
+
+/// The start of the assistant's reply that a label continues (" code", " math", ...): pass 1 reads the
+/// label's likelihood right after it instead of hoping the model answers in the expected format.
+pub const ROUTING_ANSWER_PREFIX: &str = "This request is about";
+
+/// Text the reply is primed with for a task of `area`, if any.
+pub fn answer_prefix(area: &str) -> Option<&'static str> {
+    (area == "routing").then_some(ROUTING_ANSWER_PREFIX)
 }
 
 /// The user message for one item of a task of `area`.

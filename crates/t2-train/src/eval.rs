@@ -42,7 +42,7 @@ pub struct EvalConfig {
     /// (label, adaptation) pairs, e.g. ("base", Base), ("math", Expert("math")).
     pub adaptations: Vec<(String, Adaptation)>,
     pub split: Split,
-    /// The first `limit` items of each split (the files are in a fixed shuffled order).
+    /// A fixed-seed sample of `limit` items of each split (see [`subset`]).
     pub limit: Option<usize>,
     /// Tokens per answer (None: by answer kind).
     pub max_new_tokens: Option<usize>,
@@ -89,7 +89,7 @@ pub fn load_items(cfg: &EvalConfig, name: &str) -> Result<(Task, Vec<TaskItem>)>
     let task = Task::open(&cfg.data_dir, name)?;
     let mut items = task.items(cfg.split)?;
     if let Some(l) = cfg.limit {
-        items.truncate(l);
+        items = subset(items, l);
     }
     if items.is_empty() {
         return Err(TrainError::Config(format!(
@@ -98,6 +98,21 @@ pub fn load_items(cfg: &EvalConfig, name: &str) -> Result<(Task, Vec<TaskItem>)>
         )));
     }
     Ok((task, items))
+}
+
+/// `n` items chosen by a fixed seed, in file order: split files may be grouped (the routing task lists
+/// its sources one after another), so "the first n" would not be a fair sample.
+pub fn subset(items: Vec<TaskItem>, n: usize) -> Vec<TaskItem> {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    if n >= items.len() {
+        return items;
+    }
+    let mut idx: Vec<usize> = (0..items.len()).collect();
+    idx.shuffle(&mut rand::rngs::StdRng::seed_from_u64(0x7461_736b));
+    let mut keep = idx[..n].to_vec();
+    keep.sort_unstable();
+    keep.into_iter().map(|i| items[i].clone()).collect()
 }
 
 /// Generation mode: every task × adaptation in one stream of jobs.
@@ -259,13 +274,22 @@ pub fn pick_by_loglik(
                 it.id
             )));
         };
-        prompts.push(engine.encode_chat(&[ChatMessage {
+        let mut prompt = engine.encode_chat(&[ChatMessage {
             role: "user".into(),
             content: t2_tasks::prompts::user_message(area, it),
-        }])?);
+        }])?;
+        // A primed reply ("This request is about") is continued by the option after a space.
+        let prefix = t2_tasks::prompts::answer_prefix(area);
+        if let Some(p) = prefix {
+            prompt.extend(tok.encode(p).map_err(|e| TrainError::Engine(e.into()))?);
+        }
+        prompts.push(prompt);
         options.push(
             opts.iter()
-                .map(|o| tok.encode(o))
+                .map(|o| match prefix {
+                    Some(_) => tok.encode(&format!(" {o}")),
+                    None => tok.encode(o),
+                })
                 .collect::<std::result::Result<Vec<_>, _>>()
                 .map_err(|e| TrainError::Engine(e.into()))?,
         );

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, Var, D};
 use t2_model::llama::{rope_tables, Linear};
 use t2_model::{Llama, ProjId, RopeStyle};
 use t2_svf::{Decomposition, TargetSet};
@@ -154,7 +154,6 @@ impl<'a> Policy<'a> {
         batch: &[Scored],
         want_log_softmax: bool,
     ) -> Result<ScoredBatch> {
-        let cfg = &self.model.cfg;
         let dev = self.model.device();
         let b = batch.len();
         let t = batch.iter().map(|s| s.tokens.len()).max().unwrap_or(0);
@@ -186,10 +185,37 @@ impl<'a> Policy<'a> {
             Some(l) => Some(self.scales(l)?),
             None => None,
         };
+        let x = self.hidden(&scales, ids, b, t)?;
+        let n = rows.len();
+        let rows = Tensor::from_vec(rows, n, dev)?;
+        let h = x.index_select(&rows, 0)?;
+        let h = rms_norm(&h, &self.model.norm.weight, self.model.norm.eps)?;
+        let logits = const_linear(&h, &self.model.lm_head)?;
+        let log_softmax = log_softmax_last(&logits)?;
+        let targets = Tensor::from_vec(targets, (n, 1), dev)?;
+        let token_logprobs = log_softmax.gather(&targets, 1)?.squeeze(1)?;
+        Ok(ScoredBatch {
+            token_logprobs,
+            spans,
+            log_softmax: want_log_softmax.then_some(log_softmax),
+        })
+    }
 
+    /// The last hidden states (before the final norm) of a right-padded (b, t) batch, as (b·t, hidden).
+    fn hidden(
+        &self,
+        scales: &Option<BTreeMap<ProjId, Tensor>>,
+        ids: Vec<u32>,
+        b: usize,
+        t: usize,
+    ) -> Result<Tensor> {
         // Right padding: the causal mask already hides every pad from the real positions before it.
+        let dev = self.model.device();
+        let cfg = &self.model.cfg;
         let ids = Tensor::from_vec(ids, b * t, dev)?;
-        let mut x = self.model.embed.index_select(&ids, 0)?;
+        // Nothing upstream of the embeddings trains: detached, the backward pass stops here instead of
+        // scattering a gradient into a copy of the whole embedding table.
+        let mut x = self.model.embed.index_select(&ids, 0)?.detach();
         let mask = causal_mask(t, dev)?;
         let cos = self.cos.narrow(0, 0, t)?;
         let sin = self.sin.narrow(0, 0, t)?;
@@ -197,13 +223,13 @@ impl<'a> Policy<'a> {
             let h = rms_norm(&x, &block.attn_norm.weight, block.attn_norm.eps)?;
             let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
             let q = self
-                .linear(&block.attn.q, &h, &scales)?
+                .linear(&block.attn.q, &h, scales)?
                 .reshape((b, t, nh, hd))?;
             let k = self
-                .linear(&block.attn.k, &h, &scales)?
+                .linear(&block.attn.k, &h, scales)?
                 .reshape((b, t, nkv, hd))?;
             let v = self
-                .linear(&block.attn.v, &h, &scales)?
+                .linear(&block.attn.v, &h, scales)?
                 .reshape((b, t, nkv, hd))?;
             let q = rope(&q, &cos, &sin, cfg.rope_style)?
                 .transpose(1, 2)?
@@ -216,25 +242,50 @@ impl<'a> Policy<'a> {
             let att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(&mask)?;
             let att = softmax_last(&att)?;
             let out = att.matmul(&v)?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
-            x = (x + self.linear(&block.attn.o, &out, &scales)?)?;
+            x = (x + self.linear(&block.attn.o, &out, scales)?)?;
             let h = rms_norm(&x, &block.mlp_norm.weight, block.mlp_norm.eps)?;
-            let gate = self.linear(&block.mlp.gate, &h, &scales)?.silu()?;
-            let up = self.linear(&block.mlp.up, &h, &scales)?;
-            x = (x + self.linear(&block.mlp.down, &(gate * up)?, &scales)?)?;
+            let gate = self.linear(&block.mlp.gate, &h, scales)?.silu()?;
+            let up = self.linear(&block.mlp.up, &h, scales)?;
+            x = (x + self.linear(&block.mlp.down, &(gate * up)?, scales)?)?;
         }
-        let n = rows.len();
-        let rows = Tensor::from_vec(rows, n, dev)?;
-        let h = x.index_select(&rows, 0)?;
+        Ok(x)
+    }
+
+    /// For each prompt, log π(c | prompt) of each candidate next token, renormalised over the candidates:
+    /// a policy over a few labels that differ at their first token, read from one forward per prompt.
+    /// Returns (prompts, candidates).
+    pub fn candidate_logprobs(
+        &self,
+        logits: Option<&SvfLogits>,
+        prompts: &[Vec<u32>],
+        candidates: &[u32],
+    ) -> Result<Tensor> {
+        let dev = self.model.device();
+        let b = prompts.len();
+        let t = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        if b == 0 || t == 0 || candidates.is_empty() {
+            candle_core::bail!("nothing to score");
+        }
+        let mut ids = vec![0u32; b * t];
+        let mut rows = Vec::with_capacity(b);
+        for (i, p) in prompts.iter().enumerate() {
+            ids[i * t..i * t + p.len()].copy_from_slice(p);
+            rows.push((i * t + p.len() - 1) as u32);
+        }
+        let scales = match logits {
+            Some(l) => Some(self.scales(l)?),
+            None => None,
+        };
+        let x = self.hidden(&scales, ids, b, t)?;
+        let h = x.index_select(&Tensor::from_vec(rows, b, dev)?, 0)?;
         let h = rms_norm(&h, &self.model.norm.weight, self.model.norm.eps)?;
-        let logits = h.matmul(&self.model.lm_head.t()?)?;
-        let log_softmax = log_softmax_last(&logits)?;
-        let targets = Tensor::from_vec(targets, (n, 1), dev)?;
-        let token_logprobs = log_softmax.gather(&targets, 1)?.squeeze(1)?;
-        Ok(ScoredBatch {
-            token_logprobs,
-            spans,
-            log_softmax: want_log_softmax.then_some(log_softmax),
-        })
+        let picked = self
+            .model
+            .lm_head
+            .index_select(&Tensor::from_slice(candidates, candidates.len(), dev)?, 0)?;
+        // Only the candidates' rows of the output head matter once renormalised over them.
+        let logits = const_linear(&h, &picked)?;
+        log_softmax_last(&logits)
     }
 
     /// s = σ⊙z·(Σσ/Σ(σ⊙z)) per adapted matrix, as (1, r) rows, in the graph.
@@ -262,9 +313,9 @@ impl<'a> Policy<'a> {
         let y = match scales.as_ref().and_then(|s| s.get(&lin.id)) {
             Some(s) => {
                 let f = &self.decomp.factors[&lin.id];
-                x.matmul(&f.vt.t()?)?.broadcast_mul(s)?.matmul(&f.u.t()?)?
+                const_linear(&const_linear(x, &f.vt)?.broadcast_mul(s)?, &f.u)?
             }
-            None => x.matmul(&lin.weight.t()?)?,
+            None => const_linear(x, &lin.weight)?,
         };
         match &lin.bias {
             Some(bias) => y.broadcast_add(bias),
@@ -337,4 +388,37 @@ fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
     let shifted = x.broadcast_sub(&m)?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
     shifted.broadcast_sub(&lse)
+}
+
+/// y = x·Wᵀ for a constant W (out, in), whose backward pass gives ∂/∂x only. Candle's matmul backward
+/// also computes ∂/∂W, a second product as large as the forward one, for weights that never train.
+fn const_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(ConstLinear { w: w.clone() })
+}
+
+struct ConstLinear {
+    w: Tensor,
+}
+
+impl CustomOp1 for ConstLinear {
+    fn name(&self) -> &'static str {
+        "const-linear"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("const-linear runs in f32");
+        };
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("const-linear wants a contiguous input");
+        };
+        let x = Tensor::from_slice(&data[a..b], layout.shape(), &Device::Cpu)?;
+        let y = x.broadcast_matmul(&self.w.t()?)?;
+        let shape = y.shape().clone();
+        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.broadcast_matmul(&self.w)?))
+    }
 }

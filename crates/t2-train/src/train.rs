@@ -61,6 +61,14 @@ pub struct TrainConfig {
     pub seed: u64,
     pub init_mean: f32,
     pub init_std: f32,
+    /// Multiple-choice tasks only: the policy is the distribution over the options' first tokens after the
+    /// task's answer prefix (one forward per prompt, no generation), as pass-1 routing reads it.
+    #[serde(default)]
+    pub label_policy: bool,
+    /// Subtract the batch's mean reward (a REINFORCE baseline): a right answer among many wrong ones then
+    /// pulls harder than the wrong ones push. Off in the paper.
+    #[serde(default)]
+    pub reward_baseline: bool,
 }
 
 impl TrainConfig {
@@ -85,6 +93,8 @@ impl TrainConfig {
             seed: 0,
             init_mean: 0.1,
             init_std: 0.01,
+            label_policy: false,
+            reward_baseline: false,
         }
     }
 
@@ -140,28 +150,35 @@ pub struct LogRow {
     pub grad_norm: f64,
     pub kl: f64,
     pub val_acc: Option<f64>,
+    /// Wall time since the start of the run.
     pub seconds: f64,
+    /// This step's time generating rollouts, and computing and applying the gradient.
+    pub rollout_seconds: f64,
+    pub update_seconds: f64,
 }
 
-const CSV_HEADER: &str = "step,loss,train_acc,grad_norm,kl,val_acc,seconds";
+const CSV_HEADER: &str =
+    "step,loss,train_acc,grad_norm,kl,val_acc,seconds,rollout_seconds,update_seconds";
 
 impl LogRow {
     fn csv(&self) -> String {
         format!(
-            "{},{:.6},{:.4},{:.6e},{:.6},{},{:.1}",
+            "{},{:.6},{:.4},{:.6e},{:.6},{},{:.1},{:.1},{:.1}",
             self.step,
             self.loss,
             self.train_acc,
             self.grad_norm,
             self.kl,
             self.val_acc.map(|v| format!("{v:.4}")).unwrap_or_default(),
-            self.seconds
+            self.seconds,
+            self.rollout_seconds,
+            self.update_seconds
         )
     }
 
     pub fn parse(line: &str) -> Option<Self> {
         let f: Vec<&str> = line.split(',').collect();
-        if f.len() != 7 {
+        if f.len() != 9 {
             return None;
         }
         Some(Self {
@@ -176,6 +193,8 @@ impl LogRow {
                 Some(f[5].parse().ok()?)
             },
             seconds: f[6].parse().ok()?,
+            rollout_seconds: f[7].parse().ok()?,
+            update_seconds: f[8].parse().ok()?,
         })
     }
 }
@@ -269,11 +288,7 @@ impl Trainer {
         let task = Task::open(&opts.data_dir, &cfg.task)?;
         let area = task.info.area.clone();
         let train_items = task.items(Split::Train)?;
-        let val_items: Vec<TaskItem> = task
-            .items(Split::Val)?
-            .into_iter()
-            .take(cfg.val_limit)
-            .collect();
+        let val_items = crate::eval::subset(task.items(Split::Val)?, cfg.val_limit);
         if train_items.is_empty() || val_items.is_empty() {
             return Err(TrainError::Config(format!(
                 "task '{}' has an empty train or val split",
@@ -350,6 +365,8 @@ impl Trainer {
                 kl: 0.0,
                 val_acc: Some(acc),
                 seconds: 0.0,
+                rollout_seconds: 0.0,
+                update_seconds: 0.0,
             });
             bar.set_message(format!("val {acc:.3} at step 0"));
         }
@@ -358,82 +375,22 @@ impl Trainer {
         while state.step < cfg.steps && opts.stop_after.is_none_or(|k| ran < k) {
             let step = state.step + 1;
             let batch = sample_batch(&train_items, cfg.batch, cfg.seed, step);
-            let z = z_of(&p);
-            let adaptation = Adaptation::Vectors {
-                name: format!("train-{}-{step}", cfg.name),
-                z: ZVectors(Arc::new(z)),
+            let StepOut {
+                train_acc,
+                loss: loss_sum,
+                kl: kl_sum,
+                mut grads,
+                rollout_seconds,
+                mut update_seconds,
+            } = if cfg.label_policy {
+                self.label_step(cfg, &area, &batch, &p, &policy)?
+            } else {
+                self.generate_step(cfg, &area, &batch, &p, &policy, step, max_len)?
             };
-            let seed = cfg.seed;
-            let temperature = cfg.temperature;
-            let answers = self.answer_and_verify(
-                &area,
-                &batch,
-                &adaptation,
-                cfg.max_new_tokens,
-                |i| SamplingParams {
-                    temperature,
-                    seed: Some(seed ^ ((step as u64) << 20) ^ i as u64),
-                    ..Default::default()
-                },
-                None,
-            )?;
-            drop(adaptation);
-            let train_acc =
-                answers.iter().filter(|(c, _)| *c).count() as f64 / answers.len() as f64;
-
-            // REINFORCE over the step's rollouts, in micro-batches whose gradients add up.
-            let logits = SvfLogits::from_host(p.clone())?;
-            let mut grads: BTreeMap<ProjId, Vec<f32>> = BTreeMap::new();
-            let (mut loss_sum, mut kl_sum) = (0.0f64, 0.0f64);
-            let n = answers.len() as f64;
-            let scored: Vec<(f64, Scored)> = batch
-                .iter()
-                .zip(&answers)
-                .map(|(it, (ok, r))| {
-                    let prompt = self
-                        .generator
-                        .chat_prompt(&t2_tasks::prompts::user_message(&area, it))?;
-                    let from = prompt.len();
-                    let mut tokens = prompt;
-                    tokens.extend_from_slice(&r.tokens);
-                    Ok((if *ok { 1.0 } else { -1.0 }, Scored { tokens, from }))
-                })
-                .collect::<Result<_>>()?;
-            for chunk in scored.chunks(cfg.micro_batch) {
-                let seqs: Vec<Scored> = chunk.iter().map(|(_, s)| s.clone()).collect();
-                if seqs.iter().any(|s| s.tokens.len() > max_len) {
-                    return Err(TrainError::Config(format!(
-                        "a rollout is longer than {max_len} tokens"
-                    )));
-                }
-                let out = policy.score(Some(&logits), &seqs, cfg.kl > 0.0)?;
-                let mut objective: Option<Tensor> = None;
-                for (k, &(start, len)) in out.spans.iter().enumerate() {
-                    let mean_lp = out.token_logprobs.narrow(0, start, len)?.mean_all()?;
-                    let term = (mean_lp * (chunk[k].0 / n))?;
-                    objective = Some(match objective {
-                        Some(o) => (o + term)?,
-                        None => term,
-                    });
-                }
-                let mut loss = objective.expect("a chunk has sequences").neg()?;
-                if cfg.kl > 0.0 {
-                    let base = policy.score(None, &seqs, true)?;
-                    let lp = out.log_softmax.as_ref().expect("asked for");
-                    let lq = base.log_softmax.expect("asked for").detach();
-                    // Mean over scored positions of Σ_v p(v)·(log p(v) − log q(v)), weighted like the reward term.
-                    let per_row = (lp.exp()? * (lp - lq)?)?.sum(1)?;
-                    let kl_term =
-                        (per_row.sum_all()? * (seqs.len() as f64 / n / per_row.dim(0)? as f64))?;
-                    kl_sum += kl_term.to_scalar::<f32>()? as f64;
-                    loss = (loss + (kl_term * cfg.kl)?)?;
-                }
-                loss_sum += loss.to_scalar::<f32>()? as f64;
-                let g = loss.backward()?;
-                accumulate(&mut grads, &g, &logits)?;
-            }
+            let t_update = Instant::now();
             let grad_norm = clip_grad_norm(&mut grads, cfg.clip);
             adam.step(&mut p, &grads);
+            update_seconds += t_update.elapsed().as_secs_f64();
             state.step = step;
             state.adam_t = adam.t;
             ran += 1;
@@ -457,6 +414,8 @@ impl Trainer {
                 kl: kl_sum,
                 val_acc,
                 seconds: prior_seconds + started.elapsed().as_secs_f64(),
+                rollout_seconds,
+                update_seconds,
             });
             bar.inc(1);
             bar.set_message(format!(
@@ -502,6 +461,182 @@ impl Trainer {
         })
     }
 
+    /// One step with generated rollouts: answers from the current expert, verified, then the REINFORCE
+    /// gradient of their length-normalised log-likelihoods.
+    #[allow(clippy::too_many_arguments)]
+    fn generate_step(
+        &self,
+        cfg: &TrainConfig,
+        area: &str,
+        batch: &[TaskItem],
+        p: &BTreeMap<ProjId, Vec<f32>>,
+        policy: &Policy<'_>,
+        step: usize,
+        max_len: usize,
+    ) -> Result<StepOut> {
+        let t_rollout = Instant::now();
+        let z = z_of(&p);
+        let adaptation = Adaptation::Vectors {
+            name: format!("train-{}-{step}", cfg.name),
+            z: ZVectors(Arc::new(z)),
+        };
+        let seed = cfg.seed;
+        let temperature = cfg.temperature;
+        let answers = self.answer_and_verify(
+            area,
+            batch,
+            &adaptation,
+            cfg.max_new_tokens,
+            |i| SamplingParams {
+                temperature,
+                seed: Some(seed ^ ((step as u64) << 20) ^ i as u64),
+                ..Default::default()
+            },
+            None,
+        )?;
+        drop(adaptation);
+        let rollout_seconds = t_rollout.elapsed().as_secs_f64();
+        let t_update = Instant::now();
+        let train_acc = answers.iter().filter(|(c, _)| *c).count() as f64 / answers.len() as f64;
+
+        // REINFORCE over the step's rollouts, in micro-batches whose gradients add up.
+        let logits = SvfLogits::from_host(p.clone())?;
+        let mut grads: BTreeMap<ProjId, Vec<f32>> = BTreeMap::new();
+        let (mut loss_sum, mut kl_sum) = (0.0f64, 0.0f64);
+        let n = answers.len() as f64;
+        let scored: Vec<(f64, Scored)> = batch
+            .iter()
+            .zip(&answers)
+            .map(|(it, (ok, r))| {
+                let prompt = self
+                    .generator
+                    .chat_prompt(&t2_tasks::prompts::user_message(area, it))?;
+                let from = prompt.len();
+                let mut tokens = prompt;
+                tokens.extend_from_slice(&r.tokens);
+                Ok((if *ok { 1.0 } else { -1.0 }, Scored { tokens, from }))
+            })
+            .collect::<Result<_>>()?;
+        let baseline = if cfg.reward_baseline {
+            scored.iter().map(|(r, _)| r).sum::<f64>() / n
+        } else {
+            0.0
+        };
+        let scored: Vec<(f64, Scored)> =
+            scored.into_iter().map(|(r, s)| (r - baseline, s)).collect();
+        for chunk in scored.chunks(cfg.micro_batch) {
+            let seqs: Vec<Scored> = chunk.iter().map(|(_, s)| s.clone()).collect();
+            if seqs.iter().any(|s| s.tokens.len() > max_len) {
+                return Err(TrainError::Config(format!(
+                    "a rollout is longer than {max_len} tokens"
+                )));
+            }
+            let out = policy.score(Some(&logits), &seqs, cfg.kl > 0.0)?;
+            let mut objective: Option<Tensor> = None;
+            for (k, &(start, len)) in out.spans.iter().enumerate() {
+                let mean_lp = out.token_logprobs.narrow(0, start, len)?.mean_all()?;
+                let term = (mean_lp * (chunk[k].0 / n))?;
+                objective = Some(match objective {
+                    Some(o) => (o + term)?,
+                    None => term,
+                });
+            }
+            let mut loss = objective.expect("a chunk has sequences").neg()?;
+            if cfg.kl > 0.0 {
+                let base = policy.score(None, &seqs, true)?;
+                let lp = out.log_softmax.as_ref().expect("asked for");
+                let lq = base.log_softmax.expect("asked for").detach();
+                // Mean over scored positions of Σ_v p(v)·(log p(v) − log q(v)), weighted like the reward term.
+                let per_row = (lp.exp()? * (lp - lq)?)?.sum(1)?;
+                let kl_term =
+                    (per_row.sum_all()? * (seqs.len() as f64 / n / per_row.dim(0)? as f64))?;
+                kl_sum += kl_term.to_scalar::<f32>()? as f64;
+                loss = (loss + (kl_term * cfg.kl)?)?;
+            }
+            loss_sum += loss.to_scalar::<f32>()? as f64;
+            let g = loss.backward()?;
+            accumulate(&mut grads, &g, &logits)?;
+        }
+        Ok(StepOut {
+            train_acc,
+            loss: loss_sum,
+            kl: kl_sum,
+            grads,
+            rollout_seconds,
+            update_seconds: t_update.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// One step of the label policy: π over the options' first tokens; the greedy pick is rewarded ±1.
+    fn label_step(
+        &self,
+        cfg: &TrainConfig,
+        area: &str,
+        batch: &[TaskItem],
+        p: &BTreeMap<ProjId, Vec<f32>>,
+        policy: &Policy<'_>,
+    ) -> Result<StepOut> {
+        let started = Instant::now();
+        let (prompts, candidates, correct) = self.label_prompts(area, batch)?;
+        let logits = SvfLogits::from_host(p.clone())?;
+        let n = prompts.len() as f64;
+        let mut grads: BTreeMap<ProjId, Vec<f32>> = BTreeMap::new();
+        let (mut loss_sum, mut right) = (0.0f64, 0usize);
+        // The label policy's baseline needs every pick first: one forward without gradients.
+        let baseline = if cfg.reward_baseline {
+            let mut sum = 0.0;
+            for (ps, cs) in prompts
+                .chunks(cfg.micro_batch)
+                .zip(correct.chunks(cfg.micro_batch))
+            {
+                let lp = policy
+                    .candidate_logprobs(Some(&logits), ps, &candidates)?
+                    .to_vec2::<f32>()?;
+                for (row, &c) in lp.iter().zip(cs) {
+                    sum += if t2_tasks::verify::choice_by_scores(row) == c {
+                        1.0
+                    } else {
+                        -1.0
+                    };
+                }
+            }
+            sum / n
+        } else {
+            0.0
+        };
+        for (ps, cs) in prompts
+            .chunks(cfg.micro_batch)
+            .zip(correct.chunks(cfg.micro_batch))
+        {
+            let lp = policy.candidate_logprobs(Some(&logits), ps, &candidates)?;
+            let host = lp.to_vec2::<f32>()?;
+            let mut picks = Vec::with_capacity(ps.len());
+            let mut rewards = Vec::with_capacity(ps.len());
+            for (row, &c) in host.iter().zip(cs) {
+                let pick = t2_tasks::verify::choice_by_scores(row);
+                right += usize::from(pick == c);
+                picks.push(pick as u32);
+                rewards.push((if pick == c { 1.0 } else { -1.0 } - baseline) as f32);
+            }
+            let k = picks.len();
+            let picked = lp
+                .gather(&Tensor::from_vec(picks, (k, 1), lp.device())?, 1)?
+                .squeeze(1)?;
+            let r = Tensor::from_vec(rewards, k, lp.device())?;
+            let loss = ((picked * r)?.sum_all()? * (-1.0 / n))?;
+            loss_sum += loss.to_scalar::<f32>()? as f64;
+            accumulate(&mut grads, &loss.backward()?, &logits)?;
+        }
+        Ok(StepOut {
+            train_acc: right as f64 / n,
+            loss: loss_sum,
+            kl: 0.0,
+            grads,
+            rollout_seconds: 0.0,
+            update_seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
     fn validate(
         &self,
         area: &str,
@@ -510,6 +645,28 @@ impl Trainer {
         p: &BTreeMap<ProjId, Vec<f32>>,
         step: usize,
     ) -> Result<f64> {
+        if cfg.label_policy {
+            let policy = Policy::new(
+                &self.engine.loaded.model,
+                &self.engine.svf.as_ref().expect("checked").decomp,
+                4096,
+            )?;
+            let logits = SvfLogits::from_host(p.clone())?;
+            let (prompts, candidates, correct) = self.label_prompts(area, items)?;
+            let mut right = 0;
+            for (ps, cs) in prompts
+                .chunks(cfg.micro_batch)
+                .zip(correct.chunks(cfg.micro_batch))
+            {
+                let lp = policy
+                    .candidate_logprobs(Some(&logits), ps, &candidates)?
+                    .to_vec2::<f32>()?;
+                for (row, &c) in lp.iter().zip(cs) {
+                    right += usize::from(t2_tasks::verify::choice_by_scores(row) == c);
+                }
+            }
+            return Ok(right as f64 / items.len() as f64);
+        }
         let adaptation = Adaptation::Vectors {
             name: format!("val-{}-{step}", cfg.name),
             z: ZVectors(Arc::new(z_of(p))),
@@ -523,6 +680,68 @@ impl Trainer {
             None,
         )?;
         Ok(answers.iter().filter(|(c, _)| *c).count() as f64 / answers.len() as f64)
+    }
+
+    /// Prompts primed with the task's answer prefix, the first token of each option, and the right option.
+    fn label_prompts(
+        &self,
+        area: &str,
+        items: &[TaskItem],
+    ) -> Result<(Vec<Vec<u32>>, Vec<u32>, Vec<usize>)> {
+        let tok = &self.engine.loaded.tokenizer;
+        let encode = |t: &str| tok.encode(t).map_err(|e| TrainError::Engine(e.into()));
+        let prefix = match t2_tasks::prompts::answer_prefix(area) {
+            Some(p) => encode(p)?,
+            None => Vec::new(),
+        };
+        let options = match items.first().map(|i| &i.answer) {
+            Some(t2_tasks::Answer::Choice { options, .. }) => options.clone(),
+            _ => {
+                return Err(TrainError::Config(
+                    "the label policy needs a multiple-choice task".into(),
+                ))
+            }
+        };
+        let mut candidates = Vec::new();
+        for o in &options {
+            let first = *encode(&format!(" {o}"))?
+                .first()
+                .ok_or_else(|| TrainError::Config("an empty option".into()))?;
+            if candidates.contains(&first) {
+                return Err(TrainError::Config(format!(
+                    "options {options:?} do not differ at their first token: the label policy cannot tell them apart"
+                )));
+            }
+            candidates.push(first);
+        }
+        let mut prompts = Vec::with_capacity(items.len());
+        let mut correct = Vec::with_capacity(items.len());
+        for it in items {
+            let t2_tasks::Answer::Choice {
+                options: o,
+                correct: c,
+                ..
+            } = &it.answer
+            else {
+                return Err(TrainError::Config(format!(
+                    "{} is not multiple choice",
+                    it.id
+                )));
+            };
+            if *o != options {
+                return Err(TrainError::Config(format!(
+                    "{} has other options than the first item",
+                    it.id
+                )));
+            }
+            let mut p = self
+                .generator
+                .chat_prompt(&t2_tasks::prompts::user_message(area, it))?;
+            p.extend_from_slice(&prefix);
+            prompts.push(p);
+            correct.push(*c);
+        }
+        Ok((prompts, candidates, correct))
     }
 
     fn expert(
@@ -574,6 +793,15 @@ impl Trainer {
             z: z_of(best),
         })
     }
+}
+
+struct StepOut {
+    train_acc: f64,
+    loss: f64,
+    kl: f64,
+    grads: BTreeMap<ProjId, Vec<f32>>,
+    rollout_seconds: f64,
+    update_seconds: f64,
 }
 
 fn z_of(p: &BTreeMap<ProjId, Vec<f32>>) -> BTreeMap<ProjId, Vec<f32>> {
