@@ -475,7 +475,7 @@ impl Trainer {
         max_len: usize,
     ) -> Result<StepOut> {
         let t_rollout = Instant::now();
-        let z = z_of(&p);
+        let z = z_of(p);
         let adaptation = Adaptation::Vectors {
             name: format!("train-{}-{step}", cfg.name),
             z: ZVectors(Arc::new(z)),
@@ -687,7 +687,7 @@ impl Trainer {
         &self,
         area: &str,
         items: &[TaskItem],
-    ) -> Result<(Vec<Vec<u32>>, Vec<u32>, Vec<usize>)> {
+    ) -> Result<LabelBatch> {
         let tok = &self.engine.loaded.tokenizer;
         let encode = |t: &str| tok.encode(t).map_err(|e| TrainError::Engine(e.into()));
         let prefix = match t2_tasks::prompts::answer_prefix(area) {
@@ -794,6 +794,9 @@ impl Trainer {
         })
     }
 }
+
+/// Primed prompts, the options' first tokens, and each prompt's right option.
+type LabelBatch = (Vec<Vec<u32>>, Vec<u32>, Vec<usize>);
 
 struct StepOut {
     train_acc: f64,
