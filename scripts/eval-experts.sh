@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Evaluates the base model and every shipped expert on every area's held-out test set (a fixed-seed sample
-# of LIMIT items each; the split files are in data/tasks), and the router on the routing test set by label
+# of LIMIT items each; the split files are in data/tasks), and the router on a sample of the routing test set by label
 # log-likelihood. Results: experts/<model-id>/eval/<task>.{json,md} and the combined eval/README.md table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +17,7 @@ for spec in "arith 24" "pyfunc 96" "arc_easy 12" "sst2 8"; do
     --json "$DIR/$task.json" --markdown "$DIR/$task.md"
 done
 echo "== route"
-"$T2" eval --task route --mode loglik --adaptation base --adaptation router --limit "$((LIMIT * 2))" \
+"$T2" eval --task route --mode loglik --adaptation base --adaptation router --limit "$LIMIT" \
   --json "$DIR/route.json" --markdown "$DIR/route.md"
 {
   echo "| task | area | split | adaptation | mode | n | accuracy | 95% CI |"

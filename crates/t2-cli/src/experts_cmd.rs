@@ -144,7 +144,12 @@ pub fn run(cmd: ExpertsCmd) -> Result<()> {
                 e.meta.decomposition_hash
             );
             // How it was made (the training command reproduces it); the full config is long, so last.
-            let mut prov: Vec<_> = e.meta.provenance.iter().filter(|(k, _)| *k != "config").collect();
+            let mut prov: Vec<_> = e
+                .meta
+                .provenance
+                .iter()
+                .filter(|(k, _)| *k != "config")
+                .collect();
             prov.extend(e.meta.provenance.iter().filter(|(k, _)| *k == "config"));
             for (k, v) in prov {
                 println!("  {k}: {v}");

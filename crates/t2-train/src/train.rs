@@ -683,11 +683,7 @@ impl Trainer {
     }
 
     /// Prompts primed with the task's answer prefix, the first token of each option, and the right option.
-    fn label_prompts(
-        &self,
-        area: &str,
-        items: &[TaskItem],
-    ) -> Result<LabelBatch> {
+    fn label_prompts(&self, area: &str, items: &[TaskItem]) -> Result<LabelBatch> {
         let tok = &self.engine.loaded.tokenizer;
         let encode = |t: &str| tok.encode(t).map_err(|e| TrainError::Engine(e.into()));
         let prefix = match t2_tasks::prompts::answer_prefix(area) {
