@@ -584,23 +584,15 @@ impl Trainer {
         let (mut loss_sum, mut right) = (0.0f64, 0usize);
         // The label policy's baseline needs every pick first: one forward without gradients.
         let baseline = if cfg.reward_baseline {
-            let mut sum = 0.0;
-            for (ps, cs) in prompts
-                .chunks(cfg.micro_batch)
-                .zip(correct.chunks(cfg.micro_batch))
-            {
-                let lp = policy
-                    .candidate_logprobs(Some(&logits), ps, &candidates)?
-                    .to_vec2::<f32>()?;
-                for (row, &c) in lp.iter().zip(cs) {
-                    sum += if t2_tasks::verify::choice_by_scores(row) == c {
-                        1.0
-                    } else {
-                        -1.0
-                    };
-                }
-            }
-            sum / n
+            let right = count_right(
+                policy,
+                &logits,
+                &prompts,
+                &candidates,
+                &correct,
+                cfg.micro_batch,
+            )?;
+            (2.0 * right as f64 - n) / n
         } else {
             0.0
         };
@@ -653,18 +645,14 @@ impl Trainer {
             )?;
             let logits = SvfLogits::from_host(p.clone())?;
             let (prompts, candidates, correct) = self.label_prompts(area, items)?;
-            let mut right = 0;
-            for (ps, cs) in prompts
-                .chunks(cfg.micro_batch)
-                .zip(correct.chunks(cfg.micro_batch))
-            {
-                let lp = policy
-                    .candidate_logprobs(Some(&logits), ps, &candidates)?
-                    .to_vec2::<f32>()?;
-                for (row, &c) in lp.iter().zip(cs) {
-                    right += usize::from(t2_tasks::verify::choice_by_scores(row) == c);
-                }
-            }
+            let right = count_right(
+                &policy,
+                &logits,
+                &prompts,
+                &candidates,
+                &correct,
+                cfg.micro_batch,
+            )?;
             return Ok(right as f64 / items.len() as f64);
         }
         let adaptation = Adaptation::Vectors {
@@ -789,6 +777,27 @@ impl Trainer {
             z: z_of(best),
         })
     }
+}
+
+/// How many prompts the label policy answers right (its greedy pick), without gradients.
+fn count_right(
+    policy: &Policy<'_>,
+    logits: &SvfLogits,
+    prompts: &[Vec<u32>],
+    candidates: &[u32],
+    correct: &[usize],
+    micro_batch: usize,
+) -> Result<usize> {
+    let mut right = 0;
+    for (ps, cs) in prompts.chunks(micro_batch).zip(correct.chunks(micro_batch)) {
+        let lp = policy
+            .candidate_logprobs(Some(logits), ps, candidates)?
+            .to_vec2::<f32>()?;
+        for (row, &c) in lp.iter().zip(cs) {
+            right += usize::from(t2_tasks::verify::choice_by_scores(row) == c);
+        }
+    }
+    Ok(right)
 }
 
 /// Primed prompts, the options' first tokens, and each prompt's right option.
