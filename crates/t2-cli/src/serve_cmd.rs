@@ -57,9 +57,20 @@ pub struct ServeArgs {
     /// max_tokens for requests that give none (capped by the context left)
     #[arg(long, default_value_t = 512)]
     pub default_max_tokens: usize,
-    /// What the plain model id means: none, expert:NAME or profile:NAME
+    /// What the plain model id means: none, auto, prompt, classifier, expert:NAME or profile:NAME
     #[arg(long, default_value = "none")]
     pub default_adaptation: String,
+    /// What `<model>:auto` routes with: classifier (the classifier expert; prompt routing when none is
+    /// loaded) or prompt (the base model scores the labels)
+    #[arg(long, default_value = "classifier", value_parser = ["classifier", "prompt"])]
+    pub auto_strategy: String,
+    /// Routing policy when a request gives none: hard (the top label's expert) or soft (α = label
+    /// probabilities)
+    #[arg(long, default_value = "hard", value_parser = ["hard", "soft"])]
+    pub route_policy: String,
+    /// Top-label probability under which routing falls back to the base model (0 to 1)
+    #[arg(long, default_value_t = 0.0)]
+    pub route_threshold: f32,
     /// Mixes registered at once (each costs a row of scales per matrix)
     #[arg(long, default_value_t = 64)]
     pub mix_capacity: usize,
@@ -81,6 +92,12 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .default_adaptation
         .parse()
         .map_err(|e: String| anyhow::anyhow!(e))?;
+    if !(a.route_threshold.is_finite() && (0.0..=1.0).contains(&a.route_threshold)) {
+        bail!(
+            "--route-threshold must be between 0 and 1, got {}",
+            a.route_threshold
+        );
+    }
     for (name, v) in [
         ("--max-batch", a.max_batch),
         ("--max-batched-tokens", a.max_batched_tokens),
@@ -112,6 +129,13 @@ pub fn run(a: ServeArgs) -> Result<()> {
         shutdown_timeout: Duration::from_secs(a.shutdown_timeout_s),
         default_max_tokens: a.default_max_tokens,
         default_strategy,
+        routing: t2_server::adaptation::RoutingConfig {
+            auto: a.auto_strategy.clone(),
+            policy: t2_engine::RoutePolicy {
+                soft: a.route_policy == "soft",
+                threshold: a.route_threshold,
+            },
+        },
         scheduler: SchedulerConfig {
             max_batch: a.max_batch,
             max_batched_tokens: a.max_batched_tokens,

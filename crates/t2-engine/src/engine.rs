@@ -11,6 +11,8 @@ use t2_svf::decompose::Origin;
 use t2_svf::mix::{combine, MixId};
 use t2_svf::{Decomposition, ExpertStore, SvfError, SvfProjector, TargetSet, BASE_MIX};
 
+use crate::routing::BASE_SHARE;
+
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error(transparent)]
@@ -172,15 +174,27 @@ impl Engine {
         if let Adaptation::Vectors { z, .. } = a {
             return Ok(svf.register(&name, &z.0)?);
         }
+        // The base share of a routed mix adds w·1 to every z (the unadapted model's neutral vector).
+        let mut base_share = 0.0;
         let parts: Vec<_> = match a {
             Adaptation::Base | Adaptation::Vectors { .. } => unreachable!("handled above"),
             Adaptation::Expert(e) => vec![(store.get(e)?, 1.0)],
-            Adaptation::Mix(m) => m
-                .iter()
-                .map(|(e, &w)| Ok((store.get(e)?, w)))
-                .collect::<std::result::Result<_, SvfError>>()?,
+            Adaptation::Mix(m) => {
+                base_share = m.get(BASE_SHARE).copied().unwrap_or(0.0);
+                m.iter()
+                    .filter(|(e, _)| *e != BASE_SHARE)
+                    .map(|(e, &w)| Ok((store.get(e)?, w)))
+                    .collect::<std::result::Result<_, SvfError>>()?
+            }
         };
-        let z = combine(&svf.decomp, &parts)?;
+        if parts.is_empty() {
+            return Ok(BASE_MIX);
+        }
+        let mut z = combine(&svf.decomp, &parts)?;
+        if base_share != 0.0 {
+            z.values_mut()
+                .for_each(|v| v.iter_mut().for_each(|x| *x += base_share));
+        }
         Ok(svf.register(&name, &z)?)
     }
 
@@ -208,7 +222,7 @@ impl Engine {
             }
         };
         let store = self.experts.as_ref().ok_or(EngineError::NoSvf)?;
-        for n in names {
+        for n in names.into_iter().filter(|n| *n != BASE_SHARE) {
             store.get(n)?;
         }
         Ok(())

@@ -3,12 +3,14 @@
 
 pub mod engine;
 pub mod generate;
+pub mod routing;
 pub mod scheduler;
 pub mod sequence;
 pub mod text;
 
 pub use engine::{Adaptation, Engine, EngineConfig, EngineError, ZVectors};
 pub use generate::GenOutput;
+pub use routing::{RouteDecision, RouteLabel, RoutePolicy, RouteSpec, Router};
 pub use scheduler::{
     Scheduler, SchedulerConfig, SchedulerStats, SeqEvent, SeqHandle, Submission, SubmitError,
 };

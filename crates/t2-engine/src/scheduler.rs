@@ -19,6 +19,7 @@ use t2_svf::{MixId, SvfError, BASE_MIX};
 use tokio::sync::mpsc;
 
 use crate::engine::{Adaptation, Engine, EngineError};
+use crate::routing::{RouteDecision, RouteSpec};
 use crate::sequence::{GenRequest, Sequence, TokenEvent};
 
 #[derive(Debug, Clone)]
@@ -50,13 +51,28 @@ impl Default for SchedulerConfig {
 
 /// What one client request asks for: one or more sequences (OpenAI's `n`) admitted together, all with
 /// the same adaptation. The `mix` field of the requests is ignored: the scheduler resolves `adaptation`.
+/// With `route`, pass 1 runs first (one scored prefill in the shared batches) and its decision replaces
+/// `adaptation`.
 pub struct Submission {
     pub adaptation: Adaptation,
     pub requests: Vec<GenRequest>,
+    pub route: Option<RouteSpec>,
+}
+
+impl Submission {
+    pub fn new(adaptation: Adaptation, requests: Vec<GenRequest>) -> Self {
+        Self {
+            adaptation,
+            requests,
+            route: None,
+        }
+    }
 }
 
 #[derive(Debug)]
 pub enum SeqEvent {
+    /// Pass 1 decided the mix; pass 2 is queued next (sent before `Admitted`).
+    Routed(RouteDecision),
     /// The sequence left the queue and joined the batch.
     Admitted {
         queue_time: Duration,
@@ -93,12 +109,37 @@ pub struct SchedulerStats {
     pub cancelled: AtomicU64,
     pub merges: AtomicU64,
     pub failed: AtomicU64,
+    /// Pass-1 rows in the running batch.
+    pub routing: AtomicUsize,
 }
 
 struct Queued {
     submission: Submission,
     senders: Vec<mpsc::Sender<SeqEvent>>,
     enqueued: Instant,
+    /// Time spent waiting in earlier queues (before pass 1).
+    waited: Duration,
+}
+
+impl Queued {
+    fn cancelled(&self) -> bool {
+        self.senders.iter().all(|s| s.is_closed())
+    }
+
+    /// KV tokens and batch rows the next admission of this submission takes.
+    fn needs(&self) -> (usize, usize) {
+        match &self.submission.route {
+            Some(r) => (r.prompt.len() + 1, 1),
+            None => (
+                self.submission
+                    .requests
+                    .iter()
+                    .map(GenRequest::kv_tokens)
+                    .sum(),
+                self.submission.requests.len(),
+            ),
+        }
+    }
 }
 
 pub struct Scheduler {
@@ -124,6 +165,7 @@ impl Scheduler {
             stats: stats.clone(),
             rx,
             next: None,
+            ready: VecDeque::new(),
             running: Vec::new(),
             mixes: MixRefs::default(),
             uniform_steps: 0,
@@ -162,7 +204,20 @@ impl Scheduler {
         for r in &s.requests {
             self.engine.check_request(r)?;
         }
-        self.engine.check_adaptation(&s.adaptation)?;
+        match &s.route {
+            Some(r) => {
+                self.engine.check_adaptation(&r.scorer)?;
+                let ctx = self.engine.context_length();
+                if r.prompt.len() + 1 > ctx {
+                    return Err(EngineError::Invalid(format!(
+                        "the pass-1 prompt ({} tokens) exceeds the context of {ctx} tokens",
+                        r.prompt.len()
+                    ))
+                    .into());
+                }
+            }
+            None => self.engine.check_adaptation(&s.adaptation)?,
+        }
         let need: usize = s.requests.iter().map(GenRequest::kv_tokens).sum();
         if need > self.cfg.kv_budget_tokens {
             return Err(EngineError::Invalid(format!(
@@ -179,9 +234,9 @@ impl Scheduler {
             .requests
             .iter()
             .map(|r| {
-                // Admitted + every token + a failure: the channel can never be full, so the model thread
-                // never waits on a slow reader.
-                let (stx, srx) = mpsc::channel(r.max_tokens + 3);
+                // Routed + Admitted + every token + a failure: the channel can never be full, so the model
+                // thread never waits on a slow reader.
+                let (stx, srx) = mpsc::channel(r.max_tokens + 4);
                 (stx, SeqHandle { events: srx })
             })
             .unzip();
@@ -194,6 +249,7 @@ impl Scheduler {
             submission: s,
             senders,
             enqueued: Instant::now(),
+            waited: Duration::ZERO,
         };
         match tx.try_send(queued) {
             Ok(()) => Ok(handles),
@@ -229,8 +285,45 @@ impl Drop for Scheduler {
 
 struct Running {
     seq: Sequence,
-    tx: mpsc::Sender<SeqEvent>,
+    role: Role,
     kv_tokens: usize,
+}
+
+enum Role {
+    /// A sequence of an answer: its tokens go to `tx`.
+    Answer(mpsc::Sender<SeqEvent>),
+    /// Pass 1 of a submission, whose answers are admitted once it decides.
+    Pass1 {
+        queued: Box<Queued>,
+        started: Instant,
+    },
+}
+
+impl Running {
+    fn cancelled(&self) -> bool {
+        match &self.role {
+            Role::Answer(tx) => tx.is_closed(),
+            Role::Pass1 { queued, .. } => queued.cancelled(),
+        }
+    }
+
+    fn fail(&self, msg: &str) {
+        let send = |tx: &mpsc::Sender<SeqEvent>| {
+            let _ = tx.try_send(SeqEvent::Failed(msg.to_string()));
+        };
+        match &self.role {
+            Role::Answer(tx) => send(tx),
+            Role::Pass1 { queued, .. } => queued.senders.iter().for_each(send),
+        }
+    }
+
+    /// Sequences this row stands for (a pass-1 row stands for all of its submission's).
+    fn sequences(&self) -> u64 {
+        match &self.role {
+            Role::Answer(_) => 1,
+            Role::Pass1 { queued, .. } => queued.senders.len() as u64,
+        }
+    }
 }
 
 /// How many running sequences use each mix, and which registered mixes nobody uses (oldest first): those
@@ -255,6 +348,8 @@ struct Worker {
     rx: Receiver<Queued>,
     /// A submission taken off the queue that did not fit yet.
     next: Option<Queued>,
+    /// Submissions whose pass 1 has decided: admitted before anything new, so that pass 2 starts at once.
+    ready: VecDeque<Queued>,
     running: Vec<Running>,
     mixes: MixRefs,
     /// Consecutive steps in which every row used the same non-base mix.
@@ -265,7 +360,7 @@ struct Worker {
 impl Worker {
     fn run(&mut self) {
         loop {
-            if self.running.is_empty() && self.next.is_none() {
+            if self.running.is_empty() && self.next.is_none() && self.ready.is_empty() {
                 match self.rx.recv() {
                     Ok(q) => self.take(q),
                     Err(_) => break, // closed, and nothing left to do
@@ -284,8 +379,10 @@ impl Worker {
                 tracing::error!(error = %e, "batch step failed; dropping its sequences");
                 let msg = e.to_string();
                 for r in std::mem::take(&mut self.running) {
-                    let _ = r.tx.try_send(SeqEvent::Failed(msg.clone()));
-                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                    r.fail(&msg);
+                    self.stats
+                        .failed
+                        .fetch_add(r.sequences(), Ordering::Relaxed);
                     self.release(r);
                 }
             }
@@ -310,49 +407,83 @@ impl Worker {
         self.running.iter().map(|r| r.kv_tokens).sum()
     }
 
-    /// Moves waiting submissions into the batch while they fit.
+    /// Moves waiting submissions into the batch while they fit: first those whose pass 1 has decided,
+    /// then the queue in order.
     fn admit(&mut self) {
         loop {
-            if self.next.is_none() {
+            let from_ready = !self.ready.is_empty();
+            if !from_ready && self.next.is_none() {
                 match self.rx.try_recv() {
                     Ok(q) => self.take(q),
                     Err(TryRecvError::Empty | TryRecvError::Disconnected) => return,
                 }
             }
-            let q = self.next.as_ref().expect("just filled");
-            if q.senders.iter().all(|s| s.is_closed()) {
+            let q = if from_ready {
+                self.ready.front()
+            } else {
+                self.next.as_ref()
+            }
+            .expect("just filled");
+            if q.cancelled() {
                 self.stats
                     .cancelled
                     .fetch_add(q.senders.len() as u64, Ordering::Relaxed);
-                self.pop_next();
+                self.pop(from_ready);
                 continue;
             }
-            let n = q.submission.requests.len();
-            let need: usize = q
-                .submission
-                .requests
-                .iter()
-                .map(GenRequest::kv_tokens)
-                .sum();
-            let fits = self.running.len() + n <= self.cfg.max_batch.max(n)
+            let (need, rows) = q.needs();
+            let fits = self.running.len() + rows <= self.cfg.max_batch.max(rows)
                 && self.kv_used() + need <= self.cfg.kv_budget_tokens;
             if !fits {
                 return;
             }
-            let adaptation = q.submission.adaptation.clone();
+            let adaptation = match &q.submission.route {
+                Some(r) => r.scorer.clone(),
+                None => q.submission.adaptation.clone(),
+            };
             let mix = match self.acquire(&adaptation) {
                 Acquire::Got(id) => id,
                 Acquire::Full => return,
                 Acquire::Failed(e) => {
-                    let q = self.pop_next();
+                    let q = self.pop(from_ready);
                     for s in q.senders {
                         let _ = s.try_send(SeqEvent::Failed(e.to_string()));
                     }
                     continue;
                 }
             };
-            let q = self.pop_next();
-            let queue_time = q.enqueued.elapsed();
+            let mut q = self.pop(from_ready);
+            if let Some(route) = &q.submission.route {
+                let req = GenRequest {
+                    prompt: route.prompt.clone(),
+                    mix,
+                    max_tokens: 1,
+                    sampling: Default::default(),
+                    stop: Vec::new(),
+                    ignore_eos: true,
+                };
+                match Sequence::new(&self.engine, req) {
+                    Ok(seq) => {
+                        q.waited += q.enqueued.elapsed();
+                        self.running.push(Running {
+                            seq,
+                            kv_tokens: need,
+                            role: Role::Pass1 {
+                                queued: Box::new(q),
+                                started: Instant::now(),
+                            },
+                        });
+                    }
+                    Err(e) => {
+                        for s in q.senders {
+                            let _ = s.try_send(SeqEvent::Failed(e.to_string()));
+                        }
+                        self.mixes.release(mix);
+                    }
+                }
+                continue;
+            }
+            let queue_time = q.waited + q.enqueued.elapsed();
             for (i, (mut req, tx)) in q.submission.requests.into_iter().zip(q.senders).enumerate() {
                 if i > 0 {
                     self.mixes.hold(mix);
@@ -362,7 +493,11 @@ impl Worker {
                 match Sequence::new(&self.engine, req) {
                     Ok(seq) => {
                         let _ = tx.try_send(SeqEvent::Admitted { queue_time, mix });
-                        self.running.push(Running { seq, tx, kv_tokens });
+                        self.running.push(Running {
+                            seq,
+                            role: Role::Answer(tx),
+                            kv_tokens,
+                        });
                     }
                     Err(e) => {
                         let _ = tx.try_send(SeqEvent::Failed(e.to_string()));
@@ -373,13 +508,23 @@ impl Worker {
         }
     }
 
+    fn pop(&mut self, from_ready: bool) -> Queued {
+        if from_ready {
+            self.ready.pop_front().expect("a ready submission")
+        } else {
+            self.pop_next()
+        }
+    }
+
     fn drop_cancelled(&mut self) {
         let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.running)
             .into_iter()
-            .partition(|r| r.tx.is_closed());
+            .partition(Running::cancelled);
         self.running = kept;
         for r in gone {
-            self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .cancelled
+                .fetch_add(r.sequences(), Ordering::Relaxed);
             self.release(r);
         }
     }
@@ -497,32 +642,76 @@ impl Worker {
         drop(steps);
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         let mut finished = Vec::new();
+        let mut decided = Vec::new();
         for (i, logits) in stepping.into_iter().zip(logits) {
             let r = &mut self.running[i];
             r.seq.fed();
             let Some(logits) = logits else {
                 continue; // a prompt chunk that is not the last
             };
-            let event = r.seq.on_logits(&self.engine, &logits.to_vec1::<f32>()?)?;
-            let done = event.finish.is_some();
-            if r.tx.try_send(SeqEvent::Token(event)).is_err() || done {
-                finished.push(i);
+            let logits = logits.to_vec1::<f32>()?;
+            match &r.role {
+                Role::Answer(tx) => {
+                    let event = r.seq.on_logits(&self.engine, &logits)?;
+                    let done = event.finish.is_some();
+                    if tx.try_send(SeqEvent::Token(event)).is_err() || done {
+                        finished.push(i);
+                    }
+                }
+                Role::Pass1 { queued, started } => {
+                    let route = queued.submission.route.as_ref().expect("a pass-1 row");
+                    decided.push((i, route.decide(&logits, started.elapsed())));
+                }
             }
         }
-        for i in finished.into_iter().rev() {
+        // Both lists are in increasing row order; remove from the highest row down.
+        let mut done: Vec<(usize, Option<crate::engine::Result<RouteDecision>>)> = finished
+            .into_iter()
+            .map(|i| (i, None))
+            .chain(decided.into_iter().map(|(i, d)| (i, Some(d))))
+            .collect();
+        done.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
+        for (i, decision) in done {
             let r = self.running.swap_remove(i);
-            if r.seq.finish.is_none() {
-                self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            match (decision, r.role) {
+                (None, Role::Answer(_)) => {
+                    if r.seq.finish.is_none() {
+                        self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                (Some(decision), Role::Pass1 { mut queued, .. }) => match decision {
+                    Ok(d) => {
+                        for s in &queued.senders {
+                            let _ = s.try_send(SeqEvent::Routed(d.clone()));
+                        }
+                        queued.submission.adaptation = d.adaptation;
+                        queued.submission.route = None;
+                        queued.enqueued = Instant::now();
+                        self.ready.push_back(*queued);
+                    }
+                    Err(e) => {
+                        for s in &queued.senders {
+                            let _ = s.try_send(SeqEvent::Failed(e.to_string()));
+                        }
+                    }
+                },
+                _ => unreachable!("rows are finished by their own role"),
             }
-            self.release(r);
+            self.mixes.release(r.seq.mix);
         }
         Ok(())
     }
 
     fn publish(&self) {
+        let routing = self
+            .running
+            .iter()
+            .filter(|r| matches!(r.role, Role::Pass1 { .. }))
+            .count();
+        self.stats.routing.store(routing, Ordering::Relaxed);
         self.stats
             .running
-            .store(self.running.len(), Ordering::Relaxed);
+            .store(self.running.len() - routing, Ordering::Relaxed);
         self.stats
             .kv_used_tokens
             .store(self.kv_used(), Ordering::Relaxed);

@@ -146,10 +146,7 @@ fn concurrent_mixes_get_their_solo_tokens() {
         .iter()
         .map(|(a, text)| {
             sched
-                .submit(Submission {
-                    adaptation: a.clone(),
-                    requests: vec![request(&e, text, 20)],
-                })
+                .submit(Submission::new(a.clone(), vec![request(&e, text, 20)]))
                 .unwrap()
                 .remove(0)
         })
@@ -183,10 +180,10 @@ fn a_dropped_receiver_cancels_its_sequence() {
     let e = engine();
     let sched = Scheduler::start(e.clone(), SchedulerConfig::default());
     let mut h = sched
-        .submit(Submission {
-            adaptation: Adaptation::Base,
-            requests: vec![request(&e, "Tell me a long story about a dragon.", 400)],
-        })
+        .submit(Submission::new(
+            Adaptation::Base,
+            vec![request(&e, "Tell me a long story about a dragon.", 400)],
+        ))
         .unwrap()
         .remove(0);
     loop {
@@ -202,10 +199,10 @@ fn a_dropped_receiver_cancels_its_sequence() {
     });
     // and the scheduler keeps serving
     let mut h = sched
-        .submit(Submission {
-            adaptation: Adaptation::Base,
-            requests: vec![request(&e, "Hi", 4)],
-        })
+        .submit(Submission::new(
+            Adaptation::Base,
+            vec![request(&e, "Hi", 4)],
+        ))
         .unwrap()
         .remove(0);
     assert!(!drain(&mut h).0.is_empty());
@@ -226,12 +223,7 @@ fn a_full_queue_refuses_and_the_kv_budget_serializes() {
             ..Default::default()
         },
     );
-    let submit = |r: &GenRequest| {
-        sched.submit(Submission {
-            adaptation: Adaptation::Base,
-            requests: vec![r.clone()],
-        })
-    };
+    let submit = |r: &GenRequest| sched.submit(Submission::new(Adaptation::Base, vec![r.clone()]));
     let mut first = submit(&long).unwrap().remove(0);
     let stats = sched.stats().clone();
     wait_for("the first request runs", || {
@@ -270,10 +262,7 @@ fn a_full_mix_table_evicts_unused_mixes() {
     ];
     for a in adaptations {
         let mut h = sched
-            .submit(Submission {
-                adaptation: a.clone(),
-                requests: vec![request(&e, "Hi", 3)],
-            })
+            .submit(Submission::new(a.clone(), vec![request(&e, "Hi", 3)]))
             .unwrap()
             .remove(0);
         let (tokens, _, _) = drain(&mut h);
@@ -281,10 +270,10 @@ fn a_full_mix_table_evicts_unused_mixes() {
     }
     // An unknown expert is refused before it is queued.
     assert!(matches!(
-        sched.submit(Submission {
-            adaptation: Adaptation::Expert("nope".into()),
-            requests: vec![request(&e, "Hi", 3)],
-        }),
+        sched.submit(Submission::new(
+            Adaptation::Expert("nope".into()),
+            vec![request(&e, "Hi", 3)]
+        )),
         Err(SubmitError::Invalid(_))
     ));
 }

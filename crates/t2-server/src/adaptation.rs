@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use t2_engine::{Adaptation, Engine};
+use t2_engine::{Adaptation, Engine, RouteDecision, RoutePolicy, Router};
 
 use crate::error::{ApiError, ApiResult};
 use crate::openai::{AdaptationInfo, AdaptationRequest};
@@ -14,6 +14,8 @@ pub enum DefaultStrategy {
     None,
     Expert(String),
     Profile(String),
+    /// Pass-1 routing: "auto", "prompt" or "classifier".
+    Route(String),
 }
 
 impl std::str::FromStr for DefaultStrategy {
@@ -21,15 +23,44 @@ impl std::str::FromStr for DefaultStrategy {
     fn from_str(s: &str) -> Result<Self, String> {
         Ok(match s {
             "none" | "base" => Self::None,
+            "auto" | "prompt" | "classifier" => Self::Route(s.into()),
             _ if s.starts_with("expert:") => Self::Expert(s["expert:".len()..].to_string()),
             _ if s.starts_with("profile:") => Self::Profile(s["profile:".len()..].to_string()),
             _ => {
                 return Err(format!(
-                    "unknown default adaptation '{s}' (expected none, expert:NAME or profile:NAME)"
+                    "unknown default adaptation '{s}' (expected none, auto, prompt, classifier, \
+                     expert:NAME or profile:NAME)"
                 ))
             }
         })
     }
+}
+
+/// How `auto` routes, and the policy routing uses when a request does not say.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutingConfig {
+    /// "classifier" (falls back to "prompt" when no classifier expert is loaded) or "prompt".
+    pub auto: String,
+    pub policy: RoutePolicy,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            auto: "classifier".into(),
+            policy: RoutePolicy::default(),
+        }
+    }
+}
+
+/// The router the server built from its experts at load, or why there is none.
+pub type RouterState = Result<Router, String>;
+
+/// Pass 1 still to run for a request: which strategy, with which policy.
+#[derive(Debug, Clone)]
+pub struct Routing {
+    pub strategy: String,
+    pub policy: RoutePolicy,
 }
 
 #[derive(Debug, Clone)]
@@ -40,11 +71,34 @@ pub struct Chosen {
     pub label: String,
     /// The `x-t2-mix` header value.
     pub header: String,
+    /// Pass 1 to run before answering; `adaptation`, `info` and `header` are then filled from its decision.
+    pub routing: Option<Routing>,
+}
+
+impl Chosen {
+    /// Takes pass 1's decision: the answer's mix, the label scores and the pass-1 time.
+    pub fn apply(&mut self, d: &RouteDecision) {
+        self.adaptation = d.adaptation.clone();
+        self.header = d.adaptation.canonical_name();
+        self.info.strategy = d.strategy.clone();
+        self.info.label = Some(d.label.clone());
+        self.info.mix = d.alpha.clone();
+        self.info.scores = Some(d.scores.clone());
+        self.info.pass1_ms = Some(d.pass1.as_secs_f64() * 1e3);
+        if d.below_threshold {
+            self.info.note = Some(format!(
+                "the top label '{}' scored under the threshold: the base model answered",
+                d.label
+            ));
+        }
+    }
 }
 
 fn info(strategy: &str, mix: BTreeMap<String, f32>) -> AdaptationInfo {
     AdaptationInfo {
         strategy: strategy.into(),
+        label: None,
+        policy: None,
         mix,
         profile: None,
         scores: None,
@@ -59,6 +113,7 @@ fn base(strategy: &str) -> Chosen {
         info: info(strategy, BTreeMap::new()),
         label: "base".into(),
         header: "base".into(),
+        routing: None,
     }
 }
 
@@ -75,6 +130,7 @@ fn expert(engine: &Engine, name: &str) -> ApiResult<Chosen> {
         info: info("expert", BTreeMap::from([(name.to_string(), 1.0)])),
         label: name.into(),
         header: format!("expert:{name}"),
+        routing: None,
     })
 }
 
@@ -91,6 +147,7 @@ fn mix(engine: &Engine, alpha: BTreeMap<String, f32>, profile: Option<&str>) -> 
         info: i,
         label: profile.unwrap_or("custom").to_string(),
         header,
+        routing: None,
     })
 }
 
@@ -101,32 +158,91 @@ fn profile(engine: &Engine, name: &str) -> ApiResult<Option<Chosen>> {
     mix(engine, stored.alpha.clone(), Some(name)).map(Some)
 }
 
-/// `auto` asks for pass-1 routing; until a router is configured it runs the base model and says so.
-fn auto() -> Chosen {
-    let mut c = base("auto");
-    c.label = "auto".into();
-    c.info.note =
-        Some("no pass-1 router is configured on this server: the base model answered".into());
-    c
+/// Everything `choose` needs besides the request.
+pub struct Context<'a> {
+    pub engine: &'a Engine,
+    pub router: &'a RouterState,
+    pub default: &'a DefaultStrategy,
+    pub routing: &'a RoutingConfig,
 }
 
-fn from_default(engine: &Engine, d: &DefaultStrategy) -> ApiResult<Chosen> {
-    match d {
+/// Pass-1 routing with `strategy` (auto, prompt or classifier); the policy and threshold default to the
+/// server's.
+fn route(
+    cx: &Context,
+    strategy: &str,
+    policy: Option<&str>,
+    threshold: Option<f32>,
+) -> ApiResult<Chosen> {
+    let router = cx
+        .router
+        .as_ref()
+        .map_err(|why| ApiError::invalid(format!("routing is unavailable: {why}"), "adaptation"))?;
+    let mut note = None;
+    let strategy = match strategy {
+        "auto" if cx.routing.auto == "classifier" && router.classifier.is_none() => {
+            note = Some(
+                "no classifier expert is loaded: pass 1 used the base model's prompt routing".into(),
+            );
+            "prompt"
+        }
+        "auto" => cx.routing.auto.as_str(),
+        s => s,
+    };
+    if strategy == "classifier" && router.classifier.is_none() {
+        return Err(ApiError::invalid(
+            "adaptation.strategy 'classifier' needs a classifier expert (category 'routing'), and none \
+             is loaded; use 'prompt'",
+            "adaptation",
+        ));
+    }
+    let mut policy_value = cx.routing.policy;
+    match policy {
+        None => {}
+        Some("hard") => policy_value.soft = false,
+        Some("soft") => policy_value.soft = true,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                format!("adaptation.policy must be 'hard' or 'soft', got '{other}'"),
+                "adaptation",
+            ))
+        }
+    }
+    if let Some(t) = threshold {
+        if !(t.is_finite() && (0.0..=1.0).contains(&t)) {
+            return Err(ApiError::invalid(
+                format!("adaptation.threshold must be between 0 and 1, got {t}"),
+                "adaptation",
+            ));
+        }
+        policy_value.threshold = t;
+    }
+    let mut c = base(strategy);
+    c.label = "auto".into();
+    c.header = strategy.into();
+    c.info.note = note;
+    c.info.policy = Some(if policy_value.soft { "soft" } else { "hard" }.into());
+    c.routing = Some(Routing {
+        strategy: strategy.into(),
+        policy: policy_value,
+    });
+    Ok(c)
+}
+
+fn from_default(cx: &Context) -> ApiResult<Chosen> {
+    match cx.default {
         DefaultStrategy::None => Ok(base("none")),
-        DefaultStrategy::Expert(e) => expert(engine, e),
-        DefaultStrategy::Profile(p) => profile(engine, p)?
+        DefaultStrategy::Expert(e) => expert(cx.engine, e),
+        DefaultStrategy::Profile(p) => profile(cx.engine, p)?
             .ok_or_else(|| ApiError::Internal(format!("default profile '{p}' does not exist"))),
+        DefaultStrategy::Route(s) => route(cx, s, None, None),
     }
 }
 
 /// Resolves `model` (`<base>`, `<base>:base`, `<base>:auto`, `<base>:<expert>`, `<base>:<profile>`) and
 /// the optional `adaptation` body field.
-pub fn choose(
-    engine: &Engine,
-    default: &DefaultStrategy,
-    model: &str,
-    body: Option<&AdaptationRequest>,
-) -> ApiResult<Chosen> {
+pub fn choose(cx: &Context, model: &str, body: Option<&AdaptationRequest>) -> ApiResult<Chosen> {
+    let engine = cx.engine;
     let base_id = &engine.loaded.model_id;
     let suffix = match model.split_once(':') {
         Some((b, s)) if b == base_id => Some(s),
@@ -144,12 +260,12 @@ pub fn choose(
                 "adaptation",
             ));
         }
-        return from_body(engine, a);
+        return from_body(cx, a);
     }
     match suffix {
-        None => from_default(engine, default),
+        None => from_default(cx),
         Some("base") => Ok(base("none")),
-        Some("auto") => Ok(auto()),
+        Some("auto") => route(cx, "auto", None, None),
         Some(name) => {
             let is_expert = engine.experts.as_ref().is_some_and(|s| s.get(name).is_ok());
             if is_expert {
@@ -165,7 +281,8 @@ pub fn choose(
     }
 }
 
-fn from_body(engine: &Engine, a: &AdaptationRequest) -> ApiResult<Chosen> {
+fn from_body(cx: &Context, a: &AdaptationRequest) -> ApiResult<Chosen> {
+    let engine = cx.engine;
     let strategy = match &a.strategy {
         Some(s) => s.as_str(),
         None if a.mix.is_some() => "mix",
@@ -191,9 +308,21 @@ fn from_body(engine: &Engine, a: &AdaptationRequest) -> ApiResult<Chosen> {
             )
         })
     }
+    let routed = matches!(strategy, "auto" | "prompt" | "classifier");
+    if !routed && (a.policy.is_some() || a.threshold.is_some()) {
+        return Err(ApiError::invalid(
+            format!(
+                "adaptation.policy and adaptation.threshold apply to routing (auto, prompt, classifier), \
+                 not to '{strategy}'"
+            ),
+            "adaptation",
+        ));
+    }
     match strategy {
         "none" | "base" if given == 0 => Ok(base("none")),
-        "auto" if given == 0 => Ok(auto()),
+        "auto" | "prompt" | "classifier" if given == 0 => {
+            route(cx, strategy, a.policy.as_deref(), a.threshold)
+        }
         "expert" => expert(engine, need(a.expert.as_deref(), strategy, "expert")?),
         "profile" => {
             let name = need(a.profile.as_deref(), strategy, "profile")?;
@@ -207,12 +336,13 @@ fn from_body(engine: &Engine, a: &AdaptationRequest) -> ApiResult<Chosen> {
             })?;
             mix(engine, alpha, None)
         }
-        "none" | "base" | "auto" => Err(ApiError::invalid(
+        "none" | "base" | "auto" | "prompt" | "classifier" => Err(ApiError::invalid(
             format!("adaptation.strategy '{strategy}' takes no expert, mix or profile"),
             "adaptation",
         )),
         other => Err(ApiError::invalid(
-            format!("unknown adaptation.strategy '{other}' (expected none, expert, mix, profile or auto)"),
+            format!("unknown adaptation.strategy '{other}' (expected none, expert, mix, profile, \
+                 prompt, classifier or auto)"),
             "adaptation",
         )),
     }

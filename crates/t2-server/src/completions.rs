@@ -155,8 +155,7 @@ pub async fn chat_completions(
     let started = Instant::now();
     let core = state.core()?;
     let chosen = choose(
-        &core.engine,
-        &state.cfg.default_strategy,
+        &core.context(&state.cfg),
         &req.model,
         req.sampling.adaptation.as_ref(),
     )?;
@@ -177,6 +176,13 @@ pub async fn chat_completions(
         (true, k) => Some(k.unwrap_or(0) as usize),
         (false, _) => None,
     };
+    // Pass 1 classifies what the user asks now: the last user message.
+    let route_text = msgs
+        .iter()
+        .rev()
+        .find(|m| m.role == "user")
+        .map(|m| m.content.clone())
+        .unwrap_or_default();
     let request = Validated {
         kind: Kind::Chat,
         model: req.model,
@@ -184,6 +190,7 @@ pub async fn chat_completions(
         top,
         chosen,
         started,
+        route_text,
     };
     run(state, request, move |e| e.encode_chat(&msgs)).await
 }
@@ -209,8 +216,7 @@ pub async fn completions(
     let started = Instant::now();
     let core = state.core()?;
     let chosen = choose(
-        &core.engine,
-        &state.cfg.default_strategy,
+        &core.context(&state.cfg),
         &req.model,
         req.sampling.adaptation.as_ref(),
     )?;
@@ -251,6 +257,7 @@ pub async fn completions(
         top,
         chosen,
         started,
+        route_text: text.clone(),
     };
     run(state, request, move |e| {
         Ok(e.loaded.tokenizer.encode(&text)?)
@@ -266,6 +273,8 @@ struct Validated {
     top: Option<usize>,
     chosen: crate::adaptation::Chosen,
     started: Instant,
+    /// What pass 1 classifies, when the request is routed.
+    route_text: String,
 }
 
 /// Tokenizes off the async runtime, submits, and answers (streamed or whole).
@@ -279,8 +288,26 @@ async fn run(
     let prompt = tokio::task::spawn_blocking(move || encode(&engine))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??;
-    let prepared = prepare(&state, core, &r.sampling, prompt, r.top, r.chosen)?;
-    let handles = submit(&state, core, &prepared)?;
+    let route = match (&r.chosen.routing, &core.router) {
+        (Some(routing), Ok(router)) => {
+            let (engine, router, routing, text) = (
+                core.engine.clone(),
+                router.clone(),
+                routing.clone(),
+                r.route_text,
+            );
+            let spec = tokio::task::spawn_blocking(move || {
+                router.spec(&engine, &routing.strategy, &text, routing.policy)
+            })
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))??;
+            Some(spec)
+        }
+        _ => None,
+    };
+    let mut prepared = prepare(&state, core, &r.sampling, prompt, r.top, r.chosen, route)?;
+    let mut handles = submit(&state, core, &prepared)?;
+    crate::generation::await_routing(&state, &mut prepared, &mut handles).await?;
     let stream = r.sampling.stream.unwrap_or(false);
     respond(state, prepared, handles, r.kind, r.model, stream, r.started).await
 }

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use futures::stream::{self, BoxStream, StreamExt};
 use t2_engine::{
-    FinishReason, GenRequest, SeqEvent, SeqHandle, Submission, SubmitError, TokenEvent,
+    FinishReason, GenRequest, RouteDecision, RouteSpec, SeqEvent, SeqHandle, Submission,
+    SubmitError, TokenEvent,
 };
 use t2_model::{SamplingParams, TokenLogprob};
 use t2_svf::BASE_MIX;
@@ -19,6 +20,8 @@ use crate::state::{AppState, Core};
 /// A validated request, ready to submit.
 pub struct Prepared {
     pub requests: Vec<GenRequest>,
+    /// Pass 1, when the request is routed.
+    pub route: Option<RouteSpec>,
     pub prompt_tokens: usize,
     pub chosen: Chosen,
     pub include_usage: bool,
@@ -140,6 +143,7 @@ pub fn prepare(
     prompt: Vec<u32>,
     logprobs: Option<usize>,
     chosen: Chosen,
+    route: Option<RouteSpec>,
 ) -> ApiResult<Prepared> {
     let (params, n, stop) = sampling(f, logprobs, state.cfg.max_n)?;
     let ctx = core.engine.context_length();
@@ -193,6 +197,7 @@ pub fn prepare(
         .collect();
     Ok(Prepared {
         requests,
+        route,
         prompt_tokens,
         chosen,
         include_usage: f
@@ -214,6 +219,7 @@ pub fn submit(state: &AppState, core: &Core, p: &Prepared) -> ApiResult<Vec<SeqH
         .submit(Submission {
             adaptation: p.chosen.adaptation.clone(),
             requests: p.requests.clone(),
+            route: p.route.clone(),
         })
         .map_err(|e| match e {
             SubmitError::QueueFull(_) => ApiError::Overloaded {
@@ -223,6 +229,44 @@ pub fn submit(state: &AppState, core: &Core, p: &Prepared) -> ApiResult<Vec<SeqH
             SubmitError::ShutDown => ApiError::Unavailable(e.to_string()),
             SubmitError::Invalid(e) => e.into(),
         })
+}
+
+/// Waits for pass 1 of a routed request (its decision comes first on every choice's channel) and applies
+/// it, so that the response's headers and every chunk name the final mix.
+pub async fn await_routing(
+    state: &AppState,
+    p: &mut Prepared,
+    handles: &mut [SeqHandle],
+) -> ApiResult<()> {
+    if p.route.is_none() {
+        return Ok(());
+    }
+    let first = handles
+        .first_mut()
+        .ok_or_else(|| ApiError::Internal("no sequence to route".into()))?;
+    let ev = tokio::time::timeout_at(deadline(state), first.events.recv())
+        .await
+        .map_err(|_| ApiError::Timeout(timeout_secs(state.cfg.request_timeout)))?;
+    match ev {
+        Some(SeqEvent::Routed(d)) => {
+            record_decision(state, &d);
+            p.chosen.apply(&d);
+            Ok(())
+        }
+        Some(SeqEvent::Failed(msg)) => Err(ApiError::Internal(msg)),
+        Some(other) => Err(ApiError::Internal(format!(
+            "expected pass 1's decision first, got {other:?}"
+        ))),
+        None => Err(ApiError::Internal("the engine stopped mid-request".into())),
+    }
+}
+
+fn record_decision(state: &AppState, d: &RouteDecision) {
+    let m = &state.metrics;
+    m.routing_decisions
+        .with_label_values(&[d.strategy.as_str(), d.label.as_str()])
+        .inc();
+    m.pass1_latency.observe(d.pass1.as_secs_f64());
 }
 
 /// All choices' events as one stream of (choice index, event).
@@ -278,6 +322,8 @@ impl Tracker {
                 Ok(None)
             }
             SeqEvent::Failed(msg) => Err(ApiError::Internal(msg)),
+            // Every sequence of a routed request hears the decision; the first one already applied it.
+            SeqEvent::Routed(_) => Ok(None),
             SeqEvent::Token(t) => {
                 let now = Instant::now();
                 let c = &mut self.choices[i];

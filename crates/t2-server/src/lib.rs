@@ -146,15 +146,15 @@ fn load(state: &AppState, engine_cfg: &EngineConfig) -> anyhow::Result<()> {
     let scheduler = Scheduler::start(engine.clone(), sched_cfg);
     let warm = engine.encode_chat(&[t2_model::ChatMessage::new("user", "Hi")])?;
     let mut h = scheduler
-        .submit(Submission {
-            adaptation: t2_engine::Adaptation::Base,
-            requests: vec![GenRequest::new(
+        .submit(Submission::new(
+            t2_engine::Adaptation::Base,
+            vec![GenRequest::new(
                 warm,
                 t2_svf::BASE_MIX,
                 2,
                 Default::default(),
             )],
-        })
+        ))
         .map_err(|e| anyhow::anyhow!("warm-up: {e}"))?;
     while let Some(ev) = h[0].events.blocking_recv() {
         match ev {
@@ -163,7 +163,27 @@ fn load(state: &AppState, engine_cfg: &EngineConfig) -> anyhow::Result<()> {
             _ => {}
         }
     }
-    state.set_core(Core { engine, scheduler });
+    let router = match t2_engine::Router::from_engine(&engine) {
+        Ok(Some(r)) => {
+            tracing::info!(labels = ?r.label_names(), classifier = ?r.classifier, "pass-1 routing ready");
+            Ok(r)
+        }
+        Ok(None) => Err("no experts are loaded, so there is nothing to route to".to_string()),
+        Err(e) => {
+            tracing::warn!(error = %e, "pass-1 routing is unavailable");
+            Err(e.to_string())
+        }
+    };
+    if let (Err(why), crate::adaptation::DefaultStrategy::Route(_)) =
+        (&router, &state.cfg.default_strategy)
+    {
+        anyhow::bail!("the default adaptation routes requests, but routing is unavailable: {why}");
+    }
+    state.set_core(Core {
+        engine,
+        scheduler,
+        router,
+    });
     state.set_warm();
     Ok(())
 }

@@ -26,6 +26,9 @@ pub struct Metrics {
     pub cancellations: IntCounterVec,
     pub batch_steps: IntCounter,
     pub merges: IntCounter,
+    pub routing_decisions: IntCounterVec,
+    pub pass1_latency: Histogram,
+    pub routing: IntGauge,
 }
 
 impl Metrics {
@@ -104,6 +107,20 @@ impl Metrics {
             ),
             batch_steps: counter("t2_batch_steps_total", "Batched forward steps run"),
             merges: counter("t2_merges_total", "Mixes given merged weights"),
+            routing_decisions: counter_vec(
+                "t2_routing_decisions_total",
+                "Pass-1 routing decisions by strategy and chosen label",
+                &["strategy", "label"],
+            ),
+            pass1_latency: hist(
+                "t2_pass1_seconds",
+                "Pass 1 (scoring the request's category) from its admission to its decision",
+                &[0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0],
+            ),
+            routing: gauge(
+                "t2_routing_sequences",
+                "Pass-1 rows in the running batch",
+            ),
             registry,
         }
         .init_series()
@@ -123,6 +140,7 @@ impl Metrics {
             self.queue_depth
                 .set(s.queue_depth.load(Ordering::Relaxed) as i64);
             self.running.set(s.running.load(Ordering::Relaxed) as i64);
+            self.routing.set(s.routing.load(Ordering::Relaxed) as i64);
             self.kv_used
                 .set(s.kv_used_tokens.load(Ordering::Relaxed) as i64);
             self.kv_capacity

@@ -57,8 +57,14 @@ pub struct StreamOptions {
 #[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AdaptationRequest {
-    /// none | expert | mix | profile | auto (inferred from the other fields when absent)
+    /// none | expert | mix | profile | prompt | classifier | auto (inferred from the other fields when
+    /// absent). prompt and classifier run pass 1 (the base model or the classifier expert scores the
+    /// request's category); auto is the server's routing default.
     pub strategy: Option<String>,
+    /// Routing only: "hard" (the top label's expert) or "soft" (α = label probabilities).
+    pub policy: Option<String>,
+    /// Routing only: below this top-label probability the base model answers (0 to 1).
+    pub threshold: Option<f32>,
     /// One expert by name.
     pub expert: Option<String>,
     /// Weights over experts, e.g. {"math": 0.7, "code": 0.3}.
@@ -123,8 +129,14 @@ pub struct CompletionRequest {
 /// What adaptation a response was generated with.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct AdaptationInfo {
-    /// none | expert | mix | profile | auto
+    /// none | expert | mix | profile | prompt | classifier
     pub strategy: String,
+    /// The label pass 1 chose, when a router decided.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// hard | soft, when a router decided.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
     /// The final mix α over experts (empty: the base model).
     pub mix: BTreeMap<String, f32>,
     /// The stored mix used, when the request named one.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use t2_engine::{Engine, Scheduler, SchedulerConfig};
 
-use crate::adaptation::DefaultStrategy;
+use crate::adaptation::{Context, DefaultStrategy, RouterState, RoutingConfig};
 use crate::error::{ApiError, ApiResult};
 use crate::metrics::Metrics;
 
@@ -24,6 +24,7 @@ pub struct ServerConfig {
     /// max_tokens when a request gives none (capped by the context left).
     pub default_max_tokens: usize,
     pub default_strategy: DefaultStrategy,
+    pub routing: RoutingConfig,
     pub scheduler: SchedulerConfig,
     /// KV cache memory for running sequences; turned into `scheduler.kv_budget_tokens` once the model's
     /// per-token size is known.
@@ -42,6 +43,7 @@ impl Default for ServerConfig {
             shutdown_timeout: Duration::from_secs(30),
             default_max_tokens: 512,
             default_strategy: DefaultStrategy::None,
+            routing: RoutingConfig::default(),
             scheduler: SchedulerConfig::default(),
             kv_memory_bytes: 2 << 30,
         }
@@ -51,6 +53,20 @@ impl Default for ServerConfig {
 pub struct Core {
     pub engine: Arc<Engine>,
     pub scheduler: Scheduler,
+    /// Pass-1 labels built from the loaded experts, or why routing is unavailable.
+    pub router: RouterState,
+}
+
+impl Core {
+    /// What adaptation choice needs from the core and the configuration.
+    pub fn context<'a>(&'a self, cfg: &'a ServerConfig) -> Context<'a> {
+        Context {
+            engine: &self.engine,
+            router: &self.router,
+            default: &cfg.default_strategy,
+            routing: &cfg.routing,
+        }
+    }
 }
 
 pub struct AppState {

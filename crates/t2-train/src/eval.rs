@@ -140,6 +140,7 @@ pub fn evaluate_generate(
                     adaptation: a.clone(),
                     max_tokens,
                     sampling: SamplingParams::default(),
+                    route: None,
                 });
             }
             groups.push((task.clone(), items.clone(), label.clone(), start));

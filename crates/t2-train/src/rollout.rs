@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use indicatif::ProgressBar;
 use t2_engine::{
-    Adaptation, Engine, FinishReason, GenRequest, Scheduler, SchedulerConfig, SeqEvent, SeqHandle,
+    Adaptation, RouteDecision, RouteSpec, Engine, FinishReason, GenRequest, Scheduler, SchedulerConfig, SeqEvent, SeqHandle,
     Submission, SubmitError,
 };
 use t2_model::{ChatMessage, SamplingParams};
@@ -20,6 +20,8 @@ pub struct Rollout {
     pub tokens: Vec<u32>,
     pub text: String,
     pub finish: Option<FinishReason>,
+    /// Pass 1's decision, for a routed job.
+    pub decision: Option<RouteDecision>,
 }
 
 /// One generation job: a tokenized prompt, the adaptation to run it with, and how to sample.
@@ -28,6 +30,8 @@ pub struct Job {
     pub adaptation: Adaptation,
     pub max_tokens: usize,
     pub sampling: SamplingParams,
+    /// Pass 1 to run first (its decision replaces `adaptation`).
+    pub route: Option<RouteSpec>,
 }
 
 pub struct Generator {
@@ -77,6 +81,7 @@ impl Generator {
                 let sub = Submission {
                     adaptation: job.adaptation.clone(),
                     requests: vec![req.clone()],
+                    route: job.route.clone(),
                 };
                 match self.scheduler.submit(sub) {
                     Ok(mut handles) => {
@@ -119,10 +124,12 @@ fn collect(mut h: SeqHandle) -> Result<Rollout, TrainError> {
         tokens: Vec::new(),
         text: String::new(),
         finish: None,
+        decision: None,
     };
     while let Some(ev) = h.events.blocking_recv() {
         match ev {
             SeqEvent::Admitted { .. } => {}
+            SeqEvent::Routed(d) => r.decision = Some(d),
             SeqEvent::Token(t) => {
                 r.tokens.push(t.token);
                 r.text.push_str(&t.text);

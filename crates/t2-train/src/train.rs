@@ -266,6 +266,7 @@ impl Trainer {
                     adaptation: adaptation.clone(),
                     max_tokens: max_new_tokens,
                     sampling: sampling(i),
+                    route: None,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

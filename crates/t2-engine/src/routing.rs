@@ -1,0 +1,370 @@
+//! Pass 1 of Transformer²: score the request's category in one prefill and turn the label probabilities
+//! into the mix that pass 2 answers with.
+//!
+//! The model reads the pass-1 prompt (the request wrapped in a classification question, with the reply
+//! primed by [`ROUTING_ANSWER_PREFIX`]); the next token's distribution over the first token of each label
+//! is the routing decision. Scoring instead of generating costs one prefill and cannot produce an
+//! unparsable answer.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use t2_model::ChatMessage;
+pub use t2_tasks::prompts::ROUTING_ANSWER_PREFIX;
+
+use crate::engine::{Adaptation, Engine, EngineError, Result};
+
+/// The label whose probability goes to the base model.
+pub const OTHER_LABEL: &str = "other";
+/// The expert category that marks a classifier (router) expert rather than a pass-2 expert.
+pub const ROUTER_CATEGORY: &str = "routing";
+/// The request text shown to pass 1 is cut to this many characters (its start and end): a category is
+/// clear from far less, and pass 1 must stay a small fraction of the answer's cost.
+const MAX_REQUEST_CHARS: usize = 2000;
+
+/// One answer pass 1 can give.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteLabel {
+    pub name: String,
+    /// First token of " name" after the answer prefix (distinct across labels).
+    pub token: u32,
+    /// The experts of this category (empty: the base model, as for "other").
+    pub experts: Vec<String>,
+}
+
+/// How label probabilities become a mix.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RoutePolicy {
+    /// Soft: α = label probabilities over the experts (and the base model for "other"). Hard: the top
+    /// label's experts only.
+    pub soft: bool,
+    /// Below this top-label probability the base model answers.
+    pub threshold: f32,
+}
+
+impl Default for RoutePolicy {
+    fn default() -> Self {
+        Self {
+            soft: false,
+            threshold: 0.0,
+        }
+    }
+}
+
+/// The labels of a server's experts, built once at load.
+#[derive(Debug, Clone)]
+pub struct Router {
+    pub labels: Vec<RouteLabel>,
+    /// The classifier expert, if one is loaded.
+    pub classifier: Option<String>,
+}
+
+/// Pass 1 for one submission.
+#[derive(Debug, Clone)]
+pub struct RouteSpec {
+    /// "prompt" or "classifier", for reports.
+    pub strategy: String,
+    pub prompt: Vec<u32>,
+    /// The weights pass 1 runs with: the base model (prompt) or the classifier expert.
+    pub scorer: Adaptation,
+    pub labels: Arc<Vec<RouteLabel>>,
+    pub policy: RoutePolicy,
+}
+
+/// What pass 1 decided, sent to every sequence of the submission before pass 2 starts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteDecision {
+    pub strategy: String,
+    /// The most likely label.
+    pub label: String,
+    /// Probability of each label (renormalised over the labels).
+    pub scores: BTreeMap<String, f32>,
+    /// α over experts ("base" for the unadapted share); empty: the base model.
+    pub alpha: BTreeMap<String, f32>,
+    pub adaptation: Adaptation,
+    /// From pass 1's admission to its decision.
+    pub pass1: Duration,
+    /// The top label fell under the threshold, so the base model answers.
+    pub below_threshold: bool,
+}
+
+/// Canonical order of the categories t2's experts are trained for; others follow alphabetically, "other"
+/// last. The router expert was trained on prompts listing labels in this order.
+const CATEGORY_ORDER: &[&str] = &["code", "math", "reasoning", "classification"];
+
+impl Router {
+    /// Labels from the loaded experts' categories, plus "other". None when no pass-2 expert is loaded.
+    pub fn from_engine(engine: &Engine) -> Result<Option<Self>> {
+        let Some(store) = &engine.experts else {
+            return Ok(None);
+        };
+        let mut by_category: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut classifier = None;
+        for e in store.experts() {
+            if e.meta.category == ROUTER_CATEGORY {
+                classifier.get_or_insert_with(|| e.meta.name.clone());
+                continue;
+            }
+            by_category
+                .entry(e.meta.category.clone())
+                .or_default()
+                .push(e.meta.name.clone());
+        }
+        if by_category.is_empty() {
+            return Ok(None);
+        }
+        by_category.remove(OTHER_LABEL);
+        let mut names: Vec<String> = by_category.keys().cloned().collect();
+        let rank = |n: &String| {
+            CATEGORY_ORDER
+                .iter()
+                .position(|c| c == n)
+                .unwrap_or(CATEGORY_ORDER.len())
+        };
+        names.sort_by(|a, b| rank(a).cmp(&rank(b)).then(a.cmp(b)));
+        names.push(OTHER_LABEL.into());
+        let tok = &engine.loaded.tokenizer;
+        let mut labels: Vec<RouteLabel> = Vec::with_capacity(names.len());
+        for name in names {
+            let first = *tok
+                .encode(&format!(" {name}"))?
+                .first()
+                .ok_or_else(|| EngineError::Invalid(format!("category '{name}' is empty")))?;
+            if let Some(other) = labels.iter().find(|l| l.token == first) {
+                return Err(EngineError::Invalid(format!(
+                    "expert categories '{}' and '{name}' start with the same token, so pass 1 cannot tell \
+                     them apart: rename one",
+                    other.name
+                )));
+            }
+            let experts = by_category.remove(&name).unwrap_or_default();
+            labels.push(RouteLabel {
+                name,
+                token: first,
+                experts,
+            });
+        }
+        Ok(Some(Self { labels, classifier }))
+    }
+
+    pub fn label_names(&self) -> Vec<String> {
+        self.labels.iter().map(|l| l.name.clone()).collect()
+    }
+
+    /// Pass 1 for a request: the classification prompt around `request`, tokenized and primed.
+    pub fn spec(
+        &self,
+        engine: &Engine,
+        strategy: &str,
+        request: &str,
+        policy: RoutePolicy,
+    ) -> Result<RouteSpec> {
+        let scorer = match strategy {
+            "prompt" => Adaptation::Base,
+            "classifier" => Adaptation::Expert(self.classifier.clone().ok_or_else(|| {
+                EngineError::Invalid(
+                    "no classifier expert is loaded (an expert of category 'routing'); use strategy \
+                     'prompt'"
+                        .into(),
+                )
+            })?),
+            other => {
+                return Err(EngineError::Invalid(format!(
+                    "unknown routing strategy '{other}' (prompt or classifier)"
+                )))
+            }
+        };
+        if !(0.0..=1.0).contains(&policy.threshold) {
+            return Err(EngineError::Invalid(format!(
+                "the routing threshold must be between 0 and 1, got {}",
+                policy.threshold
+            )));
+        }
+        let user = t2_tasks::prompts::routing_prompt(&clip(request), &self.label_names());
+        let mut prompt = engine.encode_chat(&[ChatMessage::new("user", &user)])?;
+        prompt.extend(engine.loaded.tokenizer.encode(ROUTING_ANSWER_PREFIX)?);
+        Ok(RouteSpec {
+            strategy: strategy.into(),
+            prompt,
+            scorer,
+            labels: Arc::new(self.labels.clone()),
+            policy,
+        })
+    }
+}
+
+/// The start and the end of a long request.
+fn clip(request: &str) -> String {
+    let chars: Vec<char> = request.chars().collect();
+    if chars.len() <= MAX_REQUEST_CHARS {
+        return request.to_string();
+    }
+    let half = MAX_REQUEST_CHARS / 2;
+    let head: String = chars[..half].iter().collect();
+    let tail: String = chars[chars.len() - half..].iter().collect();
+    format!("{head}\n[…]\n{tail}")
+}
+
+/// α is rounded to this step, so that requests routed alike share one entry of the mix table.
+const ALPHA_STEP: f32 = 0.01;
+
+impl RouteSpec {
+    /// The decision from the next-token logits after the primed prompt.
+    pub fn decide(&self, logits: &[f32], pass1: Duration) -> Result<RouteDecision> {
+        let picked: Vec<f32> = self
+            .labels
+            .iter()
+            .map(|l| {
+                logits.get(l.token as usize).copied().ok_or_else(|| {
+                    EngineError::Invalid(format!(
+                        "label token {} is outside the vocabulary",
+                        l.token
+                    ))
+                })
+            })
+            .collect::<Result<_>>()?;
+        let probs = softmax(&picked);
+        let scores: BTreeMap<String, f32> = self
+            .labels
+            .iter()
+            .zip(&probs)
+            .map(|(l, &p)| (l.name.clone(), p))
+            .collect();
+        let top = probs
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i)
+            .expect("at least one label");
+        let below = probs[top] < self.policy.threshold;
+        let mut alpha: BTreeMap<String, f32> = BTreeMap::new();
+        if !below {
+            let shares: Vec<(usize, f32)> = if self.policy.soft {
+                probs.iter().copied().enumerate().collect()
+            } else {
+                vec![(top, 1.0)]
+            };
+            for (i, p) in shares {
+                let experts = &self.labels[i].experts;
+                if experts.is_empty() {
+                    *alpha.entry(BASE_SHARE.into()).or_default() += p;
+                } else {
+                    for e in experts {
+                        *alpha.entry(e.clone()).or_default() += p / experts.len() as f32;
+                    }
+                }
+            }
+            alpha = alpha
+                .into_iter()
+                .map(|(k, v)| (k, (v / ALPHA_STEP).round() * ALPHA_STEP))
+                .filter(|(_, v)| *v > 0.0)
+                .collect();
+        }
+        let adaptation = adaptation_of(&alpha);
+        Ok(RouteDecision {
+            strategy: self.strategy.clone(),
+            label: self.labels[top].name.clone(),
+            scores,
+            alpha,
+            adaptation,
+            pass1,
+            below_threshold: below,
+        })
+    }
+}
+
+/// The key of the unadapted model's share in a routed mix (z ≡ 1 for that share).
+pub const BASE_SHARE: &str = "base";
+
+/// One expert with weight 1 is that expert; only the base share (or nothing) is the base model.
+fn adaptation_of(alpha: &BTreeMap<String, f32>) -> Adaptation {
+    let experts: Vec<(&String, &f32)> = alpha.iter().filter(|(k, _)| *k != BASE_SHARE).collect();
+    match experts.as_slice() {
+        [] => Adaptation::Base,
+        [(name, w)] if alpha.len() == 1 && (**w - 1.0).abs() < 1e-6 => {
+            Adaptation::Expert((*name).clone())
+        }
+        _ => Adaptation::Mix(alpha.clone()),
+    }
+}
+
+fn softmax(x: &[f32]) -> Vec<f32> {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = x.iter().map(|v| (v - max).exp()).collect();
+    let sum: f32 = e.iter().sum();
+    e.into_iter().map(|v| v / sum).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(soft: bool, threshold: f32) -> RouteSpec {
+        let label = |name: &str, token: u32, experts: &[&str]| RouteLabel {
+            name: name.into(),
+            token,
+            experts: experts.iter().map(|s| s.to_string()).collect(),
+        };
+        RouteSpec {
+            strategy: "prompt".into(),
+            prompt: vec![1],
+            scorer: Adaptation::Base,
+            labels: Arc::new(vec![
+                label("code", 0, &["code"]),
+                label("math", 1, &["math"]),
+                label("other", 2, &[]),
+            ]),
+            policy: RoutePolicy { soft, threshold },
+        }
+    }
+
+    fn logits_for(p: &[f32]) -> Vec<f32> {
+        p.iter().map(|v| v.ln()).collect()
+    }
+
+    #[test]
+    fn hard_routing_picks_the_top_label_expert() {
+        let d = spec(false, 0.0)
+            .decide(&logits_for(&[0.2, 0.7, 0.1]), Duration::ZERO)
+            .unwrap();
+        assert_eq!(d.label, "math");
+        assert_eq!(d.adaptation, Adaptation::Expert("math".into()));
+        assert!((d.scores["math"] - 0.7).abs() < 1e-5);
+        assert!((d.scores.values().sum::<f32>() - 1.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn other_and_low_confidence_mean_base() {
+        let d = spec(false, 0.0)
+            .decide(&logits_for(&[0.2, 0.2, 0.6]), Duration::ZERO)
+            .unwrap();
+        assert_eq!(
+            (d.label.as_str(), &d.adaptation),
+            ("other", &Adaptation::Base)
+        );
+        let d = spec(false, 0.8)
+            .decide(&logits_for(&[0.1, 0.7, 0.2]), Duration::ZERO)
+            .unwrap();
+        assert!(d.below_threshold);
+        assert_eq!(d.adaptation, Adaptation::Base);
+        assert!(d.alpha.is_empty());
+    }
+
+    #[test]
+    fn soft_routing_weights_experts_and_base_by_probability() {
+        let d = spec(true, 0.0)
+            .decide(&logits_for(&[0.25, 0.5, 0.25]), Duration::ZERO)
+            .unwrap();
+        let want = BTreeMap::from([
+            ("base".to_string(), 0.25),
+            ("code".to_string(), 0.25),
+            ("math".to_string(), 0.5),
+        ]);
+        assert_eq!(d.alpha.len(), 3);
+        for (k, v) in &want {
+            assert!((d.alpha[k] - v).abs() < 1e-6, "{:?}", d.alpha);
+        }
+        assert!(matches!(d.adaptation, Adaptation::Mix(_)));
+    }
+}
