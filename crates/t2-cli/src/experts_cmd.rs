@@ -77,7 +77,7 @@ pub fn run(cmd: ExpertsCmd) -> Result<()> {
                     e.meta.name, e.meta.category, e.meta.targets, e.meta.description
                 );
             }
-            for m in &store.manifest.mixes {
+            for m in &store.mixes() {
                 let alpha: Vec<String> = m.alpha.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 println!("  mix {:<12} {}", m.name, alpha.join(","));
             }
@@ -120,12 +120,13 @@ pub fn run(cmd: ExpertsCmd) -> Result<()> {
             svf,
         } => {
             let alpha = parse_mix(&mix)?;
-            let mut engine = open_engine(&model, &svf, true)?;
-            let store = engine.experts.as_mut().expect("svf engine has a store");
+            let engine = open_engine(&model, &svf, true)?;
+            let store = engine.experts.as_ref().expect("svf engine has a store");
             store.save_mix(StoredMix {
                 name: name.clone(),
                 alpha,
                 description,
+                provenance: [("made_by".to_string(), "t2 experts save-mix".to_string())].into(),
             })?;
             println!("stored mix '{name}' in {}", store.dir.display());
             Ok(())

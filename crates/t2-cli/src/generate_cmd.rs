@@ -79,6 +79,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         sampling,
         stop: a.stop.clone(),
         ignore_eos: false,
+        score_from: None,
     };
     let t0 = Instant::now();
     let mut first = None;

@@ -1,5 +1,6 @@
 //! `t2`: serve, generate with, decompose, inspect experts of, and benchmark a self-adaptive LLM.
 
+mod adapt_cmd;
 mod bench;
 mod common;
 mod experts_cmd;
@@ -42,6 +43,8 @@ enum Command {
     Train(train_cmd::TrainArgs),
     /// Accuracy with a 95% confidence interval: base, experts and mixes on task splits.
     Eval(train_cmd::EvalArgs),
+    /// Few-shot adaptation: search expert weights on a few examples (CEM) and store them as a named mix.
+    Adapt(adapt_cmd::AdaptArgs),
 }
 
 fn main() {
@@ -78,6 +81,7 @@ fn main() {
         Command::Bench(a) => bench::run(a),
         Command::Train(a) => train_cmd::train(a),
         Command::Eval(a) => train_cmd::eval(a),
+        Command::Adapt(a) => adapt_cmd::run(a),
     };
     if let Err(e) = result {
         // One line, the whole cause chain: the CLI's contract for bad input. (Some libraries append a

@@ -162,7 +162,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
 }
 
 /// The command as typed, for the expert's provenance (model paths relative, so it reproduces elsewhere).
-fn command_line() -> String {
+pub fn command_line() -> String {
     let mut args: Vec<String> = std::env::args().collect();
     if let Some(first) = args.first_mut() {
         *first = "t2".into();
@@ -179,7 +179,8 @@ pub struct EvalArgs {
     /// Task(s) to evaluate (repeatable, or comma-separated)
     #[arg(long, required = true, value_delimiter = ',')]
     pub task: Vec<String>,
-    /// Adaptation(s): base, an expert name, mix:a=0.7,b=0.3, or file:PATH.safetensors (repeatable)
+    /// Adaptation(s): base, an expert name, mix:a=0.7,b=0.3, file:PATH.safetensors, or pass-1 routing
+    /// route:prompt / route:classifier (add :soft for soft mixing) (repeatable)
     #[arg(long, default_value = "base")]
     pub adaptation: Vec<String>,
     #[arg(long, default_value = "test")]
@@ -187,7 +188,8 @@ pub struct EvalArgs {
     /// Evaluate a fixed-seed sample of N items of each split
     #[arg(long)]
     pub limit: Option<usize>,
-    /// generate (answers checked by the verifier) or loglik (multiple choice by log-likelihood)
+    /// generate (answers checked by the verifier), loglik (multiple choice by log-likelihood) or route
+    /// (pass 1's label against the routing task's true category)
     #[arg(long, default_value = "generate")]
     pub mode: EvalMode,
     #[arg(long)]
@@ -209,6 +211,29 @@ fn parse_split(s: &str) -> Result<Split> {
         .into_iter()
         .find(|x| x.as_str() == s)
         .with_context(|| format!("unknown split '{s}' (train, val, test)"))
+}
+
+/// `route:prompt`, `route:classifier`, with an optional `:soft`.
+fn parse_route(spec: &str, rest: &str) -> Result<(String, String, t2_engine::RoutePolicy)> {
+    let (strategy, soft) = match rest.split_once(':') {
+        Some((s, "soft")) => (s, true),
+        Some((s, "hard")) => (s, false),
+        None => (rest, false),
+        Some(_) => bail!(
+            "bad routing adaptation '{spec}' (route:prompt or route:classifier, optionally :soft)"
+        ),
+    };
+    if !["prompt", "classifier"].contains(&strategy) {
+        bail!("unknown routing strategy in '{spec}' (route:prompt or route:classifier)");
+    }
+    Ok((
+        spec.to_string(),
+        strategy.to_string(),
+        t2_engine::RoutePolicy {
+            soft,
+            threshold: 0.0,
+        },
+    ))
 }
 
 fn parse_adaptation(spec: &str, engine: &t2_engine::Engine) -> Result<Adaptation> {
@@ -240,15 +265,29 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         t2_tasks::Task::open(&a.data, t)?;
     }
     let engine = Arc::new(open_engine(&a.model, &a.svf, true)?);
-    let adaptations = a
-        .adaptation
-        .iter()
-        .map(|s| Ok((s.clone(), parse_adaptation(s, &engine)?)))
-        .collect::<Result<Vec<_>>>()?;
+    let mut adaptations = Vec::new();
+    let mut routes = Vec::new();
+    for s in &a.adaptation {
+        match s.strip_prefix("route:") {
+            Some(r) => routes.push(parse_route(s, r)?),
+            None => adaptations.push((s.clone(), parse_adaptation(s, &engine)?)),
+        }
+    }
+    match a.mode {
+        EvalMode::LogLikelihood if !routes.is_empty() => {
+            bail!("--mode loglik scores fixed adaptations; routing (route:...) needs --mode generate")
+        }
+        EvalMode::Route if !adaptations.is_empty() => bail!(
+            "--mode route evaluates routing strategies only (route:prompt, route:classifier), not '{}'",
+            adaptations[0].0
+        ),
+        _ => {}
+    }
     let cfg = EvalConfig {
         data_dir: a.data.clone(),
         tasks: a.task.clone(),
         adaptations,
+        routes,
         split,
         limit: a.limit,
         max_new_tokens: a.max_new_tokens,
@@ -260,6 +299,10 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             evaluate_generate(&trainer, &cfg, true)?
         }
         EvalMode::LogLikelihood => evaluate_loglik(&engine, &cfg, true)?,
+        EvalMode::Route => {
+            let trainer = Trainer::new(engine, a.batch)?;
+            t2_train::eval::evaluate_routing(&trainer, &cfg, true)?
+        }
     };
     let table = markdown(&results);
     print!("{table}");

@@ -14,4 +14,4 @@ pub use routing::{RouteDecision, RouteLabel, RoutePolicy, RouteSpec, Router};
 pub use scheduler::{
     Scheduler, SchedulerConfig, SchedulerStats, SeqEvent, SeqHandle, Submission, SubmitError,
 };
-pub use sequence::{FinishReason, GenRequest, TokenEvent};
+pub use sequence::{FinishReason, GenRequest, Scored, TokenEvent};

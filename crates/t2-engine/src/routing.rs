@@ -68,6 +68,9 @@ pub struct RouteSpec {
     pub prompt: Vec<u32>,
     /// The weights pass 1 runs with: the base model (prompt) or the classifier expert.
     pub scorer: Adaptation,
+    /// Leading tokens of `prompt` that are the same for every request (their KV is computed once per
+    /// scorer and shared).
+    pub shared_prefix: usize,
     pub labels: Arc<Vec<RouteLabel>>,
     pub policy: RoutePolicy,
 }
@@ -128,7 +131,7 @@ impl Router {
         let mut labels: Vec<RouteLabel> = Vec::with_capacity(names.len());
         for name in names {
             let first = *tok
-                .encode(&format!(" {name}"))?
+                .encode_continuation(&format!(" {name}"))?
                 .first()
                 .ok_or_else(|| EngineError::Invalid(format!("category '{name}' is empty")))?;
             if let Some(other) = labels.iter().find(|l| l.token == first) {
@@ -181,17 +184,41 @@ impl Router {
                 policy.threshold
             )));
         }
-        let user = t2_tasks::prompts::routing_prompt(&clip(request), &self.label_names());
-        let mut prompt = engine.encode_chat(&[ChatMessage::new("user", &user)])?;
-        prompt.extend(engine.loaded.tokenizer.encode(ROUTING_ANSWER_PREFIX)?);
+        let (prompt, shared_prefix) = routing_tokens(engine, &clip(request), &self.label_names())?;
         Ok(RouteSpec {
             strategy: strategy.into(),
             prompt,
+            shared_prefix,
             scorer,
             labels: Arc::new(self.labels.clone()),
             policy,
         })
     }
+}
+
+/// The pass-1 prompt for `request`, tokenized and primed with the answer prefix, and how many of its
+/// leading tokens do not depend on the request. The parts are tokenized separately so that this prefix is
+/// token-for-token the same for every request. The classifier expert is trained on exactly these tokens.
+pub fn routing_tokens(
+    engine: &Engine,
+    request: &str,
+    labels: &[String],
+) -> Result<(Vec<u32>, usize)> {
+    const MARK: &str = "\u{1}T2_REQUEST\u{1}";
+    let (head, tail) = t2_tasks::prompts::routing_prompt_parts(labels);
+    let text = engine
+        .loaded
+        .template
+        .render(&[ChatMessage::new("user", &format!("{head}{MARK}{tail}"))])?;
+    let (before, after) = text
+        .split_once(MARK)
+        .ok_or_else(|| EngineError::Invalid("the chat template dropped the request".into()))?;
+    let tok = &engine.loaded.tokenizer;
+    let mut tokens = tok.encode(before)?;
+    let shared = tokens.len();
+    tokens.extend(tok.encode_continuation(&format!("{}{after}", request.trim()))?);
+    tokens.extend(tok.encode_continuation(ROUTING_ANSWER_PREFIX)?);
+    Ok((tokens, shared))
 }
 
 /// The start and the end of a long request.
@@ -309,6 +336,7 @@ mod tests {
         RouteSpec {
             strategy: "prompt".into(),
             prompt: vec![1],
+            shared_prefix: 0,
             scorer: Adaptation::Base,
             labels: Arc::new(vec![
                 label("code", 0, &["code"]),

@@ -14,13 +14,13 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use t2_model::SeqStep;
+use t2_model::{KvCache, SeqStep};
 use t2_svf::{MixId, SvfError, BASE_MIX};
 use tokio::sync::mpsc;
 
 use crate::engine::{Adaptation, Engine, EngineError};
 use crate::routing::{RouteDecision, RouteSpec};
-use crate::sequence::{GenRequest, Sequence, TokenEvent};
+use crate::sequence::{GenRequest, Scored, Sequence, TokenEvent};
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
@@ -79,6 +79,8 @@ pub enum SeqEvent {
         mix: MixId,
     },
     Token(TokenEvent),
+    /// A scoring sequence's result (its last event).
+    Scored(Scored),
     /// The sequence was dropped by an engine error; no more events follow.
     Failed(String),
 }
@@ -166,6 +168,7 @@ impl Scheduler {
             rx,
             next: None,
             ready: VecDeque::new(),
+            prefixes: HashMap::new(),
             running: Vec::new(),
             mixes: MixRefs::default(),
             uniform_steps: 0,
@@ -350,6 +353,8 @@ struct Worker {
     next: Option<Queued>,
     /// Submissions whose pass 1 has decided: admitted before anything new, so that pass 2 starts at once.
     ready: VecDeque<Queued>,
+    /// KV of pass-1 prompt prefixes (the part before the request), by scorer and tokens.
+    prefixes: HashMap<(String, Vec<u32>), KvCache>,
     running: Vec<Running>,
     mixes: MixRefs,
     /// Consecutive steps in which every row used the same non-base mix.
@@ -461,8 +466,14 @@ impl Worker {
                     sampling: Default::default(),
                     stop: Vec::new(),
                     ignore_eos: true,
+                    score_from: None,
                 };
-                match Sequence::new(&self.engine, req) {
+                let key = prefix_key(route);
+                let seq = match self.prefixes.get(&key) {
+                    Some(kv) => Sequence::with_prefix(req, kv, route.shared_prefix),
+                    None => Sequence::new(&self.engine, req),
+                };
+                match seq {
                     Ok(seq) => {
                         q.waited += q.enqueued.elapsed();
                         self.running.push(Running {
@@ -649,6 +660,14 @@ impl Worker {
             let Some(logits) = logits else {
                 continue; // a prompt chunk that is not the last
             };
+            if r.seq.is_scoring() {
+                if let (Some(scored), Role::Answer(tx)) = (r.seq.on_score_logits(&logits)?, &r.role)
+                {
+                    let _ = tx.try_send(SeqEvent::Scored(scored));
+                    finished.push(i);
+                }
+                continue;
+            }
             let logits = logits.to_vec1::<f32>()?;
             match &r.role {
                 Role::Answer(tx) => {
@@ -681,6 +700,21 @@ impl Worker {
                 }
                 (Some(decision), Role::Pass1 { mut queued, .. }) => match decision {
                     Ok(d) => {
+                        let route = queued.submission.route.as_ref().expect("a pass-1 row");
+                        let key = prefix_key(route);
+                        if route.shared_prefix > 0 && !self.prefixes.contains_key(&key) {
+                            if self.prefixes.len() >= MAX_PREFIXES {
+                                self.prefixes.clear();
+                            }
+                            match r.seq.cache.fork(route.shared_prefix, 0) {
+                                Ok(kv) => {
+                                    self.prefixes.insert(key, kv);
+                                }
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "could not keep a pass-1 prefix")
+                                }
+                            }
+                        }
                         for s in &queued.senders {
                             let _ = s.try_send(SeqEvent::Routed(d.clone()));
                         }
@@ -716,6 +750,17 @@ impl Worker {
             .kv_used_tokens
             .store(self.kv_used(), Ordering::Relaxed);
     }
+}
+
+/// Pass-1 prefixes kept at most (one per scorer and label set in practice).
+const MAX_PREFIXES: usize = 8;
+
+/// The weights a pass-1 prefix was computed with, and its tokens.
+fn prefix_key(route: &RouteSpec) -> (String, Vec<u32>) {
+    (
+        route.scorer.canonical_name(),
+        route.prompt[..route.shared_prefix].to_vec(),
+    )
 }
 
 impl MixRefs {

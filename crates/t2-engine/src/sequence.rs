@@ -16,6 +16,16 @@ pub struct GenRequest {
     pub stop: Vec<String>,
     /// Keep going past end-of-sequence until max_tokens (benchmarks want fixed-length answers).
     pub ignore_eos: bool,
+    /// Score instead of generating: the summed log-probability of `prompt[from..]` given what precedes
+    /// it (teacher-forced in the prefill), reported as one [`Scored`] result.
+    pub score_from: Option<usize>,
+}
+
+/// The log-likelihood of a scored continuation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scored {
+    pub logprob: f64,
+    pub tokens: usize,
 }
 
 impl GenRequest {
@@ -27,6 +37,7 @@ impl GenRequest {
             sampling,
             stop: Vec::new(),
             ignore_eos: false,
+            score_from: None,
         }
     }
 
@@ -82,6 +93,8 @@ pub(crate) struct Sequence {
     max_tokens: usize,
     ignore_eos: bool,
     pub finish: Option<FinishReason>,
+    /// While scoring: where the scored continuation starts, and its log-probability so far.
+    score: Option<(usize, Scored)>,
 }
 
 impl Sequence {
@@ -90,11 +103,15 @@ impl Sequence {
         // Exactly what the request can use: no regrowth copies while decoding, and the scheduler's KV
         // budget accounts for real allocations.
         cache.reserve(r.kv_tokens())?;
-        Ok(Self {
+        Ok(Self::from_cache(r, cache, 0))
+    }
+
+    fn from_cache(r: GenRequest, cache: KvCache, prefilled: usize) -> Self {
+        Self {
             cache,
             mix: r.mix,
             prompt: r.prompt,
-            prefilled: 0,
+            prefilled,
             feeding: 0,
             last: None,
             sampler: Sampler::new(r.sampling),
@@ -104,7 +121,25 @@ impl Sequence {
             max_tokens: r.max_tokens,
             ignore_eos: r.ignore_eos,
             finish: None,
-        })
+            score: r.score_from.map(|f| {
+                (
+                    f,
+                    Scored {
+                        logprob: 0.0,
+                        tokens: 0,
+                    },
+                )
+            }),
+        }
+    }
+
+    /// A sequence whose prompt starts with `len` tokens already computed in `prefix` (same weights): it
+    /// prefills only the rest.
+    pub fn with_prefix(r: GenRequest, prefix: &KvCache, len: usize) -> Result<Self> {
+        // At least the last prompt token is fed, so that the first step yields logits.
+        let len = len.min(prefix.len()).min(r.prompt.len().saturating_sub(1));
+        let cache = prefix.fork(len, r.kv_tokens() - len)?;
+        Ok(Self::from_cache(r, cache, len))
     }
 
     pub fn prompt_len(&self) -> usize {
@@ -120,10 +155,12 @@ impl Sequence {
     pub fn step(&mut self, budget: usize) -> SeqStep<'_> {
         let (range, want) = if self.is_prefilling() {
             let end = (self.prefilled + budget.max(1)).min(self.prompt.len());
-            let want = if end == self.prompt.len() {
-                WantLogits::Last
-            } else {
-                WantLogits::None
+            let want = match self.score {
+                // Positions from-1 .. len-1 predict the scored tokens.
+                Some((from, _)) if end >= from => WantLogits::All,
+                Some(_) => WantLogits::None,
+                None if end == self.prompt.len() => WantLogits::Last,
+                None => WantLogits::None,
             };
             (self.prefilled..end, want)
         } else {
@@ -149,6 +186,33 @@ impl Sequence {
             self.prefilled += self.feeding;
         }
         self.feeding = 0;
+    }
+
+    pub fn is_scoring(&self) -> bool {
+        self.score.is_some()
+    }
+
+    /// Adds the log-probabilities of the scored tokens that the chunk just fed predicts (`logits`: one row
+    /// per fed position). Returns the result once the whole prompt is in.
+    pub fn on_score_logits(&mut self, logits: &candle_core::Tensor) -> Result<Option<Scored>> {
+        let Some((from, mut acc)) = self.score else {
+            return Ok(None);
+        };
+        let rows = logits.dim(0)?;
+        let start = self.prefilled - rows;
+        for p in start.max(from - 1)..self.prefilled.min(self.prompt.len() - 1) {
+            let row = logits.get(p - start)?.to_vec1::<f32>()?;
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
+            acc.logprob += (row[self.prompt[p + 1] as usize] - lse) as f64;
+            acc.tokens += 1;
+        }
+        self.score = Some((from, acc));
+        if self.is_prefilling() {
+            return Ok(None);
+        }
+        self.finish = Some(FinishReason::Stop);
+        Ok(Some(acc))
     }
 
     /// Samples from the logits of the last position and advances the text and stop conditions.
@@ -209,6 +273,14 @@ impl Engine {
             )));
         }
         r.sampling.validate()?;
+        if let Some(from) = r.score_from {
+            if from == 0 || from >= r.prompt.len() {
+                return Err(EngineError::Invalid(format!(
+                    "the scored part must start inside the prompt (at 1..{}), got {from}",
+                    r.prompt.len()
+                )));
+            }
+        }
         Ok(())
     }
 }

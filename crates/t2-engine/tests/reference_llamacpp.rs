@@ -82,6 +82,7 @@ fn greedy_tokens_match_llama_cpp() {
             sampling: SamplingParams::default(),
             stop: vec![],
             ignore_eos: false,
+            score_from: None,
         })
         .collect();
     let outs = e.generate(reqs, |_, _| {}).unwrap();

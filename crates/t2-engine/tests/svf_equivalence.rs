@@ -150,6 +150,7 @@ fn batch_of_different_mixes_equals_each_alone() {
             sampling: SamplingParams::default(),
             stop: vec![],
             ignore_eos: false,
+            score_from: None,
         })
         .collect();
     let together = e.generate(reqs.clone(), |_, _| {}).unwrap();

@@ -70,6 +70,32 @@ impl KvCache {
         self.len = self.len.min(len);
     }
 
+    /// An independent copy of the first `len` tokens with room for `extra` more: a sequence starting from
+    /// a shared prefix (the buffers are written in place, so sharing them would alias).
+    pub fn fork(&self, len: usize, extra: usize) -> candle_core::Result<Self> {
+        let len = len.min(self.len);
+        let mut out = Self {
+            k: Vec::new(),
+            v: Vec::new(),
+            len: 0,
+            cap: 0,
+            num_kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+            max_len: self.max_len,
+            dtype: self.dtype,
+            device: self.device.clone(),
+        }
+        .with_layers(self.k.len());
+        out.reserve(len + extra)?;
+        if len > 0 {
+            for (dst, src) in out.k.iter().zip(&self.k).chain(out.v.iter().zip(&self.v)) {
+                dst.slice_set(&src.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+            }
+        }
+        out.len = len;
+        Ok(out)
+    }
+
     /// Makes room for `extra` more tokens in every layer.
     pub fn reserve(&mut self, extra: usize) -> candle_core::Result<()> {
         let need = self.len + extra;

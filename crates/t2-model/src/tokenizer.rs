@@ -157,6 +157,12 @@ impl T2Tokenizer {
         Ok(ids)
     }
 
+    /// Encodes text that continues an already encoded sequence: never a beginning-of-sequence token.
+    pub fn encode_continuation(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(tok_err)?;
+        Ok(enc.get_ids().to_vec())
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, true).map_err(tok_err)
     }

@@ -182,7 +182,8 @@ fn route(
     let strategy = match strategy {
         "auto" if cx.routing.auto == "classifier" && router.classifier.is_none() => {
             note = Some(
-                "no classifier expert is loaded: pass 1 used the base model's prompt routing".into(),
+                "no classifier expert is loaded: pass 1 used the base model's prompt routing"
+                    .into(),
             );
             "prompt"
         }
@@ -332,7 +333,10 @@ fn from_body(cx: &Context, a: &AdaptationRequest) -> ApiResult<Chosen> {
         }
         "mix" => {
             let alpha = a.mix.clone().ok_or_else(|| {
-                ApiError::invalid("adaptation.strategy 'mix' needs adaptation.mix", "adaptation")
+                ApiError::invalid(
+                    "adaptation.strategy 'mix' needs adaptation.mix",
+                    "adaptation",
+                )
             })?;
             mix(engine, alpha, None)
         }
@@ -341,8 +345,10 @@ fn from_body(cx: &Context, a: &AdaptationRequest) -> ApiResult<Chosen> {
             "adaptation",
         )),
         other => Err(ApiError::invalid(
-            format!("unknown adaptation.strategy '{other}' (expected none, expert, mix, profile, \
-                 prompt, classifier or auto)"),
+            format!(
+                "unknown adaptation.strategy '{other}' (expected none, expert, mix, profile, \
+                 prompt, classifier or auto)"
+            ),
             "adaptation",
         )),
     }

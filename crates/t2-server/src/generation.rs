@@ -192,6 +192,7 @@ pub fn prepare(
                 sampling: p,
                 stop: stop.clone(),
                 ignore_eos: f.ignore_eos.unwrap_or(false),
+                score_from: None,
             }
         })
         .collect();
@@ -324,6 +325,9 @@ impl Tracker {
             SeqEvent::Failed(msg) => Err(ApiError::Internal(msg)),
             // Every sequence of a routed request hears the decision; the first one already applied it.
             SeqEvent::Routed(_) => Ok(None),
+            SeqEvent::Scored(_) => Err(ApiError::Internal(
+                "a completion was answered with a score".into(),
+            )),
             SeqEvent::Token(t) => {
                 let now = Instant::now();
                 let c = &mut self.choices[i];

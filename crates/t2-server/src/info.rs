@@ -39,7 +39,7 @@ pub async fn models(State(state): State<Arc<AppState>>) -> ApiResult<Json<ModelL
         for name in store.names() {
             data.push(card(format!("{base}:{name}"), "expert", true));
         }
-        for m in &store.manifest.mixes {
+        for m in &store.mixes() {
             data.push(card(format!("{base}:{}", m.name), "profile", true));
         }
     }
@@ -68,14 +68,14 @@ pub async fn experts(State(state): State<Arc<AppState>>) -> ApiResult<Json<Exper
                 })
                 .collect(),
             store
-                .manifest
-                .mixes
+                .mixes()
                 .iter()
                 .map(|m| MixCard {
                     name: m.name.clone(),
                     alpha: m.alpha.clone(),
                     description: m.description.clone(),
                     model: format!("{base}:{}", m.name),
+                    provenance: m.provenance.clone(),
                 })
                 .collect(),
         ),

@@ -117,10 +117,7 @@ impl Metrics {
                 "Pass 1 (scoring the request's category) from its admission to its decision",
                 &[0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0],
             ),
-            routing: gauge(
-                "t2_routing_sequences",
-                "Pass-1 rows in the running batch",
-            ),
+            routing: gauge("t2_routing_sequences", "Pass-1 rows in the running batch"),
             registry,
         }
         .init_series()

@@ -306,6 +306,8 @@ pub struct MixCard {
     pub alpha: BTreeMap<String, f32>,
     pub description: String,
     pub model: String,
+    /// How the mix was made (few-shot search settings and score), when recorded.
+    pub provenance: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]

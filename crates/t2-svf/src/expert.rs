@@ -255,6 +255,9 @@ pub struct StoredMix {
     pub alpha: BTreeMap<String, f32>,
     #[serde(default)]
     pub description: String,
+    /// How the mix was made (few-shot search: examples, shots, seed, score, iterations, ...).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub provenance: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -268,7 +271,9 @@ pub struct Manifest {
 /// The experts of one model: `experts/<model-id>/manifest.json` and the files it names.
 pub struct ExpertStore {
     pub dir: PathBuf,
+    /// The manifest as loaded; stored mixes live in `mixes` (they can be added while serving).
     pub manifest: Manifest,
+    mixes: std::sync::RwLock<Vec<StoredMix>>,
     experts: BTreeMap<String, Expert>,
 }
 
@@ -277,7 +282,7 @@ impl ExpertStore {
     pub fn open(root: &Path, model_id: &str, decomp: &Decomposition) -> Result<Self> {
         let dir = root.join(model_id);
         let path = dir.join(MANIFEST);
-        let manifest = if path.is_file() {
+        let mut manifest = if path.is_file() {
             let text = std::fs::read_to_string(&path).map_err(|e| SvfError::Io {
                 path: path.clone(),
                 source: e,
@@ -304,9 +309,11 @@ impl ExpertStore {
             e.validate(decomp, model_id)?;
             experts.insert(entry.name.clone(), e);
         }
+        let mixes = std::sync::RwLock::new(std::mem::take(&mut manifest.mixes));
         Ok(Self {
             dir,
             manifest,
+            mixes,
             experts,
         })
     }
@@ -332,13 +339,23 @@ impl ExpertStore {
         self.experts.values()
     }
 
-    pub fn mix(&self, name: &str) -> Option<&StoredMix> {
-        self.manifest.mixes.iter().find(|m| m.name == name)
+    pub fn mix(&self, name: &str) -> Option<StoredMix> {
+        self.mixes
+            .read()
+            .expect("mix list lock")
+            .iter()
+            .find(|m| m.name == name)
+            .cloned()
+    }
+
+    pub fn mixes(&self) -> Vec<StoredMix> {
+        self.mixes.read().expect("mix list lock").clone()
     }
 
     /// Stores (or replaces) a named mix; every expert it names must exist, and a mix may not shadow an
     /// expert's name.
-    pub fn save_mix(&mut self, mix: StoredMix) -> Result<()> {
+    /// The manifest on disk is re-read first, so that mixes another process stored meanwhile are kept.
+    pub fn save_mix(&self, mix: StoredMix) -> Result<()> {
         check_name(&mix.name)?;
         if mix.alpha.is_empty() {
             return Err(SvfError::BadMix(format!(
@@ -362,9 +379,23 @@ impl ExpertStore {
             path: self.dir.clone(),
             source: e,
         })?;
-        self.manifest.mixes.retain(|m| m.name != mix.name);
-        self.manifest.mixes.push(mix);
-        self.write_manifest()
+        let mut mixes = self.mixes.write().expect("mix list lock");
+        let on_disk = std::fs::read_to_string(self.dir.join(MANIFEST))
+            .ok()
+            .and_then(|t| serde_json::from_str::<Manifest>(&t).ok())
+            .map(|m| m.mixes)
+            .unwrap_or_default();
+        let mut merged: Vec<StoredMix> = mixes.clone();
+        for m in on_disk {
+            if !merged.iter().any(|x| x.name == m.name) {
+                merged.push(m);
+            }
+        }
+        merged.retain(|m| m.name != mix.name);
+        merged.push(mix);
+        self.write_manifest_with(&merged)?;
+        *mixes = merged;
+        Ok(())
     }
 
     /// Adds (or replaces) an expert: file first, then the manifest, each written atomically.
@@ -391,9 +422,16 @@ impl ExpertStore {
     }
 
     fn write_manifest(&self) -> Result<()> {
+        let mixes = self.mixes();
+        self.write_manifest_with(&mixes)
+    }
+
+    fn write_manifest_with(&self, mixes: &[StoredMix]) -> Result<()> {
         let path = self.dir.join(MANIFEST);
         let tmp = crate::temp_path(&path);
-        let text = serde_json::to_string_pretty(&self.manifest).expect("manifest serializes");
+        let mut manifest = self.manifest.clone();
+        manifest.mixes = mixes.to_vec();
+        let text = serde_json::to_string_pretty(&manifest).expect("manifest serializes");
         std::fs::write(&tmp, text).map_err(|e| SvfError::Io {
             path: tmp.clone(),
             source: e,

@@ -14,7 +14,7 @@ pub mod targets;
 
 pub use decompose::{Decomposition, Factors};
 pub use error::{Result, SvfError};
-pub use expert::{Expert, ExpertMeta, ExpertStore};
+pub use expert::{Expert, ExpertMeta, ExpertStore, StoredMix};
 pub use mix::{MixId, MixTable, BASE_MIX};
 pub use projector::SvfProjector;
 pub use targets::TargetSet;

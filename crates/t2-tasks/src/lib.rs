@@ -4,6 +4,7 @@
 pub mod data;
 pub mod prompts;
 pub mod sandbox;
+pub mod shots;
 pub mod verify;
 
 pub use data::{Answer, Split, Task, TaskError, TaskInfo, TaskItem};

@@ -19,20 +19,28 @@ const CATEGORY_HINTS: &[(&str, &str)] = &[
     ("other", "anything else"),
 ];
 
-/// The pass-1 prompt: the request first, then the question, so that a small model does not start
-/// answering the request itself. The label is read after [`ROUTING_ANSWER_PREFIX`] in the reply.
-pub fn routing_prompt(request: &str, labels: &[String]) -> String {
-    let mut s = String::from("Here is a request:\n\"\"\"\n");
-    s.push_str(request.trim());
-    s.push_str("\n\"\"\"\nDo not answer it. Classify it into one of these categories:\n");
+/// The pass-1 prompt around a request: the instructions first and the request last, so that everything
+/// before the request is the same for every request and its KV cache can be computed once. The label is
+/// read after [`ROUTING_ANSWER_PREFIX`] in the reply (scored, not generated, so the model cannot wander
+/// off into answering the request).
+pub fn routing_prompt_parts(labels: &[String]) -> (String, String) {
+    let mut head = String::from(
+        "Classify the request below into one of these categories, without answering it:\n",
+    );
     for l in labels {
         match CATEGORY_HINTS.iter().find(|(k, _)| k == l) {
-            Some((_, hint)) => s.push_str(&format!("- {l}: {hint}\n")),
-            None => s.push_str(&format!("- {l}\n")),
+            Some((_, hint)) => head.push_str(&format!("- {l}: {hint}\n")),
+            None => head.push_str(&format!("- {l}\n")),
         }
     }
-    s.push_str("Reply with the category name only.");
-    s
+    head.push_str("Reply with the category name only.\nRequest:\n\"\"\"\n");
+    (head, "\n\"\"\"".to_string())
+}
+
+/// The whole pass-1 user message for `request`.
+pub fn routing_prompt(request: &str, labels: &[String]) -> String {
+    let (head, tail) = routing_prompt_parts(labels);
+    format!("{head}{}{tail}", request.trim())
 }
 
 /// The start of the assistant's reply that a label continues (" code", " math", ...): pass 1 reads the

@@ -5,11 +5,12 @@
 //! the option whose tokens are most likely after the prompt: the prompt is prefilled once per item and
 //! each option is scored on top of it, several items per forward.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use t2_engine::{Adaptation, Engine};
+use t2_engine::{Adaptation, Engine, RoutePolicy, Router};
 use t2_model::{ChatMessage, KvCache, SamplingParams, SeqStep, WantLogits};
 use t2_tasks::{Answer, Split, Task, TaskItem};
 
@@ -23,6 +24,8 @@ pub enum EvalMode {
     Generate,
     /// Multiple choice: the option with the highest summed log-probability.
     LogLikelihood,
+    /// The routing task: pass 1's label against the request's true category (a confusion matrix).
+    Route,
 }
 
 impl std::str::FromStr for EvalMode {
@@ -31,7 +34,8 @@ impl std::str::FromStr for EvalMode {
         match s {
             "generate" => Ok(Self::Generate),
             "loglik" | "log-likelihood" => Ok(Self::LogLikelihood),
-            _ => Err(format!("unknown eval mode '{s}' (generate, loglik)")),
+            "route" => Ok(Self::Route),
+            _ => Err(format!("unknown eval mode '{s}' (generate, loglik, route)")),
         }
     }
 }
@@ -41,6 +45,8 @@ pub struct EvalConfig {
     pub tasks: Vec<String>,
     /// (label, adaptation) pairs, e.g. ("base", Base), ("math", Expert("math")).
     pub adaptations: Vec<(String, Adaptation)>,
+    /// (label, strategy, policy): answers routed by pass 1 (prompt or classifier).
+    pub routes: Vec<(String, String, RoutePolicy)>,
     pub split: Split,
     /// A fixed-seed sample of `limit` items of each split (see [`subset`]).
     pub limit: Option<usize>,
@@ -61,6 +67,12 @@ pub struct EvalResult {
     pub accuracy: f64,
     pub ci95: (f64, f64),
     pub seconds: f64,
+    /// Routed answers: how many items pass 1 sent to each label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routed: Option<BTreeMap<String, usize>>,
+    /// Route mode: true category → predicted label → count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confusion: Option<BTreeMap<String, BTreeMap<String, usize>>>,
 }
 
 /// The answer length that fits each kind of task: a number, a label or letter, a small function.
@@ -141,6 +153,23 @@ pub fn evaluate_generate(
                     max_tokens,
                     sampling: SamplingParams::default(),
                     route: None,
+                    score_from: None,
+                });
+            }
+            groups.push((task.clone(), items.clone(), label.clone(), start));
+        }
+        for (label, strategy, policy) in &cfg.routes {
+            let router = router_of(gen.engine())?;
+            let start = jobs.len();
+            for it in &items {
+                let user = t2_tasks::prompts::user_message(&task.info.area, it);
+                jobs.push(Job {
+                    prompt: gen.chat_prompt(&user)?,
+                    adaptation: Adaptation::Base,
+                    max_tokens,
+                    sampling: SamplingParams::default(),
+                    route: Some(router.spec(gen.engine(), strategy, &user, *policy)?),
+                    score_from: None,
                 });
             }
             groups.push((task.clone(), items.clone(), label.clone(), start));
@@ -170,7 +199,7 @@ pub fn evaluate_generate(
             .collect();
         let verdicts = t2_tasks::verify::verify_all(&pairs, trainer.sandbox());
         let correct = verdicts.iter().filter(|v| v.correct).count();
-        results.push(result(
+        let mut r = result(
             &task,
             cfg,
             &label,
@@ -178,7 +207,106 @@ pub fn evaluate_generate(
             items.len(),
             correct,
             seconds,
+        );
+        let decisions = &rollouts[start..start + items.len()];
+        if decisions.iter().any(|r| r.decision.is_some()) {
+            let mut routed = BTreeMap::new();
+            for d in decisions.iter().filter_map(|r| r.decision.as_ref()) {
+                *routed.entry(d.label.clone()).or_insert(0) += 1;
+            }
+            r.routed = Some(routed);
+        }
+        results.push(r);
+    }
+    Ok(results)
+}
+
+fn router_of(engine: &Engine) -> Result<Router> {
+    Router::from_engine(engine)?
+        .ok_or_else(|| TrainError::Config("routing needs experts, and none is loaded".into()))
+}
+
+/// Route mode: pass 1 alone on the routing task's requests, against their true category.
+pub fn evaluate_routing(
+    trainer: &crate::Trainer,
+    cfg: &EvalConfig,
+    progress: bool,
+) -> Result<Vec<EvalResult>> {
+    if cfg.routes.is_empty() {
+        return Err(TrainError::Config(
+            "route mode evaluates routing strategies: give --adaptation route:prompt and/or \
+             route:classifier"
+                .into(),
         ));
+    }
+    let gen = trainer.generator();
+    let router = router_of(gen.engine())?;
+    let mut results = Vec::new();
+    for name in &cfg.tasks {
+        let (task, items) = load_items(cfg, name)?;
+        if task.info.area != "routing" {
+            return Err(TrainError::Config(format!(
+                "route mode needs a routing task (requests labelled with their category); '{name}' is \
+                 a {} task",
+                task.info.area
+            )));
+        }
+        for (label, strategy, policy) in &cfg.routes {
+            let started = Instant::now();
+            let mut jobs = Vec::new();
+            let mut truth = Vec::new();
+            for it in &items {
+                let Answer::Choice {
+                    options, correct, ..
+                } = &it.answer
+                else {
+                    return Err(TrainError::Config(format!("{} has no label", it.id)));
+                };
+                truth.push(options[*correct].clone());
+                // Pass 2 is cut to one token: only the decision is measured.
+                jobs.push(Job {
+                    prompt: gen.chat_prompt(&it.prompt)?,
+                    adaptation: Adaptation::Base,
+                    max_tokens: 1,
+                    sampling: SamplingParams::default(),
+                    route: Some(router.spec(gen.engine(), strategy, &it.prompt, *policy)?),
+                    score_from: None,
+                });
+            }
+            let bar = if progress {
+                indicatif::ProgressBar::new(jobs.len() as u64)
+            } else {
+                indicatif::ProgressBar::hidden()
+            };
+            let rollouts = gen.run(jobs, Some(&bar))?;
+            bar.finish_and_clear();
+            let mut confusion: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+            let mut correct = 0;
+            for (t, r) in truth.iter().zip(&rollouts) {
+                let predicted = r
+                    .decision
+                    .as_ref()
+                    .map(|d| d.label.clone())
+                    .unwrap_or_else(|| "none".into());
+                correct += usize::from(&predicted == t);
+                *confusion
+                    .entry(t.clone())
+                    .or_default()
+                    .entry(predicted)
+                    .or_insert(0) += 1;
+            }
+            let mut r = result(
+                &task,
+                cfg,
+                label,
+                EvalMode::Route,
+                items.len(),
+                correct,
+                started.elapsed().as_secs_f64(),
+            );
+            r.confusion = Some(confusion);
+            results.push(r);
+        }
     }
     Ok(results)
 }
@@ -203,6 +331,8 @@ fn result(
         accuracy: correct as f64 / n as f64,
         ci95: wilson_interval(correct, n),
         seconds,
+        routed: None,
+        confusion: None,
     }
 }
 
@@ -275,15 +405,21 @@ pub fn pick_by_loglik(
                 it.id
             )));
         };
-        let mut prompt = engine.encode_chat(&[ChatMessage {
-            role: "user".into(),
-            content: t2_tasks::prompts::user_message(area, it),
-        }])?;
         // A primed reply ("This request is about") is continued by the option after a space.
         let prefix = t2_tasks::prompts::answer_prefix(area);
-        if let Some(p) = prefix {
-            prompt.extend(tok.encode(p).map_err(|e| TrainError::Engine(e.into()))?);
-        }
+        let prompt = if area == "routing" {
+            // Exactly the tokens the server's pass 1 scores.
+            t2_engine::routing::routing_tokens(engine, &it.prompt, opts)?.0
+        } else {
+            let mut prompt = engine.encode_chat(&[ChatMessage {
+                role: "user".into(),
+                content: t2_tasks::prompts::user_message(area, it),
+            }])?;
+            if let Some(p) = prefix {
+                prompt.extend(tok.encode(p).map_err(|e| TrainError::Engine(e.into()))?);
+            }
+            prompt
+        };
         prompts.push(prompt);
         options.push(
             opts.iter()
@@ -372,12 +508,50 @@ pub fn markdown(results: &[EvalResult]) -> String {
             match r.mode {
                 EvalMode::Generate => "generate",
                 EvalMode::LogLikelihood => "loglik",
+                EvalMode::Route => "route",
             },
             r.n,
             100.0 * r.accuracy,
             100.0 * r.ci95.0,
             100.0 * r.ci95.1
         ));
+    }
+    for r in results {
+        if let Some(routed) = &r.routed {
+            let parts: Vec<String> = routed.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            s.push_str(&format!(
+                "\n{} / {}: pass 1 routed {}\n",
+                r.task,
+                r.adaptation,
+                parts.join(", ")
+            ));
+        }
+        if let Some(c) = &r.confusion {
+            s.push_str(&confusion_markdown(r, c));
+        }
+    }
+    s
+}
+
+/// Rows: true category; columns: the label pass 1 chose.
+fn confusion_markdown(r: &EvalResult, c: &BTreeMap<String, BTreeMap<String, usize>>) -> String {
+    let mut cols: Vec<&String> = c.values().flat_map(|m| m.keys()).collect();
+    cols.sort();
+    cols.dedup();
+    let mut s = format!(
+        "\n{} / {} (rows: true category, columns: pass-1 label)\n\n| true \\ chosen |",
+        r.task, r.adaptation
+    );
+    for col in &cols {
+        s.push_str(&format!(" {col} |"));
+    }
+    s.push_str(&format!("\n|---|{}\n", "---|".repeat(cols.len())));
+    for (t, row) in c {
+        s.push_str(&format!("| {t} |"));
+        for col in &cols {
+            s.push_str(&format!(" {} |", row.get(*col).copied().unwrap_or(0)));
+        }
+        s.push('\n');
     }
     s
 }

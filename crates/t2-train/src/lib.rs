@@ -2,6 +2,7 @@
 //! serving scheduler) and their evaluation (accuracy with a 95% confidence interval).
 
 pub mod adam;
+pub mod cem;
 pub mod checkpoint;
 pub mod eval;
 pub mod plot;

@@ -98,7 +98,7 @@ pub fn logit(z: f32) -> f32 {
     (z / (1.0 - z)).ln()
 }
 
-fn standard_normal(rng: &mut impl rand::Rng) -> f32 {
+pub(crate) fn standard_normal(rng: &mut impl rand::Rng) -> f32 {
     // Box–Muller: rand's distributions crate is not a dependency, and this is all we need.
     let u1: f64 = rng.random::<f64>().max(1e-300);
     let u2: f64 = rng.random::<f64>();

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use indicatif::ProgressBar;
 use t2_engine::{
-    Adaptation, RouteDecision, RouteSpec, Engine, FinishReason, GenRequest, Scheduler, SchedulerConfig, SeqEvent, SeqHandle,
-    Submission, SubmitError,
+    Adaptation, Engine, FinishReason, GenRequest, RouteDecision, RouteSpec, Scheduler,
+    SchedulerConfig, Scored, SeqEvent, SeqHandle, Submission, SubmitError,
 };
 use t2_model::{ChatMessage, SamplingParams};
 
@@ -22,6 +22,8 @@ pub struct Rollout {
     pub finish: Option<FinishReason>,
     /// Pass 1's decision, for a routed job.
     pub decision: Option<RouteDecision>,
+    /// The log-likelihood, for a scoring job.
+    pub score: Option<Scored>,
 }
 
 /// One generation job: a tokenized prompt, the adaptation to run it with, and how to sample.
@@ -32,11 +34,15 @@ pub struct Job {
     pub sampling: SamplingParams,
     /// Pass 1 to run first (its decision replaces `adaptation`).
     pub route: Option<RouteSpec>,
+    /// Score `prompt[from..]` instead of generating (see [`GenRequest::score_from`]).
+    pub score_from: Option<usize>,
 }
 
 pub struct Generator {
     engine: Arc<Engine>,
-    scheduler: Scheduler,
+    scheduler: Arc<Scheduler>,
+    /// Whether this generator started the scheduler (and so stops it when dropped).
+    owned: bool,
 }
 
 impl Generator {
@@ -49,8 +55,21 @@ impl Generator {
             // Rollout mixes change every step: merged weights would be built and thrown away.
             merge_after_steps: None,
         };
-        let scheduler = Scheduler::start(engine.clone(), cfg);
-        Self { engine, scheduler }
+        let scheduler = Arc::new(Scheduler::start(engine.clone(), cfg));
+        Self {
+            engine,
+            scheduler,
+            owned: true,
+        }
+    }
+
+    /// Generates through a scheduler that others use too (a server's): jobs share its batches.
+    pub fn shared(scheduler: Arc<Scheduler>) -> Self {
+        Self {
+            engine: scheduler.engine().clone(),
+            scheduler,
+            owned: false,
+        }
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
@@ -76,7 +95,8 @@ impl Generator {
         let mut out: Vec<Option<Rollout>> = vec![None; n];
         let mut pending: VecDeque<(usize, SeqHandle)> = VecDeque::new();
         for (i, job) in jobs.into_iter().enumerate() {
-            let req = GenRequest::new(job.prompt, 0, job.max_tokens, job.sampling);
+            let mut req = GenRequest::new(job.prompt, 0, job.max_tokens, job.sampling);
+            req.score_from = job.score_from;
             loop {
                 let sub = Submission {
                     adaptation: job.adaptation.clone(),
@@ -114,8 +134,10 @@ impl Generator {
 
 impl Drop for Generator {
     fn drop(&mut self) {
-        self.scheduler.close();
-        self.scheduler.join();
+        if self.owned {
+            self.scheduler.close();
+            self.scheduler.join();
+        }
     }
 }
 
@@ -125,11 +147,16 @@ fn collect(mut h: SeqHandle) -> Result<Rollout, TrainError> {
         text: String::new(),
         finish: None,
         decision: None,
+        score: None,
     };
     while let Some(ev) = h.events.blocking_recv() {
         match ev {
             SeqEvent::Admitted { .. } => {}
             SeqEvent::Routed(d) => r.decision = Some(d),
+            SeqEvent::Scored(s) => {
+                r.score = Some(s);
+                break;
+            }
             SeqEvent::Token(t) => {
                 r.tokens.push(t.token);
                 r.text.push_str(&t.text);

@@ -227,9 +227,19 @@ impl Trainer {
                 "training needs SVF (a decomposition)".into(),
             ));
         }
+        let generator = Generator::new(engine.clone(), rollout_batch);
+        Self::with_generator(engine, generator)
+    }
+
+    /// A trainer whose answers go through `generator` (e.g. one sharing a server's scheduler).
+    pub fn with_generator(engine: Arc<Engine>, generator: Generator) -> Result<Self> {
+        if engine.svf.is_none() {
+            return Err(TrainError::Config(
+                "adaptation needs SVF (a decomposition)".into(),
+            ));
+        }
         let sandbox =
             Sandbox::new(Default::default()).map_err(|e| TrainError::Verifier(e.to_string()))?;
-        let generator = Generator::new(engine.clone(), rollout_batch);
         Ok(Self {
             engine,
             generator,
@@ -237,8 +247,53 @@ impl Trainer {
         })
     }
 
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
     pub fn generator(&self) -> &Generator {
         &self.generator
+    }
+
+    /// The tokens an item is answered from.
+    pub fn prompt_for(&self, area: &str, it: &TaskItem) -> Result<Vec<u32>> {
+        self.generator
+            .chat_prompt(&t2_tasks::prompts::user_message(area, it))
+    }
+
+    /// Greedy answers to `items[i]` with `adaptations[i]`, all in one batched generation, and whether
+    /// each was right.
+    pub fn answer_and_verify_each(
+        &self,
+        area: &str,
+        items: &[TaskItem],
+        adaptations: &[Adaptation],
+        max_new_tokens: usize,
+    ) -> Result<Vec<bool>> {
+        let jobs = items
+            .iter()
+            .zip(adaptations)
+            .map(|(it, a)| {
+                Ok(Job {
+                    prompt: self.prompt_for(area, it)?,
+                    adaptation: a.clone(),
+                    max_tokens: max_new_tokens,
+                    sampling: SamplingParams::default(),
+                    route: None,
+                    score_from: None,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let rollouts = self.generator.run(jobs, None)?;
+        let pairs: Vec<_> = items
+            .iter()
+            .zip(&rollouts)
+            .map(|(it, r)| (&it.answer, r.text.as_str()))
+            .collect();
+        Ok(t2_tasks::verify::verify_all(&pairs, &self.sandbox)
+            .into_iter()
+            .map(|v| v.correct)
+            .collect())
     }
 
     pub fn sandbox(&self) -> &Sandbox {
@@ -267,6 +322,7 @@ impl Trainer {
                     max_tokens: max_new_tokens,
                     sampling: sampling(i),
                     route: None,
+                    score_from: None,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -719,10 +775,16 @@ impl Trainer {
                     it.id
                 )));
             }
-            let mut p = self
-                .generator
-                .chat_prompt(&t2_tasks::prompts::user_message(area, it))?;
-            p.extend_from_slice(&prefix);
+            let p = if area == "routing" {
+                // Exactly the tokens the server's pass 1 scores.
+                t2_engine::routing::routing_tokens(&self.engine, &it.prompt, o)?.0
+            } else {
+                let mut p = self
+                    .generator
+                    .chat_prompt(&t2_tasks::prompts::user_message(area, it))?;
+                p.extend_from_slice(&prefix);
+                p
+            };
             prompts.push(p);
             correct.push(*c);
         }

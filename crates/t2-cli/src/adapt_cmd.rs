@@ -1,0 +1,230 @@
+//! `t2 adapt`: few-shot adaptation. A CEM search over the experts' weights on a handful of examples,
+//! stored as a named mix that serves as `<model>:<name>`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use t2_tasks::{Split, TaskItem};
+use t2_train::cem::{self, CemConfig};
+use t2_train::Trainer;
+
+use crate::common::{open_engine, ModelArgs, SvfArgs};
+
+#[derive(Args, Debug)]
+pub struct AdaptArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub svf: SvfArgs,
+    /// Examples: a JSONL file (one {"prompt", "verifier", "answer", ...} per line), or the name of a task
+    /// in the data directory (its training split)
+    #[arg(long)]
+    pub task: String,
+    /// Examples the search scores on (a fixed-seed sample when there are more)
+    #[arg(long, default_value_t = 10)]
+    pub shots: usize,
+    /// Name of the mix to store
+    #[arg(long)]
+    pub name: String,
+    #[arg(long, default_value_t = 50)]
+    pub iterations: usize,
+    #[arg(long, default_value_t = 32)]
+    pub population: usize,
+    #[arg(long, default_value_t = 6)]
+    pub elites: usize,
+    #[arg(long, default_value_t = 0.5)]
+    pub init_std: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Tokens per answer [default: by answer kind]
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// Experts to weigh (comma-separated) [default: every loaded expert but classifiers]
+    #[arg(long, value_delimiter = ',')]
+    pub experts: Vec<String>,
+    /// Also time the first population evaluated one candidate after another (batched vs sequential)
+    #[arg(long)]
+    pub compare_sequential: bool,
+    /// Write the search (every iteration, the cost comparison) as JSON here
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Search only: do not store the mix
+    #[arg(long)]
+    pub no_save: bool,
+    #[arg(long, env = "T2_DATA", default_value = "data/tasks")]
+    pub data: PathBuf,
+    /// Sequences generated together
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+}
+
+/// The shots and a description of where they came from.
+fn load_shots(a: &AdaptArgs) -> Result<(String, Vec<TaskItem>, String)> {
+    let path = Path::new(&a.task);
+    let (area, items, source) = if path.is_file() {
+        let items = t2_tasks::shots::read_examples(path).map_err(anyhow::Error::msg)?;
+        ("custom".to_string(), items, path.display().to_string())
+    } else if a.task.ends_with(".jsonl") || a.task.contains('/') {
+        bail!("few-shot file not found: {}", a.task);
+    } else {
+        let task = t2_tasks::Task::open(&a.data, &a.task)?;
+        let items = task.items(Split::Train)?;
+        (
+            task.info.area.clone(),
+            items,
+            format!("{} (train split)", a.task),
+        )
+    };
+    if a.shots == 0 {
+        bail!("--shots must be at least 1");
+    }
+    if items.len() < a.shots {
+        bail!(
+            "too few examples: {source} has {}, and --shots asks for {}",
+            items.len(),
+            a.shots
+        );
+    }
+    let shots = t2_train::eval::subset(items, a.shots);
+    Ok((area, shots, source))
+}
+
+pub fn run(a: AdaptArgs) -> Result<()> {
+    t2_svf::expert::check_name(&a.name)?;
+    let (area, shots, source) = load_shots(&a)?;
+    let engine = Arc::new(open_engine(&a.model, &a.svf, true)?);
+    let store = engine.experts.as_ref().context("SVF is off")?;
+    if store.get(&a.name).is_ok() {
+        bail!(
+            "'{}' is already an expert's name; choose another name for the mix",
+            a.name
+        );
+    }
+    let experts = if a.experts.is_empty() {
+        cem::mixable_experts(&engine)
+    } else {
+        for e in &a.experts {
+            store.get(e)?;
+        }
+        a.experts.clone()
+    };
+    let cfg = CemConfig {
+        population: a.population,
+        elites: a.elites,
+        iterations: a.iterations,
+        init_std: a.init_std,
+        seed: a.seed,
+        max_new_tokens: a
+            .max_new_tokens
+            .unwrap_or_else(|| t2_train::eval::default_max_tokens(&shots)),
+        experts,
+    };
+    cfg.check()?;
+    let trainer = Trainer::new(engine.clone(), a.batch)?;
+    eprintln!(
+        "few-shot search over {} ({} experts) on {} examples of {source}: {} iterations × {} candidates",
+        cfg.experts.join(", "),
+        cfg.experts.len(),
+        shots.len(),
+        cfg.iterations,
+        cfg.population
+    );
+    let mut comparison = None;
+    if a.compare_sequential {
+        let alphas = cem::first_population(&cfg);
+        let t = std::time::Instant::now();
+        let adaptations: Vec<_> = alphas
+            .iter()
+            .map(|x| cem::adaptation_of(&cfg.experts, x))
+            .collect();
+        let batched =
+            trainer.evaluate_population(&area, &shots, &adaptations, cfg.max_new_tokens)?;
+        let batched_s = t.elapsed().as_secs_f64();
+        let (seq_acc, seq) = cem::evaluate_sequentially(&trainer, &area, &shots, &cfg, &alphas)?;
+        let batched_acc: Vec<f64> = batched
+            .iter()
+            .map(|r| r.iter().filter(|&&c| c).count() as f64 / r.len() as f64)
+            .collect();
+        let same = batched_acc == seq_acc;
+        eprintln!(
+            "population of {}: batched {batched_s:.1} s, one candidate after another {:.1} s ({:.2}× faster \
+             batched); same accuracies: {same}",
+            alphas.len(),
+            seq.as_secs_f64(),
+            seq.as_secs_f64() / batched_s
+        );
+        comparison = Some(serde_json::json!({
+            "candidates": alphas.len(),
+            "batched_seconds": batched_s,
+            "sequential_seconds": seq.as_secs_f64(),
+            "speedup": seq.as_secs_f64() / batched_s,
+            "same_accuracies": same,
+        }));
+    }
+    let outcome = cem::search(&trainer, &area, &shots, &cfg, |it| {
+        eprintln!(
+            "iteration {:>3}/{}: best {:.2}{} | best so far {:.2} | population mean {:.2} | α mean [{}] | {:.1} s",
+            it.iteration + 1,
+            cfg.iterations,
+            it.best.accuracy,
+            it.best
+                .loglik
+                .map(|l| format!(" (ll {l:.3})"))
+                .unwrap_or_default(),
+            it.best_so_far.accuracy,
+            it.mean_accuracy,
+            it.mean
+                .iter()
+                .map(|m| format!("{m:.2}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            it.eval_seconds + it.loglik_seconds
+        );
+        true
+    })?;
+    println!("| expert | α |\n|---|---|");
+    for (e, w) in &outcome.alpha {
+        println!("| {e} | {w:.3} |");
+    }
+    println!(
+        "\nscore on the {} examples: {:.1}% after {} iterations ({} answers, {:.0} s)",
+        shots.len(),
+        100.0 * outcome.best.accuracy,
+        outcome.history.len(),
+        outcome.generations,
+        outcome.seconds
+    );
+    if let Some(p) = &a.json {
+        let doc = serde_json::json!({
+            "name": a.name,
+            "source": source,
+            "config": cfg,
+            "outcome": outcome,
+            "batched_vs_sequential": comparison,
+        });
+        std::fs::write(p, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| p.display().to_string())?;
+    }
+    if a.no_save {
+        return Ok(());
+    }
+    let mix = cem::stored_mix(
+        &a.name,
+        &outcome,
+        &cfg,
+        &source,
+        shots.len(),
+        &crate::train_cmd::command_line(),
+    );
+    store.save_mix(mix)?;
+    println!(
+        "stored mix '{}' in {}: use model {}:{}",
+        a.name,
+        store.dir.display(),
+        engine.loaded.model_id,
+        a.name
+    );
+    Ok(())
+}

@@ -1,0 +1,481 @@
+//! Few-shot adaptation: a Cross-Entropy-Method search over the expert weights α, scored on a handful of
+//! examples of a new task (Transformer² §3).
+//!
+//! Each iteration samples a population of α ∈ [0,1]^K around the current mean, answers every example
+//! with every candidate in one batched generation (each row with its own mix), scores candidates by
+//! verified accuracy (ties broken by the mean log-likelihood of the reference answers), and refits mean
+//! and spread to the elites. The best candidate ever seen is the result.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use rand::SeedableRng;
+use serde::Serialize;
+use t2_engine::Adaptation;
+use t2_tasks::TaskItem;
+
+use crate::{Result, TrainError, Trainer};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CemConfig {
+    /// Candidates per iteration.
+    pub population: usize,
+    /// Candidates the next distribution is fitted to.
+    pub elites: usize,
+    pub iterations: usize,
+    /// Initial spread of every α (the mean starts at 1/K).
+    pub init_std: f32,
+    pub seed: u64,
+    pub max_new_tokens: usize,
+    /// The experts α weighs, in order.
+    pub experts: Vec<String>,
+}
+
+impl CemConfig {
+    /// The paper's settings over `experts`.
+    pub fn paper(experts: Vec<String>) -> Self {
+        Self {
+            population: 32,
+            elites: 6,
+            iterations: 50,
+            init_std: 0.5,
+            seed: 0,
+            max_new_tokens: 64,
+            experts,
+        }
+    }
+
+    pub fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(TrainError::Config(m));
+        if self.experts.is_empty() {
+            return bad("few-shot adaptation needs at least one expert, and none is loaded".into());
+        }
+        if !(2..=256).contains(&self.population) {
+            return bad(format!(
+                "the population must be 2 to 256, got {}",
+                self.population
+            ));
+        }
+        if self.elites == 0 || self.elites >= self.population {
+            return bad(format!(
+                "elites must be at least 1 and fewer than the population ({}), got {}",
+                self.population, self.elites
+            ));
+        }
+        if !(1..=1000).contains(&self.iterations) {
+            return bad(format!(
+                "iterations must be 1 to 1000, got {}",
+                self.iterations
+            ));
+        }
+        if !(self.init_std.is_finite() && self.init_std > 0.0) {
+            return bad(format!(
+                "the initial spread must be positive, got {}",
+                self.init_std
+            ));
+        }
+        if self.max_new_tokens == 0 {
+            return bad("max_new_tokens must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// One evaluated α.
+#[derive(Debug, Clone, Serialize)]
+pub struct Candidate {
+    pub alpha: Vec<f32>,
+    /// Share of the examples answered right.
+    pub accuracy: f64,
+    /// Mean log-likelihood per token of the reference answers (computed only where it breaks a tie).
+    pub loglik: Option<f64>,
+}
+
+impl Candidate {
+    /// Higher accuracy first; equal accuracy: higher log-likelihood.
+    fn better_than(&self, other: &Candidate) -> bool {
+        match self.accuracy.total_cmp(&other.accuracy) {
+            std::cmp::Ordering::Equal => {
+                self.loglik.unwrap_or(f64::NEG_INFINITY) > other.loglik.unwrap_or(f64::NEG_INFINITY)
+            }
+            o => o.is_gt(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct IterationLog {
+    pub iteration: usize,
+    pub best: Candidate,
+    pub best_so_far: Candidate,
+    pub mean_accuracy: f64,
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+    /// Generating and verifying the population's answers.
+    pub eval_seconds: f64,
+    /// Scoring reference answers for tie-breaks.
+    pub loglik_seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CemOutcome {
+    pub alpha: BTreeMap<String, f32>,
+    pub best: Candidate,
+    pub history: Vec<IterationLog>,
+    pub seconds: f64,
+    /// Answers generated in all.
+    pub generations: usize,
+}
+
+/// The mix a candidate stands for (no weight at all: the base model).
+pub fn adaptation_of(experts: &[String], alpha: &[f32]) -> Adaptation {
+    let mix: BTreeMap<String, f32> = experts
+        .iter()
+        .zip(alpha)
+        .filter(|(_, &a)| a > 0.0)
+        .map(|(e, &a)| (e.clone(), a))
+        .collect();
+    if mix.values().sum::<f32>() < 1e-6 {
+        Adaptation::Base
+    } else {
+        Adaptation::Mix(mix)
+    }
+}
+
+impl Trainer {
+    /// Answers every example with every adaptation in one batched generation; per adaptation, which
+    /// examples were answered right.
+    pub fn evaluate_population(
+        &self,
+        area: &str,
+        items: &[TaskItem],
+        candidates: &[Adaptation],
+        max_new_tokens: usize,
+    ) -> Result<Vec<Vec<bool>>> {
+        let mut all_items = Vec::with_capacity(items.len() * candidates.len());
+        let mut adaptations = Vec::with_capacity(all_items.capacity());
+        for a in candidates {
+            for it in items {
+                all_items.push(it.clone());
+                adaptations.push(a.clone());
+            }
+        }
+        let verdicts =
+            self.answer_and_verify_each(area, &all_items, &adaptations, max_new_tokens)?;
+        Ok(verdicts.chunks(items.len()).map(|c| c.to_vec()).collect())
+    }
+
+    /// Mean per-token log-likelihood of the examples' reference answers under each adaptation (None when
+    /// no example has a reference text).
+    pub fn reference_logliks(
+        &self,
+        area: &str,
+        items: &[TaskItem],
+        candidates: &[Adaptation],
+    ) -> Result<Vec<Option<f64>>> {
+        let mut prompts = Vec::new();
+        for it in items {
+            let Some(reference) = t2_tasks::shots::reference_answer(&it.answer) else {
+                continue;
+            };
+            let mut p = self.prompt_for(area, it)?;
+            let from = p.len();
+            let answer = self
+                .engine()
+                .loaded
+                .tokenizer
+                .encode_continuation(&reference)
+                .map_err(|e| TrainError::Engine(e.into()))?;
+            if answer.is_empty() {
+                continue;
+            }
+            p.extend(answer);
+            prompts.push((p, from));
+        }
+        if prompts.is_empty() {
+            return Ok(vec![None; candidates.len()]);
+        }
+        let mut jobs = Vec::new();
+        for a in candidates {
+            for (p, from) in &prompts {
+                jobs.push(crate::Job {
+                    prompt: p.clone(),
+                    adaptation: a.clone(),
+                    max_tokens: 1,
+                    sampling: Default::default(),
+                    route: None,
+                    score_from: Some(*from),
+                });
+            }
+        }
+        let scored = self.generator().run(jobs, None)?;
+        Ok(scored
+            .chunks(prompts.len())
+            .map(|c| {
+                let (lp, n) = c
+                    .iter()
+                    .filter_map(|r| r.score)
+                    .fold((0.0, 0usize), |acc, s| {
+                        (acc.0 + s.logprob, acc.1 + s.tokens)
+                    });
+                (n > 0).then(|| lp / n as f64)
+            })
+            .collect())
+    }
+}
+
+/// Runs the search. `on_iteration` sees every iteration as it ends and may stop the search by returning
+/// false (cancellation); the outcome then holds what was found so far.
+pub fn search(
+    trainer: &Trainer,
+    area: &str,
+    shots: &[TaskItem],
+    cfg: &CemConfig,
+    mut on_iteration: impl FnMut(&IterationLog) -> bool,
+) -> Result<CemOutcome> {
+    cfg.check()?;
+    if shots.is_empty() {
+        return Err(TrainError::Config("no examples to adapt on".into()));
+    }
+    let t0 = Instant::now();
+    let k = cfg.experts.len();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+    let mut mean = vec![1.0 / k as f32; k];
+    let mut std = vec![cfg.init_std; k];
+    let mut best: Option<Candidate> = None;
+    let mut history = Vec::new();
+    let mut generations = 0;
+    for iteration in 0..cfg.iterations {
+        let alphas: Vec<Vec<f32>> = (0..cfg.population)
+            .map(|_| {
+                (0..k)
+                    .map(|j| {
+                        let n = crate::policy::standard_normal(&mut rng);
+                        (mean[j] + std[j] * n).clamp(0.0, 1.0)
+                    })
+                    .collect()
+            })
+            .collect();
+        let (mut pop, eval_time) = evaluate(trainer, area, shots, cfg, &alphas)?;
+        generations += alphas.len() * shots.len();
+        let loglik_time = break_ties(trainer, area, shots, cfg, &mut pop)?;
+        let mut order: Vec<usize> = (0..pop.len()).collect();
+        order.sort_by(|&a, &b| {
+            if pop[a].better_than(&pop[b]) {
+                std::cmp::Ordering::Less
+            } else if pop[b].better_than(&pop[a]) {
+                std::cmp::Ordering::Greater
+            } else {
+                a.cmp(&b)
+            }
+        });
+        let elites: Vec<&Candidate> = order[..cfg.elites].iter().map(|&i| &pop[i]).collect();
+        for j in 0..k {
+            let m = elites.iter().map(|c| c.alpha[j]).sum::<f32>() / elites.len() as f32;
+            let v =
+                elites.iter().map(|c| (c.alpha[j] - m).powi(2)).sum::<f32>() / elites.len() as f32;
+            mean[j] = m;
+            // A floor keeps a little exploration once the elites agree.
+            std[j] = v.sqrt().max(1e-3);
+        }
+        let top = pop[order[0]].clone();
+        if best.as_ref().is_none_or(|b| top.better_than(b)) {
+            best = Some(top.clone());
+        }
+        let log = IterationLog {
+            iteration,
+            best: top,
+            best_so_far: best.clone().expect("set above"),
+            mean_accuracy: pop.iter().map(|c| c.accuracy).sum::<f64>() / pop.len() as f64,
+            mean: mean.clone(),
+            std: std.clone(),
+            eval_seconds: eval_time.as_secs_f64(),
+            loglik_seconds: loglik_time.as_secs_f64(),
+        };
+        let go_on = on_iteration(&log);
+        history.push(log);
+        forget_mixes(trainer, cfg, &alphas, best.as_ref());
+        if !go_on {
+            break;
+        }
+    }
+    let best = best.expect("at least one iteration ran");
+    let alpha = cfg
+        .experts
+        .iter()
+        .cloned()
+        .zip(best.alpha.iter().copied())
+        .collect();
+    Ok(CemOutcome {
+        alpha,
+        best,
+        history,
+        seconds: t0.elapsed().as_secs_f64(),
+        generations,
+    })
+}
+
+/// Accuracy of each α on the shots, all candidates in one batched generation.
+fn evaluate(
+    trainer: &Trainer,
+    area: &str,
+    shots: &[TaskItem],
+    cfg: &CemConfig,
+    alphas: &[Vec<f32>],
+) -> Result<(Vec<Candidate>, Duration)> {
+    let t = Instant::now();
+    let adaptations: Vec<Adaptation> = alphas
+        .iter()
+        .map(|a| adaptation_of(&cfg.experts, a))
+        .collect();
+    let right = trainer.evaluate_population(area, shots, &adaptations, cfg.max_new_tokens)?;
+    let pop = alphas
+        .iter()
+        .zip(right)
+        .map(|(a, r)| Candidate {
+            alpha: a.clone(),
+            accuracy: r.iter().filter(|&&c| c).count() as f64 / r.len() as f64,
+            loglik: None,
+        })
+        .collect();
+    Ok((pop, t.elapsed()))
+}
+
+/// Scores reference answers for the candidates whose rank depends on it: those tied at the elite
+/// boundary, and those tied for first place.
+fn break_ties(
+    trainer: &Trainer,
+    area: &str,
+    shots: &[TaskItem],
+    cfg: &CemConfig,
+    pop: &mut [Candidate],
+) -> Result<Duration> {
+    let t = Instant::now();
+    let mut acc: Vec<f64> = pop.iter().map(|c| c.accuracy).collect();
+    acc.sort_by(|a, b| b.total_cmp(a));
+    let boundary = acc[cfg.elites - 1];
+    let top = acc[0];
+    let top_tied = acc.iter().filter(|&&a| a == top).count() > 1;
+    let boundary_tied = acc.iter().filter(|&&a| a == boundary).count() > 1;
+    let need: Vec<usize> = (0..pop.len())
+        .filter(|&i| {
+            (boundary_tied && pop[i].accuracy == boundary) || (top_tied && pop[i].accuracy == top)
+        })
+        .collect();
+    if need.is_empty() {
+        return Ok(t.elapsed());
+    }
+    let adaptations: Vec<Adaptation> = need
+        .iter()
+        .map(|&i| adaptation_of(&cfg.experts, &pop[i].alpha))
+        .collect();
+    let ll = trainer.reference_logliks(area, shots, &adaptations)?;
+    for (&i, l) in need.iter().zip(ll) {
+        pop[i].loglik = l;
+    }
+    Ok(t.elapsed())
+}
+
+/// Drops this iteration's candidate mixes from the mix table (the best one stays), so that a long search
+/// does not crowd out other users' mixes.
+fn forget_mixes(trainer: &Trainer, cfg: &CemConfig, alphas: &[Vec<f32>], keep: Option<&Candidate>) {
+    let Some(svf) = &trainer.engine().svf else {
+        return;
+    };
+    let keep = keep.map(|c| adaptation_of(&cfg.experts, &c.alpha).canonical_name());
+    for a in alphas {
+        let name = adaptation_of(&cfg.experts, a).canonical_name();
+        if Some(&name) != keep.as_ref() && name != "base" {
+            svf.remove(&name);
+        }
+    }
+}
+
+/// Times evaluating `alphas` one candidate after another (each candidate's shots still batched
+/// together), against which the batched population evaluation is compared.
+pub fn evaluate_sequentially(
+    trainer: &Trainer,
+    area: &str,
+    shots: &[TaskItem],
+    cfg: &CemConfig,
+    alphas: &[Vec<f32>],
+) -> Result<(Vec<f64>, Duration)> {
+    let t = Instant::now();
+    let mut out = Vec::with_capacity(alphas.len());
+    for a in alphas {
+        let (pop, _) = evaluate(trainer, area, shots, cfg, std::slice::from_ref(a))?;
+        out.push(pop[0].accuracy);
+    }
+    Ok((out, t.elapsed()))
+}
+
+/// The population of the first iteration (same seed, same draws), for cost comparisons.
+pub fn first_population(cfg: &CemConfig) -> Vec<Vec<f32>> {
+    let k = cfg.experts.len();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+    (0..cfg.population)
+        .map(|_| {
+            (0..k)
+                .map(|_| {
+                    let n = crate::policy::standard_normal(&mut rng);
+                    (1.0 / k as f32 + cfg.init_std * n).clamp(0.0, 1.0)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The experts a few-shot mix weighs: every loaded expert except classifiers (which serve pass 1).
+pub fn mixable_experts(engine: &t2_engine::Engine) -> Vec<String> {
+    engine
+        .experts
+        .as_ref()
+        .map(|s| {
+            s.experts()
+                .filter(|e| e.meta.category != t2_engine::routing::ROUTER_CATEGORY)
+                .map(|e| e.meta.name.clone())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The search's result as a named mix, with how it was found.
+pub fn stored_mix(
+    name: &str,
+    outcome: &CemOutcome,
+    cfg: &CemConfig,
+    source: &str,
+    shots: usize,
+    command: &str,
+) -> t2_svf::StoredMix {
+    let mut p = BTreeMap::new();
+    let mut put = |k: &str, v: String| {
+        p.insert(k.to_string(), v);
+    };
+    put("method", "few-shot CEM".into());
+    put("examples", source.into());
+    put("shots", shots.to_string());
+    put("seed", cfg.seed.to_string());
+    put("score", format!("{:.4}", outcome.best.accuracy));
+    if let Some(ll) = outcome.best.loglik {
+        put("reference_loglik", format!("{ll:.4}"));
+    }
+    put("iterations", outcome.history.len().to_string());
+    put("population", cfg.population.to_string());
+    put("elites", cfg.elites.to_string());
+    put("init_std", cfg.init_std.to_string());
+    put("max_new_tokens", cfg.max_new_tokens.to_string());
+    put("seconds", format!("{:.1}", outcome.seconds));
+    if !command.is_empty() {
+        put("command", command.into());
+    }
+    t2_svf::StoredMix {
+        name: name.into(),
+        alpha: outcome.alpha.clone(),
+        description: format!(
+            "few-shot mix: {:.0}% on {shots} examples of {source}",
+            100.0 * outcome.best.accuracy
+        ),
+        provenance: p,
+    }
+}
