@@ -287,6 +287,10 @@ impl RouteSpec {
                 .map(|(k, v)| (k, (v / ALPHA_STEP).round() * ALPHA_STEP))
                 .filter(|(_, v)| *v > 0.0)
                 .collect();
+            if alpha.keys().all(|k| k == BASE_SHARE) {
+                // All of it on the base model: report no mix, as for any base answer.
+                alpha.clear();
+            }
         }
         let adaptation = adaptation_of(&alpha);
         Ok(RouteDecision {

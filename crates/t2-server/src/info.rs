@@ -134,6 +134,10 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         ready,
         metrics,
         openapi_json,
+        crate::adaptations::create,
+        crate::adaptations::list,
+        crate::adaptations::get,
+        crate::adaptations::cancel,
     ),
     tags(
         (name = "openai", description = "OpenAI-compatible routes"),

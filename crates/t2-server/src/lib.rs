@@ -3,6 +3,7 @@
 //! Nothing here runs model work on the async runtime.
 
 pub mod adaptation;
+pub mod adaptations;
 pub mod completions;
 pub mod error;
 pub mod generation;
@@ -19,7 +20,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 use t2_engine::{Engine, EngineConfig, GenRequest, Scheduler, SeqEvent, Submission};
 use tower_http::request_id::{
@@ -36,6 +37,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions::completions))
         .route("/v1/models", get(info::models))
         .route("/v1/experts", get(info::experts))
+        .route(
+            "/v1/adaptations",
+            post(adaptations::create).get(adaptations::list),
+        )
+        .route(
+            "/v1/adaptations/{id}",
+            get(adaptations::get).merge(delete(adaptations::cancel)),
+        )
         .route("/openapi.json", get(info::openapi_json))
         .route("/docs", get(info::docs))
         .route_layer(middleware::from_fn_with_state(
@@ -143,7 +152,7 @@ fn load(state: &AppState, engine_cfg: &EngineConfig) -> anyhow::Result<()> {
         "model loaded in {:.1} s",
         t0.elapsed().as_secs_f64()
     );
-    let scheduler = Scheduler::start(engine.clone(), sched_cfg);
+    let scheduler = Arc::new(Scheduler::start(engine.clone(), sched_cfg));
     let warm = engine.encode_chat(&[t2_model::ChatMessage::new("user", "Hi")])?;
     let mut h = scheduler
         .submit(Submission::new(
@@ -179,10 +188,12 @@ fn load(state: &AppState, engine_cfg: &EngineConfig) -> anyhow::Result<()> {
     {
         anyhow::bail!("the default adaptation routes requests, but routing is unavailable: {why}");
     }
+    let jobs = adaptations::Jobs::start(engine.clone(), scheduler.clone());
     state.set_core(Core {
         engine,
         scheduler,
         router,
+        jobs,
     });
     state.set_warm();
     Ok(())
@@ -240,6 +251,7 @@ pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> anyhow::Resul
         return Err(e);
     }
     if let Some(core) = state.core_if_loaded() {
+        core.jobs.close();
         let sched = &core.scheduler;
         tokio::task::block_in_place(|| sched.join());
     }

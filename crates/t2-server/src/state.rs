@@ -52,7 +52,9 @@ impl Default for ServerConfig {
 
 pub struct Core {
     pub engine: Arc<Engine>,
-    pub scheduler: Scheduler,
+    pub scheduler: Arc<Scheduler>,
+    /// Few-shot adaptation jobs (`/v1/adaptations`).
+    pub jobs: crate::adaptations::Jobs,
     /// Pass-1 labels built from the loaded experts, or why routing is unavailable.
     pub router: RouterState,
 }

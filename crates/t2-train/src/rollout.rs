@@ -43,6 +43,8 @@ pub struct Generator {
     scheduler: Arc<Scheduler>,
     /// Whether this generator started the scheduler (and so stops it when dropped).
     owned: bool,
+    /// Jobs kept in the scheduler at once at most (None: as many as its queue takes).
+    max_outstanding: Option<usize>,
 }
 
 impl Generator {
@@ -60,7 +62,14 @@ impl Generator {
             engine,
             scheduler,
             owned: true,
+            max_outstanding: None,
         }
+    }
+
+    /// Keeps at most `n` jobs in the scheduler at once, leaving room for its other users.
+    pub fn with_max_outstanding(mut self, n: usize) -> Self {
+        self.max_outstanding = Some(n.max(1));
+        self
     }
 
     /// Generates through a scheduler that others use too (a server's): jobs share its batches.
@@ -69,6 +78,7 @@ impl Generator {
             engine: scheduler.engine().clone(),
             scheduler,
             owned: false,
+            max_outstanding: None,
         }
     }
 
@@ -95,6 +105,13 @@ impl Generator {
         let mut out: Vec<Option<Rollout>> = vec![None; n];
         let mut pending: VecDeque<(usize, SeqHandle)> = VecDeque::new();
         for (i, job) in jobs.into_iter().enumerate() {
+            if self.max_outstanding.is_some_and(|m| pending.len() >= m) {
+                let (j, h) = pending.pop_front().expect("pending is not empty");
+                out[j] = Some(collect(h)?);
+                if let Some(p) = progress {
+                    p.inc(1);
+                }
+            }
             let mut req = GenRequest::new(job.prompt, 0, job.max_tokens, job.sampling);
             req.score_from = job.score_from;
             loop {
