@@ -76,8 +76,9 @@ def test_auto_is_accepted(client):
     raw = greedy(client, model=f"{BASE_MODEL}:auto")
     assert raw.status_code == 200
     reported = extra_field(raw.parse(), "adaptation")
-    assert reported["strategy"] == "auto", reported
-    assert isinstance(reported["mix"], dict) and "scores" in reported, reported
+    # `auto` runs pass 1 (see test_routing.py): the response names the strategy that decided.
+    assert reported["strategy"] in ("prompt", "classifier"), reported
+    assert isinstance(reported["mix"], dict) and isinstance(reported["scores"], dict), reported
     assert raw.headers.get("x-t2-mix")
     assert text_of(raw)
 

@@ -249,6 +249,9 @@ fn parse_adaptation(spec: &str, engine: &t2_engine::Engine) -> Result<Adaptation
             name: format!("file:{path}"),
             z: ZVectors(Arc::new(e.z)),
         }
+    } else if let Some(m) = engine.experts.as_ref().and_then(|s| s.mix(spec)) {
+        // A stored mix (profile), e.g. one made by `t2 adapt`.
+        Adaptation::Mix(m.alpha)
     } else {
         Adaptation::Expert(spec.strip_prefix("expert:").unwrap_or(spec).to_string())
     };

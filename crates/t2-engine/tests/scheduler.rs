@@ -95,6 +95,7 @@ fn drain(h: &mut SeqHandle) -> (Vec<u32>, Instant, Instant) {
                 }
             }
             SeqEvent::Failed(m) => panic!("sequence failed: {m}"),
+            SeqEvent::Routed(_) | SeqEvent::Scored(_) => panic!("no routing or scoring here"),
         }
     }
 }

@@ -287,7 +287,10 @@ fn validate(engine: &Engine, r: &AdaptationJobRequest) -> ApiResult<(Vec<TaskIte
     t2_svf::expert::check_name(&r.name).map_err(|e| invalid(e.to_string(), "name"))?;
     if store.get(&r.name).is_ok() {
         return Err(invalid(
-            format!("'{}' is already an expert's name; choose another name for the mix", r.name),
+            format!(
+                "'{}' is already an expert's name; choose another name for the mix",
+                r.name
+            ),
             "name",
         ));
     }
@@ -305,14 +308,19 @@ fn validate(engine: &Engine, r: &AdaptationJobRequest) -> ApiResult<(Vec<TaskIte
     }
     if shots > items.len() {
         return Err(invalid(
-            format!("shots is {shots}, but only {} examples were given", items.len()),
+            format!(
+                "shots is {shots}, but only {} examples were given",
+                items.len()
+            ),
             "shots",
         ));
     }
     let experts = match &r.experts {
         Some(list) => {
             for e in list {
-                store.get(e).map_err(|e| invalid(e.to_string(), "experts"))?;
+                store
+                    .get(e)
+                    .map_err(|e| invalid(e.to_string(), "experts"))?;
             }
             list.clone()
         }
@@ -333,7 +341,8 @@ fn validate(engine: &Engine, r: &AdaptationJobRequest) -> ApiResult<(Vec<TaskIte
     cfg.max_new_tokens = r
         .max_tokens
         .unwrap_or_else(|| t2_train::eval::default_max_tokens(&shots));
-    cfg.check().map_err(|e| invalid(e.to_string(), "iterations"))?;
+    cfg.check()
+        .map_err(|e| invalid(e.to_string(), "iterations"))?;
     Ok((shots, cfg))
 }
 
@@ -437,12 +446,11 @@ pub async fn get(
 pub async fn list(State(state): State<Arc<AppState>>) -> ApiResult<Json<AdaptationJobList>> {
     let core = state.core()?;
     let g = core.jobs.entries.lock().expect("jobs lock");
-    let data = g
-        .1
-        .iter()
-        .filter_map(|id| g.0.get(id))
-        .map(|e| e.job.lock().expect("job lock").clone())
-        .collect();
+    let data =
+        g.1.iter()
+            .filter_map(|id| g.0.get(id))
+            .map(|e| e.job.lock().expect("job lock").clone())
+            .collect();
     Ok(Json(AdaptationJobList {
         object: "list",
         data,

@@ -370,7 +370,10 @@ impl ExpertStore {
             )));
         }
         for (e, w) in &mix.alpha {
-            self.get(e)?;
+            // "base" is the unadapted model's share (z ≡ 1), as in routed mixes.
+            if e != "base" {
+                self.get(e)?;
+            }
             if !w.is_finite() {
                 return Err(SvfError::BadMix(format!("weight of '{e}' is {w}")));
             }

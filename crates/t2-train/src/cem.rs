@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use rand::SeedableRng;
 use serde::Serialize;
+use t2_engine::routing::BASE_SHARE;
 use t2_engine::Adaptation;
 use t2_tasks::TaskItem;
 
@@ -300,12 +301,16 @@ pub fn search(
         }
     }
     let best = best.expect("at least one iteration ran");
-    let alpha = cfg
-        .experts
-        .iter()
-        .cloned()
-        .zip(best.alpha.iter().copied())
-        .collect();
+    let alpha = match adaptation_of(&cfg.experts, &best.alpha) {
+        // Every weight clamped to 0: the candidate ran as the base model, and is stored as such.
+        Adaptation::Base => BTreeMap::from([(BASE_SHARE.to_string(), 1.0)]),
+        _ => cfg
+            .experts
+            .iter()
+            .cloned()
+            .zip(best.alpha.iter().copied())
+            .collect(),
+    };
     Ok(CemOutcome {
         alpha,
         best,

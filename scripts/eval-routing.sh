@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Transformer²'s two passes, measured on held-out and unseen tasks (a fixed-seed sample of LIMIT test items
+# each, the same items as scripts/eval-experts.sh):
+#   1. routing accuracy of pass 1 (prompt and classifier) on the routing test set, with confusion matrices;
+#   2. answers routed by pass 1 (prompt, classifier) on the held-out tasks; base and the oracle expert come
+#      from eval-experts.sh's runs on the same items;
+#   3. few-shot CEM mixes (`t2 adapt`, shots from the training split only) and their test accuracy;
+#   4. the unseen task arc_challenge (no expert trained on it): base, every expert, routing, few-shot.
+# Results: experts/<model-id>/eval/{routing,<task>-routed,fewshot-<task>,arc_challenge}.{json,md}.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+T2=${T2:-target/release/t2}
+LIMIT=${LIMIT:-100}
+DIR=${DIR:-experts/SmolLM2-135M-Instruct/eval}
+# Few-shot search budget (the paper: 10 shots, population 32, 6 elites, ~50 iterations; reduced to fit CPUs).
+SHOTS=${SHOTS:-8}
+POP=${POP:-16}
+ELITES=${ELITES:-4}
+ITERS=${ITERS:-4}
+FEWSHOT_TASKS=${FEWSHOT_TASKS:-"arith sst2 arc_challenge"}
+mkdir -p "$DIR"
+ROUTES=(--adaptation route:prompt --adaptation route:classifier)
+tokens_of() { case "$1" in arith) echo 24 ;; pyfunc) echo 96 ;; sst2) echo 8 ;; *) echo 12 ;; esac; }
+
+echo "== routing accuracy"
+"$T2" eval --task route --mode route "${ROUTES[@]}" --limit "$LIMIT" \
+  --json "$DIR/routing.json" --markdown "$DIR/routing.md"
+
+for task in arith pyfunc arc_easy sst2; do
+  echo "== $task, routed"
+  "$T2" eval --task "$task" "${ROUTES[@]}" --limit "$LIMIT" --max-new-tokens "$(tokens_of "$task")" \
+    --json "$DIR/$task-routed.json" --markdown "$DIR/$task-routed.md"
+done
+
+for task in $FEWSHOT_TASKS; do
+  echo "== few-shot search on $task ($SHOTS shots from the training split)"
+  "$T2" adapt --task "$task" --shots "$SHOTS" --population "$POP" --elites "$ELITES" --iterations "$ITERS" \
+    --max-new-tokens "$(tokens_of "$task")" --name "fewshot-$task" --json "$DIR/fewshot-$task.json"
+  if [ "$task" != arc_challenge ]; then
+    "$T2" eval --task "$task" --adaptation "fewshot-$task" --limit "$LIMIT" \
+      --max-new-tokens "$(tokens_of "$task")" --json "$DIR/$task-fewshot.json" --markdown "$DIR/$task-fewshot.md"
+  fi
+done
+
+echo "== unseen: arc_challenge"
+FEW=()
+if [[ " $FEWSHOT_TASKS " == *" arc_challenge "* ]]; then FEW=(--adaptation fewshot-arc_challenge); fi
+"$T2" eval --task arc_challenge --adaptation base --adaptation math --adaptation code --adaptation reasoning \
+  --adaptation sentiment "${ROUTES[@]}" "${FEW[@]}" --limit "$LIMIT" --max-new-tokens 12 \
+  --json "$DIR/arc_challenge.json" --markdown "$DIR/arc_challenge.md"
