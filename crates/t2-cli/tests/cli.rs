@@ -394,3 +394,78 @@ fn train_and_eval_refuse_bad_input() {
     .concat());
     assert_clean_failure(&o, "is unusable");
 }
+
+#[test]
+fn adapt_refuses_bad_input_and_stores_nothing() {
+    let m = model();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let good = r#"{"prompt": "What is 2+2?", "verifier": "number", "answer": 4}"#;
+    let empty_store = tempfile::tempdir().unwrap();
+    let shipped = repo().join("experts");
+    let run = |file: &Path, extra: &[&str]| {
+        t2(&[
+            &["adapt", "--model", s(&m), "--task", s(file), "--name", "fs"][..],
+            &["--experts-dir", s(&shipped)],
+            extra,
+        ]
+        .concat())
+    };
+    let f = write("malformed.jsonl", &format!("{good}\n{{not json\n"));
+    assert_clean_failure(
+        &run(&f, &["--shots", "2"]),
+        "malformed.jsonl:2: not valid JSON",
+    );
+    let f = write(
+        "verifier.jsonl",
+        &format!("{good}\n{{\"prompt\": \"p\", \"verifier\": \"regex\", \"answer\": \"a\"}}\n"),
+    );
+    assert_clean_failure(
+        &run(&f, &["--shots", "2"]),
+        "verifier.jsonl:2: unknown verifier 'regex' (one of number, choice, python)",
+    );
+    let f = write("few.jsonl", &format!("{good}\n{good}\n"));
+    assert_clean_failure(&run(&f, &["--shots", "10"]), "too few examples: ");
+    let o = t2(&[
+        "adapt",
+        "--model",
+        s(&m),
+        "--task",
+        s(&f),
+        "--name",
+        "fs",
+        "--shots",
+        "2",
+        "--experts-dir",
+        s(empty_store.path()),
+    ]);
+    assert_clean_failure(&o, "none is loaded");
+    assert_clean_failure(&run(&f, &["--shots", "2", "--elites", "40"]), "elites");
+    let o = t2(&[
+        "adapt",
+        "--model",
+        s(&m),
+        "--task",
+        s(&f),
+        "--name",
+        "auto",
+        "--shots",
+        "2",
+    ]);
+    assert_clean_failure(&o, "reserved");
+    let missing = dir.path().join("missing.jsonl");
+    assert_clean_failure(&run(&missing, &["--shots", "2"]), "few-shot file not found");
+    // Nothing was stored anywhere by these refusals.
+    assert!(std::fs::read_dir(empty_store.path())
+        .unwrap()
+        .next()
+        .is_none());
+    let manifest =
+        std::fs::read_to_string(repo().join("experts/SmolLM2-135M-Instruct/manifest.json"))
+            .unwrap();
+    assert!(!manifest.contains("\"fs\""));
+}

@@ -127,9 +127,12 @@ struct Work {
     cfg: CemConfig,
 }
 
+/// Jobs by id, and their ids in creation order.
+type JobTable = (HashMap<String, Arc<Entry>>, Vec<String>);
+
 /// The job table and the queue in front of the job thread.
 pub struct Jobs {
-    entries: Mutex<(HashMap<String, Arc<Entry>>, Vec<String>)>,
+    entries: Mutex<JobTable>,
     tx: Mutex<Option<SyncSender<Work>>>,
 }
 
