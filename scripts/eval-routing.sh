@@ -22,15 +22,18 @@ mkdir -p "$DIR"
 ROUTES=(--adaptation route:prompt --adaptation route:classifier)
 tokens_of() { case "$1" in arith) echo 24 ;; pyfunc) echo 96 ;; sst2) echo 8 ;; *) echo 12 ;; esac; }
 
-echo "== routing accuracy"
-"$T2" eval --task route --mode route "${ROUTES[@]}" --limit "$LIMIT" \
-  --json "$DIR/routing.json" --markdown "$DIR/routing.md"
+# SKIP_TO_FEWSHOT=1 resumes a run at step 3.
+if [ -z "${SKIP_TO_FEWSHOT:-}" ]; then
+  echo "== routing accuracy"
+  "$T2" eval --task route --mode route "${ROUTES[@]}" --limit "$LIMIT" \
+    --json "$DIR/routing.json" --markdown "$DIR/routing.md"
 
-for task in arith pyfunc arc_easy sst2; do
-  echo "== $task, routed"
-  "$T2" eval --task "$task" "${ROUTES[@]}" --limit "$LIMIT" --max-new-tokens "$(tokens_of "$task")" \
-    --json "$DIR/$task-routed.json" --markdown "$DIR/$task-routed.md"
-done
+  for task in arith pyfunc arc_easy sst2; do
+    echo "== $task, routed"
+    "$T2" eval --task "$task" "${ROUTES[@]}" --limit "$LIMIT" --max-new-tokens "$(tokens_of "$task")" \
+      --json "$DIR/$task-routed.json" --markdown "$DIR/$task-routed.md"
+  done
+fi
 
 for task in $FEWSHOT_TASKS; do
   echo "== few-shot search on $task ($SHOTS shots from the training split)"
