@@ -32,6 +32,7 @@ def share(routed, base, oracle):
 
 
 rows = []
+pooled = {"prompt": 0.0, "classifier": 0.0, "oracle": 0.0}
 for task in ["arith", "pyfunc", "arc_easy", "sst2", "arc_challenge"]:
     res = {}
     for f in (f"{task}.json", f"{task}-routed.json", f"{task}-fewshot.json"):
@@ -49,6 +50,10 @@ for task in ["arith", "pyfunc", "arc_easy", "sst2", "arc_challenge"]:
     oracle = res.get(oracle_name)
     few = res.get(f"fewshot-{task}")
     prompt, clf = res.get("route:prompt"), res.get("route:classifier")
+    if kind == "held-out" and base and oracle and prompt and clf:
+        pooled["prompt"] += prompt["accuracy"] - base["accuracy"]
+        pooled["classifier"] += clf["accuracy"] - base["accuracy"]
+        pooled["oracle"] += oracle["accuracy"] - base["accuracy"]
     rows.append(f"| {task} ({kind}) | {res[next(iter(res))]['n']} | {cell(base)} | {cell(prompt)} | {cell(clf)} | "
                 f"{cell(few)} | {cell(oracle)} ({oracle_name}) | "
                 f"{share(prompt, base, oracle) if base and oracle else '–'} / "
@@ -56,3 +61,7 @@ for task in ["arith", "pyfunc", "arc_easy", "sst2", "arc_challenge"]:
 print("| task | n | base | prompt routing | classifier routing | few-shot | oracle expert | share of oracle gain (prompt / classifier) |")
 print("|---|---|---|---|---|---|---|---|")
 print("\n".join(rows))
+if pooled["oracle"] > 0:
+    print(f"\nHeld-out tasks pooled: the oracle experts gain {100 * pooled['oracle']:.0f} points over base; prompt "
+          f"routing keeps {100 * pooled['prompt'] / pooled['oracle']:.0f}% of that, classifier routing "
+          f"{100 * pooled['classifier'] / pooled['oracle']:.0f}%.")

@@ -70,11 +70,17 @@ fn load_shots(a: &AdaptArgs) -> Result<(String, Vec<TaskItem>, String)> {
         bail!("few-shot file not found: {}", a.task);
     } else {
         let task = t2_tasks::Task::open(&a.data, &a.task)?;
-        let items = task.items(Split::Train)?;
+        // An unseen task may ship without a training split (arc_challenge): its validation split is the
+        // next place shots may come from; the test split never is.
+        let (items, split) = match task.items(Split::Train) {
+            Ok(items) => (items, Split::Train),
+            Err(t2_tasks::TaskError::NoSplit { .. }) => (task.items(Split::Val)?, Split::Val),
+            Err(e) => return Err(e.into()),
+        };
         (
             task.info.area.clone(),
             items,
-            format!("{} (train split)", a.task),
+            format!("{} ({} split)", a.task, split.as_str()),
         )
     };
     if a.shots == 0 {
