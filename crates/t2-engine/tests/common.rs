@@ -6,6 +6,7 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device};
 use t2_engine::{Engine, EngineConfig};
+use t2_svf::{Expert, ExpertMeta};
 
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -42,4 +43,37 @@ pub fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+/// The default model in f32 with seeded random experts, given as (name, category, seed), in a fresh store.
+pub fn engine_with_random_experts(experts: &[(&str, &str, u64)], mix_capacity: usize) -> Engine {
+    let cfg = EngineConfig {
+        experts_dir: tempfile::tempdir().unwrap().keep(),
+        device: Device::Cpu,
+        dtype: DType::F32,
+        mix_capacity,
+        ..EngineConfig::new(model_path())
+    };
+    let mut e = Engine::open(&cfg).unwrap();
+    let svf = e.svf.as_ref().unwrap();
+    let made: Vec<Expert> = experts
+        .iter()
+        .map(|&(name, category, seed)| {
+            let meta = ExpertMeta {
+                name: name.into(),
+                description: "test".into(),
+                category: category.into(),
+                model_id: e.loaded.model_id.clone(),
+                decomposition_hash: svf.decomp.hash.clone(),
+                targets: svf.decomp.targets,
+                provenance: Default::default(),
+            };
+            Expert::random(meta, &svf.decomp, seed, 0.5)
+        })
+        .collect();
+    let (svf, store) = (e.svf.as_ref().unwrap(), e.experts.as_mut().unwrap());
+    for x in made {
+        store.add(x, &svf.decomp).unwrap();
+    }
+    e
 }

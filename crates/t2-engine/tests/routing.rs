@@ -9,51 +9,26 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device};
 use t2_engine::{
     Adaptation, Engine, EngineConfig, GenRequest, RouteDecision, RoutePolicy, Router, Scheduler,
     SchedulerConfig, SeqEvent, SeqHandle, Submission,
 };
 use t2_model::{ChatMessage, SamplingParams, SeqStep, WantLogits};
-use t2_svf::{Expert, ExpertMeta, BASE_MIX};
+use t2_svf::BASE_MIX;
 
 /// Two pass-2 experts (math, code) and a classifier (category routing), all random.
 fn engine() -> Arc<Engine> {
     static ENGINE: OnceLock<Arc<Engine>> = OnceLock::new();
     ENGINE
         .get_or_init(|| {
-            let cfg = EngineConfig {
-                experts_dir: tempfile::tempdir().unwrap().keep(),
-                device: Device::Cpu,
-                dtype: DType::F32,
-                ..EngineConfig::new(common::model_path())
-            };
-            let mut e = Engine::open(&cfg).unwrap();
-            let svf = e.svf.as_ref().unwrap();
-            let experts: Vec<Expert> = [
-                ("math", "math", 1),
-                ("code", "code", 2),
-                ("router", "routing", 3),
-            ]
-            .into_iter()
-            .map(|(name, category, seed)| {
-                let meta = ExpertMeta {
-                    name: name.into(),
-                    description: "test".into(),
-                    category: category.into(),
-                    model_id: e.loaded.model_id.clone(),
-                    decomposition_hash: svf.decomp.hash.clone(),
-                    targets: svf.decomp.targets,
-                    provenance: Default::default(),
-                };
-                Expert::random(meta, &svf.decomp, seed, 0.5)
-            })
-            .collect();
-            let (svf, store) = (e.svf.as_ref().unwrap(), e.experts.as_mut().unwrap());
-            for x in experts {
-                store.add(x, &svf.decomp).unwrap();
-            }
-            Arc::new(e)
+            Arc::new(common::engine_with_random_experts(
+                &[
+                    ("math", "math", 1),
+                    ("code", "code", 2),
+                    ("router", "routing", 3),
+                ],
+                EngineConfig::new(common::model_path()).mix_capacity,
+            ))
         })
         .clone()
 }

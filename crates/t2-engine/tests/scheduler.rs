@@ -8,13 +8,12 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device};
 use t2_engine::{
-    Adaptation, Engine, EngineConfig, GenRequest, Scheduler, SchedulerConfig, SeqEvent, SeqHandle,
-    Submission, SubmitError,
+    Adaptation, Engine, GenRequest, Scheduler, SchedulerConfig, SeqEvent, SeqHandle, Submission,
+    SubmitError,
 };
 use t2_model::{ChatMessage, SamplingParams};
-use t2_svf::{Expert, ExpertMeta, BASE_MIX};
+use t2_svf::BASE_MIX;
 
 /// One engine with two random experts and room for base + 3 mixes, so that five different adaptations
 /// force evictions.
@@ -22,35 +21,10 @@ fn engine() -> Arc<Engine> {
     static ENGINE: OnceLock<Arc<Engine>> = OnceLock::new();
     ENGINE
         .get_or_init(|| {
-            let cfg = EngineConfig {
-                experts_dir: tempfile::tempdir().unwrap().keep(),
-                device: Device::Cpu,
-                dtype: DType::F32,
-                mix_capacity: 4,
-                ..EngineConfig::new(common::model_path())
-            };
-            let mut e = Engine::open(&cfg).unwrap();
-            let svf = e.svf.as_ref().unwrap();
-            let experts: Vec<Expert> = [("math", 1), ("code", 2)]
-                .into_iter()
-                .map(|(name, seed)| {
-                    let meta = ExpertMeta {
-                        name: name.into(),
-                        description: "test".into(),
-                        category: name.into(),
-                        model_id: e.loaded.model_id.clone(),
-                        decomposition_hash: svf.decomp.hash.clone(),
-                        targets: svf.decomp.targets,
-                        provenance: Default::default(),
-                    };
-                    Expert::random(meta, &svf.decomp, seed, 0.5)
-                })
-                .collect();
-            let (svf, store) = (e.svf.as_ref().unwrap(), e.experts.as_mut().unwrap());
-            for x in experts {
-                store.add(x, &svf.decomp).unwrap();
-            }
-            Arc::new(e)
+            Arc::new(common::engine_with_random_experts(
+                &[("math", "math", 1), ("code", "code", 2)],
+                4,
+            ))
         })
         .clone()
 }

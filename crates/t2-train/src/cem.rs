@@ -247,16 +247,7 @@ pub fn search(
     let mut history = Vec::new();
     let mut generations = 0;
     for iteration in 0..cfg.iterations {
-        let alphas: Vec<Vec<f32>> = (0..cfg.population)
-            .map(|_| {
-                (0..k)
-                    .map(|j| {
-                        let n = crate::policy::standard_normal(&mut rng);
-                        (mean[j] + std[j] * n).clamp(0.0, 1.0)
-                    })
-                    .collect()
-            })
-            .collect();
+        let alphas = sample(&mut rng, &mean, &std, cfg.population);
         let (mut pop, eval_time) = evaluate(trainer, area, shots, cfg, &alphas)?;
         generations += alphas.len() * shots.len();
         let loglik_time = break_ties(trainer, area, shots, cfg, &mut pop)?;
@@ -418,13 +409,21 @@ pub fn evaluate_sequentially(
 pub fn first_population(cfg: &CemConfig) -> Vec<Vec<f32>> {
     let k = cfg.experts.len();
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
-    (0..cfg.population)
+    sample(
+        &mut rng,
+        &vec![1.0 / k as f32; k],
+        &vec![cfg.init_std; k],
+        cfg.population,
+    )
+}
+
+/// `n` candidates α ~ N(mean, std²) per expert, clamped to [0, 1].
+fn sample(rng: &mut impl rand::Rng, mean: &[f32], std: &[f32], n: usize) -> Vec<Vec<f32>> {
+    (0..n)
         .map(|_| {
-            (0..k)
-                .map(|_| {
-                    let n = crate::policy::standard_normal(&mut rng);
-                    (1.0 / k as f32 + cfg.init_std * n).clamp(0.0, 1.0)
-                })
+            mean.iter()
+                .zip(std)
+                .map(|(m, s)| (m + s * crate::policy::standard_normal(rng)).clamp(0.0, 1.0))
                 .collect()
         })
         .collect()

@@ -137,42 +137,55 @@ pub fn evaluate_generate(
     let mut groups = Vec::new();
     let mut jobs = Vec::new();
     let gen = trainer.generator();
+    // Fixed adaptations answer directly; routed ones run pass 1 first (the router is built once).
+    enum Choice<'a> {
+        Fixed(&'a Adaptation),
+        Routed(&'a str, RoutePolicy),
+    }
+    let choices: Vec<(&String, Choice)> = cfg
+        .adaptations
+        .iter()
+        .map(|(label, a)| (label, Choice::Fixed(a)))
+        .chain(
+            cfg.routes
+                .iter()
+                .map(|(label, strategy, policy)| (label, Choice::Routed(strategy, *policy))),
+        )
+        .collect();
+    let router = match cfg.routes.is_empty() {
+        true => None,
+        false => Some(router_of(gen.engine())?),
+    };
     for name in &cfg.tasks {
         let (task, items) = load_items(cfg, name)?;
         let max_tokens = cfg
             .max_new_tokens
             .unwrap_or_else(|| default_max_tokens(&items));
-        for (label, a) in &cfg.adaptations {
-            gen.engine().check_adaptation(a)?;
-            let start = jobs.len();
-            for it in &items {
-                jobs.push(Job {
-                    prompt: gen
-                        .chat_prompt(&t2_tasks::prompts::user_message(&task.info.area, it))?,
-                    adaptation: a.clone(),
-                    max_tokens,
-                    sampling: SamplingParams::default(),
-                    route: None,
-                    score_from: None,
-                });
+        for (label, choice) in &choices {
+            if let Choice::Fixed(a) = choice {
+                gen.engine().check_adaptation(a)?;
             }
-            groups.push((task.clone(), items.clone(), label.clone(), start));
-        }
-        for (label, strategy, policy) in &cfg.routes {
-            let router = router_of(gen.engine())?;
             let start = jobs.len();
             for it in &items {
                 let user = t2_tasks::prompts::user_message(&task.info.area, it);
+                let (adaptation, route) = match choice {
+                    Choice::Fixed(a) => ((*a).clone(), None),
+                    Choice::Routed(strategy, policy) => {
+                        let router = router.as_ref().expect("built when there are routes");
+                        let spec = router.spec(gen.engine(), strategy, &user, *policy)?;
+                        (Adaptation::Base, Some(spec))
+                    }
+                };
                 jobs.push(Job {
                     prompt: gen.chat_prompt(&user)?,
-                    adaptation: Adaptation::Base,
+                    adaptation,
                     max_tokens,
                     sampling: SamplingParams::default(),
-                    route: Some(router.spec(gen.engine(), strategy, &user, *policy)?),
+                    route,
                     score_from: None,
                 });
             }
-            groups.push((task.clone(), items.clone(), label.clone(), start));
+            groups.push((task.clone(), items.clone(), (*label).clone(), start));
         }
     }
     let bar = if progress {

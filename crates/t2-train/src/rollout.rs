@@ -104,13 +104,20 @@ impl Generator {
         let n = jobs.len();
         let mut out: Vec<Option<Rollout>> = vec![None; n];
         let mut pending: VecDeque<(usize, SeqHandle)> = VecDeque::new();
+        // The oldest outstanding answer, read to its end (there is always one when this is called).
+        let collect_oldest = |pending: &mut VecDeque<(usize, SeqHandle)>,
+                              out: &mut Vec<Option<Rollout>>|
+         -> Result<(), TrainError> {
+            let (j, h) = pending.pop_front().expect("an answer is outstanding");
+            out[j] = Some(collect(h)?);
+            if let Some(p) = progress {
+                p.inc(1);
+            }
+            Ok(())
+        };
         for (i, job) in jobs.into_iter().enumerate() {
             if self.max_outstanding.is_some_and(|m| pending.len() >= m) {
-                let (j, h) = pending.pop_front().expect("pending is not empty");
-                out[j] = Some(collect(h)?);
-                if let Some(p) = progress {
-                    p.inc(1);
-                }
+                collect_oldest(&mut pending, &mut out)?;
             }
             let mut req = GenRequest::new(job.prompt, 0, job.max_tokens, job.sampling);
             req.score_from = job.score_from;
@@ -125,22 +132,13 @@ impl Generator {
                         pending.push_back((i, handles.remove(0)));
                         break;
                     }
-                    Err(SubmitError::QueueFull(_)) => {
-                        let (j, h) = pending.pop_front().expect("a full queue has work in it");
-                        out[j] = Some(collect(h)?);
-                        if let Some(p) = progress {
-                            p.inc(1);
-                        }
-                    }
+                    Err(SubmitError::QueueFull(_)) => collect_oldest(&mut pending, &mut out)?,
                     Err(e) => return Err(TrainError::Generate(e.to_string())),
                 }
             }
         }
-        while let Some((j, h)) = pending.pop_front() {
-            out[j] = Some(collect(h)?);
-            if let Some(p) = progress {
-                p.inc(1);
-            }
+        while !pending.is_empty() {
+            collect_oldest(&mut pending, &mut out)?;
         }
         Ok(out
             .into_iter()

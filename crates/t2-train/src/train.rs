@@ -270,30 +270,15 @@ impl Trainer {
         adaptations: &[Adaptation],
         max_new_tokens: usize,
     ) -> Result<Vec<bool>> {
-        let jobs = items
-            .iter()
-            .zip(adaptations)
-            .map(|(it, a)| {
-                Ok(Job {
-                    prompt: self.prompt_for(area, it)?,
-                    adaptation: a.clone(),
-                    max_tokens: max_new_tokens,
-                    sampling: SamplingParams::default(),
-                    route: None,
-                    score_from: None,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let rollouts = self.generator.run(jobs, None)?;
-        let pairs: Vec<_> = items
-            .iter()
-            .zip(&rollouts)
-            .map(|(it, r)| (&it.answer, r.text.as_str()))
-            .collect();
-        Ok(t2_tasks::verify::verify_all(&pairs, &self.sandbox)
-            .into_iter()
-            .map(|v| v.correct)
-            .collect())
+        let answers = self.answer_and_verify_with(
+            area,
+            items,
+            |i| adaptations[i].clone(),
+            max_new_tokens,
+            |_| SamplingParams::default(),
+            None,
+        )?;
+        Ok(answers.into_iter().map(|(correct, _)| correct).collect())
     }
 
     pub fn sandbox(&self) -> &Sandbox {
@@ -310,15 +295,34 @@ impl Trainer {
         sampling: impl Fn(usize) -> SamplingParams,
         progress: Option<&ProgressBar>,
     ) -> Result<Vec<(bool, Rollout)>> {
+        self.answer_and_verify_with(
+            area,
+            items,
+            |_| adaptation.clone(),
+            max_new_tokens,
+            sampling,
+            progress,
+        )
+    }
+
+    /// Item i answered with `adaptation(i)` and `sampling(i)`, all in one batched generation, then
+    /// verified: (correct?, rollout) per item.
+    fn answer_and_verify_with(
+        &self,
+        area: &str,
+        items: &[TaskItem],
+        adaptation: impl Fn(usize) -> Adaptation,
+        max_new_tokens: usize,
+        sampling: impl Fn(usize) -> SamplingParams,
+        progress: Option<&ProgressBar>,
+    ) -> Result<Vec<(bool, Rollout)>> {
         let jobs = items
             .iter()
             .enumerate()
             .map(|(i, it)| {
                 Ok(Job {
-                    prompt: self
-                        .generator
-                        .chat_prompt(&t2_tasks::prompts::user_message(area, it))?,
-                    adaptation: adaptation.clone(),
+                    prompt: self.prompt_for(area, it)?,
+                    adaptation: adaptation(i),
                     max_tokens: max_new_tokens,
                     sampling: sampling(i),
                     route: None,
