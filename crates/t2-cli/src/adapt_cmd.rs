@@ -149,10 +149,7 @@ pub fn run(a: AdaptArgs) -> Result<()> {
             trainer.evaluate_population(&area, &shots, &adaptations, cfg.max_new_tokens)?;
         let batched_s = t.elapsed().as_secs_f64();
         let (seq_acc, seq) = cem::evaluate_sequentially(&trainer, &area, &shots, &cfg, &alphas)?;
-        let batched_acc: Vec<f64> = batched
-            .iter()
-            .map(|r| r.iter().filter(|&&c| c).count() as f64 / r.len() as f64)
-            .collect();
+        let batched_acc: Vec<f64> = batched.iter().map(|r| r.accuracy()).collect();
         let same = batched_acc == seq_acc;
         eprintln!(
             "population of {}: batched {batched_s:.1} s, one candidate after another {:.1} s ({:.2}× faster \
@@ -186,7 +183,7 @@ pub fn run(a: AdaptArgs) -> Result<()> {
                 .map(|m| format!("{m:.2}"))
                 .collect::<Vec<_>>()
                 .join(" "),
-            it.eval_seconds + it.loglik_seconds
+            it.eval_seconds
         );
         true
     })?;

@@ -80,6 +80,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         stop: a.stop.clone(),
         ignore_eos: false,
         score_from: None,
+        also_score: Vec::new(),
     };
     let t0 = Instant::now();
     let mut first = None;

@@ -26,6 +26,11 @@ impl Engine {
     ) -> Result<Vec<GenOutput>> {
         for r in &reqs {
             self.check_request(r)?;
+            if r.score_from.is_some() || !r.also_score.is_empty() {
+                return Err(crate::engine::EngineError::Invalid(
+                    "scoring runs through the scheduler, not the one-shot loop".into(),
+                ));
+            }
         }
         let mut seqs: Vec<Sequence> = reqs
             .into_iter()

@@ -321,10 +321,8 @@ fn adaptation_of(alpha: &BTreeMap<String, f32>) -> Adaptation {
 }
 
 fn softmax(x: &[f32]) -> Vec<f32> {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let e: Vec<f32> = x.iter().map(|v| (v - max).exp()).collect();
-    let sum: f32 = e.iter().sum();
-    e.into_iter().map(|v| v / sum).collect()
+    let lse = t2_model::sampling::log_sum_exp(x);
+    x.iter().map(|v| (v - lse).exp()).collect()
 }
 
 #[cfg(test)]

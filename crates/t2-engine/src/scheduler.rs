@@ -136,7 +136,7 @@ impl Queued {
                 self.submission
                     .requests
                     .iter()
-                    .map(GenRequest::kv_tokens)
+                    .map(GenRequest::total_kv_tokens)
                     .sum(),
                 self.submission.requests.len(),
             ),
@@ -221,7 +221,7 @@ impl Scheduler {
             }
             None => self.engine.check_adaptation(&s.adaptation)?,
         }
-        let need: usize = s.requests.iter().map(GenRequest::kv_tokens).sum();
+        let need: usize = s.requests.iter().map(GenRequest::total_kv_tokens).sum();
         if need > self.cfg.kv_budget_tokens {
             return Err(EngineError::Invalid(format!(
                 "the request needs {need} tokens of KV cache (prompt + max_tokens, times n), over the \
@@ -237,9 +237,10 @@ impl Scheduler {
             .requests
             .iter()
             .map(|r| {
-                // Routed + Admitted + every token + a failure: the channel can never be full, so the model
-                // thread never waits on a slow reader.
-                let (stx, srx) = mpsc::channel(r.max_tokens + 4);
+                // Routed + Admitted + every token + a score + a failure from each of the sequence and its
+                // scoring fork: the channel can never be full, so the model thread never waits on a slow
+                // reader.
+                let (stx, srx) = mpsc::channel(r.max_tokens + 5);
                 (stx, SeqHandle { events: srx })
             })
             .unzip();
@@ -467,6 +468,7 @@ impl Worker {
                     stop: Vec::new(),
                     ignore_eos: true,
                     score_from: None,
+                    also_score: Vec::new(),
                 };
                 let key = prefix_key(route);
                 let seq = match self.prefixes.get(&key) {
@@ -500,7 +502,8 @@ impl Worker {
                     self.mixes.hold(mix);
                 }
                 req.mix = mix;
-                let kv_tokens = req.kv_tokens();
+                // The scoring fork's share moves to its own row when it starts.
+                let kv_tokens = req.total_kv_tokens();
                 match Sequence::new(&self.engine, req) {
                     Ok(seq) => {
                         let _ = tx.try_send(SeqEvent::Admitted { queue_time, mix });
@@ -654,6 +657,7 @@ impl Worker {
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         let mut finished = Vec::new();
         let mut decided = Vec::new();
+        let mut forks = Vec::new();
         for (i, logits) in stepping.into_iter().zip(logits) {
             let r = &mut self.running[i];
             r.seq.fed();
@@ -671,6 +675,22 @@ impl Worker {
             let logits = logits.to_vec1::<f32>()?;
             match &r.role {
                 Role::Answer(tx) => {
+                    match r.seq.take_scoring_fork() {
+                        Ok(Some((seq, kv_tokens))) => {
+                            r.kv_tokens -= kv_tokens;
+                            forks.push(Running {
+                                seq,
+                                role: Role::Answer(tx.clone()),
+                                kv_tokens,
+                            });
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            let _ = tx.try_send(SeqEvent::Failed(e.to_string()));
+                            finished.push(i);
+                            continue;
+                        }
+                    }
                     let event = r.seq.on_logits(&self.engine, &logits)?;
                     let done = event.finish.is_some();
                     if tx.try_send(SeqEvent::Token(event)).is_err() || done {
@@ -732,6 +752,11 @@ impl Worker {
                 _ => unreachable!("rows are finished by their own role"),
             }
             self.mixes.release(r.seq.mix);
+        }
+        // Forks join after the removals above, which index the rows as they were in this step.
+        for f in forks {
+            self.mixes.hold(f.seq.mix);
+            self.running.push(f);
         }
         Ok(())
     }

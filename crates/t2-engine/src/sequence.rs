@@ -19,6 +19,10 @@ pub struct GenRequest {
     /// Score instead of generating: the summed log-probability of `prompt[from..]` given what precedes
     /// it (teacher-forced in the prefill), reported as one [`Scored`] result.
     pub score_from: Option<usize>,
+    /// While generating, also score this continuation of the prompt (one [`Scored`] event besides the
+    /// tokens). It is scored from a fork of the prompt's KV once the prompt is in, so the prompt is
+    /// computed once for both. Empty: nothing to score.
+    pub also_score: Vec<u32>,
 }
 
 /// The log-likelihood of a scored continuation.
@@ -38,12 +42,29 @@ impl GenRequest {
             stop: Vec::new(),
             ignore_eos: false,
             score_from: None,
+            also_score: Vec::new(),
         }
     }
 
-    /// Tokens of KV cache this request can need at most.
+    /// Tokens of KV cache this request's own sequence can need at most.
     pub fn kv_tokens(&self) -> usize {
         self.prompt.len() + self.max_tokens
+    }
+
+    /// Tokens of KV cache the scoring fork of [`Self::also_score`] takes (0 without one).
+    pub fn scoring_kv_tokens(&self) -> usize {
+        if self.also_score.is_empty() {
+            0
+        } else {
+            // The last prompt token is fed again so that the fork's first step predicts the first
+            // scored token; max_tokens 1 as for any scoring sequence.
+            self.prompt.len() + self.also_score.len() + 1
+        }
+    }
+
+    /// KV tokens the request takes in all, its scoring fork included.
+    pub fn total_kv_tokens(&self) -> usize {
+        self.kv_tokens() + self.scoring_kv_tokens()
     }
 }
 
@@ -95,6 +116,8 @@ pub(crate) struct Sequence {
     pub finish: Option<FinishReason>,
     /// While scoring: where the scored continuation starts, and its log-probability so far.
     score: Option<(usize, Scored)>,
+    /// A continuation to score from a fork of this sequence's prompt KV (taken once the prompt is in).
+    also_score: Vec<u32>,
 }
 
 impl Sequence {
@@ -130,7 +153,27 @@ impl Sequence {
                     },
                 )
             }),
+            also_score: r.also_score,
         }
+    }
+
+    /// Once the prompt is in, the sequence that scores [`GenRequest::also_score`] from a fork of its KV
+    /// (same mix), and the KV tokens that fork takes. At most once per sequence.
+    pub fn take_scoring_fork(&mut self) -> Result<Option<(Sequence, usize)>> {
+        if self.also_score.is_empty() || self.is_prefilling() || self.is_scoring() {
+            return Ok(None);
+        }
+        let mut prompt = self.prompt.clone();
+        prompt.extend(std::mem::take(&mut self.also_score));
+        let mut req = GenRequest::new(prompt, self.mix, 1, SamplingParams::default());
+        req.score_from = Some(self.prompt.len());
+        req.ignore_eos = true;
+        let kv = req.kv_tokens();
+        // The fork re-feeds the last prompt token: its logits predict the first scored token.
+        Ok(Some((
+            Self::with_prefix(req, &self.cache, self.prompt.len() - 1)?,
+            kv,
+        )))
     }
 
     /// A sequence whose prompt starts with `len` tokens already computed in `prefix` (same weights): it
@@ -202,8 +245,7 @@ impl Sequence {
         let start = self.prefilled - rows;
         for p in start.max(from - 1)..self.prefilled.min(self.prompt.len() - 1) {
             let row = logits.get(p - start)?.to_vec1::<f32>()?;
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
+            let lse = t2_model::sampling::log_sum_exp(&row);
             acc.logprob += (row[self.prompt[p + 1] as usize] - lse) as f64;
             acc.tokens += 1;
         }
@@ -280,6 +322,19 @@ impl Engine {
                     r.prompt.len()
                 )));
             }
+            if !r.also_score.is_empty() {
+                return Err(EngineError::Invalid(
+                    "a scoring request cannot also score a continuation".into(),
+                ));
+            }
+        }
+        let scored = r.prompt.len() + r.also_score.len();
+        if !r.also_score.is_empty() && scored + 1 > ctx {
+            return Err(EngineError::Invalid(format!(
+                "prompt ({} tokens) + the continuation to score ({}) exceeds the context of {ctx} tokens",
+                r.prompt.len(),
+                r.also_score.len()
+            )));
         }
         Ok(())
     }

@@ -83,6 +83,7 @@ fn greedy_tokens_match_llama_cpp() {
             stop: vec![],
             ignore_eos: false,
             score_from: None,
+            also_score: Vec::new(),
         })
         .collect();
     let outs = e.generate(reqs, |_, _| {}).unwrap();

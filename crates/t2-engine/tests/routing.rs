@@ -1,7 +1,7 @@
 //! Pass 1 in the scheduler on the real model (f32): the decision equals label probabilities computed by a
 //! direct forward of the same prompt (cold, and with the shared prefix reused), pass 2 answers exactly as
-//! a request submitted with the decided mix, scoring jobs equal a direct log-softmax, and a routed request
-//! dropped during pass 1 frees everything.
+//! a request submitted with the decided mix, scoring jobs (alone, or forked from a generation's prompt)
+//! equal a direct log-softmax, and a routed request dropped during pass 1 frees everything.
 
 mod common;
 
@@ -263,7 +263,18 @@ fn scoring_jobs_equal_a_direct_log_softmax() {
             other => panic!("unexpected {other:?}"),
         }
     };
-    let mix = e.resolve(&a).unwrap();
+    let want = direct_logprob(&e, &a, &prompt, from);
+    assert_eq!(got.tokens, prompt.len() - from);
+    assert!(
+        (got.logprob - want).abs() < 1e-3,
+        "{} vs {want}",
+        got.logprob
+    );
+}
+
+/// Σ log p(prompt[p+1] | prompt[..=p]) over the scored part, from one direct forward of the whole text.
+fn direct_logprob(e: &Engine, a: &Adaptation, prompt: &[u32], from: usize) -> f64 {
+    let mix = e.resolve(a).unwrap();
     let mut cache = e.loaded.model.new_cache();
     let logits = e
         .loaded
@@ -271,7 +282,7 @@ fn scoring_jobs_equal_a_direct_log_softmax() {
         .forward(
             &mut [SeqStep {
                 cache: &mut cache,
-                tokens: &prompt,
+                tokens: prompt,
                 mix,
                 want: WantLogits::All,
             }],
@@ -287,12 +298,77 @@ fn scoring_jobs_equal_a_direct_log_softmax() {
         let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
         want += (row[prompt[p + 1] as usize] - lse) as f64;
     }
-    assert_eq!(got.tokens, prompt.len() - from);
-    assert!(
-        (got.logprob - want).abs() < 1e-3,
-        "{} vs {want}",
-        got.logprob
+    want
+}
+
+#[test]
+fn a_generation_also_scores_a_continuation_from_its_prompt_kv() {
+    let e = engine();
+    let s = scheduler(&e);
+    let a = Adaptation::Expert("math".into());
+    let question = "What is 12 times 7? Answer with the number.";
+    let continuation = e
+        .loaded
+        .tokenizer
+        .encode_continuation("The answer is 84.")
+        .unwrap();
+    let plain = request(&e, question, 12);
+    let mut scoring = plain.clone();
+    scoring.also_score = continuation.clone();
+    // A base-model row in the same batch, so that the fork joins a batch of mixed rows.
+    let other = request(&e, "Name a colour.", 12);
+    let mut handles = s.submit(Submission::new(a.clone(), vec![scoring])).unwrap();
+    handles.extend(
+        s.submit(Submission::new(Adaptation::Base, vec![other]))
+            .unwrap(),
     );
+    let (mut tokens, mut score, mut finished) = (Vec::new(), None, false);
+    while !(finished && score.is_some()) {
+        match handles[0]
+            .events
+            .blocking_recv()
+            .expect("a token and a score")
+        {
+            SeqEvent::Admitted { .. } => {}
+            SeqEvent::Token(t) => {
+                if t.counted {
+                    tokens.push(t.token);
+                }
+                finished |= t.finish.is_some();
+            }
+            SeqEvent::Scored(x) => {
+                assert!(score.is_none(), "scored once");
+                score = Some(x);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    drain(&mut handles[1]);
+    let score = score.unwrap();
+    // The answer is the one the same request gives without scoring.
+    let mut h = s
+        .submit(Submission::new(a.clone(), vec![plain.clone()]))
+        .unwrap()
+        .remove(0);
+    assert_eq!(tokens, drain(&mut h).1);
+    // The score is the continuation's log-likelihood after the prompt.
+    let mut whole = plain.prompt.clone();
+    whole.extend(&continuation);
+    let want = direct_logprob(&e, &a, &whole, plain.prompt.len());
+    assert_eq!(score.tokens, continuation.len());
+    assert!(
+        (score.logprob - want).abs() < 1e-3,
+        "{} vs {want}",
+        score.logprob
+    );
+    // Both rows have left the batch and given back their KV.
+    let t0 = Instant::now();
+    while s.stats().running.load(Ordering::SeqCst) != 0
+        || s.stats().kv_used_tokens.load(Ordering::SeqCst) != 0
+    {
+        assert!(t0.elapsed() < Duration::from_secs(30), "rows left behind");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 #[test]

@@ -151,6 +151,7 @@ fn batch_of_different_mixes_equals_each_alone() {
             stop: vec![],
             ignore_eos: false,
             score_from: None,
+            also_score: Vec::new(),
         })
         .collect();
     let together = e.generate(reqs.clone(), |_, _| {}).unwrap();

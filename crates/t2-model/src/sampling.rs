@@ -189,15 +189,23 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// ln Σ exp(x), shifted by the maximum so that large logits do not overflow; summed in f64 because a
+/// 49k-entry vocabulary loses digits in f32. `-inf` for an empty slice.
+pub fn log_sum_exp(x: &[f32]) -> f32 {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return max;
+    }
+    max + x
+        .iter()
+        .map(|&v| ((v - max) as f64).exp())
+        .sum::<f64>()
+        .ln() as f32
+}
+
 /// log-softmax of the raw logits, evaluated at `token`, plus the `k` most likely tokens.
 pub fn logprob_of(logits: &[f32], token: u32, k: usize) -> TokenLogprob {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = max
-        + logits
-            .iter()
-            .map(|&l| ((l - max) as f64).exp())
-            .sum::<f64>()
-            .ln() as f32;
+    let lse = log_sum_exp(logits);
     let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
     let k = k.min(idx.len());
     let top = if k > 0 {
@@ -219,6 +227,16 @@ pub fn logprob_of(logits: &[f32], token: u32, k: usize) -> TokenLogprob {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_sum_exp_matches_the_naive_sum_and_survives_large_logits() {
+        let x = [0.5f32, -1.0, 2.0];
+        let naive = x.iter().map(|v| v.exp()).sum::<f32>().ln();
+        assert!((log_sum_exp(&x) - naive).abs() < 1e-6);
+        // exp(1000) overflows f32; the shifted sum must not.
+        assert!((log_sum_exp(&[1000.0, 1000.0]) - (1000.0 + 2f32.ln())).abs() < 1e-3);
+        assert_eq!(log_sum_exp(&[]), f32::NEG_INFINITY);
+    }
 
     #[test]
     fn greedy_picks_the_largest_logit() {

@@ -193,6 +193,7 @@ pub fn prepare(
                 stop: stop.clone(),
                 ignore_eos: f.ignore_eos.unwrap_or(false),
                 score_from: None,
+                also_score: Vec::new(),
             }
         })
         .collect();

@@ -224,18 +224,26 @@ impl Expert {
         for (tname, view) in st.tensors() {
             let id =
                 ProjId::parse(&tname).ok_or_else(|| bad(format!("unexpected tensor '{tname}'")))?;
-            if view.dtype() != safetensors::Dtype::F32 || view.shape().len() != 1 {
-                return Err(bad(format!("{tname} must be a 1-D f32 vector")));
-            }
-            let v: Vec<f32> = view
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
+            let v = f32_vector(&view)
+                .ok_or_else(|| bad(format!("{tname} must be a 1-D f32 vector")))?;
             z.insert(id, v);
         }
         Ok(Self { meta, z })
     }
+}
+
+/// The values of a 1-D f32 tensor (None for any other dtype or shape): expert and training-checkpoint files
+/// hold only such vectors.
+pub fn f32_vector(view: &safetensors::tensor::TensorView<'_>) -> Option<Vec<f32>> {
+    if view.dtype() != safetensors::Dtype::F32 || view.shape().len() != 1 {
+        return None;
+    }
+    Some(
+        view.data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    )
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

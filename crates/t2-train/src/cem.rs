@@ -3,8 +3,8 @@
 //!
 //! Each iteration samples a population of α ∈ [0,1]^K around the current mean, answers every example
 //! with every candidate in one batched generation (each row with its own mix), scores candidates by
-//! verified accuracy (ties broken by the mean log-likelihood of the reference answers), and refits mean
-//! and spread to the elites. The best candidate ever seen is the result.
+//! verified accuracy (ties broken by the mean log-likelihood of the reference answers, scored in the same
+//! batch from each answer's prompt KV), and refits mean and spread to the elites. The best candidate ever seen is the result.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -88,7 +88,7 @@ pub struct Candidate {
     pub alpha: Vec<f32>,
     /// Share of the examples answered right.
     pub accuracy: f64,
-    /// Mean log-likelihood per token of the reference answers (computed only where it breaks a tie).
+    /// Mean log-likelihood per token of the reference answers: breaks accuracy ties.
     pub loglik: Option<f64>,
 }
 
@@ -112,10 +112,8 @@ pub struct IterationLog {
     pub mean_accuracy: f64,
     pub mean: Vec<f32>,
     pub std: Vec<f32>,
-    /// Generating and verifying the population's answers.
+    /// Generating and verifying the population's answers, and scoring the reference answers.
     pub eval_seconds: f64,
-    /// Scoring reference answers for tie-breaks.
-    pub loglik_seconds: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -143,16 +141,31 @@ pub fn adaptation_of(experts: &[String], alpha: &[f32]) -> Adaptation {
     }
 }
 
+/// How one candidate did on the examples.
+#[derive(Debug, Clone)]
+pub struct ShotResults {
+    /// Per example, whether it was answered right.
+    pub correct: Vec<bool>,
+    /// Mean per-token log-likelihood of the reference answers (None: no example has one).
+    pub loglik: Option<f64>,
+}
+
+impl ShotResults {
+    pub fn accuracy(&self) -> f64 {
+        self.correct.iter().filter(|&&c| c).count() as f64 / self.correct.len().max(1) as f64
+    }
+}
+
 impl Trainer {
-    /// Answers every example with every adaptation in one batched generation; per adaptation, which
-    /// examples were answered right.
+    /// Answers every example with every adaptation in one batched generation. The reference answers are
+    /// scored in the same pass, from each answer's prompt KV, for tie-breaks.
     pub fn evaluate_population(
         &self,
         area: &str,
         items: &[TaskItem],
         candidates: &[Adaptation],
         max_new_tokens: usize,
-    ) -> Result<Vec<Vec<bool>>> {
+    ) -> Result<Vec<ShotResults>> {
         let mut all_items = Vec::with_capacity(items.len() * candidates.len());
         let mut adaptations = Vec::with_capacity(all_items.capacity());
         for a in candidates {
@@ -161,65 +174,21 @@ impl Trainer {
                 adaptations.push(a.clone());
             }
         }
-        let verdicts =
+        let answers =
             self.answer_and_verify_each(area, &all_items, &adaptations, max_new_tokens)?;
-        Ok(verdicts.chunks(items.len()).map(|c| c.to_vec()).collect())
-    }
-
-    /// Mean per-token log-likelihood of the examples' reference answers under each adaptation (None when
-    /// no example has a reference text).
-    pub fn reference_logliks(
-        &self,
-        area: &str,
-        items: &[TaskItem],
-        candidates: &[Adaptation],
-    ) -> Result<Vec<Option<f64>>> {
-        let mut prompts = Vec::new();
-        for it in items {
-            let Some(reference) = t2_tasks::shots::reference_answer(&it.answer) else {
-                continue;
-            };
-            let mut p = self.prompt_for(area, it)?;
-            let from = p.len();
-            let answer = self
-                .engine()
-                .loaded
-                .tokenizer
-                .encode_continuation(&reference)
-                .map_err(|e| TrainError::Engine(e.into()))?;
-            if answer.is_empty() {
-                continue;
-            }
-            p.extend(answer);
-            prompts.push((p, from));
-        }
-        if prompts.is_empty() {
-            return Ok(vec![None; candidates.len()]);
-        }
-        let mut jobs = Vec::new();
-        for a in candidates {
-            for (p, from) in &prompts {
-                jobs.push(crate::Job {
-                    prompt: p.clone(),
-                    adaptation: a.clone(),
-                    max_tokens: 1,
-                    sampling: Default::default(),
-                    route: None,
-                    score_from: Some(*from),
-                });
-            }
-        }
-        let scored = self.generator().run(jobs, None)?;
-        Ok(scored
-            .chunks(prompts.len())
+        Ok(answers
+            .chunks(items.len())
             .map(|c| {
                 let (lp, n) = c
                     .iter()
-                    .filter_map(|r| r.score)
+                    .filter_map(|(_, s)| *s)
                     .fold((0.0, 0usize), |acc, s| {
                         (acc.0 + s.logprob, acc.1 + s.tokens)
                     });
-                (n > 0).then(|| lp / n as f64)
+                ShotResults {
+                    correct: c.iter().map(|(ok, _)| *ok).collect(),
+                    loglik: (n > 0).then(|| lp / n as f64),
+                }
             })
             .collect())
     }
@@ -248,9 +217,8 @@ pub fn search(
     let mut generations = 0;
     for iteration in 0..cfg.iterations {
         let alphas = sample(&mut rng, &mean, &std, cfg.population);
-        let (mut pop, eval_time) = evaluate(trainer, area, shots, cfg, &alphas)?;
+        let (pop, eval_time) = evaluate(trainer, area, shots, cfg, &alphas)?;
         generations += alphas.len() * shots.len();
-        let loglik_time = break_ties(trainer, area, shots, cfg, &mut pop)?;
         let mut order: Vec<usize> = (0..pop.len()).collect();
         order.sort_by(|&a, &b| {
             if pop[a].better_than(&pop[b]) {
@@ -282,7 +250,6 @@ pub fn search(
             mean: mean.clone(),
             std: std.clone(),
             eval_seconds: eval_time.as_secs_f64(),
-            loglik_seconds: loglik_time.as_secs_f64(),
         };
         let go_on = on_iteration(&log);
         history.push(log);
@@ -324,52 +291,17 @@ fn evaluate(
         .iter()
         .map(|a| adaptation_of(&cfg.experts, a))
         .collect();
-    let right = trainer.evaluate_population(area, shots, &adaptations, cfg.max_new_tokens)?;
+    let results = trainer.evaluate_population(area, shots, &adaptations, cfg.max_new_tokens)?;
     let pop = alphas
         .iter()
-        .zip(right)
+        .zip(results)
         .map(|(a, r)| Candidate {
             alpha: a.clone(),
-            accuracy: r.iter().filter(|&&c| c).count() as f64 / r.len() as f64,
-            loglik: None,
+            accuracy: r.accuracy(),
+            loglik: r.loglik,
         })
         .collect();
     Ok((pop, t.elapsed()))
-}
-
-/// Scores reference answers for the candidates whose rank depends on it: those tied at the elite
-/// boundary, and those tied for first place.
-fn break_ties(
-    trainer: &Trainer,
-    area: &str,
-    shots: &[TaskItem],
-    cfg: &CemConfig,
-    pop: &mut [Candidate],
-) -> Result<Duration> {
-    let t = Instant::now();
-    let mut acc: Vec<f64> = pop.iter().map(|c| c.accuracy).collect();
-    acc.sort_by(|a, b| b.total_cmp(a));
-    let boundary = acc[cfg.elites - 1];
-    let top = acc[0];
-    let top_tied = acc.iter().filter(|&&a| a == top).count() > 1;
-    let boundary_tied = acc.iter().filter(|&&a| a == boundary).count() > 1;
-    let need: Vec<usize> = (0..pop.len())
-        .filter(|&i| {
-            (boundary_tied && pop[i].accuracy == boundary) || (top_tied && pop[i].accuracy == top)
-        })
-        .collect();
-    if need.is_empty() {
-        return Ok(t.elapsed());
-    }
-    let adaptations: Vec<Adaptation> = need
-        .iter()
-        .map(|&i| adaptation_of(&cfg.experts, &pop[i].alpha))
-        .collect();
-    let ll = trainer.reference_logliks(area, shots, &adaptations)?;
-    for (&i, l) in need.iter().zip(ll) {
-        pop[i].loglik = l;
-    }
-    Ok(t.elapsed())
 }
 
 /// Drops this iteration's candidate mixes from the mix table (the best one stays), so that a long search

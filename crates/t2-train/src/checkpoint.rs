@@ -102,14 +102,8 @@ impl Checkpoint {
         let mut groups: [Vectors; 4] = Default::default();
         for name in &names {
             let view = st.tensor(name).map_err(|e| bad(e.to_string()))?;
-            if view.dtype() != safetensors::Dtype::F32 || view.shape().len() != 1 {
-                return Err(bad(format!("{name} is not a 1-D f32 vector")));
-            }
-            let v: Vec<f32> = view
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
+            let v = t2_svf::expert::f32_vector(&view)
+                .ok_or_else(|| bad(format!("{name} is not a 1-D f32 vector")))?;
             hasher.update(name.as_bytes());
             v.iter().for_each(|x| hasher.update(x.to_le_bytes()));
             let (g, proj) = name

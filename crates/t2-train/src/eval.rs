@@ -183,6 +183,7 @@ pub fn evaluate_generate(
                     sampling: SamplingParams::default(),
                     route,
                     score_from: None,
+                    also_score: Vec::new(),
                 });
             }
             groups.push((task.clone(), items.clone(), (*label).clone(), start));
@@ -284,6 +285,7 @@ pub fn evaluate_routing(
                     sampling: SamplingParams::default(),
                     route: Some(router.spec(gen.engine(), strategy, &it.prompt, *policy)?),
                     score_from: None,
+                    also_score: Vec::new(),
                 });
             }
             let bar = if progress {
@@ -503,8 +505,7 @@ pub fn pick_by_loglik(
 }
 
 fn log_softmax(x: &[f32]) -> std::result::Result<Vec<f32>, candle_core::Error> {
-    let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let lse = x.iter().map(|&v| ((v - m) as f64).exp()).sum::<f64>().ln() as f32 + m;
+    let lse = t2_model::sampling::log_sum_exp(x);
     Ok(x.iter().map(|&v| v - lse).collect())
 }
 

@@ -36,6 +36,8 @@ pub struct Job {
     pub route: Option<RouteSpec>,
     /// Score `prompt[from..]` instead of generating (see [`GenRequest::score_from`]).
     pub score_from: Option<usize>,
+    /// Also score this continuation of the prompt while generating (see [`GenRequest::also_score`]).
+    pub also_score: Vec<u32>,
 }
 
 pub struct Generator {
@@ -103,13 +105,13 @@ impl Generator {
     ) -> Result<Vec<Rollout>, TrainError> {
         let n = jobs.len();
         let mut out: Vec<Option<Rollout>> = vec![None; n];
-        let mut pending: VecDeque<(usize, SeqHandle)> = VecDeque::new();
+        let mut pending: VecDeque<Outstanding> = VecDeque::new();
         // The oldest outstanding answer, read to its end (there is always one when this is called).
-        let collect_oldest = |pending: &mut VecDeque<(usize, SeqHandle)>,
+        let collect_oldest = |pending: &mut VecDeque<Outstanding>,
                               out: &mut Vec<Option<Rollout>>|
          -> Result<(), TrainError> {
-            let (j, h) = pending.pop_front().expect("an answer is outstanding");
-            out[j] = Some(collect(h)?);
+            let o = pending.pop_front().expect("an answer is outstanding");
+            out[o.job] = Some(collect(o.handle, o.generates, o.scores)?);
             if let Some(p) = progress {
                 p.inc(1);
             }
@@ -119,8 +121,11 @@ impl Generator {
             if self.max_outstanding.is_some_and(|m| pending.len() >= m) {
                 collect_oldest(&mut pending, &mut out)?;
             }
+            let generates = job.score_from.is_none();
+            let scores = job.score_from.is_some() || !job.also_score.is_empty();
             let mut req = GenRequest::new(job.prompt, 0, job.max_tokens, job.sampling);
             req.score_from = job.score_from;
+            req.also_score = job.also_score;
             loop {
                 let sub = Submission {
                     adaptation: job.adaptation.clone(),
@@ -129,7 +134,12 @@ impl Generator {
                 };
                 match self.scheduler.submit(sub) {
                     Ok(mut handles) => {
-                        pending.push_back((i, handles.remove(0)));
+                        pending.push_back(Outstanding {
+                            job: i,
+                            handle: handles.remove(0),
+                            generates,
+                            scores,
+                        });
                         break;
                     }
                     Err(SubmitError::QueueFull(_)) => collect_oldest(&mut pending, &mut out)?,
@@ -156,7 +166,17 @@ impl Drop for Generator {
     }
 }
 
-fn collect(mut h: SeqHandle) -> Result<Rollout, TrainError> {
+/// A job in the scheduler, and which results it ends with.
+struct Outstanding {
+    job: usize,
+    handle: SeqHandle,
+    generates: bool,
+    scores: bool,
+}
+
+/// Reads one job's events to its end: the last token (none for a scoring job) and the score (only for a
+/// job that scores), in whichever order they come.
+fn collect(mut h: SeqHandle, generates: bool, scores: bool) -> Result<Rollout, TrainError> {
     let mut r = Rollout {
         tokens: Vec::new(),
         text: String::new(),
@@ -164,23 +184,27 @@ fn collect(mut h: SeqHandle) -> Result<Rollout, TrainError> {
         decision: None,
         score: None,
     };
+    let (mut generated, mut scored) = (!generates, !scores);
     while let Some(ev) = h.events.blocking_recv() {
         match ev {
             SeqEvent::Admitted { .. } => {}
             SeqEvent::Routed(d) => r.decision = Some(d),
             SeqEvent::Scored(s) => {
                 r.score = Some(s);
-                break;
+                scored = true;
             }
             SeqEvent::Token(t) => {
                 r.tokens.push(t.token);
                 r.text.push_str(&t.text);
                 if t.finish.is_some() {
                     r.finish = t.finish;
-                    break;
+                    generated = true;
                 }
             }
             SeqEvent::Failed(msg) => return Err(TrainError::Generate(msg)),
+        }
+        if generated && scored {
+            break;
         }
     }
     Ok(r)

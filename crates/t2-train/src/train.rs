@@ -261,24 +261,40 @@ impl Trainer {
             .chat_prompt(&t2_tasks::prompts::user_message(area, it))
     }
 
-    /// Greedy answers to `items[i]` with `adaptations[i]`, all in one batched generation, and whether
-    /// each was right.
+    /// Greedy answers to `items[i]` with `adaptations[i]`, all in one batched generation: whether each
+    /// was right, and the log-likelihood of the item's reference answer under the same adaptation (None
+    /// where the item has no reference text), scored from the answer's own prompt KV.
     pub fn answer_and_verify_each(
         &self,
         area: &str,
         items: &[TaskItem],
         adaptations: &[Adaptation],
         max_new_tokens: usize,
-    ) -> Result<Vec<bool>> {
+    ) -> Result<Vec<(bool, Option<t2_engine::Scored>)>> {
         let answers = self.answer_and_verify_with(
             area,
             items,
-            |i| adaptations[i].clone(),
+            |i| (adaptations[i].clone(), SamplingParams::default()),
             max_new_tokens,
-            |_| SamplingParams::default(),
+            true,
             None,
         )?;
-        Ok(answers.into_iter().map(|(correct, _)| correct).collect())
+        Ok(answers
+            .into_iter()
+            .map(|(correct, r)| (correct, r.score))
+            .collect())
+    }
+
+    /// The tokens of an item's reference answer, as they would follow its prompt (empty: none).
+    fn reference_tokens(&self, it: &TaskItem) -> Result<Vec<u32>> {
+        let Some(reference) = t2_tasks::shots::reference_answer(&it.answer) else {
+            return Ok(Vec::new());
+        };
+        self.engine
+            .loaded
+            .tokenizer
+            .encode_continuation(&reference)
+            .map_err(|e| TrainError::Engine(e.into()))
     }
 
     pub fn sandbox(&self) -> &Sandbox {
@@ -298,35 +314,42 @@ impl Trainer {
         self.answer_and_verify_with(
             area,
             items,
-            |_| adaptation.clone(),
+            |i| (adaptation.clone(), sampling(i)),
             max_new_tokens,
-            sampling,
+            false,
             progress,
         )
     }
 
-    /// Item i answered with `adaptation(i)` and `sampling(i)`, all in one batched generation, then
-    /// verified: (correct?, rollout) per item.
+    /// Item i answered with the adaptation and sampling `adaptation_and_sampling(i)` gives, all in one
+    /// batched generation, then verified: (correct?, rollout) per item. With `score_references`, each
+    /// rollout also carries its reference answer's log-likelihood.
     fn answer_and_verify_with(
         &self,
         area: &str,
         items: &[TaskItem],
-        adaptation: impl Fn(usize) -> Adaptation,
+        adaptation_and_sampling: impl Fn(usize) -> (Adaptation, SamplingParams),
         max_new_tokens: usize,
-        sampling: impl Fn(usize) -> SamplingParams,
+        score_references: bool,
         progress: Option<&ProgressBar>,
     ) -> Result<Vec<(bool, Rollout)>> {
         let jobs = items
             .iter()
             .enumerate()
             .map(|(i, it)| {
+                let (adaptation, sampling) = adaptation_and_sampling(i);
                 Ok(Job {
                     prompt: self.prompt_for(area, it)?,
-                    adaptation: adaptation(i),
+                    adaptation,
                     max_tokens: max_new_tokens,
-                    sampling: sampling(i),
+                    sampling,
                     route: None,
                     score_from: None,
+                    also_score: if score_references {
+                        self.reference_tokens(it)?
+                    } else {
+                        Vec::new()
+                    },
                 })
             })
             .collect::<Result<Vec<_>>>()?;
