@@ -4,7 +4,8 @@
 //! Each iteration samples a population of α ∈ [0,1]^K around the current mean, answers every example
 //! with every candidate in one batched generation (each row with its own mix), scores candidates by
 //! verified accuracy (ties broken by the mean log-likelihood of the reference answers, scored in the same
-//! batch from each answer's prompt KV), and refits mean and spread to the elites. The best candidate ever seen is the result.
+//! batch from each answer's prompt KV), and refits mean and spread to the elites. The best candidate
+//! ever seen is the result.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

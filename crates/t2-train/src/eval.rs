@@ -182,7 +182,6 @@ pub fn evaluate_generate(
                     max_tokens,
                     sampling: SamplingParams::default(),
                     route,
-                    score_from: None,
                     also_score: Vec::new(),
                 });
             }
@@ -284,7 +283,6 @@ pub fn evaluate_routing(
                     max_tokens: 1,
                     sampling: SamplingParams::default(),
                     route: Some(router.spec(gen.engine(), strategy, &it.prompt, *policy)?),
-                    score_from: None,
                     also_score: Vec::new(),
                 });
             }

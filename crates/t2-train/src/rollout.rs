@@ -34,8 +34,6 @@ pub struct Job {
     pub sampling: SamplingParams,
     /// Pass 1 to run first (its decision replaces `adaptation`).
     pub route: Option<RouteSpec>,
-    /// Score `prompt[from..]` instead of generating (see [`GenRequest::score_from`]).
-    pub score_from: Option<usize>,
     /// Also score this continuation of the prompt while generating (see [`GenRequest::also_score`]).
     pub also_score: Vec<u32>,
 }
@@ -111,7 +109,7 @@ impl Generator {
                               out: &mut Vec<Option<Rollout>>|
          -> Result<(), TrainError> {
             let o = pending.pop_front().expect("an answer is outstanding");
-            out[o.job] = Some(collect(o.handle, o.generates, o.scores)?);
+            out[o.job] = Some(collect(o.handle, o.scores)?);
             if let Some(p) = progress {
                 p.inc(1);
             }
@@ -121,10 +119,8 @@ impl Generator {
             if self.max_outstanding.is_some_and(|m| pending.len() >= m) {
                 collect_oldest(&mut pending, &mut out)?;
             }
-            let generates = job.score_from.is_none();
-            let scores = job.score_from.is_some() || !job.also_score.is_empty();
+            let scores = !job.also_score.is_empty();
             let mut req = GenRequest::new(job.prompt, 0, job.max_tokens, job.sampling);
-            req.score_from = job.score_from;
             req.also_score = job.also_score;
             loop {
                 let sub = Submission {
@@ -137,7 +133,6 @@ impl Generator {
                         pending.push_back(Outstanding {
                             job: i,
                             handle: handles.remove(0),
-                            generates,
                             scores,
                         });
                         break;
@@ -170,13 +165,12 @@ impl Drop for Generator {
 struct Outstanding {
     job: usize,
     handle: SeqHandle,
-    generates: bool,
     scores: bool,
 }
 
-/// Reads one job's events to its end: the last token (none for a scoring job) and the score (only for a
-/// job that scores), in whichever order they come.
-fn collect(mut h: SeqHandle, generates: bool, scores: bool) -> Result<Rollout, TrainError> {
+/// Reads one job's events to its end: the last token, and the score for a job that also scores, in
+/// whichever order they come.
+fn collect(mut h: SeqHandle, scores: bool) -> Result<Rollout, TrainError> {
     let mut r = Rollout {
         tokens: Vec::new(),
         text: String::new(),
@@ -184,7 +178,7 @@ fn collect(mut h: SeqHandle, generates: bool, scores: bool) -> Result<Rollout, T
         decision: None,
         score: None,
     };
-    let (mut generated, mut scored) = (!generates, !scores);
+    let (mut generated, mut scored) = (false, !scores);
     while let Some(ev) = h.events.blocking_recv() {
         match ev {
             SeqEvent::Admitted { .. } => {}

@@ -344,7 +344,6 @@ impl Trainer {
                     max_tokens: max_new_tokens,
                     sampling,
                     route: None,
-                    score_from: None,
                     also_score: if score_references {
                         self.reference_tokens(it)?
                     } else {
