@@ -143,7 +143,7 @@ pub fn run(a: AdaptArgs) -> Result<()> {
         let t = std::time::Instant::now();
         let adaptations: Vec<_> = alphas
             .iter()
-            .map(|x| cem::adaptation_of(&cfg.experts, x))
+            .map(|x| t2_engine::Adaptation::Mix(cem::mix_of(&cfg.experts, x)))
             .collect();
         let batched =
             trainer.evaluate_population(&area, &shots, &adaptations, cfg.max_new_tokens)?;
@@ -188,7 +188,7 @@ pub fn run(a: AdaptArgs) -> Result<()> {
         true
     })?;
     println!("| expert | α |\n|---|---|");
-    for (e, w) in &outcome.alpha {
+    for (e, w) in &outcome.mix.weights() {
         println!("| {e} | {w:.3} |");
     }
     println!(

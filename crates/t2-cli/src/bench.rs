@@ -110,7 +110,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         };
         let extra = decomp.extra_bytes_factored(&model);
         let svf = SvfProjector::new(decomp, MIXES + 2, 1)?;
-        let mut ids = Vec::new();
+        let mut leases = Vec::new();
         for k in 0..MIXES {
             let z: BTreeMap<_, _> = svf
                 .decomp
@@ -125,8 +125,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     )
                 })
                 .collect();
-            ids.push(svf.register(&format!("bench-{k}"), &z)?);
+            let z = t2_svf::ZVectors::new(z);
+            leases.push(svf.lease(&t2_svf::MixKey::of_vectors(&z), || Ok(z.z().clone()))?);
         }
+        let ids: Vec<u32> = leases.iter().map(|l| l.id()).collect();
         if a.modes.iter().any(|m| m == "merged") {
             svf.merge(ids[0])?;
         }

@@ -78,7 +78,12 @@ pub fn run(cmd: ExpertsCmd) -> Result<()> {
                 );
             }
             for m in &store.mixes() {
-                let alpha: Vec<String> = m.alpha.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let alpha: Vec<String> = m
+                    .mix
+                    .weights()
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
                 println!("  mix {:<12} {}", m.name, alpha.join(","));
             }
             Ok(())
@@ -119,12 +124,12 @@ pub fn run(cmd: ExpertsCmd) -> Result<()> {
             model,
             svf,
         } => {
-            let alpha = parse_mix(&mix)?;
+            let mix = parse_mix(&mix)?;
             let engine = open_engine(&model, &svf, true)?;
             let store = engine.experts.as_ref().expect("svf engine has a store");
             store.save_mix(StoredMix {
                 name: name.clone(),
-                alpha,
+                mix,
                 description,
                 provenance: [("made_by".to_string(), "t2 experts save-mix".to_string())].into(),
             })?;

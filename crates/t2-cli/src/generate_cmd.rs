@@ -44,10 +44,10 @@ pub struct GenerateArgs {
 
 pub fn run(a: GenerateArgs) -> Result<()> {
     let adaptation = match (&a.expert, &a.mix) {
-        (Some(e), _) if e == "base" => Adaptation::Base,
-        (Some(e), _) => Adaptation::Expert(e.clone()),
+        (Some(e), _) if e == "base" => Adaptation::base(),
+        (Some(e), _) => Adaptation::expert(e),
         (None, Some(m)) => Adaptation::Mix(t2_svf::mix::parse_mix(m)?),
-        (None, None) => Adaptation::Base,
+        (None, None) => Adaptation::base(),
     };
     if a.prompt.trim().is_empty() {
         bail!("--prompt must not be empty");
@@ -61,10 +61,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
     sampling.validate()?;
     // The decomposition is only needed when adapting.
-    let engine = open_engine(&a.model, &a.svf, adaptation != Adaptation::Base)?;
-    let mix = engine.resolve(&adaptation)?;
+    let engine = open_engine(&a.model, &a.svf, !adaptation.is_base())?;
+    let mix = engine.lease(&adaptation)?;
     if let Some(svf) = &engine.svf {
-        svf.merge(mix)?;
+        svf.merge(mix.id())?;
     }
     let mut messages = Vec::new();
     if let Some(s) = &a.system {
@@ -74,7 +74,6 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let prompt = engine.encode_chat(&messages)?;
     let req = GenRequest {
         prompt,
-        mix,
         max_tokens: a.max_tokens,
         sampling,
         stop: a.stop.clone(),
@@ -85,7 +84,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut first = None;
     let mut stdout = std::io::stdout().lock();
-    let out = engine.generate(vec![req], |_, ev| {
+    let out = engine.generate(vec![(req, mix)], |_, ev| {
         first.get_or_insert_with(Instant::now);
         let _ = stdout.write_all(ev.text.as_bytes());
         let _ = stdout.flush();
@@ -104,7 +103,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         o.prompt_tokens,
         o.tokens.len(),
         o.finish.as_str(),
-        adaptation.canonical_name(),
+        adaptation,
         ttft * 1e3,
         decode_tps
     );

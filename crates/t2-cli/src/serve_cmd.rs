@@ -130,7 +130,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
         default_max_tokens: a.default_max_tokens,
         default_strategy,
         routing: t2_server::adaptation::RoutingConfig {
-            auto: a.auto_strategy.clone(),
+            auto: a
+                .auto_strategy
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!(e))?,
             policy: t2_engine::RoutePolicy {
                 soft: a.route_policy == "soft",
                 threshold: a.route_threshold,

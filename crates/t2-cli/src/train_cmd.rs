@@ -214,7 +214,10 @@ fn parse_split(s: &str) -> Result<Split> {
 }
 
 /// `route:prompt`, `route:classifier`, with an optional `:soft`.
-fn parse_route(spec: &str, rest: &str) -> Result<(String, String, t2_engine::RoutePolicy)> {
+fn parse_route(
+    spec: &str,
+    rest: &str,
+) -> Result<(String, t2_engine::RouteStrategy, t2_engine::RoutePolicy)> {
     let (strategy, soft) = match rest.split_once(':') {
         Some((s, "soft")) => (s, true),
         Some((s, "hard")) => (s, false),
@@ -223,12 +226,12 @@ fn parse_route(spec: &str, rest: &str) -> Result<(String, String, t2_engine::Rou
             "bad routing adaptation '{spec}' (route:prompt or route:classifier, optionally :soft)"
         ),
     };
-    if !["prompt", "classifier"].contains(&strategy) {
-        bail!("unknown routing strategy in '{spec}' (route:prompt or route:classifier)");
-    }
+    let strategy = strategy.parse().map_err(|_| {
+        anyhow::anyhow!("unknown routing strategy in '{spec}' (route:prompt or route:classifier)")
+    })?;
     Ok((
         spec.to_string(),
-        strategy.to_string(),
+        strategy,
         t2_engine::RoutePolicy {
             soft,
             threshold: 0.0,
@@ -238,22 +241,19 @@ fn parse_route(spec: &str, rest: &str) -> Result<(String, String, t2_engine::Rou
 
 fn parse_adaptation(spec: &str, engine: &t2_engine::Engine) -> Result<Adaptation> {
     let a = if spec == "base" {
-        Adaptation::Base
+        Adaptation::base()
     } else if let Some(m) = spec.strip_prefix("mix:") {
         Adaptation::Mix(t2_svf::mix::parse_mix(m)?)
     } else if let Some(path) = spec.strip_prefix("file:") {
         let e = Expert::load(std::path::Path::new(path))?;
         let svf = engine.svf.as_ref().context("SVF is off")?;
         e.validate(&svf.decomp, &engine.loaded.model_id)?;
-        Adaptation::Vectors {
-            name: format!("file:{path}"),
-            z: ZVectors(Arc::new(e.z)),
-        }
+        Adaptation::Vectors(ZVectors::new(e.z))
     } else if let Some(m) = engine.experts.as_ref().and_then(|s| s.mix(spec)) {
         // A stored mix (profile), e.g. one made by `t2 adapt`.
-        Adaptation::Mix(m.alpha)
+        Adaptation::Mix(m.mix)
     } else {
-        Adaptation::Expert(spec.strip_prefix("expert:").unwrap_or(spec).to_string())
+        Adaptation::expert(spec.strip_prefix("expert:").unwrap_or(spec))
     };
     engine.check_adaptation(&a)?;
     Ok(a)

@@ -3,6 +3,7 @@
 
 use candle_core::Tensor;
 use t2_model::{SeqStep, TokenLogprob};
+use t2_svf::MixLease;
 
 use crate::engine::{Engine, Result};
 use crate::sequence::{FinishReason, GenRequest, Sequence, TokenEvent};
@@ -18,13 +19,14 @@ pub struct GenOutput {
 }
 
 impl Engine {
-    /// Generates for all requests together, calling `on_token(request index, event)` as tokens come.
+    /// Generates for all requests together, each with the mix it holds, calling
+    /// `on_token(request index, event)` as tokens come.
     pub fn generate(
         &self,
-        reqs: Vec<GenRequest>,
+        reqs: Vec<(GenRequest, MixLease)>,
         mut on_token: impl FnMut(usize, &TokenEvent),
     ) -> Result<Vec<GenOutput>> {
-        for r in &reqs {
+        for (r, _) in &reqs {
             self.check_request(r)?;
             if r.score_from.is_some() || !r.also_score.is_empty() {
                 return Err(crate::engine::EngineError::Invalid(
@@ -34,7 +36,7 @@ impl Engine {
         }
         let mut seqs: Vec<Sequence> = reqs
             .into_iter()
-            .map(|r| Sequence::new(self, r))
+            .map(|(r, mix)| Sequence::new(self, r, mix))
             .collect::<Result<_>>()?;
         let projector = self.projector();
         loop {

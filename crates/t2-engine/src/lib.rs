@@ -8,10 +8,11 @@ pub mod scheduler;
 pub mod sequence;
 pub mod text;
 
-pub use engine::{Adaptation, Engine, EngineConfig, EngineError, ZVectors};
+pub use engine::{Engine, EngineConfig, EngineError};
 pub use generate::GenOutput;
-pub use routing::{RouteDecision, RouteLabel, RoutePolicy, RouteSpec, Router};
+pub use routing::{RouteDecision, RouteLabel, RoutePolicy, RouteSpec, RouteStrategy, Router};
 pub use scheduler::{
     Scheduler, SchedulerConfig, SchedulerStats, SeqEvent, SeqHandle, Submission, SubmitError,
 };
 pub use sequence::{FinishReason, GenRequest, Scored, TokenEvent};
+pub use t2_svf::{Adaptation, Mix, MixLease, ZVectors};

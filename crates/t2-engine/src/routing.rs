@@ -13,7 +13,9 @@ use std::time::Duration;
 use t2_model::ChatMessage;
 pub use t2_tasks::prompts::ROUTING_ANSWER_PREFIX;
 
-use crate::engine::{Adaptation, Engine, EngineError, Result};
+use t2_svf::{Adaptation, Mix};
+
+use crate::engine::{Engine, EngineError, Result};
 
 /// The label whose probability goes to the base model.
 pub const OTHER_LABEL: &str = "other";
@@ -52,6 +54,43 @@ impl Default for RoutePolicy {
     }
 }
 
+/// Whose judgement pass 1 asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RouteStrategy {
+    /// The base model, prompted to name the category.
+    Prompt,
+    /// The classifier expert (category `routing`), on the same prompt.
+    Classifier,
+}
+
+impl RouteStrategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Prompt => "prompt",
+            Self::Classifier => "classifier",
+        }
+    }
+}
+
+impl std::fmt::Display for RouteStrategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for RouteStrategy {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "prompt" => Ok(Self::Prompt),
+            "classifier" => Ok(Self::Classifier),
+            other => Err(format!(
+                "unknown routing strategy '{other}' (prompt or classifier)"
+            )),
+        }
+    }
+}
+
 /// The labels of a server's experts, built once at load.
 #[derive(Debug, Clone)]
 pub struct Router {
@@ -63,8 +102,7 @@ pub struct Router {
 /// Pass 1 for one submission.
 #[derive(Debug, Clone)]
 pub struct RouteSpec {
-    /// "prompt" or "classifier", for reports.
-    pub strategy: String,
+    pub strategy: RouteStrategy,
     pub prompt: Vec<u32>,
     /// The weights pass 1 runs with: the base model (prompt) or the classifier expert.
     pub scorer: Adaptation,
@@ -78,14 +116,13 @@ pub struct RouteSpec {
 /// What pass 1 decided, sent to every sequence of the submission before pass 2 starts.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouteDecision {
-    pub strategy: String,
+    pub strategy: RouteStrategy,
     /// The most likely label.
     pub label: String,
     /// Probability of each label (renormalised over the labels).
     pub scores: BTreeMap<String, f32>,
-    /// α over experts ("base" for the unadapted share); empty: the base model.
-    pub alpha: BTreeMap<String, f32>,
-    pub adaptation: Adaptation,
+    /// The mix pass 2 answers with.
+    pub mix: Mix,
     /// From pass 1's admission to its decision.
     pub pass1: Duration,
     /// The top label fell under the threshold, so the base model answers.
@@ -159,24 +196,19 @@ impl Router {
     pub fn spec(
         &self,
         engine: &Engine,
-        strategy: &str,
+        strategy: RouteStrategy,
         request: &str,
         policy: RoutePolicy,
     ) -> Result<RouteSpec> {
         let scorer = match strategy {
-            "prompt" => Adaptation::Base,
-            "classifier" => Adaptation::Expert(self.classifier.clone().ok_or_else(|| {
+            RouteStrategy::Prompt => Adaptation::base(),
+            RouteStrategy::Classifier => Adaptation::expert(self.classifier.as_deref().ok_or_else(|| {
                 EngineError::Invalid(
                     "no classifier expert is loaded (an expert of category 'routing'); use strategy \
                      'prompt'"
                         .into(),
                 )
             })?),
-            other => {
-                return Err(EngineError::Invalid(format!(
-                    "unknown routing strategy '{other}' (prompt or classifier)"
-                )))
-            }
         };
         if !(0.0..=1.0).contains(&policy.threshold) {
             return Err(EngineError::Invalid(format!(
@@ -186,7 +218,7 @@ impl Router {
         }
         let (prompt, shared_prefix) = routing_tokens(engine, &clip(request), &self.label_names())?;
         Ok(RouteSpec {
-            strategy: strategy.into(),
+            strategy,
             prompt,
             shared_prefix,
             scorer,
@@ -266,6 +298,7 @@ impl RouteSpec {
             .expect("at least one label");
         let below = probs[top] < self.policy.threshold;
         let mut alpha: BTreeMap<String, f32> = BTreeMap::new();
+        let mut base = 0.0;
         if !below {
             let shares: Vec<(usize, f32)> = if self.policy.soft {
                 probs.iter().copied().enumerate().collect()
@@ -275,48 +308,26 @@ impl RouteSpec {
             for (i, p) in shares {
                 let experts = &self.labels[i].experts;
                 if experts.is_empty() {
-                    *alpha.entry(BASE_SHARE.into()).or_default() += p;
-                } else {
-                    for e in experts {
-                        *alpha.entry(e.clone()).or_default() += p / experts.len() as f32;
-                    }
+                    base += p;
+                }
+                for e in experts {
+                    *alpha.entry(e.clone()).or_default() += p / experts.len() as f32;
                 }
             }
-            alpha = alpha
-                .into_iter()
-                .map(|(k, v)| (k, (v / ALPHA_STEP).round() * ALPHA_STEP))
-                .filter(|(_, v)| *v > 0.0)
-                .collect();
-            if alpha.keys().all(|k| k == BASE_SHARE) {
-                // All of it on the base model: report no mix, as for any base answer.
-                alpha.clear();
-            }
         }
-        let adaptation = adaptation_of(&alpha);
+        let mut mix = Mix::new(alpha, base)?.rounded(ALPHA_STEP);
+        if mix.is_base() {
+            // All of it on the base model: no mix, as for any base answer.
+            mix = Mix::base();
+        }
         Ok(RouteDecision {
-            strategy: self.strategy.clone(),
+            strategy: self.strategy,
             label: self.labels[top].name.clone(),
             scores,
-            alpha,
-            adaptation,
+            mix,
             pass1,
             below_threshold: below,
         })
-    }
-}
-
-/// The key of the unadapted model's share in a routed mix (z ≡ 1 for that share).
-pub const BASE_SHARE: &str = "base";
-
-/// One expert with weight 1 is that expert; only the base share (or nothing) is the base model.
-fn adaptation_of(alpha: &BTreeMap<String, f32>) -> Adaptation {
-    let experts: Vec<(&String, &f32)> = alpha.iter().filter(|(k, _)| *k != BASE_SHARE).collect();
-    match experts.as_slice() {
-        [] => Adaptation::Base,
-        [(name, w)] if alpha.len() == 1 && (**w - 1.0).abs() < 1e-6 => {
-            Adaptation::Expert((*name).clone())
-        }
-        _ => Adaptation::Mix(alpha.clone()),
     }
 }
 
@@ -336,10 +347,10 @@ mod tests {
             experts: experts.iter().map(|s| s.to_string()).collect(),
         };
         RouteSpec {
-            strategy: "prompt".into(),
+            strategy: RouteStrategy::Prompt,
             prompt: vec![1],
             shared_prefix: 0,
-            scorer: Adaptation::Base,
+            scorer: Adaptation::base(),
             labels: Arc::new(vec![
                 label("code", 0, &["code"]),
                 label("math", 1, &["math"]),
@@ -359,7 +370,7 @@ mod tests {
             .decide(&logits_for(&[0.2, 0.7, 0.1]), Duration::ZERO)
             .unwrap();
         assert_eq!(d.label, "math");
-        assert_eq!(d.adaptation, Adaptation::Expert("math".into()));
+        assert_eq!(d.mix, Mix::expert("math"));
         assert!((d.scores["math"] - 0.7).abs() < 1e-5);
         assert!((d.scores.values().sum::<f32>() - 1.0).abs() < 1e-5);
     }
@@ -369,16 +380,13 @@ mod tests {
         let d = spec(false, 0.0)
             .decide(&logits_for(&[0.2, 0.2, 0.6]), Duration::ZERO)
             .unwrap();
-        assert_eq!(
-            (d.label.as_str(), &d.adaptation),
-            ("other", &Adaptation::Base)
-        );
+        assert_eq!((d.label.as_str(), &d.mix), ("other", &Mix::base()));
         let d = spec(false, 0.8)
             .decide(&logits_for(&[0.1, 0.7, 0.2]), Duration::ZERO)
             .unwrap();
         assert!(d.below_threshold);
-        assert_eq!(d.adaptation, Adaptation::Base);
-        assert!(d.alpha.is_empty());
+        assert_eq!(d.mix, Mix::base());
+        assert!(d.mix.weights().is_empty());
     }
 
     #[test]
@@ -386,15 +394,11 @@ mod tests {
         let d = spec(true, 0.0)
             .decide(&logits_for(&[0.25, 0.5, 0.25]), Duration::ZERO)
             .unwrap();
-        let want = BTreeMap::from([
-            ("base".to_string(), 0.25),
-            ("code".to_string(), 0.25),
-            ("math".to_string(), 0.5),
-        ]);
-        assert_eq!(d.alpha.len(), 3);
+        assert!((d.mix.base_share() - 0.25).abs() < 1e-6, "{:?}", d.mix);
+        let want = BTreeMap::from([("code".to_string(), 0.25), ("math".to_string(), 0.5)]);
+        assert_eq!(d.mix.alpha().len(), 2);
         for (k, v) in &want {
-            assert!((d.alpha[k] - v).abs() < 1e-6, "{:?}", d.alpha);
+            assert!((d.mix.alpha()[k] - v).abs() < 1e-6, "{:?}", d.mix);
         }
-        assert!(matches!(d.adaptation, Adaptation::Mix(_)));
     }
 }

@@ -9,16 +9,16 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use t2_model::{KvCache, SeqStep};
-use t2_svf::{MixId, SvfError, BASE_MIX};
+use t2_svf::{Adaptation, MixId, MixKey, MixLease, SvfError, BASE_MIX};
 use tokio::sync::mpsc;
 
-use crate::engine::{Adaptation, Engine, EngineError};
+use crate::engine::{Engine, EngineError};
 use crate::routing::{RouteDecision, RouteSpec};
 use crate::sequence::{GenRequest, Scored, Sequence, TokenEvent};
 
@@ -50,8 +50,7 @@ impl Default for SchedulerConfig {
 }
 
 /// What one client request asks for: one or more sequences (OpenAI's `n`) admitted together, all with
-/// the same adaptation. The `mix` field of the requests is ignored: the scheduler resolves `adaptation`.
-/// With `route`, pass 1 runs first (one scored prefill in the shared batches) and its decision replaces
+/// the same adaptation. With `route`, pass 1 runs first (one scored prefill in the shared batches) and its decision replaces
 /// `adaptation`.
 pub struct Submission {
     pub adaptation: Adaptation,
@@ -77,6 +76,8 @@ pub enum SeqEvent {
     Admitted {
         queue_time: Duration,
         mix: MixId,
+        /// Batch steps run before this admission (orders admissions for tests and traces).
+        step: u64,
     },
     Token(TokenEvent),
     /// A scoring sequence's result (its last event).
@@ -166,11 +167,10 @@ impl Scheduler {
             cfg: cfg.clone(),
             stats: stats.clone(),
             rx,
-            next: None,
+            waiting: VecDeque::new(),
             ready: VecDeque::new(),
             prefixes: HashMap::new(),
             running: Vec::new(),
-            mixes: MixRefs::default(),
             uniform_steps: 0,
             merging: None,
         };
@@ -330,19 +330,22 @@ impl Running {
     }
 }
 
-/// How many running sequences use each mix, and which registered mixes nobody uses (oldest first): those
-/// are evicted from the mix table when it is full.
-#[derive(Default)]
-struct MixRefs {
-    refs: HashMap<MixId, usize>,
-    idle: VecDeque<MixId>,
-}
-
 enum Acquire {
-    Got(MixId),
+    Got(MixLease),
     /// Every slot is held by a running sequence: wait for one to finish.
     Full,
     Failed(EngineError),
+}
+
+/// Why the admission loop stopped looking at a waiting submission.
+enum Admission {
+    /// It joined the batch, failed, or was cancelled: it no longer waits.
+    Left,
+    /// The batch or the KV budget has no room for it: nothing after it is admitted either (first come,
+    /// first served).
+    NoRoom,
+    /// Its mix has no table slot yet: later submissions may go ahead.
+    NoMixSlot,
 }
 
 struct Worker {
@@ -350,14 +353,14 @@ struct Worker {
     cfg: SchedulerConfig,
     stats: Arc<SchedulerStats>,
     rx: Receiver<Queued>,
-    /// A submission taken off the queue that did not fit yet.
-    next: Option<Queued>,
+    /// Submissions taken off the channel, in arrival order (bounded by `max_queue` through the depth
+    /// counter).
+    waiting: VecDeque<Queued>,
     /// Submissions whose pass 1 has decided: admitted before anything new, so that pass 2 starts at once.
     ready: VecDeque<Queued>,
     /// KV of pass-1 prompt prefixes (the part before the request), by scorer and tokens.
-    prefixes: HashMap<(String, Vec<u32>), KvCache>,
+    prefixes: HashMap<(MixKey, Vec<u32>), KvCache>,
     running: Vec<Running>,
-    mixes: MixRefs,
     /// Consecutive steps in which every row used the same non-base mix.
     uniform_steps: usize,
     merging: Option<(MixId, JoinHandle<()>)>,
@@ -366,9 +369,9 @@ struct Worker {
 impl Worker {
     fn run(&mut self) {
         loop {
-            if self.running.is_empty() && self.next.is_none() && self.ready.is_empty() {
+            if self.running.is_empty() && self.waiting.is_empty() && self.ready.is_empty() {
                 match self.rx.recv() {
-                    Ok(q) => self.take(q),
+                    Ok(q) => self.waiting.push_back(q),
                     Err(_) => break, // closed, and nothing left to do
                 }
             }
@@ -389,7 +392,6 @@ impl Worker {
                     self.stats
                         .failed
                         .fetch_add(r.sequences(), Ordering::Relaxed);
-                    self.release(r);
                 }
             }
             self.publish();
@@ -399,185 +401,170 @@ impl Worker {
         }
     }
 
-    fn take(&mut self, q: Queued) {
-        self.next = Some(q);
-    }
-
-    /// The held-aside submission leaves the queue (admitted, refused or cancelled).
-    fn pop_next(&mut self) -> Queued {
-        self.stats.queue_depth.fetch_sub(1, Ordering::SeqCst);
-        self.next.take().expect("a submission is held")
-    }
-
     fn kv_used(&self) -> usize {
         self.running.iter().map(|r| r.kv_tokens).sum()
     }
 
     /// Moves waiting submissions into the batch while they fit: first those whose pass 1 has decided,
-    /// then the queue in order.
+    /// then the rest in arrival order. One whose mix has no table slot yet waits without holding up
+    /// those behind it.
     fn admit(&mut self) {
-        loop {
-            let from_ready = !self.ready.is_empty();
-            if !from_ready && self.next.is_none() {
-                match self.rx.try_recv() {
-                    Ok(q) => self.take(q),
-                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => return,
+        while let Ok(q) = self.rx.try_recv() {
+            self.waiting.push_back(q);
+        }
+        let mut i = 0;
+        while i < self.ready.len() {
+            let q = self.ready.remove(i).expect("in range");
+            match self.try_admit(q) {
+                (Admission::Left, _) => {}
+                (Admission::NoRoom, Some(q)) => {
+                    self.ready.insert(i, q);
+                    return;
                 }
+                (_, Some(q)) => {
+                    self.ready.insert(i, q);
+                    i += 1;
+                }
+                (_, None) => unreachable!("a submission that still waits is handed back"),
             }
-            let q = if from_ready {
-                self.ready.front()
-            } else {
-                self.next.as_ref()
+        }
+        let mut i = 0;
+        while i < self.waiting.len() {
+            let q = self.waiting.remove(i).expect("in range");
+            match self.try_admit(q) {
+                (Admission::Left, _) => {
+                    self.stats.queue_depth.fetch_sub(1, Ordering::SeqCst);
+                }
+                (Admission::NoRoom, Some(q)) => {
+                    self.waiting.insert(i, q);
+                    return;
+                }
+                (_, Some(q)) => {
+                    self.waiting.insert(i, q);
+                    i += 1;
+                }
+                (_, None) => unreachable!("a submission that still waits is handed back"),
             }
-            .expect("just filled");
-            if q.cancelled() {
-                self.stats
-                    .cancelled
-                    .fetch_add(q.senders.len() as u64, Ordering::Relaxed);
-                self.pop(from_ready);
-                continue;
+        }
+    }
+
+    /// Admits one submission if it can be; hands it back when it has to wait.
+    fn try_admit(&mut self, mut q: Queued) -> (Admission, Option<Queued>) {
+        if q.cancelled() {
+            self.stats
+                .cancelled
+                .fetch_add(q.senders.len() as u64, Ordering::Relaxed);
+            return (Admission::Left, None);
+        }
+        let (need, rows) = q.needs();
+        let fits = self.running.len() + rows <= self.cfg.max_batch.max(rows)
+            && self.kv_used() + need <= self.cfg.kv_budget_tokens;
+        if !fits {
+            return (Admission::NoRoom, Some(q));
+        }
+        let adaptation = match &q.submission.route {
+            Some(r) => r.scorer.clone(),
+            None => q.submission.adaptation.clone(),
+        };
+        let mix = match self.acquire(&adaptation) {
+            Acquire::Got(lease) => lease,
+            Acquire::Full => return (Admission::NoMixSlot, Some(q)),
+            Acquire::Failed(e) => {
+                for s in q.senders {
+                    let _ = s.try_send(SeqEvent::Failed(e.to_string()));
+                }
+                return (Admission::Left, None);
             }
-            let (need, rows) = q.needs();
-            let fits = self.running.len() + rows <= self.cfg.max_batch.max(rows)
-                && self.kv_used() + need <= self.cfg.kv_budget_tokens;
-            if !fits {
-                return;
-            }
-            let adaptation = match &q.submission.route {
-                Some(r) => r.scorer.clone(),
-                None => q.submission.adaptation.clone(),
+        };
+        if let Some(route) = &q.submission.route {
+            let req = GenRequest {
+                prompt: route.prompt.clone(),
+                max_tokens: 1,
+                sampling: Default::default(),
+                stop: Vec::new(),
+                ignore_eos: true,
+                score_from: None,
+                also_score: Vec::new(),
             };
-            let mix = match self.acquire(&adaptation) {
-                Acquire::Got(id) => id,
-                Acquire::Full => return,
-                Acquire::Failed(e) => {
-                    let q = self.pop(from_ready);
+            let prefix = self.prefix_key(route).and_then(|k| self.prefixes.get(&k));
+            let seq = match prefix {
+                Some(kv) => Sequence::with_prefix(req, mix, kv, route.shared_prefix),
+                None => Sequence::new(&self.engine, req, mix),
+            };
+            match seq {
+                Ok(seq) => {
+                    q.waited += q.enqueued.elapsed();
+                    self.running.push(Running {
+                        seq,
+                        kv_tokens: need,
+                        role: Role::Pass1 {
+                            queued: Box::new(q),
+                            started: Instant::now(),
+                        },
+                    });
+                }
+                Err(e) => {
                     for s in q.senders {
                         let _ = s.try_send(SeqEvent::Failed(e.to_string()));
                     }
-                    continue;
                 }
-            };
-            let mut q = self.pop(from_ready);
-            if let Some(route) = &q.submission.route {
-                let req = GenRequest {
-                    prompt: route.prompt.clone(),
-                    mix,
-                    max_tokens: 1,
-                    sampling: Default::default(),
-                    stop: Vec::new(),
-                    ignore_eos: true,
-                    score_from: None,
-                    also_score: Vec::new(),
-                };
-                let key = prefix_key(route);
-                let seq = match self.prefixes.get(&key) {
-                    Some(kv) => Sequence::with_prefix(req, kv, route.shared_prefix),
-                    None => Sequence::new(&self.engine, req),
-                };
-                match seq {
-                    Ok(seq) => {
-                        q.waited += q.enqueued.elapsed();
-                        self.running.push(Running {
-                            seq,
-                            kv_tokens: need,
-                            role: Role::Pass1 {
-                                queued: Box::new(q),
-                                started: Instant::now(),
-                            },
-                        });
-                    }
-                    Err(e) => {
-                        for s in q.senders {
-                            let _ = s.try_send(SeqEvent::Failed(e.to_string()));
-                        }
-                        self.mixes.release(mix);
-                    }
-                }
-                continue;
             }
-            let queue_time = q.waited + q.enqueued.elapsed();
-            for (i, (mut req, tx)) in q.submission.requests.into_iter().zip(q.senders).enumerate() {
-                if i > 0 {
-                    self.mixes.hold(mix);
+            return (Admission::Left, None);
+        }
+        let queue_time = q.waited + q.enqueued.elapsed();
+        let step = self.stats.steps.load(Ordering::Relaxed);
+        for (req, tx) in q.submission.requests.into_iter().zip(q.senders) {
+            // The scoring fork's share moves to its own row when it starts.
+            let kv_tokens = req.total_kv_tokens();
+            match Sequence::new(&self.engine, req, mix.clone()) {
+                Ok(seq) => {
+                    let _ = tx.try_send(SeqEvent::Admitted {
+                        queue_time,
+                        mix: mix.id(),
+                        step,
+                    });
+                    self.running.push(Running {
+                        seq,
+                        role: Role::Answer(tx),
+                        kv_tokens,
+                    });
                 }
-                req.mix = mix;
-                // The scoring fork's share moves to its own row when it starts.
-                let kv_tokens = req.total_kv_tokens();
-                match Sequence::new(&self.engine, req) {
-                    Ok(seq) => {
-                        let _ = tx.try_send(SeqEvent::Admitted { queue_time, mix });
-                        self.running.push(Running {
-                            seq,
-                            role: Role::Answer(tx),
-                            kv_tokens,
-                        });
-                    }
-                    Err(e) => {
-                        let _ = tx.try_send(SeqEvent::Failed(e.to_string()));
-                        self.mixes.release(mix);
-                    }
+                Err(e) => {
+                    let _ = tx.try_send(SeqEvent::Failed(e.to_string()));
                 }
             }
         }
-    }
-
-    fn pop(&mut self, from_ready: bool) -> Queued {
-        if from_ready {
-            self.ready.pop_front().expect("a ready submission")
-        } else {
-            self.pop_next()
-        }
+        (Admission::Left, None)
     }
 
     fn drop_cancelled(&mut self) {
-        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.running)
-            .into_iter()
-            .partition(Running::cancelled);
-        self.running = kept;
-        for r in gone {
-            self.stats
-                .cancelled
-                .fetch_add(r.sequences(), Ordering::Relaxed);
-            self.release(r);
+        let before = self.running.len();
+        let mut gone = 0;
+        self.running.retain(|r| {
+            let keep = !r.cancelled();
+            if !keep {
+                gone += r.sequences();
+            }
+            keep
+        });
+        if self.running.len() < before {
+            self.stats.cancelled.fetch_add(gone, Ordering::Relaxed);
         }
     }
 
-    fn release(&mut self, r: Running) {
-        self.mixes.release(r.seq.mix);
-    }
-
+    /// A lease on the adaptation's mix slot. The table evicts idle mixes by itself; when every slot is
+    /// held, the submission waits for a running sequence to let go of one.
     fn acquire(&mut self, a: &Adaptation) -> Acquire {
-        loop {
-            match self.engine.resolve(a) {
-                Ok(id) => {
-                    self.mixes.hold(id);
-                    return Acquire::Got(id);
+        match self.engine.lease(a) {
+            Ok(lease) => Acquire::Got(lease),
+            Err(EngineError::Svf(SvfError::TableFull(n))) => {
+                if self.running.is_empty() {
+                    // Nothing here will free a slot: the table is too small, or held elsewhere.
+                    return Acquire::Failed(EngineError::Svf(SvfError::TableFull(n)));
                 }
-                Err(EngineError::Svf(SvfError::TableFull(n))) => {
-                    let svf = self.engine.svf.as_ref().expect("a full table exists");
-                    if self.mixes.idle.is_empty() {
-                        // Mixes registered outside this scheduler (or before it) are idle too.
-                        for id in svf.mix_ids() {
-                            if id != BASE_MIX && self.mixes.refs.get(&id).copied().unwrap_or(0) == 0
-                            {
-                                self.mixes.idle.push_back(id);
-                            }
-                        }
-                    }
-                    let Some(victim) = self.mixes.idle.pop_front() else {
-                        if self.running.is_empty() {
-                            // Nothing will ever free a slot: the table is too small for any mix.
-                            return Acquire::Failed(EngineError::Svf(SvfError::TableFull(n)));
-                        }
-                        return Acquire::Full;
-                    };
-                    if let Some(name) = svf.mix_name(victim) {
-                        svf.remove(&name);
-                    }
-                }
-                Err(e) => return Acquire::Failed(e),
+                Acquire::Full
             }
+            Err(e) => Acquire::Failed(e),
         }
     }
 
@@ -597,8 +584,8 @@ impl Worker {
             let (_, h) = self.merging.take().expect("present");
             let _ = h.join();
         }
-        let first = self.running[0].seq.mix;
-        let uniform = first != BASE_MIX && self.running.iter().all(|r| r.seq.mix == first);
+        let first = self.running[0].seq.mix.id();
+        let uniform = first != BASE_MIX && self.running.iter().all(|r| r.seq.mix.id() == first);
         self.uniform_steps = if uniform { self.uniform_steps + 1 } else { 0 };
         if self.uniform_steps < after || svf.is_merged(first) {
             return;
@@ -721,8 +708,10 @@ impl Worker {
                 (Some(decision), Role::Pass1 { mut queued, .. }) => match decision {
                     Ok(d) => {
                         let route = queued.submission.route.as_ref().expect("a pass-1 row");
-                        let key = prefix_key(route);
-                        if route.shared_prefix > 0 && !self.prefixes.contains_key(&key) {
+                        let key = self.prefix_key(route);
+                        if let Some(key) = key
+                            .filter(|k| route.shared_prefix > 0 && !self.prefixes.contains_key(k))
+                        {
                             if self.prefixes.len() >= MAX_PREFIXES {
                                 self.prefixes.clear();
                             }
@@ -738,7 +727,7 @@ impl Worker {
                         for s in &queued.senders {
                             let _ = s.try_send(SeqEvent::Routed(d.clone()));
                         }
-                        queued.submission.adaptation = d.adaptation;
+                        queued.submission.adaptation = Adaptation::Mix(d.mix);
                         queued.submission.route = None;
                         queued.enqueued = Instant::now();
                         self.ready.push_back(*queued);
@@ -751,13 +740,9 @@ impl Worker {
                 },
                 _ => unreachable!("rows are finished by their own role"),
             }
-            self.mixes.release(r.seq.mix);
         }
         // Forks join after the removals above, which index the rows as they were in this step.
-        for f in forks {
-            self.mixes.hold(f.seq.mix);
-            self.running.push(f);
-        }
+        self.running.extend(forks);
         Ok(())
     }
 
@@ -780,25 +765,14 @@ impl Worker {
 /// Pass-1 prefixes kept at most (one per scorer and label set in practice).
 const MAX_PREFIXES: usize = 8;
 
-/// The weights a pass-1 prefix was computed with, and its tokens.
-fn prefix_key(route: &RouteSpec) -> (String, Vec<u32>) {
-    (
-        route.scorer.canonical_name(),
-        route.prompt[..route.shared_prefix].to_vec(),
-    )
-}
-
-impl MixRefs {
-    fn hold(&mut self, id: MixId) {
-        *self.refs.entry(id).or_default() += 1;
-        self.idle.retain(|&m| m != id);
-    }
-
-    fn release(&mut self, id: MixId) {
-        let n = self.refs.entry(id).or_default();
-        *n = n.saturating_sub(1);
-        if *n == 0 && id != BASE_MIX {
-            self.idle.push_back(id);
-        }
+impl Worker {
+    /// The weights a pass-1 prefix was computed with, and its tokens (None: not shareable).
+    fn prefix_key(&self, route: &RouteSpec) -> Option<(MixKey, Vec<u32>)> {
+        let weights = match &route.scorer {
+            Adaptation::Mix(m) if m.is_base() => MixKey::base(),
+            Adaptation::Mix(m) => self.engine.experts.as_ref()?.key_of(m).ok()?,
+            Adaptation::Vectors(_) => return None,
+        };
+        Some((weights, route.prompt[..route.shared_prefix].to_vec()))
     }
 }

@@ -2,7 +2,7 @@
 //! the one-shot batch loop and the continuous-batching scheduler drive sequences through this type.
 
 use t2_model::{KvCache, Sampler, SamplingParams, SeqStep, TokenLogprob, WantLogits};
-use t2_svf::MixId;
+use t2_svf::MixLease;
 
 use crate::engine::{Engine, EngineError, Result};
 use crate::text::TextStream;
@@ -10,7 +10,6 @@ use crate::text::TextStream;
 #[derive(Debug, Clone)]
 pub struct GenRequest {
     pub prompt: Vec<u32>,
-    pub mix: MixId,
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
@@ -33,10 +32,9 @@ pub struct Scored {
 }
 
 impl GenRequest {
-    pub fn new(prompt: Vec<u32>, mix: MixId, max_tokens: usize, sampling: SamplingParams) -> Self {
+    pub fn new(prompt: Vec<u32>, max_tokens: usize, sampling: SamplingParams) -> Self {
         Self {
             prompt,
-            mix,
             max_tokens,
             sampling,
             stop: Vec::new(),
@@ -99,7 +97,8 @@ pub struct TokenEvent {
 
 pub(crate) struct Sequence {
     pub cache: KvCache,
-    pub mix: MixId,
+    /// The sequence's hold on its mix's table slot, for as long as it lives.
+    pub mix: MixLease,
     prompt: Vec<u32>,
     /// Prompt tokens already in the cache.
     prefilled: usize,
@@ -121,18 +120,18 @@ pub(crate) struct Sequence {
 }
 
 impl Sequence {
-    pub fn new(engine: &Engine, r: GenRequest) -> Result<Self> {
+    pub fn new(engine: &Engine, r: GenRequest, mix: MixLease) -> Result<Self> {
         let mut cache = engine.loaded.model.new_cache();
         // Exactly what the request can use: no regrowth copies while decoding, and the scheduler's KV
         // budget accounts for real allocations.
         cache.reserve(r.kv_tokens())?;
-        Ok(Self::from_cache(r, cache, 0))
+        Ok(Self::from_cache(r, mix, cache, 0))
     }
 
-    fn from_cache(r: GenRequest, cache: KvCache, prefilled: usize) -> Self {
+    fn from_cache(r: GenRequest, mix: MixLease, cache: KvCache, prefilled: usize) -> Self {
         Self {
             cache,
-            mix: r.mix,
+            mix,
             prompt: r.prompt,
             prefilled,
             feeding: 0,
@@ -165,24 +164,24 @@ impl Sequence {
         }
         let mut prompt = self.prompt.clone();
         prompt.extend(std::mem::take(&mut self.also_score));
-        let mut req = GenRequest::new(prompt, self.mix, 1, SamplingParams::default());
+        let mut req = GenRequest::new(prompt, 1, SamplingParams::default());
         req.score_from = Some(self.prompt.len());
         req.ignore_eos = true;
         let kv = req.kv_tokens();
         // The fork re-feeds the last prompt token: its logits predict the first scored token.
         Ok(Some((
-            Self::with_prefix(req, &self.cache, self.prompt.len() - 1)?,
+            Self::with_prefix(req, self.mix.clone(), &self.cache, self.prompt.len() - 1)?,
             kv,
         )))
     }
 
     /// A sequence whose prompt starts with `len` tokens already computed in `prefix` (same weights): it
     /// prefills only the rest.
-    pub fn with_prefix(r: GenRequest, prefix: &KvCache, len: usize) -> Result<Self> {
+    pub fn with_prefix(r: GenRequest, mix: MixLease, prefix: &KvCache, len: usize) -> Result<Self> {
         // At least the last prompt token is fed, so that the first step yields logits.
         let len = len.min(prefix.len()).min(r.prompt.len().saturating_sub(1));
         let cache = prefix.fork(len, r.kv_tokens() - len)?;
-        Ok(Self::from_cache(r, cache, len))
+        Ok(Self::from_cache(r, mix, cache, len))
     }
 
     pub fn prompt_len(&self) -> usize {
@@ -218,7 +217,7 @@ impl Sequence {
         SeqStep {
             cache: &mut self.cache,
             tokens,
-            mix: self.mix,
+            mix: self.mix.id(),
             want,
         }
     }

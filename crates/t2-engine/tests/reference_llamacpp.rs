@@ -73,17 +73,19 @@ fn greedy_tokens_match_llama_cpp() {
     let f = fixture();
     let cases = f["chat_cases"].as_array().unwrap();
     assert!(cases.len() >= 5);
-    let reqs: Vec<GenRequest> = cases
+    let reqs: Vec<_> = cases
         .iter()
-        .map(|c| GenRequest {
-            prompt: ids(&c["prompt_tokens"]),
-            mix: BASE_MIX,
-            max_tokens: ids(&c["generated_tokens"]).len(),
-            sampling: SamplingParams::default(),
-            stop: vec![],
-            ignore_eos: false,
-            score_from: None,
-            also_score: Vec::new(),
+        .map(|c| {
+            let req = GenRequest {
+                prompt: ids(&c["prompt_tokens"]),
+                max_tokens: ids(&c["generated_tokens"]).len(),
+                sampling: SamplingParams::default(),
+                stop: vec![],
+                ignore_eos: false,
+                score_from: None,
+                also_score: Vec::new(),
+            };
+            (req, e.lease_base())
         })
         .collect();
     let outs = e.generate(reqs, |_, _| {}).unwrap();

@@ -10,11 +10,11 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use t2_engine::{
-    Adaptation, Engine, EngineConfig, GenRequest, RouteDecision, RoutePolicy, Router, Scheduler,
-    SchedulerConfig, SeqEvent, SeqHandle, Submission,
+    Adaptation, Engine, EngineConfig, GenRequest, RouteDecision, RoutePolicy, RouteStrategy,
+    Router, Scheduler, SchedulerConfig, SeqEvent, SeqHandle, Submission,
 };
 use t2_model::{ChatMessage, SamplingParams, SeqStep, WantLogits};
-use t2_svf::BASE_MIX;
+use t2_svf::{Mix, BASE_SHARE_KEY};
 
 /// Two pass-2 experts (math, code) and a classifier (category routing), all random.
 fn engine() -> Arc<Engine> {
@@ -45,7 +45,7 @@ fn scheduler(e: &Arc<Engine>) -> Scheduler {
 
 fn request(e: &Engine, text: &str, max_tokens: usize) -> GenRequest {
     let prompt = e.encode_chat(&[ChatMessage::new("user", text)]).unwrap();
-    GenRequest::new(prompt, BASE_MIX, max_tokens, SamplingParams::default())
+    GenRequest::new(prompt, max_tokens, SamplingParams::default())
 }
 
 /// (decision if routed, generated tokens).
@@ -77,7 +77,8 @@ fn drain(h: &mut SeqHandle) -> (Option<RouteDecision>, Vec<u32>) {
 
 /// Label probabilities from one direct forward of the whole pass-1 prompt (no scheduler, no shared prefix).
 fn direct_scores(e: &Engine, spec: &t2_engine::RouteSpec) -> Vec<f32> {
-    let mix = e.resolve(&spec.scorer).unwrap();
+    let lease = e.lease(&spec.scorer).unwrap();
+    let mix = lease.id();
     let mut cache = e.loaded.model.new_cache();
     let logits = e
         .loaded
@@ -109,7 +110,7 @@ fn direct_scores(e: &Engine, spec: &t2_engine::RouteSpec) -> Vec<f32> {
 fn routed(
     e: &Arc<Engine>,
     s: &Scheduler,
-    strategy: &str,
+    strategy: RouteStrategy,
     text: &str,
     policy: RoutePolicy,
 ) -> (t2_engine::RouteSpec, SeqHandle) {
@@ -117,7 +118,7 @@ fn routed(
     let spec = router.spec(e, strategy, text, policy).unwrap();
     let h = s
         .submit(Submission {
-            adaptation: Adaptation::Base,
+            adaptation: Adaptation::base(),
             requests: vec![request(e, text, 8)],
             route: Some(spec.clone()),
         })
@@ -146,7 +147,7 @@ fn pass1_decides_as_a_direct_forward_and_pass2_answers_as_the_decided_mix() {
     let e = engine();
     let s = scheduler(&e);
     // Two requests per strategy: the first computes the shared prefix, the second reuses it.
-    for strategy in ["prompt", "classifier"] {
+    for strategy in [RouteStrategy::Prompt, RouteStrategy::Classifier] {
         for text in [
             "What is 12 times 12?",
             "Write a Python function that adds two numbers.",
@@ -173,15 +174,15 @@ fn pass1_decides_as_a_direct_forward_and_pass2_answers_as_the_decided_mix() {
                 .0];
             assert_eq!(d.label, top.name);
             let expected = match top.experts.as_slice() {
-                [] => Adaptation::Base,
-                [one] => Adaptation::Expert(one.clone()),
+                [] => Mix::base(),
+                [one] => Mix::expert(one),
                 _ => unreachable!("one expert per label here"),
             };
-            assert_eq!(d.adaptation, expected);
+            assert_eq!(d.mix, expected);
             // Pass 2 = the same request submitted with the decided mix.
             let mut solo = s
                 .submit(Submission::new(
-                    d.adaptation.clone(),
+                    Adaptation::Mix(d.mix.clone()),
                     vec![request(&e, text, 8)],
                 ))
                 .unwrap()
@@ -198,7 +199,7 @@ fn soft_routing_weighs_every_label_and_the_threshold_falls_back_to_base() {
     let (_, mut h) = routed(
         &e,
         &s,
-        "prompt",
+        RouteStrategy::Prompt,
         "What is 3 plus 4?",
         RoutePolicy {
             soft: true,
@@ -206,14 +207,11 @@ fn soft_routing_weighs_every_label_and_the_threshold_falls_back_to_base() {
         },
     );
     let d = drain(&mut h).0.unwrap();
-    let total: f32 = d.alpha.values().sum();
-    assert!(
-        (total - 1.0).abs() < 0.03,
-        "α sums to {total}: {:?}",
-        d.alpha
-    );
-    for (k, v) in &d.alpha {
-        let label = if k == "base" { "other" } else { k };
+    let weights = d.mix.weights();
+    let total: f32 = weights.values().sum();
+    assert!((total - 1.0).abs() < 0.03, "α sums to {total}: {weights:?}");
+    for (k, v) in &weights {
+        let label = if k == BASE_SHARE_KEY { "other" } else { k };
         assert!(
             (v - d.scores[label]).abs() <= 0.006,
             "{k}: {v} vs {:?}",
@@ -223,7 +221,7 @@ fn soft_routing_weighs_every_label_and_the_threshold_falls_back_to_base() {
     let (_, mut h) = routed(
         &e,
         &s,
-        "prompt",
+        RouteStrategy::Prompt,
         "What is 3 plus 4?",
         RoutePolicy {
             soft: false,
@@ -231,8 +229,8 @@ fn soft_routing_weighs_every_label_and_the_threshold_falls_back_to_base() {
         },
     );
     let d = drain(&mut h).0.unwrap();
-    assert!(d.below_threshold && d.alpha.is_empty());
-    assert_eq!(d.adaptation, Adaptation::Base);
+    assert!(d.below_threshold && d.mix.weights().is_empty());
+    assert_eq!(d.mix, Mix::base());
 }
 
 #[test]
@@ -249,9 +247,9 @@ fn scoring_jobs_equal_a_direct_log_softmax() {
             .encode_continuation("The answer is 4.")
             .unwrap(),
     );
-    let mut req = GenRequest::new(prompt.clone(), BASE_MIX, 1, SamplingParams::default());
+    let mut req = GenRequest::new(prompt.clone(), 1, SamplingParams::default());
     req.score_from = Some(from);
-    let a = Adaptation::Expert("math".into());
+    let a = Adaptation::expert("math");
     let mut h = s
         .submit(Submission::new(a.clone(), vec![req]))
         .unwrap()
@@ -274,7 +272,8 @@ fn scoring_jobs_equal_a_direct_log_softmax() {
 
 /// Σ log p(prompt[p+1] | prompt[..=p]) over the scored part, from one direct forward of the whole text.
 fn direct_logprob(e: &Engine, a: &Adaptation, prompt: &[u32], from: usize) -> f64 {
-    let mix = e.resolve(a).unwrap();
+    let lease = e.lease(a).unwrap();
+    let mix = lease.id();
     let mut cache = e.loaded.model.new_cache();
     let logits = e
         .loaded
@@ -305,7 +304,7 @@ fn direct_logprob(e: &Engine, a: &Adaptation, prompt: &[u32], from: usize) -> f6
 fn a_generation_also_scores_a_continuation_from_its_prompt_kv() {
     let e = engine();
     let s = scheduler(&e);
-    let a = Adaptation::Expert("math".into());
+    let a = Adaptation::expert("math");
     let question = "What is 12 times 7? Answer with the number.";
     let continuation = e
         .loaded
@@ -319,7 +318,7 @@ fn a_generation_also_scores_a_continuation_from_its_prompt_kv() {
     let other = request(&e, "Name a colour.", 12);
     let mut handles = s.submit(Submission::new(a.clone(), vec![scoring])).unwrap();
     handles.extend(
-        s.submit(Submission::new(Adaptation::Base, vec![other]))
+        s.submit(Submission::new(Adaptation::base(), vec![other]))
             .unwrap(),
     );
     let (mut tokens, mut score, mut finished) = (Vec::new(), None, false);
@@ -378,7 +377,7 @@ fn a_request_dropped_during_pass1_frees_the_batch() {
     let (_, h) = routed(
         &e,
         &s,
-        "classifier",
+        RouteStrategy::Classifier,
         "Tell me about the moon and its phases in detail.",
         RoutePolicy::default(),
     );
@@ -403,7 +402,7 @@ fn a_request_dropped_during_pass1_frees_the_batch() {
     let (_, mut h) = routed(
         &e,
         &s,
-        "prompt",
+        RouteStrategy::Prompt,
         "What is 5 minus 2?",
         RoutePolicy::default(),
     );

@@ -13,7 +13,7 @@ use t2_engine::{
     SubmitError,
 };
 use t2_model::{ChatMessage, SamplingParams};
-use t2_svf::BASE_MIX;
+use t2_svf::Mix;
 
 /// One engine with two random experts and room for base + 3 mixes, so that five different adaptations
 /// force evictions.
@@ -36,17 +36,25 @@ fn serial() -> MutexGuard<'static, ()> {
 }
 
 fn mix(parts: &[(&str, f32)]) -> Adaptation {
-    Adaptation::Mix(
-        parts
-            .iter()
-            .map(|(k, v)| (k.to_string(), *v))
-            .collect::<BTreeMap<_, _>>(),
-    )
+    let alpha = parts
+        .iter()
+        .map(|(k, v)| (k.to_string(), *v))
+        .collect::<BTreeMap<_, _>>();
+    Adaptation::Mix(Mix::new(alpha, 0.0).unwrap())
 }
 
 fn request(e: &Engine, text: &str, max_tokens: usize) -> GenRequest {
     let prompt = e.encode_chat(&[ChatMessage::new("user", text)]).unwrap();
-    GenRequest::new(prompt, BASE_MIX, max_tokens, SamplingParams::default())
+    GenRequest::new(prompt, max_tokens, SamplingParams::default())
+}
+
+/// Runs one request alone through the one-shot loop.
+fn solo(e: &Engine, a: &Adaptation, req: GenRequest) -> Vec<u32> {
+    let lease = e.lease(a).unwrap();
+    e.generate(vec![(req, lease)], |_, _| {})
+        .unwrap()
+        .remove(0)
+        .tokens
 }
 
 /// Reads one sequence to its end: (tokens counted, admitted-at, finished-at).
@@ -91,22 +99,22 @@ fn concurrent_mixes_get_their_solo_tokens() {
     let e = engine();
     let cases = [
         (
-            Adaptation::Base,
+            Adaptation::base(),
             "What is 7 times 8? Explain your reasoning step by step.",
         ),
         (
-            Adaptation::Expert("math".into()),
+            Adaptation::expert("math"),
             "Write a haiku about autumn leaves.",
         ),
         (
-            Adaptation::Expert("code".into()),
+            Adaptation::expert("code"),
             "Write a Python function that reverses a string.",
         ),
         (
             mix(&[("math", 0.6), ("code", 0.4)]),
             "Name three planets of the solar system.",
         ),
-        (Adaptation::Expert("math".into()), "Hi"),
+        (Adaptation::expert("math"), "Hi"),
     ];
     // A small step budget so that prompts are prefilled in chunks beside other rows' decode steps.
     let sched = Scheduler::start(
@@ -129,23 +137,17 @@ fn concurrent_mixes_get_their_solo_tokens() {
     let together: Vec<Vec<u32>> = handles.iter_mut().map(|h| drain(h).0).collect();
     drop(sched);
     for ((a, text), got) in cases.iter().zip(together) {
-        let mut alone = request(&e, text, 20);
-        alone.mix = e.resolve(a).unwrap();
-        let want = e.generate(vec![alone], |_, _| {}).unwrap().remove(0).tokens;
+        let want = solo(&e, a, request(&e, text, 20));
         assert_eq!(
             got, want,
             "{a:?} in the shared batch differs from running alone"
         );
     }
     // The experts matter: the same prompt under another mix gives other tokens.
-    let mut base = request(&e, cases[1].1, 20);
-    base.mix = BASE_MIX;
-    let base_tokens = e.generate(vec![base], |_, _| {}).unwrap().remove(0).tokens;
-    let mut math = request(&e, cases[1].1, 20);
-    math.mix = e.resolve(&cases[1].0).unwrap();
+    let base_tokens = solo(&e, &Adaptation::base(), request(&e, cases[1].1, 20));
     assert_ne!(
         base_tokens,
-        e.generate(vec![math], |_, _| {}).unwrap().remove(0).tokens
+        solo(&e, &cases[1].0, request(&e, cases[1].1, 20))
     );
 }
 
@@ -156,7 +158,7 @@ fn a_dropped_receiver_cancels_its_sequence() {
     let sched = Scheduler::start(e.clone(), SchedulerConfig::default());
     let mut h = sched
         .submit(Submission::new(
-            Adaptation::Base,
+            Adaptation::base(),
             vec![request(&e, "Tell me a long story about a dragon.", 400)],
         ))
         .unwrap()
@@ -175,7 +177,7 @@ fn a_dropped_receiver_cancels_its_sequence() {
     // and the scheduler keeps serving
     let mut h = sched
         .submit(Submission::new(
-            Adaptation::Base,
+            Adaptation::base(),
             vec![request(&e, "Hi", 4)],
         ))
         .unwrap()
@@ -198,7 +200,8 @@ fn a_full_queue_refuses_and_the_kv_budget_serializes() {
             ..Default::default()
         },
     );
-    let submit = |r: &GenRequest| sched.submit(Submission::new(Adaptation::Base, vec![r.clone()]));
+    let submit =
+        |r: &GenRequest| sched.submit(Submission::new(Adaptation::base(), vec![r.clone()]));
     let mut first = submit(&long).unwrap().remove(0);
     let stats = sched.stats().clone();
     wait_for("the first request runs", || {
@@ -229,8 +232,8 @@ fn a_full_mix_table_evicts_unused_mixes() {
     let sched = Scheduler::start(e.clone(), SchedulerConfig::default());
     // base + 3 slots, five different adaptations in turn
     let adaptations = [
-        Adaptation::Expert("math".into()),
-        Adaptation::Expert("code".into()),
+        Adaptation::expert("math"),
+        Adaptation::expert("code"),
         mix(&[("math", 0.5), ("code", 0.5)]),
         mix(&[("math", 0.2), ("code", 0.8)]),
         mix(&[("math", 0.9), ("code", 0.1)]),
@@ -246,9 +249,163 @@ fn a_full_mix_table_evicts_unused_mixes() {
     // An unknown expert is refused before it is queued.
     assert!(matches!(
         sched.submit(Submission::new(
-            Adaptation::Expert("nope".into()),
+            Adaptation::expert("nope"),
             vec![request(&e, "Hi", 3)]
         )),
         Err(SubmitError::Invalid(_))
     ));
+}
+
+/// The batch step at which a sequence joined the batch.
+fn admitted_step(h: &mut SeqHandle) -> u64 {
+    loop {
+        match h.events.blocking_recv().expect("admitted before the end") {
+            SeqEvent::Admitted { step, .. } => return step,
+            SeqEvent::Failed(m) => panic!("sequence failed: {m}"),
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn a_submission_waiting_for_a_mix_slot_does_not_hold_up_others() {
+    let _g = serial();
+    let e = engine();
+    let sched = Scheduler::start(
+        e.clone(),
+        SchedulerConfig {
+            merge_after_steps: None,
+            ..Default::default()
+        },
+    );
+    let long = |text: &str| {
+        let mut r = request(&e, text, 24);
+        r.ignore_eos = true;
+        r
+    };
+    // The table has base + 3 slots: three running mixes hold all of them.
+    let holders = [
+        Adaptation::expert("math"),
+        Adaptation::expert("code"),
+        mix(&[("math", 0.3), ("code", 0.7)]),
+    ];
+    let mut running: Vec<SeqHandle> = holders
+        .iter()
+        .map(|a| {
+            let mut h = sched
+                .submit(Submission::new(a.clone(), vec![long("Tell me a story.")]))
+                .unwrap()
+                .remove(0);
+            admitted_step(&mut h);
+            h
+        })
+        .collect();
+    // A fourth mix must wait for a slot; a base request queued after it must not wait with it.
+    let mut waiting = sched
+        .submit(Submission::new(
+            mix(&[("math", 0.8), ("code", 0.2)]),
+            vec![request(&e, "Hi", 2)],
+        ))
+        .unwrap()
+        .remove(0);
+    let mut base = sched
+        .submit(Submission::new(
+            Adaptation::base(),
+            vec![request(&e, "Hi", 2)],
+        ))
+        .unwrap()
+        .remove(0);
+    let base_step = admitted_step(&mut base);
+    let waiting_step = admitted_step(&mut waiting);
+    for h in &mut running {
+        while let Some(ev) = h.events.blocking_recv() {
+            if matches!(ev, SeqEvent::Token(t) if t.finish.is_some()) {
+                break;
+            }
+        }
+    }
+    assert!(
+        base_step < waiting_step,
+        "the base request (admitted at step {base_step}) waited behind the mix that had no slot \
+         (admitted at step {waiting_step})"
+    );
+    assert!(
+        waiting_step >= 24,
+        "the fourth mix joined at step {waiting_step}, before any holder of a slot finished"
+    );
+}
+
+#[test]
+fn random_disconnects_leave_no_mix_slot_or_kv_held() {
+    use rand::{Rng, SeedableRng};
+    let _g = serial();
+    let e = engine();
+    let sched = Scheduler::start(
+        e.clone(),
+        SchedulerConfig {
+            max_queue: 256,
+            merge_after_steps: Some(4),
+            ..Default::default()
+        },
+    );
+    let adaptations = [
+        Adaptation::base(),
+        Adaptation::expert("math"),
+        Adaptation::expert("code"),
+        mix(&[("math", 0.5), ("code", 0.5)]),
+        mix(&[("math", 0.1), ("code", 0.9)]),
+    ];
+    // Short raw prompts (no chat template): the test is about bookkeeping, not answers.
+    let prompts: Vec<Vec<u32>> = ["Hi", "What is 2+2?", "Name a color.", "Write a word."]
+        .iter()
+        .map(|t| e.loaded.tokenizer.encode_continuation(t).unwrap())
+        .collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut handles = Vec::new();
+    for _ in 0..200 {
+        let a = &adaptations[rng.random_range(0..adaptations.len())];
+        let req = GenRequest::new(
+            prompts[rng.random_range(0..prompts.len())].clone(),
+            rng.random_range(1..6),
+            SamplingParams::default(),
+        );
+        let h = sched.submit(Submission::new(a.clone(), vec![req])).unwrap();
+        // When the client goes away: before admission, after k events, or never.
+        handles.push((h, rng.random_range(0..5usize)));
+    }
+    let mut finished = 0;
+    for (mut h, leave_after) in handles {
+        let h = &mut h[0];
+        let mut seen = 0;
+        while seen < leave_after {
+            match h.events.blocking_recv() {
+                Some(SeqEvent::Token(t)) if t.finish.is_some() => {
+                    finished += 1;
+                    break;
+                }
+                Some(SeqEvent::Failed(m)) => panic!("sequence failed: {m}"),
+                Some(_) => seen += 1,
+                None => break,
+            }
+        }
+    }
+    let stats = sched.stats().clone();
+    let svf = e.svf.as_ref().unwrap();
+    wait_for("every sequence has left the batch", || {
+        stats.running.load(std::sync::atomic::Ordering::SeqCst) == 0
+            && stats.queue_depth.load(std::sync::atomic::Ordering::SeqCst) == 0
+    });
+    sched.join();
+    assert!(finished > 0, "no request ran to its end");
+    assert!(
+        stats.cancelled.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "no request was cancelled"
+    );
+    assert_eq!(
+        stats
+            .kv_used_tokens
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    assert_eq!(svf.held_slots(), 0, "a mix slot is still held");
 }

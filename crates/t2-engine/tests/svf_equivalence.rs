@@ -7,15 +7,20 @@ mod common;
 use std::collections::BTreeMap;
 
 use candle_core::Tensor;
-use t2_engine::{Engine, GenRequest};
+use t2_engine::{Adaptation, Engine, GenRequest, ZVectors};
 use t2_model::{ProjId, SamplingParams, SeqStep, WantLogits};
-use t2_svf::{MixId, BASE_MIX};
+use t2_svf::{MixId, MixLease, BASE_MIX};
 
 const TOL: f32 = 1e-5;
 
 fn prompt(e: &Engine, text: &str) -> Vec<u32> {
     e.encode_chat(&[t2_model::ChatMessage::new("user", text)])
         .unwrap()
+}
+
+/// A lease on a table slot holding `z`.
+fn lease(e: &Engine, z: BTreeMap<ProjId, Vec<f32>>) -> MixLease {
+    e.lease(&Adaptation::Vectors(ZVectors::new(z))).unwrap()
 }
 
 /// Last-position logits of one sequence run alone.
@@ -91,7 +96,8 @@ fn constant_z_is_the_base_model() {
         .iter()
         .map(|(id, f)| (*id, vec![0.525f32; f.rank()]))
         .collect();
-    let id = svf.register("test-constant", &z).unwrap();
+    let held = lease(e, z);
+    let id = held.id();
     let p = prompt(e, "Name a large animal.");
     let base = last_logits(e, &p, BASE_MIX);
     let factored = last_logits(e, &p, id);
@@ -109,9 +115,8 @@ fn constant_z_is_the_base_model() {
 fn merged_equals_factored_for_random_z() {
     let e = common::engine();
     let svf = e.svf.as_ref().unwrap();
-    let id = svf
-        .register("test-random", &random_z(e, 1, 0.3, 0.9))
-        .unwrap();
+    let held = lease(e, random_z(e, 1, 0.3, 0.9));
+    let id = held.id();
     let p = prompt(e, "Write a haiku about rain.");
     let factored = last_logits(e, &p, id);
     svf.merge(id).unwrap();
@@ -130,9 +135,12 @@ fn merged_equals_factored_for_random_z() {
 #[test]
 fn batch_of_different_mixes_equals_each_alone() {
     let e = common::engine();
-    let svf = e.svf.as_ref().unwrap();
-    let a = svf.register("test-a", &random_z(e, 2, 0.2, 1.0)).unwrap();
-    let b = svf.register("test-b", &random_z(e, 3, 0.2, 1.0)).unwrap();
+    let (la, lb) = (
+        lease(e, random_z(e, 2, 0.2, 1.0)),
+        lease(e, random_z(e, 3, 0.2, 1.0)),
+    );
+    let (a, b) = (la.id(), lb.id());
+    let leases = [e.lease_base(), la.clone(), lb.clone(), la.clone()];
     let prompts = [
         "What is 7 times 8?",
         "Tell me about the moon, briefly please.",
@@ -140,28 +148,27 @@ fn batch_of_different_mixes_equals_each_alone() {
         "Write Python code to reverse a list.",
     ];
     let mixes = [BASE_MIX, a, b, a];
-    let reqs: Vec<GenRequest> = prompts
+    let reqs: Vec<(GenRequest, MixLease)> = prompts
         .iter()
-        .zip(mixes)
-        .map(|(p, mix)| GenRequest {
-            prompt: prompt(e, p),
-            mix,
-            max_tokens: 24,
-            sampling: SamplingParams::default(),
-            stop: vec![],
-            ignore_eos: false,
-            score_from: None,
-            also_score: Vec::new(),
+        .zip(&leases)
+        .map(|(p, mix)| {
+            let req = GenRequest {
+                prompt: prompt(e, p),
+                max_tokens: 24,
+                sampling: SamplingParams::default(),
+                stop: vec![],
+                ignore_eos: false,
+                score_from: None,
+                also_score: Vec::new(),
+            };
+            (req, mix.clone())
         })
         .collect();
     let together = e.generate(reqs.clone(), |_, _| {}).unwrap();
     for (req, t) in reqs.into_iter().zip(&together) {
-        let alone = e.generate(vec![req.clone()], |_, _| {}).unwrap().remove(0);
-        assert_eq!(
-            t.tokens, alone.tokens,
-            "mix {} diverged in a batch",
-            req.mix
-        );
+        let mix = req.1.id();
+        let alone = e.generate(vec![req], |_, _| {}).unwrap().remove(0);
+        assert_eq!(t.tokens, alone.tokens, "mix {mix} diverged in a batch");
     }
 
     // logits agree too, not only argmaxes: first step of the mixed batch vs each alone
@@ -189,8 +196,8 @@ fn batch_of_different_mixes_equals_each_alone() {
 #[test]
 fn incremental_decode_equals_full_recompute() {
     let e = common::engine();
-    let svf = e.svf.as_ref().unwrap();
-    let adapted = svf.register("test-kv", &random_z(e, 4, 0.3, 0.9)).unwrap();
+    let held = lease(e, random_z(e, 4, 0.3, 0.9));
+    let adapted = held.id();
     let model = &e.loaded.model;
     for mix in [BASE_MIX, adapted] {
         let mut seq = prompt(e, "Count from one to ten.");

@@ -1,12 +1,28 @@
 //! From a request's `model` and `adaptation` fields to the engine's adaptation, a bounded metrics label,
 //! and the `adaptation` object every response carries.
 
-use std::collections::BTreeMap;
-
-use t2_engine::{Adaptation, Engine, RouteDecision, RoutePolicy, Router};
+use t2_engine::{Adaptation, Engine, Mix, RouteDecision, RoutePolicy, RouteStrategy, Router};
 
 use crate::error::{ApiError, ApiResult};
 use crate::openai::{AdaptationInfo, AdaptationRequest};
+
+/// Pass-1 routing as a request or the server's default asks for it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RouteChoice {
+    /// The server's `--auto-strategy` (the classifier when one is loaded, else the prompt).
+    Auto,
+    Fixed(RouteStrategy),
+}
+
+impl RouteChoice {
+    /// `auto`, `prompt` or `classifier`; None for any other word.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "auto" => Some(Self::Auto),
+            other => other.parse().ok().map(Self::Fixed),
+        }
+    }
+}
 
 /// What the server does for a request that names the plain base model.
 #[derive(Debug, Clone, PartialEq)]
@@ -14,16 +30,17 @@ pub enum DefaultStrategy {
     None,
     Expert(String),
     Profile(String),
-    /// Pass-1 routing: "auto", "prompt" or "classifier".
-    Route(String),
+    Route(RouteChoice),
 }
 
 impl std::str::FromStr for DefaultStrategy {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(r) = RouteChoice::parse(s) {
+            return Ok(Self::Route(r));
+        }
         Ok(match s {
             "none" | "base" => Self::None,
-            "auto" | "prompt" | "classifier" => Self::Route(s.into()),
             _ if s.starts_with("expert:") => Self::Expert(s["expert:".len()..].to_string()),
             _ if s.starts_with("profile:") => Self::Profile(s["profile:".len()..].to_string()),
             _ => {
@@ -39,15 +56,15 @@ impl std::str::FromStr for DefaultStrategy {
 /// How `auto` routes, and the policy routing uses when a request does not say.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoutingConfig {
-    /// "classifier" (falls back to "prompt" when no classifier expert is loaded) or "prompt".
-    pub auto: String,
+    /// Classifier falls back to prompt when no classifier expert is loaded.
+    pub auto: RouteStrategy,
     pub policy: RoutePolicy,
 }
 
 impl Default for RoutingConfig {
     fn default() -> Self {
         Self {
-            auto: "classifier".into(),
+            auto: RouteStrategy::Classifier,
             policy: RoutePolicy::default(),
         }
     }
@@ -59,30 +76,36 @@ pub type RouterState = Result<Router, String>;
 /// Pass 1 still to run for a request: which strategy, with which policy.
 #[derive(Debug, Clone)]
 pub struct Routing {
-    pub strategy: String,
+    pub strategy: RouteStrategy,
     pub policy: RoutePolicy,
 }
 
 #[derive(Debug, Clone)]
 pub struct Chosen {
-    pub adaptation: Adaptation,
+    pub mix: Mix,
     pub info: AdaptationInfo,
     /// Metrics label: base, auto, an expert or profile name, or "custom" for ad-hoc mixes.
     pub label: String,
-    /// The `x-t2-mix` header value.
-    pub header: String,
-    /// Pass 1 to run before answering; `adaptation`, `info` and `header` are then filled from its decision.
+    /// Pass 1 to run before answering; `mix` and `info` are then filled from its decision.
     pub routing: Option<Routing>,
 }
 
 impl Chosen {
+    pub fn adaptation(&self) -> Adaptation {
+        Adaptation::Mix(self.mix.clone())
+    }
+
+    /// The `x-t2-mix` header value.
+    pub fn header(&self) -> String {
+        self.mix.to_string()
+    }
+
     /// Takes pass 1's decision: the answer's mix, the label scores and the pass-1 time.
     pub fn apply(&mut self, d: &RouteDecision) {
-        self.adaptation = d.adaptation.clone();
-        self.header = d.adaptation.canonical_name();
-        self.info.strategy = d.strategy.clone();
+        self.mix = d.mix.clone();
+        self.info.strategy = d.strategy.to_string();
         self.info.label = Some(d.label.clone());
-        self.info.mix = d.alpha.clone();
+        self.info.mix = d.mix.weights();
         self.info.scores = Some(d.scores.clone());
         self.info.pass1_ms = Some(d.pass1.as_secs_f64() * 1e3);
         if d.below_threshold {
@@ -94,12 +117,12 @@ impl Chosen {
     }
 }
 
-fn info(strategy: &str, mix: BTreeMap<String, f32>) -> AdaptationInfo {
+fn info(strategy: &str, mix: &Mix) -> AdaptationInfo {
     AdaptationInfo {
         strategy: strategy.into(),
         label: None,
         policy: None,
-        mix,
+        mix: mix.weights(),
         profile: None,
         scores: None,
         pass1_ms: None,
@@ -109,10 +132,9 @@ fn info(strategy: &str, mix: BTreeMap<String, f32>) -> AdaptationInfo {
 
 fn base(strategy: &str) -> Chosen {
     Chosen {
-        adaptation: Adaptation::Base,
-        info: info(strategy, BTreeMap::new()),
+        mix: Mix::base(),
+        info: info(strategy, &Mix::base()),
         label: "base".into(),
-        header: "base".into(),
         routing: None,
     }
 }
@@ -125,28 +147,25 @@ fn expert(engine: &Engine, name: &str) -> ApiResult<Chosen> {
     store
         .get(name)
         .map_err(|e| ApiError::invalid(e.to_string(), "adaptation"))?;
+    let mix = Mix::expert(name);
     Ok(Chosen {
-        adaptation: Adaptation::Expert(name.into()),
-        info: info("expert", BTreeMap::from([(name.to_string(), 1.0)])),
+        info: info("expert", &mix),
+        mix,
         label: name.into(),
-        header: format!("expert:{name}"),
         routing: None,
     })
 }
 
-fn mix(engine: &Engine, alpha: BTreeMap<String, f32>, profile: Option<&str>) -> ApiResult<Chosen> {
-    let a = Adaptation::Mix(alpha.clone());
+fn mix(engine: &Engine, mix: Mix, profile: Option<&str>) -> ApiResult<Chosen> {
     engine
-        .check_adaptation(&a)
+        .check_adaptation(&Adaptation::Mix(mix.clone()))
         .map_err(|e| ApiError::invalid(e.to_string(), "adaptation"))?;
-    let header = a.canonical_name();
-    let mut i = info(if profile.is_some() { "profile" } else { "mix" }, alpha);
+    let mut i = info(if profile.is_some() { "profile" } else { "mix" }, &mix);
     i.profile = profile.map(str::to_string);
     Ok(Chosen {
-        adaptation: a,
+        mix,
         info: i,
         label: profile.unwrap_or("custom").to_string(),
-        header,
         routing: None,
     })
 }
@@ -155,7 +174,7 @@ fn profile(engine: &Engine, name: &str) -> ApiResult<Option<Chosen>> {
     let Some(stored) = engine.experts.as_ref().and_then(|s| s.mix(name)) else {
         return Ok(None);
     };
-    mix(engine, stored.alpha.clone(), Some(name)).map(Some)
+    mix(engine, stored.mix, Some(name)).map(Some)
 }
 
 /// Everything `choose` needs besides the request.
@@ -166,11 +185,10 @@ pub struct Context<'a> {
     pub routing: &'a RoutingConfig,
 }
 
-/// Pass-1 routing with `strategy` (auto, prompt or classifier); the policy and threshold default to the
-/// server's.
+/// Pass-1 routing; the policy and threshold default to the server's.
 fn route(
     cx: &Context,
-    strategy: &str,
+    choice: RouteChoice,
     policy: Option<&str>,
     threshold: Option<f32>,
 ) -> ApiResult<Chosen> {
@@ -179,18 +197,20 @@ fn route(
         .as_ref()
         .map_err(|why| ApiError::invalid(format!("routing is unavailable: {why}"), "adaptation"))?;
     let mut note = None;
-    let strategy = match strategy {
-        "auto" if cx.routing.auto == "classifier" && router.classifier.is_none() => {
+    let strategy = match choice {
+        RouteChoice::Auto
+            if cx.routing.auto == RouteStrategy::Classifier && router.classifier.is_none() =>
+        {
             note = Some(
                 "no classifier expert is loaded: pass 1 used the base model's prompt routing"
                     .into(),
             );
-            "prompt"
+            RouteStrategy::Prompt
         }
-        "auto" => cx.routing.auto.as_str(),
-        s => s,
+        RouteChoice::Auto => cx.routing.auto,
+        RouteChoice::Fixed(s) => s,
     };
-    if strategy == "classifier" && router.classifier.is_none() {
+    if strategy == RouteStrategy::Classifier && router.classifier.is_none() {
         return Err(ApiError::invalid(
             "adaptation.strategy 'classifier' needs a classifier expert (category 'routing'), and none \
              is loaded; use 'prompt'",
@@ -218,13 +238,12 @@ fn route(
         }
         policy_value.threshold = t;
     }
-    let mut c = base(strategy);
+    let mut c = base(strategy.as_str());
     c.label = "auto".into();
-    c.header = strategy.into();
     c.info.note = note;
     c.info.policy = Some(if policy_value.soft { "soft" } else { "hard" }.into());
     c.routing = Some(Routing {
-        strategy: strategy.into(),
+        strategy,
         policy: policy_value,
     });
     Ok(c)
@@ -236,7 +255,7 @@ fn from_default(cx: &Context) -> ApiResult<Chosen> {
         DefaultStrategy::Expert(e) => expert(cx.engine, e),
         DefaultStrategy::Profile(p) => profile(cx.engine, p)?
             .ok_or_else(|| ApiError::Internal(format!("default profile '{p}' does not exist"))),
-        DefaultStrategy::Route(s) => route(cx, s, None, None),
+        DefaultStrategy::Route(r) => route(cx, *r, None, None),
     }
 }
 
@@ -266,7 +285,7 @@ pub fn choose(cx: &Context, model: &str, body: Option<&AdaptationRequest>) -> Ap
     match suffix {
         None => from_default(cx),
         Some("base") => Ok(base("none")),
-        Some("auto") => route(cx, "auto", None, None),
+        Some("auto") => route(cx, RouteChoice::Auto, None, None),
         Some(name) => {
             let is_expert = engine.experts.as_ref().is_some_and(|s| s.get(name).is_ok());
             if is_expert {
@@ -309,8 +328,8 @@ fn from_body(cx: &Context, a: &AdaptationRequest) -> ApiResult<Chosen> {
             )
         })
     }
-    let routed = matches!(strategy, "auto" | "prompt" | "classifier");
-    if !routed && (a.policy.is_some() || a.threshold.is_some()) {
+    let routed = RouteChoice::parse(strategy);
+    if routed.is_none() && (a.policy.is_some() || a.threshold.is_some()) {
         return Err(ApiError::invalid(
             format!(
                 "adaptation.policy and adaptation.threshold apply to routing (auto, prompt, classifier), \
@@ -321,9 +340,12 @@ fn from_body(cx: &Context, a: &AdaptationRequest) -> ApiResult<Chosen> {
     }
     match strategy {
         "none" | "base" if given == 0 => Ok(base("none")),
-        "auto" | "prompt" | "classifier" if given == 0 => {
-            route(cx, strategy, a.policy.as_deref(), a.threshold)
-        }
+        _ if given == 0 && routed.is_some() => route(
+            cx,
+            routed.expect("checked"),
+            a.policy.as_deref(),
+            a.threshold,
+        ),
         "expert" => expert(engine, need(a.expert.as_deref(), strategy, "expert")?),
         "profile" => {
             let name = need(a.profile.as_deref(), strategy, "profile")?;
@@ -332,13 +354,15 @@ fn from_body(cx: &Context, a: &AdaptationRequest) -> ApiResult<Chosen> {
             })
         }
         "mix" => {
-            let alpha = a.mix.clone().ok_or_else(|| {
+            let weights = a.mix.as_ref().ok_or_else(|| {
                 ApiError::invalid(
                     "adaptation.strategy 'mix' needs adaptation.mix",
                     "adaptation",
                 )
             })?;
-            mix(engine, alpha, None)
+            let m = Mix::from_weights(weights)
+                .map_err(|e| ApiError::invalid(e.to_string(), "adaptation"))?;
+            mix(engine, m, None)
         }
         "none" | "base" | "auto" | "prompt" | "classifier" => Err(ApiError::invalid(
             format!("adaptation.strategy '{strategy}' takes no expert, mix or profile"),

@@ -269,7 +269,7 @@ fn run_job(
     Ok(Some(JobResult {
         profile: name.clone(),
         model: format!("{}:{name}", engine.loaded.model_id),
-        alpha: outcome.alpha.clone(),
+        alpha: outcome.mix.weights(),
         accuracy: outcome.best.accuracy,
         reference_loglik: outcome.best.loglik,
         iterations: outcome.history.len(),

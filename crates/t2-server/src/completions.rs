@@ -297,7 +297,7 @@ async fn run(
                 r.route_text,
             );
             let spec = tokio::task::spawn_blocking(move || {
-                router.spec(&engine, &routing.strategy, &text, routing.policy)
+                router.spec(&engine, routing.strategy, &text, routing.policy)
             })
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))??;
@@ -321,7 +321,7 @@ async fn respond(
     stream: bool,
     started: Instant,
 ) -> ApiResult<Response> {
-    let header = HeaderValue::from_str(&prepared.chosen.header)
+    let header = HeaderValue::from_str(&prepared.chosen.header())
         .unwrap_or_else(|_| HeaderValue::from_static("custom"));
     let mut resp = if stream {
         stream_response(state, prepared, handles, kind, model, started).into_response()

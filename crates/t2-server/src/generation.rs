@@ -10,7 +10,6 @@ use t2_engine::{
     SubmitError, TokenEvent,
 };
 use t2_model::{SamplingParams, TokenLogprob};
-use t2_svf::BASE_MIX;
 
 use crate::adaptation::Chosen;
 use crate::error::{ApiError, ApiResult};
@@ -187,7 +186,6 @@ pub fn prepare(
             p.seed = p.seed.map(|s| s.wrapping_add(i as u64));
             GenRequest {
                 prompt: prompt.clone(),
-                mix: BASE_MIX,
                 max_tokens,
                 sampling: p,
                 stop: stop.clone(),
@@ -219,7 +217,7 @@ pub fn submit(state: &AppState, core: &Core, p: &Prepared) -> ApiResult<Vec<SeqH
         .inc();
     core.scheduler
         .submit(Submission {
-            adaptation: p.chosen.adaptation.clone(),
+            adaptation: p.chosen.adaptation(),
             requests: p.requests.clone(),
             route: p.route.clone(),
         })

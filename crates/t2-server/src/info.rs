@@ -72,7 +72,7 @@ pub async fn experts(State(state): State<Arc<AppState>>) -> ApiResult<Json<Exper
                 .iter()
                 .map(|m| MixCard {
                     name: m.name.clone(),
-                    alpha: m.alpha.clone(),
+                    alpha: m.mix.weights(),
                     description: m.description.clone(),
                     model: format!("{base}:{}", m.name),
                     provenance: m.provenance.clone(),

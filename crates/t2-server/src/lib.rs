@@ -156,13 +156,8 @@ fn load(state: &AppState, engine_cfg: &EngineConfig) -> anyhow::Result<()> {
     let warm = engine.encode_chat(&[t2_model::ChatMessage::new("user", "Hi")])?;
     let mut h = scheduler
         .submit(Submission::new(
-            t2_engine::Adaptation::Base,
-            vec![GenRequest::new(
-                warm,
-                t2_svf::BASE_MIX,
-                2,
-                Default::default(),
-            )],
+            t2_engine::Adaptation::base(),
+            vec![GenRequest::new(warm, 2, Default::default())],
         ))
         .map_err(|e| anyhow::anyhow!("warm-up: {e}"))?;
     while let Some(ev) = h[0].events.blocking_recv() {

@@ -9,6 +9,7 @@ use t2_model::ProjId;
 
 use crate::decompose::Decomposition;
 use crate::error::{Result, SvfError};
+use crate::mix::{z_digest, Mix, MixKey, BASE_SHARE_KEY};
 use crate::targets::TargetSet;
 
 const EXPERT_FORMAT: &str = "t2-expert-v1";
@@ -260,7 +261,9 @@ pub struct ManifestEntry {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct StoredMix {
     pub name: String,
-    pub alpha: BTreeMap<String, f32>,
+    /// Written as `alpha`: weights by expert, the base share under `base`.
+    #[serde(rename = "alpha")]
+    pub mix: Mix,
     #[serde(default)]
     pub description: String,
     /// How the mix was made (few-shot search: examples, shots, seed, score, iterations, ...).
@@ -283,6 +286,8 @@ pub struct ExpertStore {
     pub manifest: Manifest,
     mixes: std::sync::RwLock<Vec<StoredMix>>,
     experts: BTreeMap<String, Expert>,
+    /// Content digest of each expert's z vectors: part of every mix key that names it.
+    digests: BTreeMap<String, String>,
 }
 
 impl ExpertStore {
@@ -318,11 +323,16 @@ impl ExpertStore {
             experts.insert(entry.name.clone(), e);
         }
         let mixes = std::sync::RwLock::new(std::mem::take(&mut manifest.mixes));
+        let digests = experts
+            .iter()
+            .map(|(n, e)| (n.clone(), z_digest(&e.z)))
+            .collect();
         Ok(Self {
             dir,
             manifest,
             mixes,
             experts,
+            digests,
         })
     }
 
@@ -337,6 +347,19 @@ impl ExpertStore {
                     self.names().join(", ")
                 },
             })
+    }
+
+    /// The identity of `mix` over the experts as stored now (unknown experts are an error).
+    pub fn key_of(&self, mix: &Mix) -> Result<MixKey> {
+        MixKey::of_mix(mix, |name| {
+            self.get(name)?;
+            Ok(self.digests[name].as_str())
+        })
+    }
+
+    /// Checks that every expert `mix` names is stored.
+    pub fn check(&self, mix: &Mix) -> Result<()> {
+        mix.alpha().keys().try_for_each(|e| self.get(e).map(|_| ()))
     }
 
     pub fn names(&self) -> Vec<String> {
@@ -365,7 +388,7 @@ impl ExpertStore {
     /// The manifest on disk is re-read first, so that mixes another process stored meanwhile are kept.
     pub fn save_mix(&self, mix: StoredMix) -> Result<()> {
         check_name(&mix.name)?;
-        if mix.alpha.is_empty() {
+        if mix.mix.is_base() && mix.mix.base_share() == 0.0 {
             return Err(SvfError::BadMix(format!(
                 "mix '{}' names no expert",
                 mix.name
@@ -377,15 +400,8 @@ impl ExpertStore {
                 mix.name
             )));
         }
-        for (e, w) in &mix.alpha {
-            // "base" is the unadapted model's share (z ≡ 1), as in routed mixes.
-            if e != "base" {
-                self.get(e)?;
-            }
-            if !w.is_finite() {
-                return Err(SvfError::BadMix(format!("weight of '{e}' is {w}")));
-            }
-        }
+        // Weights are finite by construction of `Mix`.
+        self.check(&mix.mix)?;
         std::fs::create_dir_all(&self.dir).map_err(|e| SvfError::Io {
             path: self.dir.clone(),
             source: e,
@@ -428,6 +444,8 @@ impl ExpertStore {
             provenance: expert.meta.provenance.clone(),
         });
         self.write_manifest()?;
+        self.digests
+            .insert(expert.meta.name.clone(), z_digest(&expert.z));
         self.experts.insert(expert.meta.name.clone(), expert);
         Ok(())
     }
@@ -462,7 +480,7 @@ pub fn check_name(name: &str) -> Result<()> {
             "'{name}' is not a valid name (1-64 characters: letters, digits, '_', '-', '.')"
         )));
     }
-    if ["base", "auto"].contains(&name) {
+    if [BASE_SHARE_KEY, "auto"].contains(&name) {
         return Err(SvfError::BadMix(format!("'{name}' is reserved")));
     }
     Ok(())

@@ -10,13 +10,15 @@ pub mod error;
 pub mod expert;
 pub mod mix;
 pub mod projector;
+pub mod table;
 pub mod targets;
 
 pub use decompose::{Decomposition, Factors};
 pub use error::{Result, SvfError};
 pub use expert::{Expert, ExpertMeta, ExpertStore, StoredMix};
-pub use mix::{MixId, MixTable, BASE_MIX};
+pub use mix::{Adaptation, Mix, MixKey, ZVectors, BASE_SHARE_KEY};
 pub use projector::SvfProjector;
+pub use table::{MixId, MixLease, MixTable, BASE_MIX};
 pub use targets::TargetSet;
 
 /// A sibling temp name unique to this process and moment: concurrent writers (two test binaries, two

@@ -13,7 +13,8 @@ use t2_model::{Linear, ProjId, Projector, RowMixes};
 
 use crate::decompose::Decomposition;
 use crate::error::Result;
-use crate::mix::{MixId, MixTable, BASE_MIX};
+use crate::mix::MixKey;
+use crate::table::{MixId, MixLease, MixTable, BASE_MIX};
 
 /// Merged weights of the most recently merged mixes (least recent evicted first).
 struct MergedCache {
@@ -48,31 +49,40 @@ impl SvfProjector {
         })
     }
 
-    /// Registers `name` with per-matrix z vectors and returns its id (re-registering replaces it and drops
-    /// any merged weights it had).
-    pub fn register(&self, name: &str, z: &BTreeMap<ProjId, Vec<f32>>) -> Result<MixId> {
-        let id = self.table.write().unwrap().insert(name, &self.decomp, z)?;
-        self.unmerge(id);
-        Ok(id)
+    /// A lease on the mix `key`, registered from `z` if it is not in the table yet (see
+    /// [`MixTable::lease`]).
+    pub fn lease(
+        &self,
+        key: &MixKey,
+        z: impl FnOnce() -> Result<BTreeMap<ProjId, Vec<f32>>>,
+    ) -> Result<MixLease> {
+        if let Some(lease) = self.table.write().unwrap().lease_registered(key) {
+            return Ok(lease);
+        }
+        let leased = self.table.write().unwrap().lease(key, &self.decomp, z)?;
+        if let Some(id) = leased.refilled {
+            self.unmerge(id);
+        }
+        Ok(leased.lease)
     }
 
-    pub fn remove(&self, name: &str) -> Option<MixId> {
-        let id = self.table.write().unwrap().remove(name)?;
-        self.unmerge(id);
-        Some(id)
+    /// A lease on the base model's slot.
+    pub fn lease_base(&self) -> MixLease {
+        self.table
+            .write()
+            .unwrap()
+            .lease_registered(&MixKey::base())
+            .expect("the base mix is always registered")
     }
 
-    pub fn mix_id(&self, name: &str) -> Option<MixId> {
-        self.table.read().unwrap().get(name)
+    /// Mix slots (other than the base) that some sequence holds.
+    pub fn held_slots(&self) -> usize {
+        self.table.read().unwrap().held()
     }
 
-    /// Every registered mix, base included.
-    pub fn mix_ids(&self) -> Vec<MixId> {
-        self.table.read().unwrap().ids()
-    }
-
-    pub fn mix_name(&self, id: MixId) -> Option<String> {
-        self.table.read().unwrap().name(id).map(str::to_string)
+    /// Registered mixes, base included.
+    pub fn registered(&self) -> usize {
+        self.table.read().unwrap().len()
     }
 
     fn unmerge(&self, id: MixId) {
@@ -93,9 +103,9 @@ impl SvfProjector {
         }
         // Copy the scales and let go of the table: merging takes seconds and runs beside the model thread,
         // which must stay free to register mixes meanwhile.
-        let (name, scales) = {
+        let (key, scales) = {
             let table = self.table.read().unwrap();
-            let Some(name) = table.name(id).map(str::to_string) else {
+            let Some(key) = table.key(id).cloned() else {
                 return Ok(());
             };
             let scales = self
@@ -104,15 +114,17 @@ impl SvfProjector {
                 .keys()
                 .map(|pid| Ok((*pid, table.scales_of(*pid, id)?.copy()?)))
                 .collect::<Result<BTreeMap<_, _>>>()?;
-            (name, scales)
+            (key, scales)
         };
         let mut weights = BTreeMap::new();
         for (pid, f) in &self.decomp.factors {
             let s = scales[pid].unsqueeze(0)?;
             weights.insert(*pid, f.u.broadcast_mul(&s)?.matmul(&f.vt)?);
         }
-        // Names are content (the canonical adaptation), so the same name still means the same scales.
-        if self.mix_name(id).as_deref() != Some(name.as_str()) {
+        // Keys are content, so the same key in the slot still means the same scales. The merged lock is
+        // taken under the table's read lock, so the slot cannot be refilled (and unmerged) in between.
+        let table = self.table.read().unwrap();
+        if table.key(id) != Some(&key) {
             return Ok(());
         }
         let mut m = self.merged.lock().unwrap();

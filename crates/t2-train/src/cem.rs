@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 
 use rand::SeedableRng;
 use serde::Serialize;
-use t2_engine::routing::BASE_SHARE;
-use t2_engine::Adaptation;
+use t2_engine::{Adaptation, Mix};
 use t2_tasks::TaskItem;
 
 use crate::{Result, TrainError, Trainer};
@@ -119,7 +118,7 @@ pub struct IterationLog {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct CemOutcome {
-    pub alpha: BTreeMap<String, f32>,
+    pub mix: Mix,
     pub best: Candidate,
     pub history: Vec<IterationLog>,
     pub seconds: f64,
@@ -128,17 +127,17 @@ pub struct CemOutcome {
 }
 
 /// The mix a candidate stands for (no weight at all: the base model).
-pub fn adaptation_of(experts: &[String], alpha: &[f32]) -> Adaptation {
-    let mix: BTreeMap<String, f32> = experts
+pub fn mix_of(experts: &[String], alpha: &[f32]) -> Mix {
+    let alpha: BTreeMap<String, f32> = experts
         .iter()
         .zip(alpha)
         .filter(|(_, &a)| a > 0.0)
         .map(|(e, &a)| (e.clone(), a))
         .collect();
-    if mix.values().sum::<f32>() < 1e-6 {
-        Adaptation::Base
+    if alpha.values().sum::<f32>() < 1e-6 {
+        Mix::base()
     } else {
-        Adaptation::Mix(mix)
+        Mix::new(alpha, 0.0).expect("candidate weights are clamped to [0, 1]")
     }
 }
 
@@ -254,24 +253,25 @@ pub fn search(
         };
         let go_on = on_iteration(&log);
         history.push(log);
-        forget_mixes(trainer, cfg, &alphas, best.as_ref());
         if !go_on {
             break;
         }
     }
     let best = best.expect("at least one iteration ran");
-    let alpha = match adaptation_of(&cfg.experts, &best.alpha) {
+    let mix = match mix_of(&cfg.experts, &best.alpha) {
         // Every weight clamped to 0: the candidate ran as the base model, and is stored as such.
-        Adaptation::Base => BTreeMap::from([(BASE_SHARE.to_string(), 1.0)]),
-        _ => cfg
-            .experts
-            .iter()
-            .cloned()
-            .zip(best.alpha.iter().copied())
-            .collect(),
+        m if m.is_base() => Mix::new(BTreeMap::new(), 1.0)?,
+        _ => Mix::new(
+            cfg.experts
+                .iter()
+                .cloned()
+                .zip(best.alpha.iter().copied())
+                .collect(),
+            0.0,
+        )?,
     };
     Ok(CemOutcome {
-        alpha,
+        mix,
         best,
         history,
         seconds: t0.elapsed().as_secs_f64(),
@@ -290,7 +290,7 @@ fn evaluate(
     let t = Instant::now();
     let adaptations: Vec<Adaptation> = alphas
         .iter()
-        .map(|a| adaptation_of(&cfg.experts, a))
+        .map(|a| Adaptation::Mix(mix_of(&cfg.experts, a)))
         .collect();
     let results = trainer.evaluate_population(area, shots, &adaptations, cfg.max_new_tokens)?;
     let pop = alphas
@@ -303,21 +303,6 @@ fn evaluate(
         })
         .collect();
     Ok((pop, t.elapsed()))
-}
-
-/// Drops this iteration's candidate mixes from the mix table (the best one stays), so that a long search
-/// does not crowd out other users' mixes.
-fn forget_mixes(trainer: &Trainer, cfg: &CemConfig, alphas: &[Vec<f32>], keep: Option<&Candidate>) {
-    let Some(svf) = &trainer.engine().svf else {
-        return;
-    };
-    let keep = keep.map(|c| adaptation_of(&cfg.experts, &c.alpha).canonical_name());
-    for a in alphas {
-        let name = adaptation_of(&cfg.experts, a).canonical_name();
-        if Some(&name) != keep.as_ref() && name != "base" {
-            svf.remove(&name);
-        }
-    }
 }
 
 /// Times evaluating `alphas` one candidate after another (each candidate's shots still batched
@@ -408,7 +393,7 @@ pub fn stored_mix(
     }
     t2_svf::StoredMix {
         name: name.into(),
-        alpha: outcome.alpha.clone(),
+        mix: outcome.mix.clone(),
         description: format!(
             "few-shot mix: {:.0}% on {shots} examples of {source}",
             100.0 * outcome.best.accuracy

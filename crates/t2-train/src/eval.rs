@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use t2_engine::{Adaptation, Engine, RoutePolicy, Router};
+use t2_engine::{Adaptation, Engine, RoutePolicy, RouteStrategy, Router};
 use t2_model::{ChatMessage, KvCache, SamplingParams, SeqStep, WantLogits};
 use t2_tasks::{Answer, Split, Task, TaskItem};
 
@@ -46,7 +46,7 @@ pub struct EvalConfig {
     /// (label, adaptation) pairs, e.g. ("base", Base), ("math", Expert("math")).
     pub adaptations: Vec<(String, Adaptation)>,
     /// (label, strategy, policy): answers routed by pass 1 (prompt or classifier).
-    pub routes: Vec<(String, String, RoutePolicy)>,
+    pub routes: Vec<(String, RouteStrategy, RoutePolicy)>,
     pub split: Split,
     /// A fixed-seed sample of `limit` items of each split (see [`subset`]).
     pub limit: Option<usize>,
@@ -140,7 +140,7 @@ pub fn evaluate_generate(
     // Fixed adaptations answer directly; routed ones run pass 1 first (the router is built once).
     enum Choice<'a> {
         Fixed(&'a Adaptation),
-        Routed(&'a str, RoutePolicy),
+        Routed(RouteStrategy, RoutePolicy),
     }
     let choices: Vec<(&String, Choice)> = cfg
         .adaptations
@@ -149,7 +149,7 @@ pub fn evaluate_generate(
         .chain(
             cfg.routes
                 .iter()
-                .map(|(label, strategy, policy)| (label, Choice::Routed(strategy, *policy))),
+                .map(|(label, strategy, policy)| (label, Choice::Routed(*strategy, *policy))),
         )
         .collect();
     let router = match cfg.routes.is_empty() {
@@ -172,8 +172,8 @@ pub fn evaluate_generate(
                     Choice::Fixed(a) => ((*a).clone(), None),
                     Choice::Routed(strategy, policy) => {
                         let router = router.as_ref().expect("built when there are routes");
-                        let spec = router.spec(gen.engine(), strategy, &user, *policy)?;
-                        (Adaptation::Base, Some(spec))
+                        let spec = router.spec(gen.engine(), *strategy, &user, *policy)?;
+                        (Adaptation::base(), Some(spec))
                     }
                 };
                 jobs.push(Job {
@@ -279,10 +279,10 @@ pub fn evaluate_routing(
                 // Pass 2 is cut to one token: only the decision is measured.
                 jobs.push(Job {
                     prompt: gen.chat_prompt(&it.prompt)?,
-                    adaptation: Adaptation::Base,
+                    adaptation: Adaptation::base(),
                     max_tokens: 1,
                     sampling: SamplingParams::default(),
-                    route: Some(router.spec(gen.engine(), strategy, &it.prompt, *policy)?),
+                    route: Some(router.spec(gen.engine(), *strategy, &it.prompt, *policy)?),
                     also_score: Vec::new(),
                 });
             }
@@ -368,7 +368,8 @@ pub fn evaluate_loglik(
         }
         for (label, a) in &cfg.adaptations {
             let started = Instant::now();
-            let mix = engine.resolve(a)?;
+            let lease = engine.lease(a)?;
+            let mix = lease.id();
             let bar = if progress {
                 indicatif::ProgressBar::new(items.len() as u64)
             } else {

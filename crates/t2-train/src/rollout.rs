@@ -120,7 +120,7 @@ impl Generator {
                 collect_oldest(&mut pending, &mut out)?;
             }
             let scores = !job.also_score.is_empty();
-            let mut req = GenRequest::new(job.prompt, 0, job.max_tokens, job.sampling);
+            let mut req = GenRequest::new(job.prompt, job.max_tokens, job.sampling);
             req.also_score = job.also_score;
             loop {
                 let sub = Submission {

@@ -438,7 +438,7 @@ impl Trainer {
 
         // The starting point is scored too: it is the base model up to the init noise.
         if state.step == 0 && state.best_val.is_none() {
-            let acc = self.validate(&area, &val_items, cfg, &p, 0)?;
+            let acc = self.validate(&area, &val_items, cfg, &p)?;
             state.best_val = Some(acc);
             log.push(LogRow {
                 step: 0,
@@ -479,7 +479,7 @@ impl Trainer {
             ran += 1;
 
             let val_acc = if step % cfg.eval_every == 0 || step == cfg.steps {
-                let acc = self.validate(&area, &val_items, cfg, &p, step)?;
+                let acc = self.validate(&area, &val_items, cfg, &p)?;
                 if state.best_val.is_none_or(|b| acc > b) {
                     state.best_val = Some(acc);
                     state.best_step = step;
@@ -559,10 +559,7 @@ impl Trainer {
     ) -> Result<StepOut> {
         let t_rollout = Instant::now();
         let z = z_of(p);
-        let adaptation = Adaptation::Vectors {
-            name: format!("train-{}-{step}", cfg.name),
-            z: ZVectors(Arc::new(z)),
-        };
+        let adaptation = Adaptation::Vectors(ZVectors::new(z));
         let seed = cfg.seed;
         let temperature = cfg.temperature;
         let answers = self.answer_and_verify(
@@ -718,7 +715,6 @@ impl Trainer {
         items: &[TaskItem],
         cfg: &TrainConfig,
         p: &BTreeMap<ProjId, Vec<f32>>,
-        step: usize,
     ) -> Result<f64> {
         if cfg.label_policy {
             let policy = Policy::new(
@@ -738,10 +734,7 @@ impl Trainer {
             )?;
             return Ok(right as f64 / items.len() as f64);
         }
-        let adaptation = Adaptation::Vectors {
-            name: format!("val-{}-{step}", cfg.name),
-            z: ZVectors(Arc::new(z_of(p))),
-        };
+        let adaptation = Adaptation::Vectors(ZVectors::new(z_of(p)));
         let answers = self.answer_and_verify(
             area,
             items,

@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use t2_engine::{Adaptation, Engine, EngineConfig, ZVectors};
@@ -105,12 +104,8 @@ fn training_forward_matches_serving_forward_and_its_gradient_is_right() {
     // An adapted model: logits far from the start, so the adaptation changes the output a lot.
     let logits = SvfLogits::init(&svf.decomp, TargetSet::Mlp, 7, 0.0, 1.0).unwrap();
     let z: BTreeMap<ProjId, Vec<f32>> = logits.z_host().unwrap();
-    let mix = e
-        .resolve(&Adaptation::Vectors {
-            name: "policy-test".into(),
-            z: ZVectors(Arc::new(z)),
-        })
-        .unwrap();
+    let lease = e.lease(&Adaptation::Vectors(ZVectors::new(z))).unwrap();
+    let mix = lease.id();
     let out = policy.score(Some(&logits), &seqs, false).unwrap();
     let lp = out.token_logprobs.to_vec1::<f32>().unwrap();
     let mut moved = 0f32;
