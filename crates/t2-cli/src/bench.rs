@@ -195,20 +195,20 @@ fn measure(
         })
         .collect();
     let run = |steps: usize| -> Result<(f64, f64)> {
-        let mut caches: Vec<_> = mixes.iter().map(|_| model.new_cache()).collect();
+        let (pool, mut caches) = model.pool_for(&vec![prompt_len + steps; mixes.len()])?;
         let t0 = Instant::now();
         let mut step: Vec<SeqStep> = caches
             .iter_mut()
             .zip(&prompts)
             .zip(mixes)
             .map(|((c, p), &m)| SeqStep {
-                cache: c,
+                kv: c,
                 tokens: p,
                 mix: m,
                 want: WantLogits::Last,
             })
             .collect();
-        let mut last = next_tokens(model.forward(&mut step, svf)?)?;
+        let mut last = next_tokens(model.forward(&mut step, svf, &pool)?)?;
         let prefill = (mixes.len() * prompt_len) as f64 / t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         for _ in 0..steps {
@@ -218,13 +218,13 @@ fn measure(
                 .zip(&toks)
                 .zip(mixes)
                 .map(|((c, t), &m)| SeqStep {
-                    cache: c,
+                    kv: c,
                     tokens: t,
                     mix: m,
                     want: WantLogits::Last,
                 })
                 .collect();
-            last = next_tokens(model.forward(&mut step, svf)?)?;
+            last = next_tokens(model.forward(&mut step, svf, &pool)?)?;
         }
         Ok((
             prefill,

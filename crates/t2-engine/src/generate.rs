@@ -1,11 +1,16 @@
 //! The one-shot generation loop: every sequence advances one token per batch step (prompts are prefilled
-//! whole in the first step) until all are done. The CLI and tests use it; the server uses the scheduler.
+//! whole in the first step) until all are done, through the same plans and execution as the scheduler's
+//! steps. The CLI and tests use it; the server uses the scheduler.
 
-use candle_core::Tensor;
-use t2_model::{SeqStep, TokenLogprob};
+use std::collections::HashMap;
+
+use t2_model::TokenLogprob;
 use t2_svf::MixLease;
 
 use crate::engine::{Engine, Result};
+use crate::kv::BlockKvManager;
+use crate::plan::{RowOutput, RowPlan, SeqId, StepPlan};
+use crate::runner::execute;
 use crate::sequence::{FinishReason, GenRequest, Sequence, TokenEvent};
 
 #[derive(Debug, Clone)]
@@ -34,11 +39,20 @@ impl Engine {
                 ));
             }
         }
+        // A pool of exactly the blocks these requests need, all of it theirs.
+        let kv = BlockKvManager::new(reqs.iter().map(|(r, _)| r.kv_blocks()).sum());
+        let pool = self.loaded.model.new_pool(kv.total())?;
+        let mut samplers = HashMap::new();
         let mut seqs: Vec<Sequence> = reqs
             .into_iter()
-            .map(|(r, mix)| Sequence::new(self, r, mix))
-            .collect::<Result<_>>()?;
-        let projector = self.projector();
+            .enumerate()
+            .map(|(i, (r, mix))| {
+                let blocks = kv
+                    .allocate(r.kv_tokens())
+                    .expect("the pool is sized for them");
+                Sequence::new(i as SeqId, r, mix, blocks, None)
+            })
+            .collect();
         loop {
             let active: Vec<usize> = (0..seqs.len())
                 .filter(|&i| seqs[i].finish.is_none())
@@ -46,20 +60,29 @@ impl Engine {
             if active.is_empty() {
                 break;
             }
-            let logits: Vec<Option<Tensor>> = {
-                let mut steps: Vec<SeqStep<'_>> = seqs
-                    .iter_mut()
-                    .filter(|s| s.finish.is_none())
-                    .map(|s| s.step(usize::MAX))
-                    .collect();
-                self.loaded.model.forward(&mut steps, projector)?
-            };
+            let mut plan = StepPlan::default();
             for &i in &active {
-                seqs[i].fed();
+                let s = &mut seqs[i];
+                if let Some(p) = s.take_sampling() {
+                    plan.started.push((s.id, p));
+                }
+                // Prompts go in whole in the first step.
+                let feed = s.row(usize::MAX);
+                plan.rows.push(RowPlan {
+                    seq: s.id,
+                    tokens: feed.tokens,
+                    kv: s.kv.kv().clone(),
+                    mix: s.mix.id(),
+                    task: feed.task,
+                });
             }
-            for (i, logits) in active.into_iter().zip(logits) {
-                let logits = logits.expect("a whole prompt was fed, so logits were asked for");
-                let event = seqs[i].on_logits(self, &logits.to_vec1::<f32>()?)?;
+            let outputs = execute(self, &pool, &mut samplers, &plan)?;
+            for ((&i, row), out) in active.iter().zip(&plan.rows).zip(outputs) {
+                seqs[i].fed(row.tokens.len());
+                let RowOutput::Sampled { token, logprob } = out else {
+                    unreachable!("a whole prompt was fed, so a token was sampled")
+                };
+                let event = seqs[i].on_token(&self.loaded.tokenizer, token, logprob)?;
                 on_token(i, &event);
             }
         }

@@ -3,14 +3,20 @@
 
 pub mod engine;
 pub mod generate;
+pub mod kv;
+pub mod plan;
 pub mod routing;
+pub mod runner;
 pub mod scheduler;
 pub mod sequence;
 pub mod text;
 
 pub use engine::{Engine, EngineConfig, EngineError};
 pub use generate::GenOutput;
+pub use kv::{BlockKvManager, KvLease};
+pub use plan::{RowOutput, RowPlan, RowTask, SeqId, StepPlan};
 pub use routing::{RouteDecision, RouteLabel, RoutePolicy, RouteSpec, RouteStrategy, Router};
+pub use runner::{CpuRunner, ModelRunner};
 pub use scheduler::{
     Scheduler, SchedulerConfig, SchedulerStats, SeqEvent, SeqHandle, Submission, SubmitError,
 };

@@ -269,21 +269,21 @@ fn clip(request: &str) -> String {
 const ALPHA_STEP: f32 = 0.01;
 
 impl RouteSpec {
-    /// The decision from the next-token logits after the primed prompt.
-    pub fn decide(&self, logits: &[f32], pass1: Duration) -> Result<RouteDecision> {
-        let picked: Vec<f32> = self
-            .labels
-            .iter()
-            .map(|l| {
-                logits.get(l.token as usize).copied().ok_or_else(|| {
-                    EngineError::Invalid(format!(
-                        "label token {} is outside the vocabulary",
-                        l.token
-                    ))
-                })
-            })
-            .collect::<Result<_>>()?;
-        let probs = softmax(&picked);
+    /// The label tokens pass 1 reads from the last position's logits.
+    pub fn label_tokens(&self) -> Vec<u32> {
+        self.labels.iter().map(|l| l.token).collect()
+    }
+
+    /// The decision from the logits of [`Self::label_tokens`] after the primed prompt.
+    pub fn decide(&self, picked: &[f32], pass1: Duration) -> Result<RouteDecision> {
+        if picked.len() != self.labels.len() {
+            return Err(EngineError::Invalid(format!(
+                "pass 1 read {} label logits for {} labels",
+                picked.len(),
+                self.labels.len()
+            )));
+        }
+        let probs = softmax(picked);
         let scores: BTreeMap<String, f32> = self
             .labels
             .iter()

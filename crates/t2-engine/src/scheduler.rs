@@ -1,11 +1,14 @@
 //! Continuous batching on a dedicated model thread.
 //!
 //! Submissions wait in a bounded queue. Between two batch steps the scheduler admits waiting submissions
-//! while the batch has room (sequences, KV budget, mix table), so new prompts prefill alongside other
-//! sequences' decode steps; prefill is chunked to keep a step under `max_batched_tokens`. Every row carries
-//! its own mix id. A sequence whose event receiver is gone (client disconnected, timed out) is dropped
-//! before the next step. Nothing here blocks an async runtime: callers only `try_send` into the queue and
-//! read tokens from bounded channels that can never fill (each holds a whole answer).
+//! while the batch has room (sequences, KV blocks, a mix-table slot), so new prompts prefill alongside
+//! other sequences' decode steps; prefill is chunked to keep a step under `max_batched_tokens`. Each step
+//! is decided here as a [`StepPlan`] (plain data: rows, tokens, KV blocks, mix slots) and executed by a
+//! [`ModelRunner`], whose per-row results come back as tokens, scores and pass-1 label logits. A sequence
+//! whose event receiver is gone (client disconnected, timed out) is dropped before the next step; what it
+//! held (KV blocks, its mix slot) goes back as it is dropped. Nothing here blocks an async runtime:
+//! callers only `try_send` into the queue and read tokens from bounded channels that can never fill
+//! (each holds a whole answer).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -14,12 +17,15 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use t2_model::{KvCache, SeqStep};
+use t2_model::BLOCK_SIZE;
 use t2_svf::{Adaptation, MixId, MixKey, MixLease, SvfError, BASE_MIX};
 use tokio::sync::mpsc;
 
 use crate::engine::{Engine, EngineError};
+use crate::kv::{BlockKvManager, KvLease};
+use crate::plan::{split_budget, Pending, RowOutput, RowPlan, SeqId, StepPlan};
 use crate::routing::{RouteDecision, RouteSpec};
+use crate::runner::{CpuRunner, ModelRunner};
 use crate::sequence::{GenRequest, Scored, Sequence, TokenEvent};
 
 #[derive(Debug, Clone)]
@@ -110,7 +116,8 @@ pub struct SchedulerStats {
     pub kv_budget_tokens: AtomicUsize,
     pub steps: AtomicU64,
     pub cancelled: AtomicU64,
-    pub merges: AtomicU64,
+    /// Shared with the runner, which completes merges.
+    pub merges: Arc<AtomicU64>,
     pub failed: AtomicU64,
     /// Pass-1 rows in the running batch.
     pub routing: AtomicUsize,
@@ -129,18 +136,11 @@ impl Queued {
         self.senders.iter().all(|s| s.is_closed())
     }
 
-    /// KV tokens and batch rows the next admission of this submission takes.
-    fn needs(&self) -> (usize, usize) {
+    /// Batch rows the next admission of this submission takes.
+    fn rows(&self) -> usize {
         match &self.submission.route {
-            Some(r) => (r.prompt.len() + 1, 1),
-            None => (
-                self.submission
-                    .requests
-                    .iter()
-                    .map(GenRequest::total_kv_tokens)
-                    .sum(),
-                self.submission.requests.len(),
-            ),
+            Some(_) => 1,
+            None => self.submission.requests.len(),
         }
     }
 }
@@ -154,16 +154,41 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
+    /// A scheduler whose steps run on the CPU runner, with KV storage for `kv_budget_tokens`.
     pub fn start(engine: Arc<Engine>, cfg: SchedulerConfig) -> Self {
-        // The depth counter enforces max_queue (it also counts the one submission the worker holds aside);
-        // the channel only needs to be at least that large.
+        let merges = Arc::new(AtomicU64::new(0));
+        let runner = CpuRunner::new(engine.clone(), Self::kv_blocks(&cfg), merges.clone())
+            .expect("allocate the KV pool");
+        Self::with_runner(engine, cfg, Box::new(runner), merges)
+    }
+
+    /// KV blocks the budget allows.
+    pub fn kv_blocks(cfg: &SchedulerConfig) -> usize {
+        (cfg.kv_budget_tokens / BLOCK_SIZE).max(1)
+    }
+
+    /// A scheduler whose steps run on `runner` (which holds storage for [`Self::kv_blocks`] blocks and
+    /// counts completed merges in `merges`).
+    pub fn with_runner(
+        engine: Arc<Engine>,
+        cfg: SchedulerConfig,
+        runner: Box<dyn ModelRunner>,
+        merges: Arc<AtomicU64>,
+    ) -> Self {
+        // The depth counter enforces max_queue; the channel only needs to be at least that large.
         let (tx, rx) = sync_channel(cfg.max_queue.max(1) + 1);
-        let stats = Arc::new(SchedulerStats::default());
+        let stats = Arc::new(SchedulerStats {
+            merges,
+            ..Default::default()
+        });
+        let kv = BlockKvManager::new(Self::kv_blocks(&cfg));
         stats
             .kv_budget_tokens
-            .store(cfg.kv_budget_tokens, Ordering::Relaxed);
+            .store(kv.total() * BLOCK_SIZE, Ordering::Relaxed);
         let mut worker = Worker {
             engine: engine.clone(),
+            runner,
+            kv,
             cfg: cfg.clone(),
             stats: stats.clone(),
             rx,
@@ -171,8 +196,9 @@ impl Scheduler {
             ready: VecDeque::new(),
             prefixes: HashMap::new(),
             running: Vec::new(),
+            next_id: 0,
+            ended: Vec::new(),
             uniform_steps: 0,
-            merging: None,
         };
         let thread = std::thread::Builder::new()
             .name("t2-model".into())
@@ -221,12 +247,19 @@ impl Scheduler {
             }
             None => self.engine.check_adaptation(&s.adaptation)?,
         }
+        // KV is handed out in whole blocks: the check is in blocks, the message in tokens.
         let need: usize = s.requests.iter().map(GenRequest::total_kv_tokens).sum();
-        if need > self.cfg.kv_budget_tokens {
+        let blocks: usize = s
+            .requests
+            .iter()
+            .map(|r| r.kv_blocks() + r.fork_blocks())
+            .sum();
+        let have = Self::kv_blocks(&self.cfg);
+        if blocks > have {
             return Err(EngineError::Invalid(format!(
                 "the request needs {need} tokens of KV cache (prompt + max_tokens, times n), over the \
                  server's budget of {}",
-                self.cfg.kv_budget_tokens
+                have * BLOCK_SIZE
             ))
             .into());
         }
@@ -290,7 +323,6 @@ impl Drop for Scheduler {
 struct Running {
     seq: Sequence,
     role: Role,
-    kv_tokens: usize,
 }
 
 enum Role {
@@ -337,19 +369,22 @@ enum Acquire {
     Failed(EngineError),
 }
 
-/// Why the admission loop stopped looking at a waiting submission.
+/// Why a waiting submission stays waiting.
 enum Admission {
-    /// It joined the batch, failed, or was cancelled: it no longer waits.
-    Left,
-    /// The batch or the KV budget has no room for it: nothing after it is admitted either (first come,
+    /// The batch or the KV pool has no room for it: nothing after it is admitted either (first come,
     /// first served).
     NoRoom,
     /// Its mix has no table slot yet: later submissions may go ahead.
     NoMixSlot,
 }
 
+/// Pass-1 prefixes kept at most (one per scorer and label set in practice).
+const MAX_PREFIXES: usize = 8;
+
 struct Worker {
     engine: Arc<Engine>,
+    runner: Box<dyn ModelRunner>,
+    kv: BlockKvManager,
     cfg: SchedulerConfig,
     stats: Arc<SchedulerStats>,
     rx: Receiver<Queued>,
@@ -358,12 +393,14 @@ struct Worker {
     waiting: VecDeque<Queued>,
     /// Submissions whose pass 1 has decided: admitted before anything new, so that pass 2 starts at once.
     ready: VecDeque<Queued>,
-    /// KV of pass-1 prompt prefixes (the part before the request), by scorer and tokens.
-    prefixes: HashMap<(MixKey, Vec<u32>), KvCache>,
+    /// The full KV blocks of pass-1 prompt prefixes (the part before the request), by scorer and tokens.
+    prefixes: HashMap<(MixKey, Vec<u32>), KvLease>,
     running: Vec<Running>,
+    next_id: SeqId,
+    /// Sequences gone since the last step, for the runner to forget.
+    ended: Vec<SeqId>,
     /// Consecutive steps in which every row used the same non-base mix.
     uniform_steps: usize,
-    merging: Option<(MixId, JoinHandle<()>)>,
 }
 
 impl Worker {
@@ -383,7 +420,6 @@ impl Worker {
                 self.publish();
                 continue;
             }
-            self.maybe_merge();
             if let Err(e) = self.step() {
                 tracing::error!(error = %e, "batch step failed; dropping its sequences");
                 let msg = e.to_string();
@@ -392,17 +428,16 @@ impl Worker {
                     self.stats
                         .failed
                         .fetch_add(r.sequences(), Ordering::Relaxed);
+                    self.ended.push(r.seq.id);
                 }
             }
             self.publish();
         }
-        if let Some((_, h)) = self.merging.take() {
-            let _ = h.join();
-        }
     }
 
-    fn kv_used(&self) -> usize {
-        self.running.iter().map(|r| r.kv_tokens).sum()
+    fn next_id(&mut self) -> SeqId {
+        self.next_id += 1;
+        self.next_id
     }
 
     /// Moves waiting submissions into the batch while they fit: first those whose pass 1 has decided,
@@ -412,142 +447,152 @@ impl Worker {
         while let Ok(q) = self.rx.try_recv() {
             self.waiting.push_back(q);
         }
-        let mut i = 0;
-        while i < self.ready.len() {
-            let q = self.ready.remove(i).expect("in range");
-            match self.try_admit(q) {
-                (Admission::Left, _) => {}
-                (Admission::NoRoom, Some(q)) => {
-                    self.ready.insert(i, q);
-                    return;
+        for from_ready in [true, false] {
+            let mut i = 0;
+            loop {
+                let list = if from_ready {
+                    &mut self.ready
+                } else {
+                    &mut self.waiting
+                };
+                let Some(q) = list.remove(i) else { break };
+                match self.try_admit(q) {
+                    Ok(()) => {
+                        if !from_ready {
+                            self.stats.queue_depth.fetch_sub(1, Ordering::SeqCst);
+                        }
+                    }
+                    Err((why, q)) => {
+                        let list = if from_ready {
+                            &mut self.ready
+                        } else {
+                            &mut self.waiting
+                        };
+                        list.insert(i, *q);
+                        match why {
+                            Admission::NoRoom => return,
+                            Admission::NoMixSlot => i += 1,
+                        }
+                    }
                 }
-                (_, Some(q)) => {
-                    self.ready.insert(i, q);
-                    i += 1;
-                }
-                (_, None) => unreachable!("a submission that still waits is handed back"),
-            }
-        }
-        let mut i = 0;
-        while i < self.waiting.len() {
-            let q = self.waiting.remove(i).expect("in range");
-            match self.try_admit(q) {
-                (Admission::Left, _) => {
-                    self.stats.queue_depth.fetch_sub(1, Ordering::SeqCst);
-                }
-                (Admission::NoRoom, Some(q)) => {
-                    self.waiting.insert(i, q);
-                    return;
-                }
-                (_, Some(q)) => {
-                    self.waiting.insert(i, q);
-                    i += 1;
-                }
-                (_, None) => unreachable!("a submission that still waits is handed back"),
             }
         }
     }
 
-    /// Admits one submission if it can be; hands it back when it has to wait.
-    fn try_admit(&mut self, mut q: Queued) -> (Admission, Option<Queued>) {
+    /// Admits one submission (or drops it: cancelled, failed); hands it back when it has to wait.
+    fn try_admit(&mut self, mut q: Queued) -> Result<(), (Admission, Box<Queued>)> {
         if q.cancelled() {
             self.stats
                 .cancelled
                 .fetch_add(q.senders.len() as u64, Ordering::Relaxed);
-            return (Admission::Left, None);
+            return Ok(());
         }
-        let (need, rows) = q.needs();
-        let fits = self.running.len() + rows <= self.cfg.max_batch.max(rows)
-            && self.kv_used() + need <= self.cfg.kv_budget_tokens;
-        if !fits {
-            return (Admission::NoRoom, Some(q));
+        let rows = q.rows();
+        if self.running.len() + rows > self.cfg.max_batch.max(rows) {
+            return Err((Admission::NoRoom, Box::new(q)));
         }
+        // KV first: when it does not fit, the mix table is left alone.
+        let Some(kv) = self.allocate(&q) else {
+            return Err((Admission::NoRoom, Box::new(q)));
+        };
         let adaptation = match &q.submission.route {
             Some(r) => r.scorer.clone(),
             None => q.submission.adaptation.clone(),
         };
         let mix = match self.acquire(&adaptation) {
             Acquire::Got(lease) => lease,
-            Acquire::Full => return (Admission::NoMixSlot, Some(q)),
+            Acquire::Full => return Err((Admission::NoMixSlot, Box::new(q))),
             Acquire::Failed(e) => {
                 for s in q.senders {
                     let _ = s.try_send(SeqEvent::Failed(e.to_string()));
                 }
-                return (Admission::Left, None);
+                return Ok(());
             }
         };
+        let mut kv = kv.into_iter();
         if let Some(route) = &q.submission.route {
-            let req = GenRequest {
-                prompt: route.prompt.clone(),
-                max_tokens: 1,
-                sampling: Default::default(),
-                stop: Vec::new(),
-                ignore_eos: true,
-                score_from: None,
-                also_score: Vec::new(),
-            };
-            let prefix = self.prefix_key(route).and_then(|k| self.prefixes.get(&k));
-            let seq = match prefix {
-                Some(kv) => Sequence::with_prefix(req, mix, kv, route.shared_prefix),
-                None => Sequence::new(&self.engine, req, mix),
-            };
-            match seq {
-                Ok(seq) => {
-                    q.waited += q.enqueued.elapsed();
-                    self.running.push(Running {
-                        seq,
-                        kv_tokens: need,
-                        role: Role::Pass1 {
-                            queued: Box::new(q),
-                            started: Instant::now(),
-                        },
-                    });
-                }
-                Err(e) => {
-                    for s in q.senders {
-                        let _ = s.try_send(SeqEvent::Failed(e.to_string()));
-                    }
-                }
-            }
-            return (Admission::Left, None);
+            let seq = Sequence::pass1(
+                self.next_id(),
+                route.prompt.clone(),
+                mix,
+                kv.next().expect("pass 1 has its KV").0,
+                route.label_tokens(),
+            );
+            q.waited += q.enqueued.elapsed();
+            self.running.push(Running {
+                seq,
+                role: Role::Pass1 {
+                    queued: Box::new(q),
+                    started: Instant::now(),
+                },
+            });
+            return Ok(());
         }
         let queue_time = q.waited + q.enqueued.elapsed();
         let step = self.stats.steps.load(Ordering::Relaxed);
-        for (req, tx) in q.submission.requests.into_iter().zip(q.senders) {
-            // The scoring fork's share moves to its own row when it starts.
-            let kv_tokens = req.total_kv_tokens();
-            match Sequence::new(&self.engine, req, mix.clone()) {
-                Ok(seq) => {
-                    let _ = tx.try_send(SeqEvent::Admitted {
-                        queue_time,
-                        mix: mix.id(),
-                        step,
-                    });
-                    self.running.push(Running {
-                        seq,
-                        role: Role::Answer(tx),
-                        kv_tokens,
-                    });
-                }
-                Err(e) => {
-                    let _ = tx.try_send(SeqEvent::Failed(e.to_string()));
-                }
-            }
+        for ((req, tx), (kv, fork_kv)) in q.submission.requests.into_iter().zip(q.senders).zip(kv) {
+            let seq = Sequence::new(self.next_id(), req, mix.clone(), kv, fork_kv);
+            let _ = tx.try_send(SeqEvent::Admitted {
+                queue_time,
+                mix: mix.id(),
+                step,
+            });
+            self.running.push(Running {
+                seq,
+                role: Role::Answer(tx),
+            });
         }
-        (Admission::Left, None)
+        Ok(())
+    }
+
+    /// The KV of every sequence a submission admits now (and of their scoring forks), or None when the
+    /// pool has too few free blocks for all of it.
+    fn allocate(&self, q: &Queued) -> Option<Vec<(KvLease, Option<KvLease>)>> {
+        if let Some(route) = &q.submission.route {
+            let positions = route.prompt.len();
+            let kv = match self.prefix_key(route).and_then(|k| self.prefixes.get(&k)) {
+                Some(prefix) => self
+                    .kv
+                    .with_prefix(prefix, route.shared_prefix, positions)?,
+                None => self.kv.allocate(positions)?,
+            };
+            return Some(vec![(kv, None)]);
+        }
+        let need: usize = q
+            .submission
+            .requests
+            .iter()
+            .map(|r| r.kv_blocks() + r.fork_blocks())
+            .sum();
+        if need > self.kv.free() {
+            return None;
+        }
+        q.submission
+            .requests
+            .iter()
+            .map(|r| {
+                let kv = self.kv.allocate(r.kv_tokens())?;
+                let fork = match r.fork_blocks() {
+                    0 => None,
+                    n => Some(self.kv.allocate(n * BLOCK_SIZE)?),
+                };
+                Some((kv, fork))
+            })
+            .collect()
     }
 
     fn drop_cancelled(&mut self) {
-        let before = self.running.len();
         let mut gone = 0;
+        let ended = &mut self.ended;
         self.running.retain(|r| {
             let keep = !r.cancelled();
             if !keep {
                 gone += r.sequences();
+                ended.push(r.seq.id);
             }
             keep
         });
-        if self.running.len() < before {
+        if gone > 0 {
             self.stats.cancelled.fetch_add(gone, Ordering::Relaxed);
         }
     }
@@ -568,125 +613,94 @@ impl Worker {
         }
     }
 
-    /// Starts building merged weights (on a helper thread) for a mix that has had the batch to itself
-    /// for a while, so that its steps become plain dense products.
-    fn maybe_merge(&mut self) {
-        let Some(after) = self.cfg.merge_after_steps else {
-            return;
-        };
-        let Some(svf) = &self.engine.svf else {
-            return;
-        };
-        if let Some((_, h)) = &self.merging {
-            if !h.is_finished() {
-                return;
-            }
-            let (_, h) = self.merging.take().expect("present");
-            let _ = h.join();
-        }
-        let first = self.running[0].seq.mix.id();
+    /// A mix that has had the batch to itself for `merge_after_steps` steps gets merged weights, so that
+    /// its steps become plain dense products.
+    fn merge_decision(&mut self) -> Option<MixId> {
+        let after = self.cfg.merge_after_steps?;
+        let svf = self.engine.svf.as_ref()?;
+        let first = self.running.first()?.seq.mix.id();
         let uniform = first != BASE_MIX && self.running.iter().all(|r| r.seq.mix.id() == first);
         self.uniform_steps = if uniform { self.uniform_steps + 1 } else { 0 };
-        if self.uniform_steps < after || svf.is_merged(first) {
-            return;
-        }
-        let engine = self.engine.clone();
-        let stats = self.stats.clone();
-        let handle = std::thread::Builder::new()
-            .name("t2-merge".into())
-            .spawn(move || {
-                let svf = engine.svf.as_ref().expect("checked");
-                match svf.merge(first) {
-                    Ok(()) => {
-                        stats.merges.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => tracing::warn!(error = %e, "merging a mix failed; staying factored"),
-                }
-            });
-        match handle {
-            Ok(h) => self.merging = Some((first, h)),
-            Err(e) => tracing::warn!(error = %e, "could not start a merge thread"),
-        }
+        (self.uniform_steps >= after && !svf.is_merged(first)).then_some(first)
     }
 
-    /// One batch step: every running sequence feeds its next input (decode: one token; prefill: a chunk
-    /// within the step's token budget) and those with a complete prompt sample a token.
-    fn step(&mut self) -> Result<(), EngineError> {
-        let decoding = self
+    /// Decides the next step: every running sequence feeds its next input (decode: one token; prefill: a
+    /// chunk within the step's token budget).
+    fn plan(&mut self) -> (StepPlan, Vec<usize>) {
+        let pending: Vec<Pending> = self
             .running
             .iter()
-            .filter(|r| !r.seq.is_prefilling())
-            .count();
-        // Decode rows first, then prompt chunks in admission order; a prompt always gets some room so that
-        // a full decode batch cannot starve newcomers.
-        let mut budget = self.cfg.max_batched_tokens.saturating_sub(decoding).max(16);
+            .map(|r| Pending {
+                prefilling: r.seq.is_prefilling(),
+                remaining: r.seq.prompt_len().saturating_sub(r.seq.kv.len()),
+            })
+            .collect();
+        let split = split_budget(&pending, self.cfg.max_batched_tokens);
+        let mut plan = StepPlan {
+            ended: std::mem::take(&mut self.ended),
+            merge: self.merge_decision(),
+            ..Default::default()
+        };
         let mut stepping = Vec::with_capacity(self.running.len());
-        let mut steps: Vec<SeqStep<'_>> = Vec::with_capacity(self.running.len());
-        for (i, r) in self.running.iter_mut().enumerate() {
-            if r.seq.is_prefilling() {
-                if budget == 0 {
-                    continue;
-                }
-                let step = r.seq.step(budget);
-                budget -= step.tokens.len();
-                steps.push(step);
-            } else {
-                steps.push(r.seq.step(1));
+        for (i, (r, n)) in self.running.iter_mut().zip(split).enumerate() {
+            if n == 0 {
+                continue;
             }
+            if let Some(p) = r.seq.take_sampling() {
+                plan.started.push((r.seq.id, p));
+            }
+            let feed = r.seq.row(n);
+            plan.rows.push(RowPlan {
+                seq: r.seq.id,
+                tokens: feed.tokens,
+                kv: r.seq.kv.kv().clone(),
+                mix: r.seq.mix.id(),
+                task: feed.task,
+            });
             stepping.push(i);
         }
-        let logits = self
-            .engine
-            .loaded
-            .model
-            .forward(&mut steps, self.engine.projector())?;
-        drop(steps);
+        (plan, stepping)
+    }
+
+    /// One batch step: plan, execute, and hand each row's result to its sequence.
+    fn step(&mut self) -> Result<(), EngineError> {
+        let (plan, stepping) = self.plan();
+        let outputs = self.runner.execute(&plan)?;
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         let mut finished = Vec::new();
         let mut decided = Vec::new();
         let mut forks = Vec::new();
-        for (i, logits) in stepping.into_iter().zip(logits) {
+        for ((i, row), out) in stepping.into_iter().zip(&plan.rows).zip(outputs) {
             let r = &mut self.running[i];
-            r.seq.fed();
-            let Some(logits) = logits else {
-                continue; // a prompt chunk that is not the last
-            };
-            if r.seq.is_scoring() {
-                if let (Some(scored), Role::Answer(tx)) = (r.seq.on_score_logits(&logits)?, &r.role)
-                {
-                    let _ = tx.try_send(SeqEvent::Scored(scored));
-                    finished.push(i);
-                }
-                continue;
-            }
-            let logits = logits.to_vec1::<f32>()?;
-            match &r.role {
-                Role::Answer(tx) => {
-                    match r.seq.take_scoring_fork() {
-                        Ok(Some((seq, kv_tokens))) => {
-                            r.kv_tokens -= kv_tokens;
-                            forks.push(Running {
-                                seq,
-                                role: Role::Answer(tx.clone()),
-                                kv_tokens,
-                            });
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            let _ = tx.try_send(SeqEvent::Failed(e.to_string()));
-                            finished.push(i);
-                            continue;
-                        }
+            r.seq.fed(row.tokens.len());
+            match (out, &r.role) {
+                (RowOutput::Fed, _) => {}
+                (RowOutput::Scored { logprob, tokens }, Role::Answer(tx)) => {
+                    if let Some(scored) = r.seq.on_score(logprob, tokens) {
+                        let _ = tx.try_send(SeqEvent::Scored(scored));
+                        finished.push(i);
                     }
-                    let event = r.seq.on_logits(&self.engine, &logits)?;
+                }
+                (RowOutput::Sampled { token, logprob }, Role::Answer(tx)) => {
+                    if let Some((req, kv, mix)) = r.seq.take_scoring_fork() {
+                        forks.push((req, kv, mix, tx.clone()));
+                    }
+                    let event = r
+                        .seq
+                        .on_token(&self.engine.loaded.tokenizer, token, logprob)?;
                     let done = event.finish.is_some();
                     if tx.try_send(SeqEvent::Token(event)).is_err() || done {
                         finished.push(i);
                     }
                 }
-                Role::Pass1 { queued, started } => {
+                (RowOutput::Picked(logits), Role::Pass1 { queued, started }) => {
                     let route = queued.submission.route.as_ref().expect("a pass-1 row");
                     decided.push((i, route.decide(&logits, started.elapsed())));
+                }
+                (out, _) => {
+                    return Err(EngineError::Invalid(format!(
+                        "the runner answered a row with {out:?}, which its sequence did not ask for"
+                    )))
                 }
             }
         }
@@ -699,51 +713,64 @@ impl Worker {
         done.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
         for (i, decision) in done {
             let r = self.running.swap_remove(i);
+            self.ended.push(r.seq.id);
             match (decision, r.role) {
                 (None, Role::Answer(_)) => {
                     if r.seq.finish.is_none() {
                         self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                (Some(decision), Role::Pass1 { mut queued, .. }) => match decision {
-                    Ok(d) => {
-                        let route = queued.submission.route.as_ref().expect("a pass-1 row");
-                        let key = self.prefix_key(route);
-                        if let Some(key) = key
-                            .filter(|k| route.shared_prefix > 0 && !self.prefixes.contains_key(k))
-                        {
-                            if self.prefixes.len() >= MAX_PREFIXES {
-                                self.prefixes.clear();
-                            }
-                            match r.seq.cache.fork(route.shared_prefix, 0) {
-                                Ok(kv) => {
-                                    self.prefixes.insert(key, kv);
-                                }
-                                Err(e) => {
-                                    tracing::warn!(error = %e, "could not keep a pass-1 prefix")
-                                }
-                            }
-                        }
-                        for s in &queued.senders {
-                            let _ = s.try_send(SeqEvent::Routed(d.clone()));
-                        }
-                        queued.submission.adaptation = Adaptation::Mix(d.mix);
-                        queued.submission.route = None;
-                        queued.enqueued = Instant::now();
-                        self.ready.push_back(*queued);
-                    }
-                    Err(e) => {
-                        for s in &queued.senders {
-                            let _ = s.try_send(SeqEvent::Failed(e.to_string()));
-                        }
-                    }
-                },
+                (Some(decision), Role::Pass1 { queued, .. }) => {
+                    self.on_decided(&r.seq, *queued, decision)
+                }
                 _ => unreachable!("rows are finished by their own role"),
             }
         }
         // Forks join after the removals above, which index the rows as they were in this step.
-        self.running.extend(forks);
+        for (req, kv, mix, tx) in forks {
+            let seq = Sequence::new(self.next_id(), req, mix, kv, None);
+            self.running.push(Running {
+                seq,
+                role: Role::Answer(tx),
+            });
+        }
         Ok(())
+    }
+
+    /// Pass 1 decided: keep its prompt prefix's KV for the next pass 1 of the same scorer, tell every
+    /// sequence of the submission, and queue pass 2 first in line with the decided mix.
+    fn on_decided(
+        &mut self,
+        pass1: &Sequence,
+        mut queued: Queued,
+        decision: crate::engine::Result<RouteDecision>,
+    ) {
+        let d = match decision {
+            Ok(d) => d,
+            Err(e) => {
+                for s in &queued.senders {
+                    let _ = s.try_send(SeqEvent::Failed(e.to_string()));
+                }
+                return;
+            }
+        };
+        let route = queued.submission.route.as_ref().expect("a pass-1 row");
+        if let Some(key) = self.prefix_key(route) {
+            let full = route.shared_prefix / BLOCK_SIZE;
+            if full > 0 && !self.prefixes.contains_key(&key) {
+                if self.prefixes.len() >= MAX_PREFIXES {
+                    self.prefixes.clear();
+                }
+                self.prefixes.insert(key, pass1.kv.share(full));
+            }
+        }
+        for s in &queued.senders {
+            let _ = s.try_send(SeqEvent::Routed(d.clone()));
+        }
+        queued.submission.adaptation = Adaptation::Mix(d.mix);
+        queued.submission.route = None;
+        queued.enqueued = Instant::now();
+        self.ready.push_back(queued);
     }
 
     fn publish(&self) {
@@ -758,14 +785,9 @@ impl Worker {
             .store(self.running.len() - routing, Ordering::Relaxed);
         self.stats
             .kv_used_tokens
-            .store(self.kv_used(), Ordering::Relaxed);
+            .store(self.kv.used() * BLOCK_SIZE, Ordering::Relaxed);
     }
-}
 
-/// Pass-1 prefixes kept at most (one per scorer and label set in practice).
-const MAX_PREFIXES: usize = 8;
-
-impl Worker {
     /// The weights a pass-1 prefix was computed with, and its tokens (None: not shareable).
     fn prefix_key(&self, route: &RouteSpec) -> Option<(MixKey, Vec<u32>)> {
         let weights = match &route.scorer {

@@ -1,10 +1,12 @@
-//! One sequence being generated: its prompt (fed in chunks), KV cache, sampler and stop conditions. Both
+//! One sequence being generated: its prompt (fed in chunks), KV blocks, text and stop conditions. Both
 //! the one-shot batch loop and the continuous-batching scheduler drive sequences through this type.
 
-use t2_model::{KvCache, Sampler, SamplingParams, SeqStep, TokenLogprob, WantLogits};
+use t2_model::{SamplingParams, T2Tokenizer, TokenLogprob, BLOCK_SIZE};
 use t2_svf::MixLease;
 
 use crate::engine::{Engine, EngineError, Result};
+use crate::kv::KvLease;
+use crate::plan::{RowTask, SeqId};
 use crate::text::TextStream;
 
 #[derive(Debug, Clone)]
@@ -64,6 +66,20 @@ impl GenRequest {
     pub fn total_kv_tokens(&self) -> usize {
         self.kv_tokens() + self.scoring_kv_tokens()
     }
+
+    /// KV blocks the request's own sequence takes.
+    pub fn kv_blocks(&self) -> usize {
+        t2_model::kv::blocks_for(self.kv_tokens())
+    }
+
+    /// Fresh KV blocks the scoring fork takes besides the prompt blocks it shares (0 without one).
+    pub fn fork_blocks(&self) -> usize {
+        if self.also_score.is_empty() {
+            return 0;
+        }
+        let shared = (self.prompt.len() - 1) / BLOCK_SIZE;
+        t2_model::kv::blocks_for(self.scoring_kv_tokens()) - shared
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,18 +111,18 @@ pub struct TokenEvent {
     pub counted: bool,
 }
 
+/// A sequence as the scheduler tracks it: prompt progress, the tokens so far, text and stop conditions,
+/// and what it holds (its KV blocks and its mix's table slot, both given back when it is dropped). Its
+/// sampler lives in the runner, under its id.
 pub(crate) struct Sequence {
-    pub cache: KvCache,
-    /// The sequence's hold on its mix's table slot, for as long as it lives.
+    pub id: SeqId,
+    pub kv: KvLease,
     pub mix: MixLease,
     prompt: Vec<u32>,
-    /// Prompt tokens already in the cache.
-    prefilled: usize,
-    /// Input tokens of the step in flight.
-    feeding: usize,
+    /// Sampling settings, handed to the runner when the sequence first steps.
+    sampling: Option<SamplingParams>,
     /// The last sampled token, fed at the next step.
     last: Option<u32>,
-    sampler: Sampler,
     text: TextStream,
     pub generated: Vec<u32>,
     pub logprobs: Vec<TokenLogprob>,
@@ -115,28 +131,40 @@ pub(crate) struct Sequence {
     pub finish: Option<FinishReason>,
     /// While scoring: where the scored continuation starts, and its log-probability so far.
     score: Option<(usize, Scored)>,
-    /// A continuation to score from a fork of this sequence's prompt KV (taken once the prompt is in).
-    also_score: Vec<u32>,
+    /// A continuation to score from a fork of this sequence's prompt KV (taken once the prompt is in),
+    /// with the fresh blocks reserved for that fork at admission.
+    also_score: Option<(Vec<u32>, KvLease)>,
+    /// Pass 1: the label tokens to read instead of sampling.
+    pick: Option<Vec<u32>>,
+}
+
+/// What a sequence's next step feeds, as [`Sequence::row`] plans it.
+pub(crate) struct Feed {
+    pub tokens: Vec<u32>,
+    pub task: RowTask,
 }
 
 impl Sequence {
-    pub fn new(engine: &Engine, r: GenRequest, mix: MixLease) -> Result<Self> {
-        let mut cache = engine.loaded.model.new_cache();
-        // Exactly what the request can use: no regrowth copies while decoding, and the scheduler's KV
-        // budget accounts for real allocations.
-        cache.reserve(r.kv_tokens())?;
-        Ok(Self::from_cache(r, mix, cache, 0))
-    }
-
-    fn from_cache(r: GenRequest, mix: MixLease, cache: KvCache, prefilled: usize) -> Self {
+    /// `kv`'s filled positions are the prompt's first tokens (computed under the same weights), and
+    /// `fork_kv` holds the fresh blocks of the [`GenRequest::also_score`] fork, if any.
+    pub fn new(
+        id: SeqId,
+        r: GenRequest,
+        mix: MixLease,
+        kv: KvLease,
+        fork_kv: Option<KvLease>,
+    ) -> Self {
+        let also_score = match (r.also_score.is_empty(), fork_kv) {
+            (false, Some(k)) => Some((r.also_score, k)),
+            _ => None,
+        };
         Self {
-            cache,
+            id,
+            kv,
             mix,
             prompt: r.prompt,
-            prefilled,
-            feeding: 0,
+            sampling: Some(r.sampling),
             last: None,
-            sampler: Sampler::new(r.sampling),
             text: TextStream::new(r.stop),
             generated: Vec::new(),
             logprobs: Vec::new(),
@@ -152,36 +180,48 @@ impl Sequence {
                     },
                 )
             }),
-            also_score: r.also_score,
+            also_score,
+            pick: None,
         }
     }
 
-    /// Once the prompt is in, the sequence that scores [`GenRequest::also_score`] from a fork of its KV
-    /// (same mix), and the KV tokens that fork takes. At most once per sequence.
-    pub fn take_scoring_fork(&mut self) -> Result<Option<(Sequence, usize)>> {
-        if self.also_score.is_empty() || self.is_prefilling() || self.is_scoring() {
-            return Ok(None);
+    /// A pass-1 row: it feeds the prompt and reads `labels`' logits at the end.
+    pub fn pass1(
+        id: SeqId,
+        prompt: Vec<u32>,
+        mix: MixLease,
+        kv: KvLease,
+        labels: Vec<u32>,
+    ) -> Self {
+        let mut s = Self::new(
+            id,
+            GenRequest::new(prompt, 1, SamplingParams::default()),
+            mix,
+            kv,
+            None,
+        );
+        s.pick = Some(labels);
+        s.ignore_eos = true;
+        s
+    }
+
+    /// Once the prompt is in, the request that scores [`GenRequest::also_score`] from this sequence's
+    /// prompt KV, the KV for it (the prompt's full blocks shared, then the reserved fresh ones) and the
+    /// mix. At most once per sequence.
+    pub fn take_scoring_fork(&mut self) -> Option<(GenRequest, KvLease, MixLease)> {
+        if self.is_prefilling() || self.is_scoring() {
+            return None;
         }
+        let (continuation, fresh) = self.also_score.take()?;
         let mut prompt = self.prompt.clone();
-        prompt.extend(std::mem::take(&mut self.also_score));
+        prompt.extend(continuation);
         let mut req = GenRequest::new(prompt, 1, SamplingParams::default());
         req.score_from = Some(self.prompt.len());
         req.ignore_eos = true;
-        let kv = req.kv_tokens();
-        // The fork re-feeds the last prompt token: its logits predict the first scored token.
-        Ok(Some((
-            Self::with_prefix(req, self.mix.clone(), &self.cache, self.prompt.len() - 1)?,
-            kv,
-        )))
-    }
-
-    /// A sequence whose prompt starts with `len` tokens already computed in `prefix` (same weights): it
-    /// prefills only the rest.
-    pub fn with_prefix(r: GenRequest, mix: MixLease, prefix: &KvCache, len: usize) -> Result<Self> {
-        // At least the last prompt token is fed, so that the first step yields logits.
-        let len = len.min(prefix.len()).min(r.prompt.len().saturating_sub(1));
-        let cache = prefix.fork(len, r.kv_tokens() - len)?;
-        Ok(Self::from_cache(r, mix, cache, len))
+        // The fork re-feeds at least the last prompt token: its logits predict the first scored token.
+        let shared = (self.prompt.len() - 1) / BLOCK_SIZE;
+        let kv = self.kv.share(shared).join(fresh);
+        Some((req, kv, self.mix.clone()))
     }
 
     pub fn prompt_len(&self) -> usize {
@@ -189,77 +229,76 @@ impl Sequence {
     }
 
     pub fn is_prefilling(&self) -> bool {
-        self.prefilled < self.prompt.len()
+        self.kv.len() < self.prompt.len()
     }
 
-    /// This step's input: at most `budget` prompt tokens while prefilling (logits only once the whole
-    /// prompt is in), else the last sampled token. Call [`Self::fed`] after the forward pass.
-    pub fn step(&mut self, budget: usize) -> SeqStep<'_> {
-        let (range, want) = if self.is_prefilling() {
-            let end = (self.prefilled + budget.max(1)).min(self.prompt.len());
-            let want = match self.score {
-                // Positions from-1 .. len-1 predict the scored tokens.
-                Some((from, _)) if end >= from => WantLogits::All,
-                Some(_) => WantLogits::None,
-                None if end == self.prompt.len() => WantLogits::Last,
-                None => WantLogits::None,
+    /// Sampling settings the runner has not been given yet (once).
+    pub fn take_sampling(&mut self) -> Option<SamplingParams> {
+        self.sampling.take()
+    }
+
+    /// This step's input: at most `budget` prompt tokens while prefilling (a result only once the whole
+    /// prompt is in), else the last sampled token.
+    pub fn row(&self, budget: usize) -> Feed {
+        let done = self.kv.len();
+        if !self.is_prefilling() {
+            let last = self.last.expect("decoding has a last token");
+            return Feed {
+                tokens: vec![last],
+                task: RowTask::Sample,
             };
-            (self.prefilled..end, want)
-        } else {
-            (0..1, WantLogits::Last)
+        }
+        let end = (done + budget.max(1)).min(self.prompt.len());
+        let task = match (&self.score, &self.pick) {
+            // Position p predicts prompt[p + 1]; the scored part starts at `from`.
+            (Some((from, _)), _) => RowTask::Score {
+                targets: (done..end)
+                    .map(|p| {
+                        (p + 1 >= *from && p + 1 < self.prompt.len()).then(|| self.prompt[p + 1])
+                    })
+                    .collect(),
+            },
+            _ if end < self.prompt.len() => RowTask::Feed,
+            (None, Some(labels)) => RowTask::Pick {
+                tokens: labels.clone(),
+            },
+            (None, None) => RowTask::Sample,
         };
-        self.feeding = range.len();
-        let tokens = if self.is_prefilling() {
-            &self.prompt[range]
-        } else {
-            std::slice::from_ref(self.last.as_ref().expect("decoding has a last token"))
-        };
-        SeqStep {
-            cache: &mut self.cache,
-            tokens,
-            mix: self.mix.id(),
-            want,
+        Feed {
+            tokens: self.prompt[done..end].to_vec(),
+            task,
         }
     }
 
-    /// The input of the last [`Self::step`] went through the model.
-    pub fn fed(&mut self) {
-        if self.is_prefilling() {
-            self.prefilled += self.feeding;
-        }
-        self.feeding = 0;
+    /// `n` input tokens of the last planned row went through the model.
+    pub fn fed(&mut self, n: usize) {
+        self.kv.kv_mut().len += n;
     }
 
     pub fn is_scoring(&self) -> bool {
         self.score.is_some()
     }
 
-    /// Adds the log-probabilities of the scored tokens that the chunk just fed predicts (`logits`: one row
-    /// per fed position). Returns the result once the whole prompt is in.
-    pub fn on_score_logits(&mut self, logits: &candle_core::Tensor) -> Result<Option<Scored>> {
-        let Some((from, mut acc)) = self.score else {
-            return Ok(None);
-        };
-        let rows = logits.dim(0)?;
-        let start = self.prefilled - rows;
-        for p in start.max(from - 1)..self.prefilled.min(self.prompt.len() - 1) {
-            let row = logits.get(p - start)?.to_vec1::<f32>()?;
-            let lse = t2_model::sampling::log_sum_exp(&row);
-            acc.logprob += (row[self.prompt[p + 1] as usize] - lse) as f64;
-            acc.tokens += 1;
-        }
+    /// Adds a scoring chunk's result; the total once the whole prompt is in.
+    pub fn on_score(&mut self, logprob: f64, tokens: usize) -> Option<Scored> {
+        let (from, mut acc) = self.score?;
+        acc.logprob += logprob;
+        acc.tokens += tokens;
         self.score = Some((from, acc));
         if self.is_prefilling() {
-            return Ok(None);
+            return None;
         }
         self.finish = Some(FinishReason::Stop);
-        Ok(Some(acc))
+        Some(acc)
     }
 
-    /// Samples from the logits of the last position and advances the text and stop conditions.
-    pub fn on_logits(&mut self, engine: &Engine, logits: &[f32]) -> Result<TokenEvent> {
-        let tok = &engine.loaded.tokenizer;
-        let (token, logprob) = self.sampler.sample(logits);
+    /// Takes a sampled token: advances the text and the stop conditions.
+    pub fn on_token(
+        &mut self,
+        tok: &T2Tokenizer,
+        token: u32,
+        logprob: Option<TokenLogprob>,
+    ) -> Result<TokenEvent> {
         if tok.is_eos(token) && !self.ignore_eos {
             self.finish = Some(FinishReason::Stop);
             return Ok(TokenEvent {
@@ -336,5 +375,69 @@ impl Engine {
             )));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::BlockKvManager;
+
+    fn scoring(prompt: Vec<u32>, from: usize, kv: &BlockKvManager) -> Sequence {
+        let mut r = GenRequest::new(prompt, 1, SamplingParams::default());
+        r.score_from = Some(from);
+        let blocks = kv.allocate(r.kv_tokens()).unwrap();
+        Sequence::new(1, r, MixLease::unheld_base(), blocks, None)
+    }
+
+    #[test]
+    fn a_scoring_sequence_plans_its_targets_chunk_by_chunk() {
+        let kv = BlockKvManager::new(4);
+        let prompt: Vec<u32> = (100..110).collect();
+        // prompt[6..] is scored: positions 5..9 predict it.
+        let mut s = scoring(prompt.clone(), 6, &kv);
+        let first = s.row(4);
+        assert_eq!(first.tokens, prompt[..4]);
+        assert_eq!(
+            first.task,
+            RowTask::Score {
+                targets: vec![None; 4]
+            }
+        );
+        s.fed(4);
+        assert!(s.on_score(0.0, 0).is_none(), "the prompt is not in yet");
+        let rest = s.row(100);
+        assert_eq!(rest.tokens, prompt[4..]);
+        assert_eq!(
+            rest.task,
+            RowTask::Score {
+                targets: vec![None, Some(106), Some(107), Some(108), Some(109), None]
+            }
+        );
+        s.fed(6);
+        assert_eq!(
+            s.on_score(-2.5, 4),
+            Some(Scored {
+                logprob: -2.5,
+                tokens: 4
+            })
+        );
+        assert_eq!(s.finish, Some(FinishReason::Stop));
+    }
+
+    #[test]
+    fn a_generating_sequence_samples_only_once_its_prompt_is_in() {
+        let kv = BlockKvManager::new(4);
+        let r = GenRequest::new((0..20).collect(), 5, SamplingParams::default());
+        let blocks = kv.allocate(r.kv_tokens()).unwrap();
+        assert_eq!(blocks.kv().blocks.len(), 2);
+        let mut s = Sequence::new(7, r, MixLease::unheld_base(), blocks, None);
+        assert!(s.take_sampling().is_some() && s.take_sampling().is_none());
+        assert_eq!(s.row(16).task, RowTask::Feed);
+        s.fed(16);
+        let last = s.row(16);
+        assert_eq!((last.tokens.len(), last.task), (4, RowTask::Sample));
+        drop(s);
+        assert_eq!(kv.used(), 0, "a dropped sequence gives its blocks back");
     }
 }

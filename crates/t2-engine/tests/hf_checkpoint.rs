@@ -31,16 +31,17 @@ fn hf_folder_matches_gguf() {
     assert_eq!(hf.tokenizer.eos, gguf.tokenizer.eos);
 
     let logits = |m: &LoadedModel| -> Vec<f32> {
-        let mut c = m.model.new_cache();
+        let (pool, mut kv) = m.model.pool_for(&[tokens.len()]).unwrap();
         m.model
             .forward(
                 &mut [SeqStep {
-                    cache: &mut c,
+                    kv: &mut kv[0],
                     tokens: &tokens,
                     mix: 0,
                     want: WantLogits::Last,
                 }],
                 &DenseProjector,
+                &pool,
             )
             .unwrap()[0]
             .as_ref()

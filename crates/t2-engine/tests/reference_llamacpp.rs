@@ -122,16 +122,17 @@ fn logprobs_match_llama_cpp() {
         let gen = ids(&c["generated_tokens"]);
         let mut seq = prompt.clone();
         seq.extend_from_slice(&gen[..gen.len() - 1]);
-        let mut cache = model.new_cache();
+        let (pool, mut kv) = model.pool_for(&[seq.len()]).unwrap();
         let logits = model
             .forward(
                 &mut [SeqStep {
-                    cache: &mut cache,
+                    kv: &mut kv[0],
                     tokens: &seq,
                     mix: BASE_MIX,
                     want: WantLogits::All,
                 }],
                 e.projector(),
+                &pool,
             )
             .unwrap()
             .remove(0)

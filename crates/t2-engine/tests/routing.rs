@@ -79,18 +79,19 @@ fn drain(h: &mut SeqHandle) -> (Option<RouteDecision>, Vec<u32>) {
 fn direct_scores(e: &Engine, spec: &t2_engine::RouteSpec) -> Vec<f32> {
     let lease = e.lease(&spec.scorer).unwrap();
     let mix = lease.id();
-    let mut cache = e.loaded.model.new_cache();
+    let (pool, mut kv) = e.loaded.model.pool_for(&[spec.prompt.len()]).unwrap();
     let logits = e
         .loaded
         .model
         .forward(
             &mut [SeqStep {
-                cache: &mut cache,
+                kv: &mut kv[0],
                 tokens: &spec.prompt,
                 mix,
                 want: WantLogits::Last,
             }],
             e.projector(),
+            &pool,
         )
         .unwrap()
         .remove(0)
@@ -274,18 +275,19 @@ fn scoring_jobs_equal_a_direct_log_softmax() {
 fn direct_logprob(e: &Engine, a: &Adaptation, prompt: &[u32], from: usize) -> f64 {
     let lease = e.lease(a).unwrap();
     let mix = lease.id();
-    let mut cache = e.loaded.model.new_cache();
+    let (pool, mut kv) = e.loaded.model.pool_for(&[prompt.len()]).unwrap();
     let logits = e
         .loaded
         .model
         .forward(
             &mut [SeqStep {
-                cache: &mut cache,
+                kv: &mut kv[0],
                 tokens: prompt,
                 mix,
                 want: WantLogits::All,
             }],
             e.projector(),
+            &pool,
         )
         .unwrap()
         .remove(0)

@@ -195,8 +195,8 @@ fn a_full_queue_refuses_and_the_kv_budget_serializes() {
         e.clone(),
         SchedulerConfig {
             max_queue: 1,
-            // Room for one of these requests at a time.
-            kv_budget_tokens: long.kv_tokens() + 8,
+            // Room for one of these requests at a time (KV comes in whole blocks).
+            kv_budget_tokens: long.kv_blocks() * t2_model::BLOCK_SIZE + 8,
             ..Default::default()
         },
     );

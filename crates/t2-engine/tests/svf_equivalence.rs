@@ -25,18 +25,19 @@ fn lease(e: &Engine, z: BTreeMap<ProjId, Vec<f32>>) -> MixLease {
 
 /// Last-position logits of one sequence run alone.
 fn last_logits(e: &Engine, tokens: &[u32], mix: MixId) -> Vec<f32> {
-    let mut cache = e.loaded.model.new_cache();
+    let (pool, mut kv) = e.loaded.model.pool_for(&[tokens.len()]).unwrap();
     let out = e
         .loaded
         .model
         .forward(
             &mut [SeqStep {
-                cache: &mut cache,
+                kv: &mut kv[0],
                 tokens,
                 mix,
                 want: WantLogits::Last,
             }],
             e.projector(),
+            &pool,
         )
         .unwrap();
     out[0].as_ref().unwrap().to_vec1().unwrap()
@@ -173,19 +174,24 @@ fn batch_of_different_mixes_equals_each_alone() {
 
     // logits agree too, not only argmaxes: first step of the mixed batch vs each alone
     let ps: Vec<Vec<u32>> = prompts.iter().map(|p| prompt(e, p)).collect();
-    let mut caches: Vec<_> = ps.iter().map(|_| e.loaded.model.new_cache()).collect();
+    let lengths: Vec<usize> = ps.iter().map(Vec::len).collect();
+    let (pool, mut caches) = e.loaded.model.pool_for(&lengths).unwrap();
     let mut steps: Vec<SeqStep> = caches
         .iter_mut()
         .zip(&ps)
         .zip(mixes)
         .map(|((c, t), mix)| SeqStep {
-            cache: c,
+            kv: c,
             tokens: t,
             mix,
             want: WantLogits::Last,
         })
         .collect();
-    let batched = e.loaded.model.forward(&mut steps, e.projector()).unwrap();
+    let batched = e
+        .loaded
+        .model
+        .forward(&mut steps, e.projector(), &pool)
+        .unwrap();
     for ((p, mix), l) in ps.iter().zip(mixes).zip(batched) {
         let l: Vec<f32> = l.unwrap().to_vec1().unwrap();
         let d = common::rel_diff(&l, &last_logits(e, p, mix));
@@ -202,19 +208,23 @@ fn incremental_decode_equals_full_recompute() {
     for mix in [BASE_MIX, adapted] {
         let mut seq = prompt(e, "Count from one to ten.");
         let prompt_len = seq.len();
-        let mut cache = model.new_cache();
+        // The incremental run's blocks are scattered over the pool in reverse order; the full recompute's
+        // are contiguous: both must read the same KV through their block tables.
+        let (pool, mut kv) = model.pool_for(&[prompt_len + 12]).unwrap();
+        kv[0].blocks.reverse();
         let mut step_logits: Vec<Vec<f32>> = Vec::new();
         let mut pending = seq.clone();
         for _ in 0..12 {
             let out = model
                 .forward(
                     &mut [SeqStep {
-                        cache: &mut cache,
+                        kv: &mut kv[0],
                         tokens: &pending,
                         mix,
                         want: WantLogits::Last,
                     }],
                     e.projector(),
+                    &pool,
                 )
                 .unwrap();
             let l: Vec<f32> = out[0].as_ref().unwrap().to_vec1().unwrap();
@@ -223,16 +233,17 @@ fn incremental_decode_equals_full_recompute() {
             seq.push(next);
             pending = vec![next];
         }
-        let mut fresh = model.new_cache();
+        let (fresh_pool, mut fresh) = model.pool_for(&[seq.len()]).unwrap();
         let full: Tensor = model
             .forward(
                 &mut [SeqStep {
-                    cache: &mut fresh,
+                    kv: &mut fresh[0],
                     tokens: &seq[..seq.len() - 1],
                     mix,
                     want: WantLogits::All,
                 }],
                 e.projector(),
+                &fresh_pool,
             )
             .unwrap()
             .remove(0)

@@ -55,12 +55,15 @@ fn stream_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> 
     Ok(Some(y.to_dtype(x.dtype())?))
 }
 
-/// One query head against `len` cached positions (rows of `k`/`v`, each `o.len()` long): o = softmax(k·q·scale)·v.
+/// One query head against the first `len` cached positions of a sequence: o = softmax(k·q·scale)·v. K and V
+/// rows live in pool rows of `row` elements; `at(p)` is where position p's head starts in them.
+#[allow(clippy::too_many_arguments)]
 fn attend_head(
     qh: &[f32],
     k: &[f32],
     v: &[f32],
     len: usize,
+    at: impl Fn(usize) -> usize,
     scale: f32,
     scores: &mut [f32],
     o: &mut [f32],
@@ -69,7 +72,8 @@ fn attend_head(
     let scores = &mut scores[..len];
     let mut max = f32::NEG_INFINITY;
     for (j, sc) in scores.iter_mut().enumerate() {
-        *sc = f32::dot(&k[j * d..(j + 1) * d], qh) * scale;
+        let a = at(j);
+        *sc = f32::dot(&k[a..a + d], qh) * scale;
         max = max.max(*sc);
     }
     let mut sum = 0f32;
@@ -80,78 +84,81 @@ fn attend_head(
     o.fill(0.0);
     for (j, sc) in scores.iter().enumerate() {
         let p = sc / sum;
+        let a = at(j);
         o.iter_mut()
-            .zip(&v[j * d..(j + 1) * d])
-            .for_each(|(a, b)| *a += p * b);
+            .zip(&v[a..a + d])
+            .for_each(|(x, y)| *x += p * y);
     }
 }
 
-/// One KV cache layer of one sequence for [`decode_attention_batch`]: K and V buffers
-/// (kv_heads, cap, head_dim) and how many positions are filled.
-pub struct CachedKv<'a> {
-    pub k: &'a Tensor,
-    pub v: &'a Tensor,
-    pub cap: usize,
+/// One sequence's KV for [`decode_attention_batch`]: its blocks in position order and how many positions
+/// to attend over (the new token's included).
+pub struct BlockKv<'a> {
+    pub blocks: &'a [u32],
     pub len: usize,
 }
 
+/// A contiguous f32 CPU tensor's storage guard and start offset, or None.
+fn f32_data(t: &Tensor) -> Option<(impl std::ops::Deref<Target = Storage> + '_, usize)> {
+    let (s, l) = t.storage_and_layout();
+    let (start, _) = l.contiguous_offsets()?;
+    matches!(&*s, Storage::Cpu(CpuStorage::F32(_))).then_some((s, start))
+}
+
 /// The decode attention of many sequences at once (one new token each): q is (seqs, heads, head_dim)
-/// f32, contiguous; returns (seqs, heads·head_dim). One call per layer instead of a dozen tensor ops per
-/// sequence, with (sequence, head) pairs spread over the cores. None where this CPU/f32 path does not apply.
+/// f32, contiguous; the layer's pool K and V are (slots, kv_heads·head_dim); returns (seqs, heads·head_dim).
+/// One call per layer instead of a dozen tensor ops per sequence, with (sequence, head) pairs spread over
+/// the cores. None where this CPU/f32 path does not apply.
 pub fn decode_attention_batch(
     q: &Tensor,
-    caches: &[CachedKv<'_>],
+    k_pool: &Tensor,
+    v_pool: &Tensor,
+    seqs: &[BlockKv<'_>],
     group: usize,
 ) -> candle_core::Result<Option<Tensor>> {
     if !q.device().is_cpu() || q.dtype() != DType::F32 || !q.is_contiguous() {
         return Ok(None);
     }
     let (n, heads, d) = q.dims3()?;
-    if n != caches.len() || caches.iter().any(|c| c.len == 0 || c.len > c.cap) {
+    let row = k_pool.dim(1)?;
+    let slots = k_pool.dim(0)?;
+    let bs = crate::kv::BLOCK_SIZE;
+    let fits = |s: &BlockKv<'_>| {
+        s.len > 0
+            && s.len <= s.blocks.len() * bs
+            && s.blocks.iter().all(|&b| (b as usize + 1) * bs <= slots)
+    };
+    if n != seqs.len() || !seqs.iter().all(fits) {
         return Ok(None);
     }
-    let (qs, ql) = q.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F32(qv)), Some((q0, _))) = (&*qs, ql.contiguous_offsets()) else {
+    let (Some((qs, q0)), Some((ks, k0)), Some((vs, v0))) =
+        (f32_data(q), f32_data(k_pool), f32_data(v_pool))
+    else {
         return Ok(None);
     };
-    let guards: Vec<_> = caches
-        .iter()
-        .map(|c| (c.k.storage_and_layout(), c.v.storage_and_layout()))
-        .collect();
-    let mut slices: Vec<(&[f32], &[f32])> = Vec::with_capacity(n);
-    for ((ks, kl), (vs, vl)) in &guards {
-        let (
-            Storage::Cpu(CpuStorage::F32(kv)),
-            Storage::Cpu(CpuStorage::F32(vv)),
-            Some((k0, _)),
-            Some((v0, _)),
-        ) = (
-            &**ks,
-            &**vs,
-            kl.contiguous_offsets(),
-            vl.contiguous_offsets(),
-        )
-        else {
-            return Ok(None);
-        };
-        slices.push((&kv[k0..], &vv[v0..]));
-    }
+    let (
+        Storage::Cpu(CpuStorage::F32(qv)),
+        Storage::Cpu(CpuStorage::F32(kv)),
+        Storage::Cpu(CpuStorage::F32(vv)),
+    ) = (&*qs, &*ks, &*vs)
+    else {
+        return Ok(None);
+    };
+    let (kv, vv) = (&kv[k0..], &vv[v0..]);
     let scale = 1.0 / (d as f32).sqrt();
     let mut out = vec![0f32; n * heads * d];
     out.par_chunks_mut(d).enumerate().for_each_init(
-        || vec![0f32; caches.iter().map(|c| c.len).max().unwrap_or(0)],
+        || vec![0f32; seqs.iter().map(|c| c.len).max().unwrap_or(0)],
         |scores, (i, o)| {
             let (seq, h) = (i / heads, i % heads);
-            let c = &caches[seq];
-            let (kv, vv) = slices[seq];
-            let base = (h / group) * c.cap * d;
+            let s = &seqs[seq];
+            let head_at = (h / group) * d;
+            let at = |p: usize| (s.blocks[p / bs] as usize * bs + p % bs) * row + head_at;
             let qh = &qv[q0 + i * d..q0 + (i + 1) * d];
-            attend_head(qh, &kv[base..], &vv[base..], c.len, scale, scores, o);
+            attend_head(qh, kv, vv, s.len, at, scale, scores, o);
         },
     );
-    drop(slices);
-    drop(guards);
-    drop(qs);
+    drop((qs, ks, vs));
     Ok(Some(Tensor::from_vec(out, (n, heads * d), q.device())?))
 }
 

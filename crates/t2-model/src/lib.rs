@@ -10,7 +10,7 @@ pub mod config;
 pub mod error;
 pub mod export;
 pub mod kernels;
-pub mod kv_cache;
+pub mod kv;
 pub mod llama;
 pub mod load;
 pub mod sampling;
@@ -19,7 +19,7 @@ pub mod tokenizer;
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{LlamaConfig, RopeStyle};
 pub use error::{ModelError, Result};
-pub use kv_cache::KvCache;
+pub use kv::{KvPool, SeqKv, BLOCK_SIZE};
 pub use llama::{
     random_llama, DenseProjector, Linear, Llama, ProjId, ProjKind, Projector, RowMixes, SeqStep,
     WantLogits,

@@ -6,7 +6,7 @@
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::config::{LlamaConfig, RopeStyle};
-use crate::kv_cache::KvCache;
+use crate::kv::{KvPool, SeqKv};
 
 /// Which projection of a layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -163,12 +163,63 @@ pub enum WantLogits {
     All,
 }
 
-/// One sequence's part of a batch step: its cache, its new tokens and the mix its rows use.
+/// One sequence's part of a batch step: its KV blocks (advanced by the step), its new tokens and the mix
+/// its rows use.
 pub struct SeqStep<'a> {
-    pub cache: &'a mut KvCache,
+    pub kv: &'a mut SeqKv,
     pub tokens: &'a [u32],
     pub mix: u32,
     pub want: WantLogits,
+}
+
+/// Where a step's K/V rows go in the pool and where each sequence's positions are, computed once per step
+/// (the same for every layer).
+struct KvRows {
+    /// (first batch row, rows, first pool row) for each run of new positions that is contiguous in the pool.
+    writes: Vec<(usize, usize, usize)>,
+    /// Per sequence: the pool rows of all its positions, the new ones included (built on first use:
+    /// the decode kernel reads block tables directly).
+    gathers: std::cell::OnceCell<Vec<Tensor>>,
+    slots: Vec<Vec<u32>>,
+    device: Device,
+}
+
+impl KvRows {
+    fn new(
+        steps: &[SeqStep<'_>],
+        spans: &[(usize, usize, usize)],
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let mut writes = Vec::new();
+        let mut slots = Vec::with_capacity(steps.len());
+        for (s, &(off, t, start)) in steps.iter().zip(spans) {
+            let mut p = start;
+            while p < start + t {
+                let run = (crate::kv::BLOCK_SIZE - p % crate::kv::BLOCK_SIZE).min(start + t - p);
+                writes.push((off + p - start, run, s.kv.slot(p)));
+                p += run;
+            }
+            slots.push(s.kv.slots(0, start + t));
+        }
+        Ok(Self {
+            writes,
+            gathers: std::cell::OnceCell::new(),
+            slots,
+            device: device.clone(),
+        })
+    }
+
+    fn gathers(&self) -> candle_core::Result<&[Tensor]> {
+        if self.gathers.get().is_none() {
+            let g = self
+                .slots
+                .iter()
+                .map(|ids| Tensor::from_slice(ids, ids.len(), &self.device))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let _ = self.gathers.set(g);
+        }
+        Ok(self.gathers.get().expect("just set"))
+    }
 }
 
 pub struct Llama {
@@ -218,8 +269,15 @@ impl Llama {
         &self.device
     }
 
-    pub fn new_cache(&self) -> KvCache {
-        KvCache::new(&self.cfg, self.dtype, &self.device)
+    /// KV storage for `num_blocks` blocks.
+    pub fn new_pool(&self, num_blocks: usize) -> candle_core::Result<KvPool> {
+        KvPool::new(&self.cfg, num_blocks, self.dtype, &self.device)
+    }
+
+    /// A pool just large enough for sequences of these lengths, and their blocks (see
+    /// [`KvPool::for_sequences`]).
+    pub fn pool_for(&self, lengths: &[usize]) -> candle_core::Result<(KvPool, Vec<SeqKv>)> {
+        KvPool::for_sequences(&self.cfg, lengths, self.dtype, &self.device)
     }
 
     /// Every projection of the model, in layer order.
@@ -249,12 +307,13 @@ impl Llama {
             * elem
     }
 
-    /// Advances every sequence of `steps` by its new tokens in one batched pass. Returns, per step, the
-    /// logits it asked for, in f32.
+    /// Advances every sequence of `steps` by its new tokens in one batched pass, writing their K/V into
+    /// `pool` through each sequence's blocks. Returns, per step, the logits it asked for, in f32.
     pub fn forward(
         &self,
         steps: &mut [SeqStep<'_>],
         projector: &dyn Projector,
+        pool: &KvPool,
     ) -> candle_core::Result<Vec<Option<Tensor>>> {
         let cfg = &self.cfg;
         let mut tokens = Vec::new();
@@ -271,8 +330,20 @@ impl Llama {
                     cfg.vocab_size
                 );
             }
-            s.cache.reserve(s.tokens.len())?;
-            let start = s.cache.len();
+            let start = s.kv.len;
+            let end = start + s.tokens.len();
+            if end > cfg.max_position_embeddings {
+                candle_core::bail!(
+                    "sequence of {end} tokens exceeds the model's context of {} tokens",
+                    cfg.max_position_embeddings
+                );
+            }
+            if end > s.kv.capacity() {
+                candle_core::bail!(
+                    "the sequence's KV blocks hold {} positions, the step needs {end}",
+                    s.kv.capacity()
+                );
+            }
             spans.push((tokens.len(), s.tokens.len(), start));
             tokens.extend_from_slice(s.tokens);
             positions.extend((start..start + s.tokens.len()).map(|p| p as u32));
@@ -295,6 +366,7 @@ impl Llama {
             .index_select(&pos_ids, 0)?
             .reshape((n, 1, half))?;
 
+        let kv_rows = KvRows::new(steps, &spans, &self.device)?;
         let mut x = self.embed.index_select(&token_ids, 0)?;
         for (layer, block) in self.blocks.iter().enumerate() {
             let h = block.attn_norm.forward(&x)?;
@@ -306,6 +378,7 @@ impl Llama {
                 &sin,
                 steps,
                 &spans,
+                (pool, &kv_rows),
                 projector,
                 &rows,
             )?;
@@ -314,7 +387,7 @@ impl Llama {
             x = (x + self.mlp(&block.mlp, &h, projector, &rows)?)?;
         }
         for s in steps.iter_mut() {
-            s.cache.advance(s.tokens.len());
+            s.kv.len += s.tokens.len();
         }
 
         // Only the rows someone asked for go through the (large) output head.
@@ -384,8 +457,9 @@ impl Llama {
         h: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        steps: &mut [SeqStep<'_>],
+        steps: &[SeqStep<'_>],
         spans: &[(usize, usize, usize)],
+        (pool, kv_rows): (&KvPool, &KvRows),
         p: &dyn Projector,
         rows: &RowMixes,
     ) -> candle_core::Result<Tensor> {
@@ -397,38 +471,45 @@ impl Llama {
         let v = self.project(&attn.v, h, p, rows)?.reshape((n, nkv, hd))?;
         let q = self.rope(&q, cos, sin)?;
         let k = self.rope(&k, cos, sin)?;
-
-        if steps.len() > 1 && steps.iter().all(|s| s.tokens.len() == 1) {
-            if let Some(out) = self.decode_attention_all(layer, &q, &k, &v, steps)? {
+        // Every new position's K/V goes into its pool row first: attention then reads all positions,
+        // the new ones included, from the pool.
+        let (k_pool, v_pool) = (&pool.k[layer], &pool.v[layer]);
+        let (k2, v2) = (k.reshape((n, pool.row))?, v.reshape((n, pool.row))?);
+        for &(off, len, slot) in &kv_rows.writes {
+            k_pool.slice_set(&k2.narrow(0, off, len)?, 0, slot)?;
+            v_pool.slice_set(&v2.narrow(0, off, len)?, 0, slot)?;
+        }
+        let q = q.contiguous()?;
+        if steps.iter().all(|s| s.tokens.len() == 1) {
+            let seqs: Vec<_> = steps
+                .iter()
+                .zip(spans)
+                .map(|(s, &(_, _, start))| crate::kernels::BlockKv {
+                    blocks: &s.kv.blocks,
+                    len: start + 1,
+                })
+                .collect();
+            let out = crate::kernels::decode_attention_batch(
+                &q,
+                k_pool,
+                v_pool,
+                &seqs,
+                cfg.group_size(),
+            )?;
+            if let Some(out) = out {
                 return self.project(&attn.o, &out, p, rows);
             }
         }
         let mut outs = Vec::with_capacity(steps.len());
-        for (s, &(off, t, start)) in steps.iter_mut().zip(spans) {
+        for (ids, &(off, t, start)) in kv_rows.gathers()?.iter().zip(spans) {
             let qs = q.narrow(0, off, t)?.transpose(0, 1)?.contiguous()?;
-            let ks = k.narrow(0, off, t)?.transpose(0, 1)?.contiguous()?;
-            let vs = v.narrow(0, off, t)?.transpose(0, 1)?.contiguous()?;
-            let (k_all, v_all) = s.cache.append(layer, &ks, &vs)?;
-            let fast = if t == 1 {
-                let (k, v, cap) = s.cache.buffers(layer);
-                let cached = crate::kernels::CachedKv {
-                    k,
-                    v,
-                    cap,
-                    len: start + 1,
-                };
-                crate::kernels::decode_attention_batch(
-                    &q.narrow(0, off, 1)?,
-                    &[cached],
-                    cfg.group_size(),
-                )?
-            } else {
-                None
+            let gather = |pool: &Tensor| -> candle_core::Result<Tensor> {
+                pool.index_select(ids, 0)?
+                    .reshape((start + t, nkv, hd))?
+                    .transpose(0, 1)?
+                    .contiguous()
             };
-            outs.push(match fast {
-                Some(o) => o,
-                None => self.attend(&qs, &k_all, &v_all, start)?,
-            });
+            outs.push(self.attend(&qs, &gather(k_pool)?, &gather(v_pool)?, start)?);
         }
         let out = if outs.len() == 1 {
             outs.pop().unwrap()
@@ -436,39 +517,6 @@ impl Llama {
             Tensor::cat(&outs, 0)?
         };
         self.project(&attn.o, &out, p, rows)
-    }
-
-    /// A pure decode step (one new token per sequence): every row's K/V goes into its cache, then one
-    /// kernel call attends all sequences. None where the kernel does not apply (the caller falls back).
-    fn decode_attention_all(
-        &self,
-        layer: usize,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        steps: &mut [SeqStep<'_>],
-    ) -> candle_core::Result<Option<Tensor>> {
-        if !q.device().is_cpu() || q.dtype() != DType::F32 {
-            return Ok(None);
-        }
-        let (k, v) = (k.contiguous()?, v.contiguous()?);
-        for (i, s) in steps.iter_mut().enumerate() {
-            s.cache
-                .append(layer, &k.get(i)?.unsqueeze(1)?, &v.get(i)?.unsqueeze(1)?)?;
-        }
-        let caches: Vec<crate::kernels::CachedKv<'_>> = steps
-            .iter()
-            .map(|s| {
-                let (k, v, cap) = s.cache.buffers(layer);
-                crate::kernels::CachedKv {
-                    k,
-                    v,
-                    cap,
-                    len: s.cache.len() + 1,
-                }
-            })
-            .collect();
-        crate::kernels::decode_attention_batch(&q.contiguous()?, &caches, self.cfg.group_size())
     }
 
     /// Causal attention of one sequence's new queries (heads, t, d) over its cache (kv_heads, start + t, d).

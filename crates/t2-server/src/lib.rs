@@ -140,7 +140,7 @@ fn load(state: &AppState, engine_cfg: &EngineConfig) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let engine = Arc::new(Engine::open(engine_cfg)?);
     let mut sched_cfg = state.cfg.scheduler.clone();
-    let per_token = t2_model::KvCache::bytes_per_token(&engine.loaded.model.cfg, engine_cfg.dtype);
+    let per_token = t2_model::kv::bytes_per_token(&engine.loaded.model.cfg, engine_cfg.dtype);
     sched_cfg.kv_budget_tokens = (state.cfg.kv_memory_bytes / per_token.max(1)).max(1);
     tracing::info!(
         kv_budget_tokens = sched_cfg.kv_budget_tokens,

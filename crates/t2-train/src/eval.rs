@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use t2_engine::{Adaptation, Engine, RoutePolicy, RouteStrategy, Router};
-use t2_model::{ChatMessage, KvCache, SamplingParams, SeqStep, WantLogits};
+use t2_model::{ChatMessage, SamplingParams, SeqStep, WantLogits};
 use t2_tasks::{Answer, Split, Task, TaskItem};
 
 use crate::rollout::Job;
@@ -445,18 +445,24 @@ pub fn pick_by_loglik(
                 .map_err(|e| TrainError::Engine(e.into()))?,
         );
     }
-    let mut caches: Vec<KvCache> = items.iter().map(|_| model.new_cache()).collect();
+    // Room for each prompt and its longest option.
+    let lengths: Vec<usize> = prompts
+        .iter()
+        .zip(&options)
+        .map(|(p, o)| p.len() + o.iter().map(Vec::len).max().unwrap_or(0))
+        .collect();
+    let (pool, mut caches) = model.pool_for(&lengths)?;
     let mut steps: Vec<SeqStep<'_>> = caches
         .iter_mut()
         .zip(&prompts)
-        .map(|(cache, p)| SeqStep {
-            cache,
+        .map(|(kv, p)| SeqStep {
+            kv,
             tokens: p,
             mix,
             want: WantLogits::Last,
         })
         .collect();
-    let first = model.forward(&mut steps, engine.projector())?;
+    let first = model.forward(&mut steps, engine.projector(), &pool)?;
     drop(steps);
     let first: Vec<Vec<f32>> = first
         .into_iter()
@@ -472,14 +478,14 @@ pub fn pick_by_loglik(
             if let Some(o) = options[i].get(k).filter(|o| !o.is_empty()) {
                 idx.push(i);
                 steps.push(SeqStep {
-                    cache,
+                    kv: cache,
                     tokens: o,
                     mix,
                     want: WantLogits::All,
                 });
             }
         }
-        let out = model.forward(&mut steps, engine.projector())?;
+        let out = model.forward(&mut steps, engine.projector(), &pool)?;
         drop(steps);
         for (&i, logits) in idx.iter().zip(out) {
             let o = &options[i][k];
@@ -491,7 +497,7 @@ pub fn pick_by_loglik(
             scores[i][k] = s;
         }
         for (i, cache) in caches.iter_mut().enumerate() {
-            cache.truncate(prompts[i].len());
+            cache.len = prompts[i].len();
         }
     }
     Ok(scores

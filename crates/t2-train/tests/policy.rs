@@ -48,14 +48,18 @@ fn sequences(e: &Engine) -> Vec<Scored> {
 
 /// log π(tokens[from..]) from the serving forward, with the adaptation's mix.
 fn serving_logprobs(e: &Engine, s: &Scored, mix: u32) -> Vec<f32> {
-    let mut cache = e.loaded.model.new_cache();
+    let (pool, mut kv) = e.loaded.model.pool_for(&[s.tokens.len()]).unwrap();
     let mut steps = [SeqStep {
-        cache: &mut cache,
+        kv: &mut kv[0],
         tokens: &s.tokens,
         mix,
         want: WantLogits::All,
     }];
-    let logits = e.loaded.model.forward(&mut steps, e.projector()).unwrap()[0]
+    let logits = e
+        .loaded
+        .model
+        .forward(&mut steps, e.projector(), &pool)
+        .unwrap()[0]
         .take()
         .unwrap();
     let rows = logits.to_vec2::<f32>().unwrap();
