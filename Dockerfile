@@ -10,7 +10,8 @@ COPY scripts scripts
 RUN bash scripts/fetch-model.sh && ./target/release/t2 decompose >/dev/null
 
 FROM debian:bookworm-slim
-RUN useradd --system --home /srv/t2 t2 && mkdir -p /srv/t2 && chown t2 /srv/t2
+# A fixed uid, so that Kubernetes can check runAsNonRoot (deploy/k8s/deployment.yaml runs as 10001).
+RUN useradd --system --uid 10001 --user-group --home /srv/t2 t2 && mkdir -p /srv/t2 && chown t2 /srv/t2
 WORKDIR /srv/t2
 COPY --from=build /src/target/release/t2 /usr/local/bin/t2
 COPY --from=build --chown=t2 /src/models models

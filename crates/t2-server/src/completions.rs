@@ -345,7 +345,7 @@ async fn whole_response(
 ) -> ApiResult<Response> {
     let n = handles.len();
     let mut events = merged_events(handles);
-    let mut t = Tracker::new(state.clone(), started, n, p.prompt_tokens);
+    let mut t = Tracker::new(state.clone(), started, n, p.prompt_tokens, &p.chosen.label);
     let until = deadline(&state);
     while !t.all_finished() {
         match tokio::time::timeout_at(until, events.next()).await {
@@ -612,7 +612,7 @@ fn stream_response(
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
     tokio::spawn(async move {
         let mut events = merged_events(handles);
-        let mut t = Tracker::new(state.clone(), started, n, p.prompt_tokens);
+        let mut t = Tracker::new(state.clone(), started, n, p.prompt_tokens, &p.chosen.label);
         let core = state.core_if_loaded().expect("loaded");
         let until = deadline(&state);
         let send_all = |tx: &tokio::sync::mpsc::Sender<Event>, evs: Vec<Event>| {

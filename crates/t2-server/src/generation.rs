@@ -13,6 +13,7 @@ use t2_model::{SamplingParams, TokenLogprob};
 
 use crate::adaptation::Chosen;
 use crate::error::{ApiError, ApiResult};
+use crate::metrics::AdapterLease;
 use crate::openai::{SamplingFields, TokenLogprobEntry, TopLogprob, Usage};
 use crate::state::{AppState, Core};
 
@@ -298,10 +299,19 @@ pub struct Tracker {
     pub prompt_tokens: usize,
     first_token: bool,
     done: bool,
+    /// The expert or stored mix this request runs on, for `vllm:lora_requests_info`.
+    adapter: Option<AdapterLease>,
 }
 
 impl Tracker {
-    pub fn new(state: Arc<AppState>, started: Instant, n: usize, prompt_tokens: usize) -> Self {
+    pub fn new(
+        state: Arc<AppState>,
+        started: Instant,
+        n: usize,
+        prompt_tokens: usize,
+        adaptation_label: &str,
+    ) -> Self {
+        let adapter = state.metrics.adapter_lease(adaptation_label);
         Self {
             state,
             started,
@@ -309,6 +319,7 @@ impl Tracker {
             prompt_tokens,
             first_token: false,
             done: false,
+            adapter,
         }
     }
 
@@ -317,6 +328,9 @@ impl Tracker {
         let m = &self.state.metrics;
         match ev {
             SeqEvent::Admitted { queue_time, .. } => {
+                if let Some(adapter) = &mut self.adapter {
+                    adapter.admitted();
+                }
                 m.queue_time.observe(queue_time.as_secs_f64());
                 m.prompt_tokens.inc_by(self.prompt_tokens as u64);
                 Ok(None)

@@ -152,6 +152,11 @@ fn load(state: &AppState, engine_cfg: &EngineConfig) -> anyhow::Result<()> {
         "model loaded in {:.1} s",
         t0.elapsed().as_secs_f64()
     );
+    // The base model holds one slot of the mix table; the others are what vLLM calls max_lora.
+    state.metrics.set_served_model(
+        &engine.loaded.model_id,
+        engine_cfg.mix_capacity.saturating_sub(1),
+    );
     let scheduler = Arc::new(Scheduler::start(engine.clone(), sched_cfg));
     let warm = engine.encode_chat(&[t2_model::ChatMessage::new("user", "Hi")])?;
     let mut h = scheduler
