@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use clap::Args;
 use t2_engine::SchedulerConfig;
-use t2_server::adaptation::DefaultStrategy;
+use t2_server::mix_choice::DefaultStrategy;
 use t2_server::ServerConfig;
 
 use crate::common::{engine_config, ModelArgs, SvfArgs};
@@ -129,7 +129,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         shutdown_timeout: Duration::from_secs(a.shutdown_timeout_s),
         default_max_tokens: a.default_max_tokens,
         default_strategy,
-        routing: t2_server::adaptation::RoutingConfig {
+        routing: t2_server::mix_choice::RoutingConfig {
             auto: a
                 .auto_strategy
                 .parse()

@@ -18,7 +18,8 @@ pub use plan::{RowOutput, RowPlan, RowTask, SeqId, StepPlan};
 pub use routing::{RouteDecision, RouteLabel, RoutePolicy, RouteSpec, RouteStrategy, Router};
 pub use runner::{CpuRunner, ModelRunner};
 pub use scheduler::{
-    Scheduler, SchedulerConfig, SchedulerStats, SeqEvent, SeqHandle, Submission, SubmitError,
+    Failure, FailureKind, Scheduler, SchedulerConfig, SchedulerStats, SeqEvent, SeqHandle,
+    Submission, SubmitError,
 };
 pub use sequence::{FinishReason, GenRequest, Scored, TokenEvent};
 pub use t2_svf::{Adaptation, Mix, MixLease, ZVectors};

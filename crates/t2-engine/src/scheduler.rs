@@ -88,8 +88,49 @@ pub enum SeqEvent {
     Token(TokenEvent),
     /// A scoring sequence's result (its last event).
     Scored(Scored),
-    /// The sequence was dropped by an engine error; no more events follow.
-    Failed(String),
+    /// The sequence was dropped; no more events follow.
+    Failed(Failure),
+}
+
+/// Why the engine dropped a sequence, typed so that the server can answer with the right status.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The request cannot run as asked (a mix that would erase a matrix, an unknown expert).
+    Invalid,
+    /// Not now: every mix-table slot is held elsewhere.
+    Unavailable,
+    /// The engine failed (a batch step errored).
+    Internal,
+}
+
+impl From<&EngineError> for Failure {
+    fn from(e: &EngineError) -> Self {
+        use t2_svf::SvfError as S;
+        let kind = match e {
+            EngineError::Invalid(_)
+            | EngineError::NoSvf
+            | EngineError::Svf(S::BadMix(_) | S::UnknownExpert { .. } | S::BadExpert { .. })
+            | EngineError::Model(t2_model::ModelError::Invalid(_)) => FailureKind::Invalid,
+            EngineError::Svf(S::TableFull(_)) => FailureKind::Unavailable,
+            _ => FailureKind::Internal,
+        };
+        Self {
+            kind,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
 }
 
 /// The receiving end of one sequence's events. Dropping it cancels the sequence.
@@ -343,9 +384,9 @@ impl Running {
         }
     }
 
-    fn fail(&self, msg: &str) {
+    fn fail(&self, why: &Failure) {
         let send = |tx: &mpsc::Sender<SeqEvent>| {
-            let _ = tx.try_send(SeqEvent::Failed(msg.to_string()));
+            let _ = tx.try_send(SeqEvent::Failed(why.clone()));
         };
         match &self.role {
             Role::Answer(tx) => send(tx),
@@ -422,9 +463,12 @@ impl Worker {
             }
             if let Err(e) = self.step() {
                 tracing::error!(error = %e, "batch step failed; dropping its sequences");
-                let msg = e.to_string();
+                let why = Failure {
+                    kind: FailureKind::Internal,
+                    message: e.to_string(),
+                };
                 for r in std::mem::take(&mut self.running) {
-                    r.fail(&msg);
+                    r.fail(&why);
                     self.stats
                         .failed
                         .fetch_add(r.sequences(), Ordering::Relaxed);
@@ -504,7 +548,7 @@ impl Worker {
             Acquire::Full => return Err((Admission::NoMixSlot, Box::new(q))),
             Acquire::Failed(e) => {
                 for s in q.senders {
-                    let _ = s.try_send(SeqEvent::Failed(e.to_string()));
+                    let _ = s.try_send(SeqEvent::Failed(Failure::from(&e)));
                 }
                 return Ok(());
             }
@@ -749,7 +793,7 @@ impl Worker {
             Ok(d) => d,
             Err(e) => {
                 for s in &queued.senders {
-                    let _ = s.try_send(SeqEvent::Failed(e.to_string()));
+                    let _ = s.try_send(SeqEvent::Failed(Failure::from(&e)));
                 }
                 return;
             }

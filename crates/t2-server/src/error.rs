@@ -141,3 +141,14 @@ impl From<t2_engine::EngineError> for ApiError {
         }
     }
 }
+
+impl From<t2_engine::Failure> for ApiError {
+    fn from(f: t2_engine::Failure) -> Self {
+        use t2_engine::FailureKind as K;
+        match f.kind {
+            K::Invalid => Self::invalid(f.message, "adaptation"),
+            K::Unavailable => Self::Unavailable(f.message),
+            K::Internal => Self::Internal(f.message),
+        }
+    }
+}

@@ -1,16 +1,21 @@
-//! t2-server: the OpenAI-compatible HTTP front end. Handlers are thin: they validate, turn the body into
-//! engine requests, submit them to the scheduler (which owns the model thread) and stream tokens back.
-//! Nothing here runs model work on the async runtime.
+//! t2-server: the OpenAI-compatible HTTP front end. Handlers are thin: they parse and validate
+//! ([`request`]), hand the request to the generation facade ([`infer`], which submits to the scheduler
+//! that owns the model thread), and render what comes back ([`render`], [`stream`]). Nothing here runs
+//! model work on the async runtime.
 
-pub mod adaptation;
-pub mod adaptations;
 pub mod completions;
 pub mod error;
-pub mod generation;
+pub mod fewshot_jobs;
+pub mod infer;
 pub mod info;
 pub mod metrics;
+pub mod mix_choice;
 pub mod openai;
+pub mod render;
+pub mod request;
 pub mod state;
+pub mod stream;
+pub mod tracker;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,8 +32,8 @@ use tower_http::request_id::{
     MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
 
-use crate::completions::BodyLimit;
 use crate::error::ApiError;
+use crate::request::BodyLimit;
 pub use crate::state::{AppState, Core, ServerConfig};
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -39,11 +44,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/experts", get(info::experts))
         .route(
             "/v1/adaptations",
-            post(adaptations::create).get(adaptations::list),
+            post(fewshot_jobs::create).get(fewshot_jobs::list),
         )
         .route(
             "/v1/adaptations/{id}",
-            get(adaptations::get).merge(delete(adaptations::cancel)),
+            get(fewshot_jobs::get).merge(delete(fewshot_jobs::cancel)),
         )
         .route("/openapi.json", get(info::openapi_json))
         .route("/docs", get(info::docs))
@@ -183,12 +188,12 @@ fn load(state: &AppState, engine_cfg: &EngineConfig) -> anyhow::Result<()> {
             Err(e.to_string())
         }
     };
-    if let (Err(why), crate::adaptation::DefaultStrategy::Route(_)) =
+    if let (Err(why), crate::mix_choice::DefaultStrategy::Route(_)) =
         (&router, &state.cfg.default_strategy)
     {
         anyhow::bail!("the default adaptation routes requests, but routing is unavailable: {why}");
     }
-    let jobs = adaptations::Jobs::start(engine.clone(), scheduler.clone());
+    let jobs = fewshot_jobs::Jobs::start(engine.clone(), scheduler.clone());
     state.set_core(Core {
         engine,
         scheduler,

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use t2_engine::{Engine, Scheduler, SchedulerConfig};
 
-use crate::adaptation::{Context, DefaultStrategy, RouterState, RoutingConfig};
 use crate::error::{ApiError, ApiResult};
 use crate::metrics::Metrics;
+use crate::mix_choice::{Context, DefaultStrategy, RouterState, RoutingConfig};
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -54,7 +54,7 @@ pub struct Core {
     pub engine: Arc<Engine>,
     pub scheduler: Arc<Scheduler>,
     /// Few-shot adaptation jobs (`/v1/adaptations`).
-    pub jobs: crate::adaptations::Jobs,
+    pub jobs: crate::fewshot_jobs::Jobs,
     /// Pass-1 labels built from the loaded experts, or why routing is unavailable.
     pub router: RouterState,
 }

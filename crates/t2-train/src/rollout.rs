@@ -195,7 +195,7 @@ fn collect(mut h: SeqHandle, scores: bool) -> Result<Rollout, TrainError> {
                     generated = true;
                 }
             }
-            SeqEvent::Failed(msg) => return Err(TrainError::Generate(msg)),
+            SeqEvent::Failed(why) => return Err(TrainError::Generate(why.message)),
         }
         if generated && scored {
             break;

@@ -20,8 +20,8 @@ use t2_train::cem::{self, CemConfig};
 use t2_train::{Generator, Trainer};
 use utoipa::ToSchema;
 
-use crate::completions::ApiJson;
 use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::request::ApiJson;
 use crate::state::AppState;
 
 /// Fewer examples than this cannot rank candidates at all.

@@ -1,0 +1,231 @@
+//! The one generation facade the handlers use, in the way text-generation-inference's `Infer` serves its
+//! router: a validated [`GenerationRequest`] goes in; a [`Generation`] comes out, whose events are the
+//! answer's tokens, in order per choice, then its end, or one typed error. Tokenizing and building the
+//! pass-1 prompt run off the async runtime; submission never blocks; a routed request's pass 1 has decided
+//! before `generate` returns, so the response can name the final mix.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::{self, BoxStream, StreamExt};
+use t2_engine::{
+    GenRequest, RouteDecision, SeqEvent, SeqHandle, Submission, SubmitError, TokenEvent,
+};
+
+use crate::error::{ApiError, ApiResult};
+use crate::mix_choice::Chosen;
+use crate::openai::Usage;
+use crate::request::{check_prompt, GenerationRequest, Input};
+use crate::state::AppState;
+use crate::tracker::{Choice, Tracker};
+
+/// A running generation.
+pub struct Generation {
+    /// The adaptation the answer runs with (pass 1's decision applied).
+    pub chosen: Chosen,
+    pub prompt_tokens: usize,
+    pub want_logprobs: bool,
+    pub include_usage: bool,
+    events: BoxStream<'static, (usize, SeqEvent)>,
+    tracker: Tracker,
+    until: tokio::time::Instant,
+    timeout: Duration,
+}
+
+/// What a generation yields next.
+pub enum InferEvent {
+    /// A token of choice `choice` (its text may be empty while a stop string or a character is pending).
+    Token { choice: usize, event: TokenEvent },
+    /// Every choice has finished.
+    Done,
+    /// The generation failed; nothing follows.
+    Error(ApiError),
+}
+
+/// Tokenizes, builds pass 1 when the request is routed, submits, and waits for pass 1's decision.
+pub async fn generate(state: &Arc<AppState>, req: GenerationRequest) -> ApiResult<Generation> {
+    let core = state.core()?;
+    let engine = core.engine.clone();
+    let input = req.input.clone();
+    let prompt = tokio::task::spawn_blocking(move || match input {
+        Input::Chat(msgs) => engine.encode_chat(&msgs),
+        Input::Text(t) => Ok(engine.loaded.tokenizer.encode(&t)?),
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let max_tokens = check_prompt(
+        prompt.len(),
+        req.max_tokens,
+        core.engine.context_length(),
+        state.cfg.default_max_tokens,
+    )?;
+    let route = match (&req.chosen.routing, &core.router) {
+        (Some(routing), Ok(router)) => {
+            let (engine, router, routing, text) = (
+                core.engine.clone(),
+                router.clone(),
+                routing.clone(),
+                req.route_text.clone(),
+            );
+            let spec = tokio::task::spawn_blocking(move || {
+                router.spec(&engine, routing.strategy, &text, routing.policy)
+            })
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))??;
+            Some(spec)
+        }
+        _ => None,
+    };
+    let prompt_tokens = prompt.len();
+    let requests = (0..req.n)
+        .map(|i| {
+            let mut sampling = req.sampling.clone();
+            sampling.seed = sampling.seed.map(|s| s.wrapping_add(i as u64));
+            GenRequest {
+                prompt: prompt.clone(),
+                max_tokens,
+                sampling,
+                stop: req.stop.clone(),
+                ignore_eos: req.ignore_eos,
+                score_from: None,
+                also_score: Vec::new(),
+            }
+        })
+        .collect();
+    state
+        .metrics
+        .by_adaptation
+        .with_label_values(&[req.chosen.label.as_str()])
+        .inc();
+    let routed = route.is_some();
+    let mut handles = core
+        .scheduler
+        .submit(Submission {
+            adaptation: req.chosen.adaptation(),
+            requests,
+            route,
+        })
+        .map_err(|e| match e {
+            SubmitError::QueueFull(_) => ApiError::Overloaded {
+                message: e.to_string(),
+                retry_after_s: 1,
+            },
+            SubmitError::ShutDown => ApiError::Unavailable(e.to_string()),
+            SubmitError::Invalid(e) => e.into(),
+        })?;
+    let timeout = state.cfg.request_timeout;
+    let until = tokio::time::Instant::now() + timeout;
+    let mut chosen = req.chosen;
+    if routed {
+        let d = first_decision(&mut handles, until, timeout).await?;
+        record_decision(state, &d);
+        chosen.apply(&d);
+    }
+    let tracker = Tracker::new(
+        state.clone(),
+        req.started,
+        handles.len(),
+        prompt_tokens,
+        &chosen.label,
+    );
+    Ok(Generation {
+        chosen,
+        prompt_tokens,
+        want_logprobs: req.logprobs.is_some(),
+        include_usage: req.include_usage,
+        events: merged_events(handles),
+        tracker,
+        until,
+        timeout,
+    })
+}
+
+impl Generation {
+    pub fn n(&self) -> usize {
+        self.tracker.choices.len()
+    }
+
+    /// The next event; after `Done` or `Error`, nothing more comes.
+    pub async fn next(&mut self) -> InferEvent {
+        loop {
+            if self.tracker.all_finished() {
+                self.tracker.finish();
+                return InferEvent::Done;
+            }
+            match tokio::time::timeout_at(self.until, self.events.next()).await {
+                Ok(Some((i, ev))) => match self.tracker.apply(i, ev) {
+                    Ok(Some(event)) => return InferEvent::Token { choice: i, event },
+                    Ok(None) => continue,
+                    Err(e) => {
+                        self.tracker.failed();
+                        return InferEvent::Error(e);
+                    }
+                },
+                Ok(None) => {
+                    self.tracker.failed();
+                    return InferEvent::Error(ApiError::Internal(
+                        "the engine stopped mid-request".into(),
+                    ));
+                }
+                Err(_) => {
+                    self.tracker.timed_out();
+                    return InferEvent::Error(ApiError::Timeout(timeout_secs(self.timeout)));
+                }
+            }
+        }
+    }
+
+    /// Each choice as accumulated so far.
+    pub fn choices(&self) -> &[Choice] {
+        &self.tracker.choices
+    }
+
+    pub fn usage(&self) -> Usage {
+        self.tracker.usage()
+    }
+}
+
+/// Pass 1's decision, which comes first on every choice's channel.
+async fn first_decision(
+    handles: &mut [SeqHandle],
+    until: tokio::time::Instant,
+    timeout: Duration,
+) -> ApiResult<RouteDecision> {
+    let first = handles
+        .first_mut()
+        .ok_or_else(|| ApiError::Internal("no sequence to route".into()))?;
+    let ev = tokio::time::timeout_at(until, first.events.recv())
+        .await
+        .map_err(|_| ApiError::Timeout(timeout_secs(timeout)))?;
+    match ev {
+        Some(SeqEvent::Routed(d)) => Ok(d),
+        Some(SeqEvent::Failed(why)) => Err(why.into()),
+        Some(other) => Err(ApiError::Internal(format!(
+            "expected pass 1's decision first, got {other:?}"
+        ))),
+        None => Err(ApiError::Internal("the engine stopped mid-request".into())),
+    }
+}
+
+fn record_decision(state: &AppState, d: &RouteDecision) {
+    let m = &state.metrics;
+    m.routing_decisions
+        .with_label_values(&[d.strategy.as_str(), d.label.as_str()])
+        .inc();
+    m.pass1_latency.observe(d.pass1.as_secs_f64());
+}
+
+/// All choices' events as one stream of (choice index, event).
+fn merged_events(handles: Vec<SeqHandle>) -> BoxStream<'static, (usize, SeqEvent)> {
+    stream::select_all(handles.into_iter().enumerate().map(|(i, h)| {
+        stream::unfold(h.events, move |mut rx| async move {
+            rx.recv().await.map(|ev| ((i, ev), rx))
+        })
+        .boxed()
+    }))
+    .boxed()
+}
+
+pub fn timeout_secs(d: Duration) -> u64 {
+    d.as_secs().max(1)
+}

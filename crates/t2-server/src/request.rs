@@ -1,0 +1,422 @@
+//! From an HTTP body to a validated [`GenerationRequest`]: the JSON extractor, and every check the
+//! completion routes make, in one place. Each error names its parameter; the prompt checks that need the
+//! tokens ([`check_prompt`]) run once the facade has tokenized.
+
+use std::time::Instant;
+
+use axum::extract::{FromRequest, Request};
+use t2_model::{ChatMessage, SamplingParams};
+
+use crate::error::{ApiError, ApiResult};
+use crate::mix_choice::{choose, Chosen};
+use crate::openai::{
+    ChatCompletionRequest, CompletionRequest, MessageContent, RequestMessage, SamplingFields,
+};
+use crate::state::{AppState, Core};
+
+/// JSON body extractor whose failures are OpenAI errors: 413 over the size limit, 400 otherwise, with
+/// serde's own description of what is wrong and where.
+pub struct ApiJson<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let limit = req
+            .extensions()
+            .get::<BodyLimit>()
+            .map(|l| l.0)
+            .unwrap_or(usize::MAX);
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| {
+                if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::PayloadTooLarge(limit)
+                } else {
+                    ApiError::invalid(format!("cannot read the request body: {e}"), "body")
+                }
+            })?;
+        serde_json::from_slice(&bytes).map(ApiJson).map_err(|e| {
+            let what = if e.is_syntax() || e.is_eof() {
+                "the request body is not valid JSON"
+            } else {
+                "the request body does not match the schema"
+            };
+            ApiError::InvalidRequest {
+                message: format!("{what}: {e}"),
+                param: None,
+                code: None,
+            }
+        })
+    }
+}
+
+/// The body size limit, put in request extensions so that the extractor can name it in its error.
+#[derive(Clone, Copy)]
+pub struct BodyLimit(pub usize);
+
+/// Which route a request came in on: it decides the prompt's form and the response's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Chat,
+    Text,
+}
+
+/// What the model reads, before tokenization.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// Rendered through the model's chat template.
+    Chat(Vec<ChatMessage>),
+    /// Tokenized as is.
+    Text(String),
+}
+
+/// A completion request that passed every check that does not need the tokens.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    pub kind: Kind,
+    /// The model id as the client wrote it (echoed in responses).
+    pub model: String,
+    pub input: Input,
+    /// What pass 1 classifies, when the request is routed: the last user message, or the prompt.
+    pub route_text: String,
+    pub chosen: Chosen,
+    /// Per choice i, these settings with seed + i.
+    pub sampling: SamplingParams,
+    pub n: usize,
+    pub stop: Vec<String>,
+    /// As asked (`max_completion_tokens`, else `max_tokens`); None: the server's default.
+    pub max_tokens: Option<usize>,
+    pub ignore_eos: bool,
+    /// Log-probabilities wanted, with this many alternatives per position.
+    pub logprobs: Option<usize>,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub started: Instant,
+}
+
+/// Validates a chat completion request.
+pub fn chat(
+    state: &AppState,
+    core: &Core,
+    req: ChatCompletionRequest,
+) -> ApiResult<GenerationRequest> {
+    let started = Instant::now();
+    let chosen = choose(
+        &core.context(&state.cfg),
+        &req.model,
+        req.sampling.adaptation.as_ref(),
+    )?;
+    let msgs = messages(&req.messages)?;
+    let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
+        (_, Some(k)) if !(0..=20).contains(&k) => {
+            return Err(ApiError::invalid(
+                format!("top_logprobs must be between 0 and 20, got {k}"),
+                "top_logprobs",
+            ))
+        }
+        (false, Some(k)) if k > 0 => {
+            return Err(ApiError::invalid(
+                "top_logprobs needs logprobs to be true",
+                "top_logprobs",
+            ))
+        }
+        (true, k) => Some(k.unwrap_or(0) as usize),
+        (false, _) => None,
+    };
+    // Pass 1 classifies what the user asks now: the last user message.
+    let route_text = msgs
+        .iter()
+        .rev()
+        .find(|m| m.role == "user")
+        .map(|m| m.content.clone())
+        .unwrap_or_default();
+    generation(
+        state,
+        Kind::Chat,
+        req.model,
+        Input::Chat(msgs),
+        route_text,
+        chosen,
+        &req.sampling,
+        logprobs,
+        started,
+    )
+}
+
+/// Validates a (legacy) text completion request.
+pub fn text(state: &AppState, core: &Core, req: CompletionRequest) -> ApiResult<GenerationRequest> {
+    let started = Instant::now();
+    let chosen = choose(
+        &core.context(&state.cfg),
+        &req.model,
+        req.sampling.adaptation.as_ref(),
+    )?;
+    if req.echo.unwrap_or(false) {
+        return Err(ApiError::invalid("echo is not supported", "echo"));
+    }
+    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::invalid("suffix is not supported", "suffix"));
+    }
+    if req.best_of.is_some_and(|b| b > 1) {
+        return Err(ApiError::invalid("best_of is not supported", "best_of"));
+    }
+    let prompt = match req.prompt.into_vec() {
+        v if v.len() == 1 => v.into_iter().next().expect("one"),
+        v => {
+            return Err(ApiError::invalid(
+                format!(
+                    "prompt must be one string (batches of {} prompts are not supported)",
+                    v.len()
+                ),
+                "prompt",
+            ))
+        }
+    };
+    let logprobs = match req.logprobs {
+        Some(k) if !(0..=20).contains(&k) => {
+            return Err(ApiError::invalid(
+                format!("logprobs must be between 0 and 20, got {k}"),
+                "logprobs",
+            ))
+        }
+        k => k.map(|k| k as usize),
+    };
+    generation(
+        state,
+        Kind::Text,
+        req.model,
+        Input::Text(prompt.clone()),
+        prompt,
+        chosen,
+        &req.sampling,
+        logprobs,
+        started,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn generation(
+    state: &AppState,
+    kind: Kind,
+    model: String,
+    input: Input,
+    route_text: String,
+    chosen: Chosen,
+    f: &SamplingFields,
+    logprobs: Option<usize>,
+    started: Instant,
+) -> ApiResult<GenerationRequest> {
+    let (mut sampling, n, stop) = sampling(f, state.cfg.max_n)?;
+    sampling.logprobs = logprobs;
+    let max_tokens = match f.max_completion_tokens.or(f.max_tokens) {
+        Some(m) if m < 1 => {
+            return Err(ApiError::invalid(
+                format!("max_tokens must be at least 1, got {m}"),
+                "max_tokens",
+            ))
+        }
+        m => m.map(|m| m as usize),
+    };
+    Ok(GenerationRequest {
+        kind,
+        model,
+        input,
+        route_text,
+        chosen,
+        sampling,
+        n,
+        stop,
+        max_tokens,
+        ignore_eos: f.ignore_eos.unwrap_or(false),
+        logprobs,
+        stream: f.stream.unwrap_or(false),
+        include_usage: f
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage == Some(true)),
+        started,
+    })
+}
+
+/// The answer's token limit once the prompt's length is known: the prompt must leave room in the context.
+pub fn check_prompt(
+    prompt_tokens: usize,
+    asked: Option<usize>,
+    ctx: usize,
+    default_max_tokens: usize,
+) -> ApiResult<usize> {
+    if prompt_tokens == 0 {
+        return Err(ApiError::invalid("the prompt is empty", "messages"));
+    }
+    if prompt_tokens >= ctx {
+        return Err(ApiError::InvalidRequest {
+            message: format!(
+                "the prompt has {prompt_tokens} tokens, but the model's context is {ctx} tokens"
+            ),
+            param: Some("messages"),
+            code: Some("context_length_exceeded"),
+        });
+    }
+    let max_tokens = asked.unwrap_or(default_max_tokens.min(ctx - prompt_tokens));
+    if prompt_tokens + max_tokens > ctx {
+        return Err(ApiError::InvalidRequest {
+            message: format!(
+                "prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the model's context \
+                 of {ctx} tokens"
+            ),
+            param: Some("max_tokens"),
+            code: Some("context_length_exceeded"),
+        });
+    }
+    Ok(max_tokens)
+}
+
+fn messages(req: &[RequestMessage]) -> ApiResult<Vec<ChatMessage>> {
+    if req.is_empty() {
+        return Err(ApiError::invalid("messages must not be empty", "messages"));
+    }
+    req.iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = match m.role.as_str() {
+                "system" | "developer" => "system",
+                "user" => "user",
+                "assistant" => "assistant",
+                other => {
+                    return Err(ApiError::invalid(
+                        format!(
+                            "messages[{i}].role '{other}' is not supported (system, developer, user, assistant)"
+                        ),
+                        "messages",
+                    ))
+                }
+            };
+            let content = match &m.content {
+                None => String::new(),
+                Some(MessageContent::Text(t)) => t.clone(),
+                Some(MessageContent::Parts(parts)) => {
+                    let mut text = String::new();
+                    for p in parts {
+                        match (p.kind.as_str(), &p.text) {
+                            ("text", Some(t)) => text.push_str(t),
+                            (kind, _) => {
+                                return Err(ApiError::invalid(
+                                    format!(
+                                        "messages[{i}]: content parts of type '{kind}' are not supported (text only)"
+                                    ),
+                                    "messages",
+                                ))
+                            }
+                        }
+                    }
+                    text
+                }
+            };
+            Ok(ChatMessage::new(role, &content))
+        })
+        .collect()
+}
+
+/// Sampling settings checked the way OpenAI documents them; each error names its parameter.
+fn sampling(f: &SamplingFields, max_n: usize) -> ApiResult<(SamplingParams, usize, Vec<String>)> {
+    let temperature = f.temperature.unwrap_or(1.0);
+    if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
+        return Err(ApiError::invalid(
+            format!("temperature must be between 0 and 2, got {temperature}"),
+            "temperature",
+        ));
+    }
+    let top_p = f.top_p.unwrap_or(1.0);
+    if !(top_p.is_finite() && top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid(
+            format!("top_p must be in (0, 1], got {top_p}"),
+            "top_p",
+        ));
+    }
+    let top_k = match f.top_k {
+        None | Some(0) | Some(-1) => None,
+        Some(k) if k > 0 => Some(k as usize),
+        Some(k) => {
+            return Err(ApiError::invalid(
+                format!("top_k must be positive (or 0/-1 for all), got {k}"),
+                "top_k",
+            ))
+        }
+    };
+    let n = f.n.unwrap_or(1);
+    if n < 1 || n as usize > max_n {
+        return Err(ApiError::invalid(
+            format!("n must be between 1 and {max_n}, got {n}"),
+            "n",
+        ));
+    }
+    for (name, v) in [
+        ("presence_penalty", f.presence_penalty),
+        ("frequency_penalty", f.frequency_penalty),
+    ] {
+        if let Some(v) = v {
+            if !(v.is_finite() && (-2.0..=2.0).contains(&v)) {
+                return Err(ApiError::invalid(
+                    format!("{name} must be between -2 and 2, got {v}"),
+                    name,
+                ));
+            }
+        }
+    }
+    let stop = f.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
+    if stop.len() > 4 {
+        return Err(ApiError::invalid(
+            format!("at most 4 stop sequences are allowed, got {}", stop.len()),
+            "stop",
+        ));
+    }
+    if stop.iter().any(String::is_empty) {
+        return Err(ApiError::invalid(
+            "stop sequences must not be empty",
+            "stop",
+        ));
+    }
+    let unsupported = [
+        (
+            "logit_bias",
+            f.logit_bias.as_ref().filter(|v| !is_empty_json(v)),
+        ),
+        ("tools", f.tools.as_ref().filter(|v| !is_empty_json(v))),
+        (
+            "functions",
+            f.functions.as_ref().filter(|v| !is_empty_json(v)),
+        ),
+        (
+            "response_format",
+            f.response_format
+                .as_ref()
+                .filter(|v| v.get("type").and_then(|t| t.as_str()) != Some("text")),
+        ),
+    ];
+    if let Some((name, _)) = unsupported.iter().find(|(_, v)| v.is_some()) {
+        return Err(ApiError::invalid(
+            format!("{name} is not supported by this server"),
+            name,
+        ));
+    }
+    let params = SamplingParams {
+        temperature,
+        top_k,
+        top_p,
+        seed: f.seed.map(|s| s as u64),
+        logprobs: None,
+        presence_penalty: f.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: f.frequency_penalty.unwrap_or(0.0),
+    };
+    Ok((params, n as usize, stop))
+}
+
+fn is_empty_json(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::Null => true,
+        serde_json::Value::Object(m) => m.is_empty(),
+        serde_json::Value::Array(a) => a.is_empty(),
+        _ => false,
+    }
+}
