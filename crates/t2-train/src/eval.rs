@@ -167,7 +167,7 @@ pub fn evaluate_generate(
             }
             let start = jobs.len();
             for it in &items {
-                let user = t2_tasks::prompts::user_message(&task.info.area, it);
+                let user = crate::prompt::user_message(&task.info.area, it);
                 let (adaptation, route) = match choice {
                     Choice::Fixed(a) => ((*a).clone(), None),
                     Choice::Routed(strategy, policy) => {
@@ -420,14 +420,14 @@ pub fn pick_by_loglik(
             )));
         };
         // A primed reply ("This request is about") is continued by the option after a space.
-        let prefix = t2_tasks::prompts::answer_prefix(area);
+        let prefix = crate::prompt::answer_prefix(area);
         let prompt = if area == "routing" {
             // Exactly the tokens the server's pass 1 scores.
             t2_engine::routing::routing_tokens(engine, &it.prompt, opts)?.0
         } else {
             let mut prompt = engine.encode_chat(&[ChatMessage {
                 role: "user".into(),
-                content: t2_tasks::prompts::user_message(area, it),
+                content: crate::prompt::user_message(area, it),
             }])?;
             if let Some(p) = prefix {
                 prompt.extend(tok.encode(p).map_err(|e| TrainError::Engine(e.into()))?);

@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod eval;
 pub mod plot;
 pub mod policy;
+pub mod prompt;
 pub mod rollout;
 pub mod train;
 

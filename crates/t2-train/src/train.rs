@@ -258,7 +258,7 @@ impl Trainer {
     /// The tokens an item is answered from.
     pub fn prompt_for(&self, area: &str, it: &TaskItem) -> Result<Vec<u32>> {
         self.generator
-            .chat_prompt(&t2_tasks::prompts::user_message(area, it))
+            .chat_prompt(&crate::prompt::user_message(area, it))
     }
 
     /// Greedy answers to `items[i]` with `adaptations[i]`, all in one batched generation: whether each
@@ -590,7 +590,7 @@ impl Trainer {
             .map(|(it, (ok, r))| {
                 let prompt = self
                     .generator
-                    .chat_prompt(&t2_tasks::prompts::user_message(area, it))?;
+                    .chat_prompt(&crate::prompt::user_message(area, it))?;
                 let from = prompt.len();
                 let mut tokens = prompt;
                 tokens.extend_from_slice(&r.tokens);
@@ -750,7 +750,7 @@ impl Trainer {
     fn label_prompts(&self, area: &str, items: &[TaskItem]) -> Result<LabelBatch> {
         let tok = &self.engine.loaded.tokenizer;
         let encode = |t: &str| tok.encode(t).map_err(|e| TrainError::Engine(e.into()));
-        let prefix = match t2_tasks::prompts::answer_prefix(area) {
+        let prefix = match crate::prompt::answer_prefix(area) {
             Some(p) => encode(p)?,
             None => Vec::new(),
         };
@@ -800,7 +800,7 @@ impl Trainer {
             } else {
                 let mut p = self
                     .generator
-                    .chat_prompt(&t2_tasks::prompts::user_message(area, it))?;
+                    .chat_prompt(&crate::prompt::user_message(area, it))?;
                 p.extend_from_slice(&prefix);
                 p
             };
