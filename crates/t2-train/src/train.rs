@@ -20,17 +20,16 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
+use t2_adapt::Answerer;
 use t2_engine::{Adaptation, Engine, ZVectors};
 use t2_model::{ProjId, SamplingParams};
 use t2_svf::{Expert, ExpertMeta, ExpertStore, TargetSet};
-use t2_tasks::sandbox::Sandbox;
 use t2_tasks::{Split, Task, TaskItem};
 
 use crate::adam::{clip_grad_norm, Adam};
 use crate::checkpoint::{Checkpoint, TrainState};
 use crate::plot::{line_chart, Series};
 use crate::policy::{Policy, Scored, SvfLogits};
-use crate::rollout::{Generator, Job, Rollout};
 use crate::{Result, TrainError};
 
 /// What defines a training run: the same config gives the same expert.
@@ -214,10 +213,9 @@ pub struct TrainSummary {
     pub expert_path: Option<PathBuf>,
 }
 
+/// Trains experts: REINFORCE on the SVF logits, rollouts answered and verified by an [`Answerer`].
 pub struct Trainer {
-    engine: Arc<Engine>,
-    generator: Generator,
-    sandbox: Sandbox,
+    answerer: Answerer,
 }
 
 impl Trainer {
@@ -227,143 +225,18 @@ impl Trainer {
                 "training needs SVF (a decomposition)".into(),
             ));
         }
-        let generator = Generator::new(engine.clone(), rollout_batch);
-        Self::with_generator(engine, generator)
-    }
-
-    /// A trainer whose answers go through `generator` (e.g. one sharing a server's scheduler).
-    pub fn with_generator(engine: Arc<Engine>, generator: Generator) -> Result<Self> {
-        if engine.svf.is_none() {
-            return Err(TrainError::Config(
-                "adaptation needs SVF (a decomposition)".into(),
-            ));
-        }
-        let sandbox =
-            Sandbox::new(Default::default()).map_err(|e| TrainError::Verifier(e.to_string()))?;
         Ok(Self {
-            engine,
-            generator,
-            sandbox,
+            answerer: Answerer::new(engine, rollout_batch)?,
         })
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
-        &self.engine
+        self.answerer.engine()
     }
 
-    pub fn generator(&self) -> &Generator {
-        &self.generator
-    }
-
-    /// The tokens an item is answered from.
-    pub fn prompt_for(&self, area: &str, it: &TaskItem) -> Result<Vec<u32>> {
-        self.generator
-            .chat_prompt(&crate::prompt::user_message(area, it))
-    }
-
-    /// Greedy answers to `items[i]` with `adaptations[i]`, all in one batched generation: whether each
-    /// was right, and the log-likelihood of the item's reference answer under the same adaptation (None
-    /// where the item has no reference text), scored from the answer's own prompt KV.
-    pub fn answer_and_verify_each(
-        &self,
-        area: &str,
-        items: &[TaskItem],
-        adaptations: &[Adaptation],
-        max_new_tokens: usize,
-    ) -> Result<Vec<(bool, Option<t2_engine::Scored>)>> {
-        let answers = self.answer_and_verify_with(
-            area,
-            items,
-            |i| (adaptations[i].clone(), SamplingParams::default()),
-            max_new_tokens,
-            true,
-            None,
-        )?;
-        Ok(answers
-            .into_iter()
-            .map(|(correct, r)| (correct, r.score))
-            .collect())
-    }
-
-    /// The tokens of an item's reference answer, as they would follow its prompt (empty: none).
-    fn reference_tokens(&self, it: &TaskItem) -> Result<Vec<u32>> {
-        let Some(reference) = t2_tasks::shots::reference_answer(&it.answer) else {
-            return Ok(Vec::new());
-        };
-        self.engine
-            .loaded
-            .tokenizer
-            .encode_continuation(&reference)
-            .map_err(|e| TrainError::Engine(e.into()))
-    }
-
-    pub fn sandbox(&self) -> &Sandbox {
-        &self.sandbox
-    }
-
-    /// Greedy answers of `items` under `adaptation`, verified: (correct?, rollout) per item.
-    pub fn answer_and_verify(
-        &self,
-        area: &str,
-        items: &[TaskItem],
-        adaptation: &Adaptation,
-        max_new_tokens: usize,
-        sampling: impl Fn(usize) -> SamplingParams,
-        progress: Option<&ProgressBar>,
-    ) -> Result<Vec<(bool, Rollout)>> {
-        self.answer_and_verify_with(
-            area,
-            items,
-            |i| (adaptation.clone(), sampling(i)),
-            max_new_tokens,
-            false,
-            progress,
-        )
-    }
-
-    /// Item i answered with the adaptation and sampling `adaptation_and_sampling(i)` gives, all in one
-    /// batched generation, then verified: (correct?, rollout) per item. With `score_references`, each
-    /// rollout also carries its reference answer's log-likelihood.
-    fn answer_and_verify_with(
-        &self,
-        area: &str,
-        items: &[TaskItem],
-        adaptation_and_sampling: impl Fn(usize) -> (Adaptation, SamplingParams),
-        max_new_tokens: usize,
-        score_references: bool,
-        progress: Option<&ProgressBar>,
-    ) -> Result<Vec<(bool, Rollout)>> {
-        let jobs = items
-            .iter()
-            .enumerate()
-            .map(|(i, it)| {
-                let (adaptation, sampling) = adaptation_and_sampling(i);
-                Ok(Job {
-                    prompt: self.prompt_for(area, it)?,
-                    adaptation,
-                    max_tokens: max_new_tokens,
-                    sampling,
-                    route: None,
-                    also_score: if score_references {
-                        self.reference_tokens(it)?
-                    } else {
-                        Vec::new()
-                    },
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let rollouts = self.generator.run(jobs, progress)?;
-        let pairs: Vec<_> = items
-            .iter()
-            .zip(&rollouts)
-            .map(|(it, r)| (&it.answer, r.text.as_str()))
-            .collect();
-        let verdicts = t2_tasks::verify::verify_all(&pairs, &self.sandbox);
-        Ok(verdicts
-            .into_iter()
-            .zip(rollouts)
-            .map(|(v, r)| (v.correct, r))
-            .collect())
+    /// How rollouts and validation answers are generated and verified.
+    pub fn answerer(&self) -> &Answerer {
+        &self.answerer
     }
 
     pub fn train(&self, cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
@@ -371,14 +244,14 @@ impl Trainer {
         let task = Task::open(&opts.data_dir, &cfg.task)?;
         let area = task.info.area.clone();
         let train_items = task.items(Split::Train)?;
-        let val_items = crate::eval::subset(task.items(Split::Val)?, cfg.val_limit);
+        let val_items = t2_adapt::eval::subset(task.items(Split::Val)?, cfg.val_limit);
         if train_items.is_empty() || val_items.is_empty() {
             return Err(TrainError::Config(format!(
                 "task '{}' has an empty train or val split",
                 cfg.task
             )));
         }
-        let svf = self.engine.svf.as_ref().expect("checked in new");
+        let svf = self.engine().svf.as_ref().expect("checked in new");
         let decomp = &svf.decomp;
         if !decomp.targets.covers(cfg.targets) {
             return Err(TrainError::Config(format!(
@@ -434,7 +307,7 @@ impl Trainer {
         let started = Instant::now();
         let prior_seconds = log.last().map(|r| r.seconds).unwrap_or(0.0);
         let max_len = 4096;
-        let policy = Policy::new(&self.engine.loaded.model, decomp, max_len)?;
+        let policy = Policy::new(&self.engine().loaded.model, decomp, max_len)?;
 
         // The starting point is scored too: it is the base model up to the init noise.
         if state.step == 0 && state.best_val.is_none() {
@@ -529,7 +402,7 @@ impl Trainer {
             let expert = self.expert(cfg, &task, &best, &state, seconds, &opts.command)?;
             expert.save(&opts.out_dir.join(format!("{}.safetensors", cfg.name)))?;
             if let Some(root) = &opts.experts_dir {
-                let mut store = ExpertStore::open(root, &self.engine.loaded.model_id, decomp)?;
+                let mut store = ExpertStore::open(root, &self.engine().loaded.model_id, decomp)?;
                 store.add(expert, decomp)?;
                 expert_path = Some(store.dir.join(format!("{}.safetensors", cfg.name)));
             }
@@ -562,7 +435,7 @@ impl Trainer {
         let adaptation = Adaptation::Vectors(ZVectors::new(z));
         let seed = cfg.seed;
         let temperature = cfg.temperature;
-        let answers = self.answer_and_verify(
+        let answers = self.answerer.answer_and_verify(
             area,
             batch,
             &adaptation,
@@ -588,9 +461,7 @@ impl Trainer {
             .iter()
             .zip(&answers)
             .map(|(it, (ok, r))| {
-                let prompt = self
-                    .generator
-                    .chat_prompt(&crate::prompt::user_message(area, it))?;
+                let prompt = self.answerer.prompt_for(area, it)?;
                 let from = prompt.len();
                 let mut tokens = prompt;
                 tokens.extend_from_slice(&r.tokens);
@@ -718,8 +589,8 @@ impl Trainer {
     ) -> Result<f64> {
         if cfg.label_policy {
             let policy = Policy::new(
-                &self.engine.loaded.model,
-                &self.engine.svf.as_ref().expect("checked").decomp,
+                &self.engine().loaded.model,
+                &self.engine().svf.as_ref().expect("checked").decomp,
                 4096,
             )?;
             let logits = SvfLogits::from_host(p.clone())?;
@@ -735,7 +606,7 @@ impl Trainer {
             return Ok(right as f64 / items.len() as f64);
         }
         let adaptation = Adaptation::Vectors(ZVectors::new(z_of(p)));
-        let answers = self.answer_and_verify(
+        let answers = self.answerer.answer_and_verify(
             area,
             items,
             &adaptation,
@@ -748,9 +619,9 @@ impl Trainer {
 
     /// Prompts primed with the task's answer prefix, the first token of each option, and the right option.
     fn label_prompts(&self, area: &str, items: &[TaskItem]) -> Result<LabelBatch> {
-        let tok = &self.engine.loaded.tokenizer;
+        let tok = &self.engine().loaded.tokenizer;
         let encode = |t: &str| tok.encode(t).map_err(|e| TrainError::Engine(e.into()));
-        let prefix = match crate::prompt::answer_prefix(area) {
+        let prefix = match t2_adapt::prompt::answer_prefix(area) {
             Some(p) => encode(p)?,
             None => Vec::new(),
         };
@@ -796,11 +667,9 @@ impl Trainer {
             }
             let p = if area == "routing" {
                 // Exactly the tokens the server's pass 1 scores.
-                t2_engine::routing::routing_tokens(&self.engine, &it.prompt, o)?.0
+                t2_engine::routing::routing_tokens(self.engine(), &it.prompt, o)?.0
             } else {
-                let mut p = self
-                    .generator
-                    .chat_prompt(&crate::prompt::user_message(area, it))?;
+                let mut p = self.answerer.prompt_for(area, it)?;
                 p.extend_from_slice(&prefix);
                 p
             };
@@ -819,7 +688,7 @@ impl Trainer {
         seconds: f64,
         command: &str,
     ) -> Result<Expert> {
-        let decomp = &self.engine.svf.as_ref().expect("checked").decomp;
+        let decomp = &self.engine().svf.as_ref().expect("checked").decomp;
         let category = if cfg.category.is_empty() {
             task.info.area.clone()
         } else {
@@ -851,7 +720,7 @@ impl Trainer {
                     task.info.area, cfg.task
                 ),
                 category,
-                model_id: self.engine.loaded.model_id.clone(),
+                model_id: self.engine().loaded.model_id.clone(),
                 decomposition_hash: decomp.hash.clone(),
                 targets: cfg.targets,
                 provenance,
