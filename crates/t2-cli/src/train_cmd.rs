@@ -10,8 +10,7 @@ use t2_adapt::{Answerer, EvalConfig, EvalMode};
 use t2_engine::{Adaptation, ZVectors};
 use t2_svf::{Expert, TargetSet};
 use t2_tasks::Split;
-use t2_train::train::{RunOptions, TrainConfig};
-use t2_train::Trainer;
+use t2_train::{RunOptions, TrainConfig, Trainer};
 
 use crate::common::{open_engine, ModelArgs, SvfArgs};
 

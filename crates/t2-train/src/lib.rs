@@ -3,14 +3,20 @@
 
 pub mod adam;
 pub mod checkpoint;
+pub mod config;
+mod label;
 pub mod plot;
 pub mod policy;
+pub mod runlog;
+pub mod step;
 pub mod train;
 
 use std::path::PathBuf;
 
+pub use config::{RunOptions, TrainConfig};
 pub use policy::{Policy, Scored, SvfLogits};
-pub use train::{TrainConfig, TrainSummary, Trainer};
+pub use runlog::{read_log, LogRow};
+pub use train::{TrainSummary, Trainer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
