@@ -26,21 +26,19 @@ impl Trainer {
         policy: &Policy<'_>,
     ) -> Result<StepOut> {
         let started = Instant::now();
-        let (prompts, candidates, correct) = self.label_prompts(area, batch)?;
+        let labels = self.label_prompts(area, batch)?;
+        let LabelBatch {
+            prompts,
+            candidates,
+            correct,
+        } = &labels;
         let logits = SvfLogits::from_host(p.clone())?;
         let n = prompts.len() as f64;
         let mut grads: BTreeMap<ProjId, Vec<f32>> = BTreeMap::new();
         let (mut loss_sum, mut right) = (0.0f64, 0usize);
         // The label policy's baseline needs every pick first: one forward without gradients.
         let baseline = if cfg.reward_baseline {
-            let right = count_right(
-                policy,
-                &logits,
-                &prompts,
-                &candidates,
-                &correct,
-                cfg.micro_batch,
-            )?;
+            let right = count_right(policy, &logits, &labels, cfg.micro_batch)?;
             (2.0 * right as f64 - n) / n
         } else {
             0.0
@@ -49,7 +47,7 @@ impl Trainer {
             .chunks(cfg.micro_batch)
             .zip(correct.chunks(cfg.micro_batch))
         {
-            let lp = policy.candidate_logprobs(Some(&logits), ps, &candidates)?;
+            let lp = policy.candidate_logprobs(Some(&logits), ps, candidates)?;
             let host = lp.to_vec2::<f32>()?;
             let mut picks = Vec::with_capacity(ps.len());
             let mut rewards = Vec::with_capacity(ps.len());
@@ -92,15 +90,8 @@ impl Trainer {
             4096,
         )?;
         let logits = SvfLogits::from_host(p.clone())?;
-        let (prompts, candidates, correct) = self.label_prompts(area, items)?;
-        let right = count_right(
-            &policy,
-            &logits,
-            &prompts,
-            &candidates,
-            &correct,
-            cfg.micro_batch,
-        )?;
+        let labels = self.label_prompts(area, items)?;
+        let right = count_right(&policy, &logits, &labels, cfg.micro_batch)?;
         Ok(right as f64 / items.len() as f64)
     }
 
@@ -163,7 +154,11 @@ impl Trainer {
             prompts.push(p);
             correct.push(*c);
         }
-        Ok((prompts, candidates, correct))
+        Ok(LabelBatch {
+            prompts,
+            candidates,
+            correct,
+        })
     }
 }
 
@@ -171,15 +166,17 @@ impl Trainer {
 fn count_right(
     policy: &Policy<'_>,
     logits: &SvfLogits,
-    prompts: &[Vec<u32>],
-    candidates: &[u32],
-    correct: &[usize],
+    labels: &LabelBatch,
     micro_batch: usize,
 ) -> Result<usize> {
     let mut right = 0;
-    for (ps, cs) in prompts.chunks(micro_batch).zip(correct.chunks(micro_batch)) {
+    for (ps, cs) in labels
+        .prompts
+        .chunks(micro_batch)
+        .zip(labels.correct.chunks(micro_batch))
+    {
         let lp = policy
-            .candidate_logprobs(Some(logits), ps, candidates)?
+            .candidate_logprobs(Some(logits), ps, &labels.candidates)?
             .to_vec2::<f32>()?;
         for (row, &c) in lp.iter().zip(cs) {
             right += usize::from(t2_tasks::verify::choice_by_scores(row) == c);
@@ -188,5 +185,12 @@ fn count_right(
     Ok(right)
 }
 
-/// Primed prompts, the options' first tokens, and each prompt's right option.
-type LabelBatch = (Vec<Vec<u32>>, Vec<u32>, Vec<usize>);
+/// Items as the label policy reads them.
+struct LabelBatch {
+    /// Each item's prompt, primed with the task's answer prefix.
+    prompts: Vec<Vec<u32>>,
+    /// The first token of each option.
+    candidates: Vec<u32>,
+    /// Each prompt's right option.
+    correct: Vec<usize>,
+}
