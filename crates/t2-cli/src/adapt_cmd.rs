@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use t2_adapt::cem::{self, CemConfig};
+use t2_adapt::Answerer;
 use t2_tasks::{Split, TaskItem};
-use t2_train::cem::{self, CemConfig};
-use t2_train::Trainer;
 
 use crate::common::{open_engine, ModelArgs, SvfArgs};
 
@@ -93,7 +93,7 @@ fn load_shots(a: &AdaptArgs) -> Result<(String, Vec<TaskItem>, String)> {
             a.shots
         );
     }
-    let shots = t2_train::eval::subset(items, a.shots);
+    let shots = t2_adapt::eval::subset(items, a.shots);
     Ok((area, shots, source))
 }
 
@@ -124,11 +124,11 @@ pub fn run(a: AdaptArgs) -> Result<()> {
         seed: a.seed,
         max_new_tokens: a
             .max_new_tokens
-            .unwrap_or_else(|| t2_train::eval::default_max_tokens(&shots)),
+            .unwrap_or_else(|| t2_adapt::eval::default_max_tokens(&shots)),
         experts,
     };
     cfg.check()?;
-    let trainer = Trainer::new(engine.clone(), a.batch)?;
+    let answerer = Answerer::new(engine.clone(), a.batch)?;
     eprintln!(
         "few-shot search over {} ({} experts) on {} examples of {source}: {} iterations × {} candidates",
         cfg.experts.join(", "),
@@ -146,9 +146,9 @@ pub fn run(a: AdaptArgs) -> Result<()> {
             .map(|x| t2_engine::Adaptation::Mix(cem::mix_of(&cfg.experts, x)))
             .collect();
         let batched =
-            trainer.evaluate_population(&area, &shots, &adaptations, cfg.max_new_tokens)?;
+            answerer.evaluate_population(&area, &shots, &adaptations, cfg.max_new_tokens)?;
         let batched_s = t.elapsed().as_secs_f64();
-        let (seq_acc, seq) = cem::evaluate_sequentially(&trainer, &area, &shots, &cfg, &alphas)?;
+        let (seq_acc, seq) = cem::evaluate_sequentially(&answerer, &area, &shots, &cfg, &alphas)?;
         let batched_acc: Vec<f64> = batched.iter().map(|r| r.accuracy()).collect();
         let same = batched_acc == seq_acc;
         eprintln!(
@@ -166,7 +166,7 @@ pub fn run(a: AdaptArgs) -> Result<()> {
             "same_accuracies": same,
         }));
     }
-    let outcome = cem::search(&trainer, &area, &shots, &cfg, |it| {
+    let outcome = cem::search(&answerer, &area, &shots, &cfg, |it| {
         eprintln!(
             "iteration {:>3}/{}: best {:.2}{} | best so far {:.2} | population mean {:.2} | α mean [{}] | {:.1} s",
             it.iteration + 1,

@@ -5,12 +5,12 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use t2_adapt::eval::{evaluate_generate, evaluate_loglik, evaluate_routing, markdown};
+use t2_adapt::{Answerer, EvalConfig, EvalMode};
 use t2_engine::{Adaptation, ZVectors};
 use t2_svf::{Expert, TargetSet};
 use t2_tasks::Split;
-use t2_train::eval::{evaluate_generate, evaluate_loglik, markdown};
-use t2_train::train::{RunOptions, TrainConfig};
-use t2_train::{EvalConfig, EvalMode, Trainer};
+use t2_train::{RunOptions, TrainConfig, Trainer};
 
 use crate::common::{open_engine, ModelArgs, SvfArgs};
 
@@ -116,7 +116,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         val_limit: a.val_limit,
         max_new_tokens: a
             .max_new_tokens
-            .unwrap_or_else(|| t2_train::eval::default_max_tokens(&items)),
+            .unwrap_or_else(|| t2_adapt::eval::default_max_tokens(&items)),
         temperature: a.temperature,
         micro_batch: a.micro_batch,
         seed: a.seed,
@@ -298,13 +298,13 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     };
     let results = match a.mode {
         EvalMode::Generate => {
-            let trainer = Trainer::new(engine, a.batch)?;
-            evaluate_generate(&trainer, &cfg, true)?
+            let answerer = Answerer::new(engine, a.batch)?;
+            evaluate_generate(&answerer, &cfg, true)?
         }
         EvalMode::LogLikelihood => evaluate_loglik(&engine, &cfg, true)?,
         EvalMode::Route => {
-            let trainer = Trainer::new(engine, a.batch)?;
-            t2_train::eval::evaluate_routing(&trainer, &cfg, true)?
+            let answerer = Answerer::new(engine, a.batch)?;
+            evaluate_routing(&answerer, &cfg, true)?
         }
     };
     let table = markdown(&results);

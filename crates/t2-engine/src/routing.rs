@@ -11,9 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use t2_model::ChatMessage;
-pub use t2_tasks::prompts::ROUTING_ANSWER_PREFIX;
-
 use t2_svf::{Adaptation, Mix};
+
+pub mod prompt;
+pub use prompt::{routing_prompt, routing_prompt_parts, CATEGORIES, ROUTING_ANSWER_PREFIX};
 
 use crate::engine::{Engine, EngineError, Result};
 
@@ -129,10 +130,6 @@ pub struct RouteDecision {
     pub below_threshold: bool,
 }
 
-/// Canonical order of the categories t2's experts are trained for; others follow alphabetically, "other"
-/// last. The router expert was trained on prompts listing labels in this order.
-const CATEGORY_ORDER: &[&str] = &["code", "math", "reasoning", "classification"];
-
 impl Router {
     /// Labels from the loaded experts' categories, plus "other". None when no pass-2 expert is loaded.
     pub fn from_engine(engine: &Engine) -> Result<Option<Self>> {
@@ -156,13 +153,12 @@ impl Router {
         }
         by_category.remove(OTHER_LABEL);
         let mut names: Vec<String> = by_category.keys().cloned().collect();
-        let rank = |n: &String| {
-            CATEGORY_ORDER
-                .iter()
-                .position(|c| c == n)
-                .unwrap_or(CATEGORY_ORDER.len())
-        };
-        names.sort_by(|a, b| rank(a).cmp(&rank(b)).then(a.cmp(b)));
+        // The canonical order of [`CATEGORIES`]: the router expert was trained on labels listed so.
+        names.sort_by(|a, b| {
+            prompt::category_rank(a)
+                .cmp(&prompt::category_rank(b))
+                .then(a.cmp(b))
+        });
         names.push(OTHER_LABEL.into());
         let tok = &engine.loaded.tokenizer;
         let mut labels: Vec<RouteLabel> = Vec::with_capacity(names.len());
@@ -237,7 +233,7 @@ pub fn routing_tokens(
     labels: &[String],
 ) -> Result<(Vec<u32>, usize)> {
     const MARK: &str = "\u{1}T2_REQUEST\u{1}";
-    let (head, tail) = t2_tasks::prompts::routing_prompt_parts(labels);
+    let (head, tail) = routing_prompt_parts(labels);
     let text = engine
         .loaded
         .template

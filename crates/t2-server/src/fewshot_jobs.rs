@@ -14,10 +14,10 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
 use serde::{Deserialize, Serialize};
+use t2_adapt::cem::{self, CemConfig};
+use t2_adapt::{Answerer, Generator};
 use t2_engine::{Engine, Scheduler};
 use t2_tasks::TaskItem;
-use t2_train::cem::{self, CemConfig};
-use t2_train::{Generator, Trainer};
 use utoipa::ToSchema;
 
 use crate::error::{ApiError, ApiResult, ErrorBody};
@@ -240,8 +240,9 @@ fn run_job(
     t0: Instant,
 ) -> Result<Option<JobResult>, String> {
     let generator = Generator::shared(scheduler.clone()).with_max_outstanding(MAX_OUTSTANDING);
-    let trainer = Trainer::with_generator(engine.clone(), generator).map_err(|e| e.to_string())?;
-    let outcome = cem::search(&trainer, &w.area, &w.shots, &w.cfg, |it| {
+    let answerer =
+        Answerer::with_generator(engine.clone(), generator).map_err(|e| e.to_string())?;
+    let outcome = cem::search(&answerer, &w.area, &w.shots, &w.cfg, |it| {
         let mut job = w.entry.job.lock().expect("job lock");
         job.progress.iteration = it.iteration + 1;
         job.progress.best_accuracy = Some(it.best_so_far.accuracy);
@@ -335,7 +336,7 @@ fn validate(engine: &Engine, r: &AdaptationJobRequest) -> ApiResult<(Vec<TaskIte
             "experts",
         ));
     }
-    let shots = t2_train::eval::subset(items, shots);
+    let shots = t2_adapt::eval::subset(items, shots);
     let mut cfg = CemConfig::paper(experts);
     cfg.iterations = r.iterations.unwrap_or(cfg.iterations);
     cfg.population = r.population.unwrap_or(cfg.population);
@@ -343,7 +344,7 @@ fn validate(engine: &Engine, r: &AdaptationJobRequest) -> ApiResult<(Vec<TaskIte
     cfg.seed = r.seed.unwrap_or(cfg.seed);
     cfg.max_new_tokens = r
         .max_tokens
-        .unwrap_or_else(|| t2_train::eval::default_max_tokens(&shots));
+        .unwrap_or_else(|| t2_adapt::eval::default_max_tokens(&shots));
     cfg.check()
         .map_err(|e| invalid(e.to_string(), "iterations"))?;
     Ok((shots, cfg))

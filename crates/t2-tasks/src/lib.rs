@@ -2,7 +2,6 @@
 //! verifiers that turn a generated answer into a reward. Knows nothing of models.
 
 pub mod data;
-pub mod prompts;
 pub mod sandbox;
 pub mod shots;
 pub mod verify;

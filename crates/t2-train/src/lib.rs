@@ -1,24 +1,27 @@
-//! RL training of SVF experts (REINFORCE on the singular-value logits, rollouts batched through the
-//! serving scheduler) and their evaluation (accuracy with a 95% confidence interval).
+//! RL training of SVF experts: REINFORCE on the singular-value logits, with rollouts answered, batched
+//! through the serving scheduler and verified by `t2-adapt`'s [`t2_adapt::Answerer`].
 
 pub mod adam;
-pub mod cem;
 pub mod checkpoint;
-pub mod eval;
+pub mod config;
+mod label;
 pub mod plot;
 pub mod policy;
-pub mod rollout;
+pub mod runlog;
+pub mod step;
 pub mod train;
 
 use std::path::PathBuf;
 
-pub use eval::{wilson_interval, EvalConfig, EvalMode, EvalResult};
+pub use config::{RunOptions, TrainConfig};
 pub use policy::{Policy, Scored, SvfLogits};
-pub use rollout::{Generator, Job, Rollout};
-pub use train::{TrainConfig, TrainSummary, Trainer};
+pub use runlog::{read_log, LogRow};
+pub use train::{TrainSummary, Trainer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
+    #[error(transparent)]
+    Adapt(#[from] t2_adapt::AdaptError),
     #[error(transparent)]
     Task(#[from] t2_tasks::TaskError),
     #[error(transparent)]
@@ -33,10 +36,6 @@ pub enum TrainError {
     Checkpoint { path: PathBuf, reason: String },
     #[error("{0}")]
     Config(String),
-    #[error("generation failed: {0}")]
-    Generate(String),
-    #[error("verifier: {0}")]
-    Verifier(String),
 }
 
 pub type Result<T> = std::result::Result<T, TrainError>;

@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, Var, D};
+use t2_adapt::cem::standard_normal;
 use t2_model::llama::{rope_tables, Linear};
 use t2_model::{Llama, ProjId, RopeStyle};
 use t2_svf::{Decomposition, TargetSet};
@@ -96,13 +97,6 @@ pub fn sigmoid(x: f32) -> f32 {
 
 pub fn logit(z: f32) -> f32 {
     (z / (1.0 - z)).ln()
-}
-
-pub(crate) fn standard_normal(rng: &mut impl rand::Rng) -> f32 {
-    // Box–Muller: rand's distributions crate is not a dependency, and this is all we need.
-    let u1: f64 = rng.random::<f64>().max(1e-300);
-    let u2: f64 = rng.random::<f64>();
-    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
 }
 
 /// One sequence to score: log π(tokens[from..] | tokens[..from]).

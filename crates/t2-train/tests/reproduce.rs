@@ -7,8 +7,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device};
 use t2_engine::{Engine, EngineConfig};
 use t2_svf::Expert;
-use t2_train::train::{read_log, RunOptions, TrainConfig};
-use t2_train::Trainer;
+use t2_train::{read_log, RunOptions, TrainConfig, Trainer};
 
 const EXPERT: &str = "sentiment";
 const STEPS: usize = 2;

@@ -15,7 +15,7 @@ use t2_model::{ChatMessage, SamplingParams, SeqStep, WantLogits};
 use t2_tasks::{Answer, Split, Task, TaskItem};
 
 use crate::rollout::Job;
-use crate::{Result, TrainError};
+use crate::{AdaptError, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -104,7 +104,7 @@ pub fn load_items(cfg: &EvalConfig, name: &str) -> Result<(Task, Vec<TaskItem>)>
         items = subset(items, l);
     }
     if items.is_empty() {
-        return Err(TrainError::Config(format!(
+        return Err(AdaptError::Config(format!(
             "task '{name}' has no {} items",
             cfg.split.as_str()
         )));
@@ -129,14 +129,14 @@ pub fn subset(items: Vec<TaskItem>, n: usize) -> Vec<TaskItem> {
 
 /// Generation mode: every task × adaptation in one stream of jobs.
 pub fn evaluate_generate(
-    trainer: &crate::Trainer,
+    answerer: &crate::Answerer,
     cfg: &EvalConfig,
     progress: bool,
 ) -> Result<Vec<EvalResult>> {
     let mut results = Vec::new();
     let mut groups = Vec::new();
     let mut jobs = Vec::new();
-    let gen = trainer.generator();
+    let gen = answerer.generator();
     // Fixed adaptations answer directly; routed ones run pass 1 first (the router is built once).
     enum Choice<'a> {
         Fixed(&'a Adaptation),
@@ -167,7 +167,7 @@ pub fn evaluate_generate(
             }
             let start = jobs.len();
             for it in &items {
-                let user = t2_tasks::prompts::user_message(&task.info.area, it);
+                let user = crate::prompt::user_message(&task.info.area, it);
                 let (adaptation, route) = match choice {
                     Choice::Fixed(a) => ((*a).clone(), None),
                     Choice::Routed(strategy, policy) => {
@@ -210,7 +210,7 @@ pub fn evaluate_generate(
             .zip(&rollouts[start..start + items.len()])
             .map(|(it, r)| (&it.answer, r.text.as_str()))
             .collect();
-        let verdicts = t2_tasks::verify::verify_all(&pairs, trainer.sandbox());
+        let verdicts = t2_tasks::verify::verify_all(&pairs, answerer.sandbox());
         let correct = verdicts.iter().filter(|v| v.correct).count();
         let mut r = result(
             &task,
@@ -236,29 +236,29 @@ pub fn evaluate_generate(
 
 fn router_of(engine: &Engine) -> Result<Router> {
     Router::from_engine(engine)?
-        .ok_or_else(|| TrainError::Config("routing needs experts, and none is loaded".into()))
+        .ok_or_else(|| AdaptError::Config("routing needs experts, and none is loaded".into()))
 }
 
 /// Route mode: pass 1 alone on the routing task's requests, against their true category.
 pub fn evaluate_routing(
-    trainer: &crate::Trainer,
+    answerer: &crate::Answerer,
     cfg: &EvalConfig,
     progress: bool,
 ) -> Result<Vec<EvalResult>> {
     if cfg.routes.is_empty() {
-        return Err(TrainError::Config(
+        return Err(AdaptError::Config(
             "route mode evaluates routing strategies: give --adaptation route:prompt and/or \
              route:classifier"
                 .into(),
         ));
     }
-    let gen = trainer.generator();
+    let gen = answerer.generator();
     let router = router_of(gen.engine())?;
     let mut results = Vec::new();
     for name in &cfg.tasks {
         let (task, items) = load_items(cfg, name)?;
         if task.info.area != "routing" {
-            return Err(TrainError::Config(format!(
+            return Err(AdaptError::Config(format!(
                 "route mode needs a routing task (requests labelled with their category); '{name}' is \
                  a {} task",
                 task.info.area
@@ -273,7 +273,7 @@ pub fn evaluate_routing(
                     options, correct, ..
                 } = &it.answer
                 else {
-                    return Err(TrainError::Config(format!("{} has no label", it.id)));
+                    return Err(AdaptError::Config(format!("{} has no label", it.id)));
                 };
                 truth.push(options[*correct].clone());
                 // Pass 2 is cut to one token: only the decision is measured.
@@ -362,7 +362,7 @@ pub fn evaluate_loglik(
             .iter()
             .all(|i| matches!(i.answer, Answer::Choice { .. }))
         {
-            return Err(TrainError::Config(format!(
+            return Err(AdaptError::Config(format!(
                 "log-likelihood scoring needs a multiple-choice task; '{name}' is not one"
             )));
         }
@@ -414,23 +414,23 @@ pub fn pick_by_loglik(
     let mut options = Vec::with_capacity(items.len());
     for it in items {
         let Answer::Choice { options: opts, .. } = &it.answer else {
-            return Err(TrainError::Config(format!(
+            return Err(AdaptError::Config(format!(
                 "{} is not multiple choice",
                 it.id
             )));
         };
         // A primed reply ("This request is about") is continued by the option after a space.
-        let prefix = t2_tasks::prompts::answer_prefix(area);
+        let prefix = crate::prompt::answer_prefix(area);
         let prompt = if area == "routing" {
             // Exactly the tokens the server's pass 1 scores.
             t2_engine::routing::routing_tokens(engine, &it.prompt, opts)?.0
         } else {
             let mut prompt = engine.encode_chat(&[ChatMessage {
                 role: "user".into(),
-                content: t2_tasks::prompts::user_message(area, it),
+                content: crate::prompt::user_message(area, it),
             }])?;
             if let Some(p) = prefix {
-                prompt.extend(tok.encode(p).map_err(|e| TrainError::Engine(e.into()))?);
+                prompt.extend(tok.encode(p).map_err(|e| AdaptError::Engine(e.into()))?);
             }
             prompt
         };
@@ -442,7 +442,7 @@ pub fn pick_by_loglik(
                     None => tok.encode(o),
                 })
                 .collect::<std::result::Result<Vec<_>, _>>()
-                .map_err(|e| TrainError::Engine(e.into()))?,
+                .map_err(|e| AdaptError::Engine(e.into()))?,
         );
     }
     // Room for each prompt and its longest option.

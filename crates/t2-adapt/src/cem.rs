@@ -15,7 +15,7 @@ use serde::Serialize;
 use t2_engine::{Adaptation, Mix};
 use t2_tasks::TaskItem;
 
-use crate::{Result, TrainError, Trainer};
+use crate::{AdaptError, Answerer, Result};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct CemConfig {
@@ -47,7 +47,7 @@ impl CemConfig {
     }
 
     pub fn check(&self) -> Result<()> {
-        let bad = |m: String| Err(TrainError::Config(m));
+        let bad = |m: String| Err(AdaptError::Config(m));
         if self.experts.is_empty() {
             return bad("few-shot adaptation needs at least one expert, and none is loaded".into());
         }
@@ -156,7 +156,7 @@ impl ShotResults {
     }
 }
 
-impl Trainer {
+impl Answerer {
     /// Answers every example with every adaptation in one batched generation. The reference answers are
     /// scored in the same pass, from each answer's prompt KV, for tie-breaks.
     pub fn evaluate_population(
@@ -197,7 +197,7 @@ impl Trainer {
 /// Runs the search. `on_iteration` sees every iteration as it ends and may stop the search by returning
 /// false (cancellation); the outcome then holds what was found so far.
 pub fn search(
-    trainer: &Trainer,
+    answerer: &Answerer,
     area: &str,
     shots: &[TaskItem],
     cfg: &CemConfig,
@@ -205,7 +205,7 @@ pub fn search(
 ) -> Result<CemOutcome> {
     cfg.check()?;
     if shots.is_empty() {
-        return Err(TrainError::Config("no examples to adapt on".into()));
+        return Err(AdaptError::Config("no examples to adapt on".into()));
     }
     let t0 = Instant::now();
     let k = cfg.experts.len();
@@ -217,7 +217,7 @@ pub fn search(
     let mut generations = 0;
     for iteration in 0..cfg.iterations {
         let alphas = sample(&mut rng, &mean, &std, cfg.population);
-        let (pop, eval_time) = evaluate(trainer, area, shots, cfg, &alphas)?;
+        let (pop, eval_time) = evaluate(answerer, area, shots, cfg, &alphas)?;
         generations += alphas.len() * shots.len();
         let mut order: Vec<usize> = (0..pop.len()).collect();
         order.sort_by(|&a, &b| {
@@ -281,7 +281,7 @@ pub fn search(
 
 /// Accuracy of each α on the shots, all candidates in one batched generation.
 fn evaluate(
-    trainer: &Trainer,
+    answerer: &Answerer,
     area: &str,
     shots: &[TaskItem],
     cfg: &CemConfig,
@@ -292,7 +292,7 @@ fn evaluate(
         .iter()
         .map(|a| Adaptation::Mix(mix_of(&cfg.experts, a)))
         .collect();
-    let results = trainer.evaluate_population(area, shots, &adaptations, cfg.max_new_tokens)?;
+    let results = answerer.evaluate_population(area, shots, &adaptations, cfg.max_new_tokens)?;
     let pop = alphas
         .iter()
         .zip(results)
@@ -308,7 +308,7 @@ fn evaluate(
 /// Times evaluating `alphas` one candidate after another (each candidate's shots still batched
 /// together), against which the batched population evaluation is compared.
 pub fn evaluate_sequentially(
-    trainer: &Trainer,
+    answerer: &Answerer,
     area: &str,
     shots: &[TaskItem],
     cfg: &CemConfig,
@@ -317,7 +317,7 @@ pub fn evaluate_sequentially(
     let t = Instant::now();
     let mut out = Vec::with_capacity(alphas.len());
     for a in alphas {
-        let (pop, _) = evaluate(trainer, area, shots, cfg, std::slice::from_ref(a))?;
+        let (pop, _) = evaluate(answerer, area, shots, cfg, std::slice::from_ref(a))?;
         out.push(pop[0].accuracy);
     }
     Ok((out, t.elapsed()))
@@ -341,10 +341,18 @@ fn sample(rng: &mut impl rand::Rng, mean: &[f32], std: &[f32], n: usize) -> Vec<
         .map(|_| {
             mean.iter()
                 .zip(std)
-                .map(|(m, s)| (m + s * crate::policy::standard_normal(rng)).clamp(0.0, 1.0))
+                .map(|(m, s)| (m + s * standard_normal(rng)).clamp(0.0, 1.0))
                 .collect()
         })
         .collect()
+}
+
+/// One draw of N(0, 1) (the trainer's initial logits draw from it too).
+pub fn standard_normal(rng: &mut impl rand::Rng) -> f32 {
+    // Box–Muller: rand's distributions crate is not a dependency, and this is all we need.
+    let u1: f64 = rng.random::<f64>().max(1e-300);
+    let u2: f64 = rng.random::<f64>();
+    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
 }
 
 /// The experts a few-shot mix weighs: every loaded expert except classifiers (which serve pass 1).

@@ -1,5 +1,5 @@
-//! Batched generation for training and evaluation: every prompt goes through the serving scheduler, so
-//! rollouts of one step (and evaluations of several adaptations at once) share batches.
+//! Batched generation for training, evaluation and few-shot search: every prompt goes through the serving
+//! scheduler, so rollouts of one step (and evaluations of several adaptations at once) share batches.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use t2_engine::{
 };
 use t2_model::{ChatMessage, SamplingParams};
 
-use crate::TrainError;
+use crate::AdaptError;
 
 /// One generated answer.
 #[derive(Debug, Clone)]
@@ -87,7 +87,7 @@ impl Generator {
     }
 
     /// The chat template around one user message, tokenized: how every task prompt reaches the model.
-    pub fn chat_prompt(&self, user: &str) -> Result<Vec<u32>, TrainError> {
+    pub fn chat_prompt(&self, user: &str) -> Result<Vec<u32>, AdaptError> {
         Ok(self.engine.encode_chat(&[ChatMessage {
             role: "user".into(),
             content: user.into(),
@@ -100,14 +100,14 @@ impl Generator {
         &self,
         jobs: Vec<Job>,
         progress: Option<&ProgressBar>,
-    ) -> Result<Vec<Rollout>, TrainError> {
+    ) -> Result<Vec<Rollout>, AdaptError> {
         let n = jobs.len();
         let mut out: Vec<Option<Rollout>> = vec![None; n];
         let mut pending: VecDeque<Outstanding> = VecDeque::new();
         // The oldest outstanding answer, read to its end (there is always one when this is called).
         let collect_oldest = |pending: &mut VecDeque<Outstanding>,
                               out: &mut Vec<Option<Rollout>>|
-         -> Result<(), TrainError> {
+         -> Result<(), AdaptError> {
             let o = pending.pop_front().expect("an answer is outstanding");
             out[o.job] = Some(collect(o.handle, o.scores)?);
             if let Some(p) = progress {
@@ -138,7 +138,7 @@ impl Generator {
                         break;
                     }
                     Err(SubmitError::QueueFull(_)) => collect_oldest(&mut pending, &mut out)?,
-                    Err(e) => return Err(TrainError::Generate(e.to_string())),
+                    Err(e) => return Err(AdaptError::Generate(e.to_string())),
                 }
             }
         }
@@ -170,7 +170,7 @@ struct Outstanding {
 
 /// Reads one job's events to its end: the last token, and the score for a job that also scores, in
 /// whichever order they come.
-fn collect(mut h: SeqHandle, scores: bool) -> Result<Rollout, TrainError> {
+fn collect(mut h: SeqHandle, scores: bool) -> Result<Rollout, AdaptError> {
     let mut r = Rollout {
         tokens: Vec::new(),
         text: String::new(),
@@ -195,7 +195,7 @@ fn collect(mut h: SeqHandle, scores: bool) -> Result<Rollout, TrainError> {
                     generated = true;
                 }
             }
-            SeqEvent::Failed(why) => return Err(TrainError::Generate(why.message)),
+            SeqEvent::Failed(why) => return Err(AdaptError::Generate(why.message)),
         }
         if generated && scored {
             break;

@@ -1,0 +1,196 @@
+//! The label policy (multiple-choice tasks, `label_policy`): π is the distribution over the options' first
+//! tokens after the task's answer prefix, one forward per prompt and no generation, as pass-1 routing reads
+//! its labels. The greedy pick is rewarded ±1.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use t2_model::ProjId;
+use t2_tasks::TaskItem;
+
+use crate::config::TrainConfig;
+use crate::policy::{Policy, SvfLogits};
+use crate::step::{accumulate, StepOut};
+use crate::train::Trainer;
+use crate::{Result, TrainError};
+
+impl Trainer {
+    /// One step of the label policy: π over the options' first tokens; the greedy pick is rewarded ±1.
+    pub(crate) fn label_step(
+        &self,
+        cfg: &TrainConfig,
+        area: &str,
+        batch: &[TaskItem],
+        p: &BTreeMap<ProjId, Vec<f32>>,
+        policy: &Policy<'_>,
+    ) -> Result<StepOut> {
+        let started = Instant::now();
+        let labels = self.label_prompts(area, batch)?;
+        let LabelBatch {
+            prompts,
+            candidates,
+            correct,
+        } = &labels;
+        let logits = SvfLogits::from_host(p.clone())?;
+        let n = prompts.len() as f64;
+        let mut grads: BTreeMap<ProjId, Vec<f32>> = BTreeMap::new();
+        let (mut loss_sum, mut right) = (0.0f64, 0usize);
+        // The label policy's baseline needs every pick first: one forward without gradients.
+        let baseline = if cfg.reward_baseline {
+            let right = count_right(policy, &logits, &labels, cfg.micro_batch)?;
+            (2.0 * right as f64 - n) / n
+        } else {
+            0.0
+        };
+        for (ps, cs) in prompts
+            .chunks(cfg.micro_batch)
+            .zip(correct.chunks(cfg.micro_batch))
+        {
+            let lp = policy.candidate_logprobs(Some(&logits), ps, candidates)?;
+            let host = lp.to_vec2::<f32>()?;
+            let mut picks = Vec::with_capacity(ps.len());
+            let mut rewards = Vec::with_capacity(ps.len());
+            for (row, &c) in host.iter().zip(cs) {
+                let pick = t2_tasks::verify::choice_by_scores(row);
+                right += usize::from(pick == c);
+                picks.push(pick as u32);
+                rewards.push((if pick == c { 1.0 } else { -1.0 } - baseline) as f32);
+            }
+            let k = picks.len();
+            let picked = lp
+                .gather(&Tensor::from_vec(picks, (k, 1), lp.device())?, 1)?
+                .squeeze(1)?;
+            let r = Tensor::from_vec(rewards, k, lp.device())?;
+            let loss = ((picked * r)?.sum_all()? * (-1.0 / n))?;
+            loss_sum += loss.to_scalar::<f32>()? as f64;
+            accumulate(&mut grads, &loss.backward()?, &logits)?;
+        }
+        Ok(StepOut {
+            train_acc: right as f64 / n,
+            loss: loss_sum,
+            kl: 0.0,
+            grads,
+            rollout_seconds: 0.0,
+            update_seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Validation accuracy of the label policy: its greedy picks, without gradients.
+    pub(crate) fn label_accuracy(
+        &self,
+        area: &str,
+        items: &[TaskItem],
+        cfg: &TrainConfig,
+        p: &BTreeMap<ProjId, Vec<f32>>,
+    ) -> Result<f64> {
+        let policy = Policy::new(
+            &self.engine().loaded.model,
+            &self.engine().svf.as_ref().expect("checked").decomp,
+            4096,
+        )?;
+        let logits = SvfLogits::from_host(p.clone())?;
+        let labels = self.label_prompts(area, items)?;
+        let right = count_right(&policy, &logits, &labels, cfg.micro_batch)?;
+        Ok(right as f64 / items.len() as f64)
+    }
+
+    /// Prompts primed with the task's answer prefix, the first token of each option, and the right option.
+    fn label_prompts(&self, area: &str, items: &[TaskItem]) -> Result<LabelBatch> {
+        let tok = &self.engine().loaded.tokenizer;
+        let encode = |t: &str| tok.encode(t).map_err(|e| TrainError::Engine(e.into()));
+        let prefix = match t2_adapt::prompt::answer_prefix(area) {
+            Some(p) => encode(p)?,
+            None => Vec::new(),
+        };
+        let options = match items.first().map(|i| &i.answer) {
+            Some(t2_tasks::Answer::Choice { options, .. }) => options.clone(),
+            _ => {
+                return Err(TrainError::Config(
+                    "the label policy needs a multiple-choice task".into(),
+                ))
+            }
+        };
+        let mut candidates = Vec::new();
+        for o in &options {
+            let first = *encode(&format!(" {o}"))?
+                .first()
+                .ok_or_else(|| TrainError::Config("an empty option".into()))?;
+            if candidates.contains(&first) {
+                return Err(TrainError::Config(format!(
+                    "options {options:?} do not differ at their first token: the label policy cannot tell them apart"
+                )));
+            }
+            candidates.push(first);
+        }
+        let mut prompts = Vec::with_capacity(items.len());
+        let mut correct = Vec::with_capacity(items.len());
+        for it in items {
+            let t2_tasks::Answer::Choice {
+                options: o,
+                correct: c,
+                ..
+            } = &it.answer
+            else {
+                return Err(TrainError::Config(format!(
+                    "{} is not multiple choice",
+                    it.id
+                )));
+            };
+            if *o != options {
+                return Err(TrainError::Config(format!(
+                    "{} has other options than the first item",
+                    it.id
+                )));
+            }
+            let p = if area == "routing" {
+                // Exactly the tokens the server's pass 1 scores.
+                t2_engine::routing::routing_tokens(self.engine(), &it.prompt, o)?.0
+            } else {
+                let mut p = self.answerer().prompt_for(area, it)?;
+                p.extend_from_slice(&prefix);
+                p
+            };
+            prompts.push(p);
+            correct.push(*c);
+        }
+        Ok(LabelBatch {
+            prompts,
+            candidates,
+            correct,
+        })
+    }
+}
+
+/// How many prompts the label policy answers right (its greedy pick), without gradients.
+fn count_right(
+    policy: &Policy<'_>,
+    logits: &SvfLogits,
+    labels: &LabelBatch,
+    micro_batch: usize,
+) -> Result<usize> {
+    let mut right = 0;
+    for (ps, cs) in labels
+        .prompts
+        .chunks(micro_batch)
+        .zip(labels.correct.chunks(micro_batch))
+    {
+        let lp = policy
+            .candidate_logprobs(Some(logits), ps, &labels.candidates)?
+            .to_vec2::<f32>()?;
+        for (row, &c) in lp.iter().zip(cs) {
+            right += usize::from(t2_tasks::verify::choice_by_scores(row) == c);
+        }
+    }
+    Ok(right)
+}
+
+/// Items as the label policy reads them.
+struct LabelBatch {
+    /// Each item's prompt, primed with the task's answer prefix.
+    prompts: Vec<Vec<u32>>,
+    /// The first token of each option.
+    candidates: Vec<u32>,
+    /// Each prompt's right option.
+    correct: Vec<usize>,
+}
