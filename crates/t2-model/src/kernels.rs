@@ -55,8 +55,8 @@ fn stream_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> 
     Ok(Some(y.to_dtype(x.dtype())?))
 }
 
-/// One query head against the first `len` cached positions of a sequence: o = softmax(k·q·scale)·v. K and V
-/// rows live in pool rows of `row` elements; `at(p)` is where position p's head starts in them.
+/// One query head against the first `len` cached positions of a sequence: o = softmax(k·q·scale)·v. `at(p)`
+/// is where position p's key (and value) starts in `k` (and `v`).
 #[allow(clippy::too_many_arguments)]
 fn attend_head(
     qh: &[f32],
@@ -106,7 +106,8 @@ fn f32_data(t: &Tensor) -> Option<(impl std::ops::Deref<Target = Storage> + '_, 
 }
 
 /// The decode attention of many sequences at once (one new token each): q is (seqs, heads, head_dim)
-/// f32, contiguous; the layer's pool K and V are (slots, kv_heads·head_dim); returns (seqs, heads·head_dim).
+/// f32, contiguous; the layer's pool K and V are (blocks·kv_heads·block_size, head_dim), head-major within a
+/// block (see `crate::kv`); returns (seqs, heads·head_dim).
 /// One call per layer instead of a dozen tensor ops per sequence, with (sequence, head) pairs spread over
 /// the cores. None where this CPU/f32 path does not apply.
 pub fn decode_attention_batch(
@@ -120,15 +121,17 @@ pub fn decode_attention_batch(
         return Ok(None);
     }
     let (n, heads, d) = q.dims3()?;
-    let row = k_pool.dim(1)?;
-    let slots = k_pool.dim(0)?;
+    let kv_heads = heads / group.max(1);
+    let rows = k_pool.dim(0)?;
     let bs = crate::kv::BLOCK_SIZE;
     let fits = |s: &BlockKv<'_>| {
         s.len > 0
             && s.len <= s.blocks.len() * bs
-            && s.blocks.iter().all(|&b| (b as usize + 1) * bs <= slots)
+            && s.blocks
+                .iter()
+                .all(|&b| (b as usize + 1) * kv_heads * bs <= rows)
     };
-    if n != seqs.len() || !seqs.iter().all(fits) {
+    if n != seqs.len() || k_pool.dim(1)? != d || !seqs.iter().all(fits) {
         return Ok(None);
     }
     let (Some((qs, q0)), Some((ks, k0)), Some((vs, v0))) =
@@ -152,14 +155,77 @@ pub fn decode_attention_batch(
         |scores, (i, o)| {
             let (seq, h) = (i / heads, i % heads);
             let s = &seqs[seq];
-            let head_at = (h / group) * d;
-            let at = |p: usize| (s.blocks[p / bs] as usize * bs + p % bs) * row + head_at;
+            let kvh = h / group;
+            let at = |p: usize| ((s.blocks[p / bs] as usize * kv_heads + kvh) * bs + p % bs) * d;
             let qh = &qv[q0 + i * d..q0 + (i + 1) * d];
             attend_head(qh, kv, vv, s.len, at, scale, scores, o);
         },
     );
     drop((qs, ks, vs));
     Ok(Some(Tensor::from_vec(out, (n, heads * d), q.device())?))
+}
+
+/// Writes a step's new K (or V) rows into a layer's pool in place: `src` is (rows, kv_heads, head_dim),
+/// contiguous, in the pool's dtype; each write is (first batch row, rows, first pool row of head 0), and
+/// head h's run starts h·block_size rows further (the pool's head-major block layout). One op per layer
+/// and tensor, instead of a candle op per head and run.
+pub struct KvWrite<'a> {
+    pub src: &'a Tensor,
+    pub writes: &'a [(usize, usize, usize)],
+    pub kv_heads: usize,
+}
+
+impl candle_core::InplaceOp1 for KvWrite<'_> {
+    fn name(&self) -> &'static str {
+        "kv-write"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let (Some((d0, _)), Some(&d)) = (layout.contiguous_offsets(), layout.dims().last()) else {
+            candle_core::bail!("kv-write: the pool must be contiguous");
+        };
+        let (ss, sl) = self.src.storage_and_layout();
+        let Some((s0, _)) = sl.contiguous_offsets() else {
+            candle_core::bail!("kv-write: the new rows must be contiguous");
+        };
+        let (h, bs) = (self.kv_heads, crate::kv::BLOCK_SIZE);
+        match (dst, &*ss) {
+            (CpuStorage::F32(dv), Storage::Cpu(CpuStorage::F32(sv))) => {
+                copy_rows(&mut dv[d0..], &sv[s0..], self.writes, h, d, bs)
+            }
+            (CpuStorage::F16(dv), Storage::Cpu(CpuStorage::F16(sv))) => {
+                copy_rows(&mut dv[d0..], &sv[s0..], self.writes, h, d, bs)
+            }
+            (CpuStorage::BF16(dv), Storage::Cpu(CpuStorage::BF16(sv))) => {
+                copy_rows(&mut dv[d0..], &sv[s0..], self.writes, h, d, bs)
+            }
+            _ => candle_core::bail!("kv-write: the pool and the new rows must share a CPU dtype"),
+        }
+        Ok(())
+    }
+}
+
+fn copy_rows<T: Copy>(
+    dst: &mut [T],
+    src: &[T],
+    writes: &[(usize, usize, usize)],
+    kv_heads: usize,
+    d: usize,
+    bs: usize,
+) {
+    for &(off, len, row) in writes {
+        for h in 0..kv_heads {
+            for i in 0..len {
+                let s = ((off + i) * kv_heads + h) * d;
+                let t = (row + h * bs + i) * d;
+                dst[t..t + d].copy_from_slice(&src[s..s + d]);
+            }
+        }
+    }
 }
 
 /// A weight element the kernels can widen to f32.

@@ -1,7 +1,8 @@
 //! KV storage in fixed-size blocks, shared by every sequence a model runs.
 //!
-//! Per layer, K and V are one (blocks·block_size, kv_heads·head_dim) tensor each: a position's K (or V)
-//! for all heads is one contiguous row. A sequence's KV is a [`SeqKv`]: the blocks it reads and writes,
+//! Per layer, K and V are one (blocks·kv_heads·block_size, head_dim) tensor each, head-major within a
+//! block: one head's positions of a block are contiguous rows, so attention streams each head's keys and
+//! values in runs of a block (the layout paged-attention kernels use). A sequence's KV is a [`SeqKv`]: the blocks it reads and writes,
 //! in position order, and how many positions hold data. Which blocks a sequence may use (allocation,
 //! sharing a prefix, the budget) is decided outside the model, by a block manager; the model only reads
 //! and writes through block tables, so sequences that share a prefix share its blocks without copying.
@@ -17,8 +18,7 @@ pub struct KvPool {
     pub(crate) k: Vec<Tensor>,
     pub(crate) v: Vec<Tensor>,
     num_blocks: usize,
-    /// kv_heads · head_dim: the length of one position's row.
-    pub(crate) row: usize,
+    pub(crate) kv_heads: usize,
     dtype: DType,
 }
 
@@ -30,9 +30,8 @@ impl KvPool {
         dtype: DType,
         device: &Device,
     ) -> candle_core::Result<Self> {
-        let row = cfg.num_kv_heads * cfg.head_dim;
-        let slots = num_blocks * BLOCK_SIZE;
-        let zeros = || Tensor::zeros((slots, row), dtype, device);
+        let rows = num_blocks * cfg.num_kv_heads * BLOCK_SIZE;
+        let zeros = || Tensor::zeros((rows, cfg.head_dim), dtype, device);
         Ok(Self {
             k: (0..cfg.num_layers)
                 .map(|_| zeros())
@@ -41,7 +40,7 @@ impl KvPool {
                 .map(|_| zeros())
                 .collect::<Result<_, _>>()?,
             num_blocks,
-            row,
+            kv_heads: cfg.num_kv_heads,
             dtype,
         })
     }
@@ -109,13 +108,15 @@ impl SeqKv {
         self.blocks.len() * BLOCK_SIZE
     }
 
-    /// The pool row of position `p`.
-    pub fn slot(&self, p: usize) -> usize {
-        self.blocks[p / BLOCK_SIZE] as usize * BLOCK_SIZE + p % BLOCK_SIZE
+    /// The pool row of position `p` of head `h` (of `kv_heads`).
+    pub fn row(&self, p: usize, h: usize, kv_heads: usize) -> usize {
+        (self.blocks[p / BLOCK_SIZE] as usize * kv_heads + h) * BLOCK_SIZE + p % BLOCK_SIZE
     }
 
-    /// Pool rows of positions `from..to`.
-    pub fn slots(&self, from: usize, to: usize) -> Vec<u32> {
-        (from..to).map(|p| self.slot(p) as u32).collect()
+    /// Pool rows of positions `0..to`, head by head (head 0's positions, then head 1's, ...).
+    pub fn rows(&self, to: usize, kv_heads: usize) -> Vec<u32> {
+        (0..kv_heads)
+            .flat_map(|h| (0..to).map(move |p| self.row(p, h, kv_heads) as u32))
+            .collect()
     }
 }

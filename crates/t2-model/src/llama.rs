@@ -175,7 +175,8 @@ pub struct SeqStep<'a> {
 /// Where a step's K/V rows go in the pool and where each sequence's positions are, computed once per step
 /// (the same for every layer).
 struct KvRows {
-    /// (first batch row, rows, first pool row) for each run of new positions that is contiguous in the pool.
+    /// (first batch row, rows, first pool row of head 0) for each run of new positions within one block;
+    /// head h's run starts h·BLOCK_SIZE rows further.
     writes: Vec<(usize, usize, usize)>,
     /// Per sequence: the pool rows of all its positions, the new ones included (built on first use:
     /// the decode kernel reads block tables directly).
@@ -188,6 +189,7 @@ impl KvRows {
     fn new(
         steps: &[SeqStep<'_>],
         spans: &[(usize, usize, usize)],
+        kv_heads: usize,
         device: &Device,
     ) -> candle_core::Result<Self> {
         let mut writes = Vec::new();
@@ -196,10 +198,10 @@ impl KvRows {
             let mut p = start;
             while p < start + t {
                 let run = (crate::kv::BLOCK_SIZE - p % crate::kv::BLOCK_SIZE).min(start + t - p);
-                writes.push((off + p - start, run, s.kv.slot(p)));
+                writes.push((off + p - start, run, s.kv.row(p, 0, kv_heads)));
                 p += run;
             }
-            slots.push(s.kv.slots(0, start + t));
+            slots.push(s.kv.rows(start + t, kv_heads));
         }
         Ok(Self {
             writes,
@@ -366,7 +368,7 @@ impl Llama {
             .index_select(&pos_ids, 0)?
             .reshape((n, 1, half))?;
 
-        let kv_rows = KvRows::new(steps, &spans, &self.device)?;
+        let kv_rows = KvRows::new(steps, &spans, cfg.num_kv_heads, &self.device)?;
         let mut x = self.embed.index_select(&token_ids, 0)?;
         for (layer, block) in self.blocks.iter().enumerate() {
             let h = block.attn_norm.forward(&x)?;
@@ -474,10 +476,28 @@ impl Llama {
         // Every new position's K/V goes into its pool row first: attention then reads all positions,
         // the new ones included, from the pool.
         let (k_pool, v_pool) = (&pool.k[layer], &pool.v[layer]);
-        let (k2, v2) = (k.reshape((n, pool.row))?, v.reshape((n, pool.row))?);
-        for &(off, len, slot) in &kv_rows.writes {
-            k_pool.slice_set(&k2.narrow(0, off, len)?, 0, slot)?;
-            v_pool.slice_set(&v2.narrow(0, off, len)?, 0, slot)?;
+        if k_pool.device().is_cpu() {
+            let (k, v) = (k.contiguous()?, v.contiguous()?);
+            for (pool_t, src) in [(k_pool, &k), (v_pool, &v)] {
+                pool_t.inplace_op1(&crate::kernels::KvWrite {
+                    src,
+                    writes: &kv_rows.writes,
+                    kv_heads: pool.kv_heads,
+                })?;
+            }
+        } else {
+            // Head-major, like the pool: (kv_heads, rows, head_dim).
+            let (kt, vt) = (
+                k.transpose(0, 1)?.contiguous()?,
+                v.transpose(0, 1)?.contiguous()?,
+            );
+            for &(off, len, row) in &kv_rows.writes {
+                for h in 0..pool.kv_heads {
+                    let at = row + h * crate::kv::BLOCK_SIZE;
+                    k_pool.slice_set(&kt.get(h)?.narrow(0, off, len)?, 0, at)?;
+                    v_pool.slice_set(&vt.get(h)?.narrow(0, off, len)?, 0, at)?;
+                }
+            }
         }
         let q = q.contiguous()?;
         if steps.iter().all(|s| s.tokens.len() == 1) {
@@ -504,10 +524,7 @@ impl Llama {
         for (ids, &(off, t, start)) in kv_rows.gathers()?.iter().zip(spans) {
             let qs = q.narrow(0, off, t)?.transpose(0, 1)?.contiguous()?;
             let gather = |pool: &Tensor| -> candle_core::Result<Tensor> {
-                pool.index_select(ids, 0)?
-                    .reshape((start + t, nkv, hd))?
-                    .transpose(0, 1)?
-                    .contiguous()
+                pool.index_select(ids, 0)?.reshape((nkv, start + t, hd))
             };
             outs.push(self.attend(&qs, &gather(k_pool)?, &gather(v_pool)?, start)?);
         }
