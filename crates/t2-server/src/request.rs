@@ -102,11 +102,7 @@ pub fn chat(
     req: ChatCompletionRequest,
 ) -> ApiResult<GenerationRequest> {
     let started = Instant::now();
-    let chosen = choose(
-        &core.context(&state.cfg),
-        &req.model,
-        req.sampling.adaptation.as_ref(),
-    )?;
+    let chosen = choose_for(state, core, &req.model, &req.sampling)?;
     let msgs = messages(&req.messages)?;
     let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
         (_, Some(k)) if !(0..=20).contains(&k) => {
@@ -147,11 +143,7 @@ pub fn chat(
 /// Validates a (legacy) text completion request.
 pub fn text(state: &AppState, core: &Core, req: CompletionRequest) -> ApiResult<GenerationRequest> {
     let started = Instant::now();
-    let chosen = choose(
-        &core.context(&state.cfg),
-        &req.model,
-        req.sampling.adaptation.as_ref(),
-    )?;
+    let chosen = choose_for(state, core, &req.model, &req.sampling)?;
     if req.echo.unwrap_or(false) {
         return Err(ApiError::invalid("echo is not supported", "echo"));
     }
@@ -193,6 +185,11 @@ pub fn text(state: &AppState, core: &Core, req: CompletionRequest) -> ApiResult<
         logprobs,
         started,
     )
+}
+
+/// The adaptation a request asks for, by its `model` and `adaptation` fields.
+fn choose_for(state: &AppState, core: &Core, model: &str, f: &SamplingFields) -> ApiResult<Chosen> {
+    choose(&core.context(&state.cfg), model, f.adaptation.as_ref())
 }
 
 #[allow(clippy::too_many_arguments)]
