@@ -45,20 +45,27 @@ pub struct AdaptationJobRequest {
     pub examples: Vec<serde_json::Value>,
     /// Examples the search scores on, at most as many as given (default: all of them; a fixed-seed
     /// sample when fewer).
-    #[schema(minimum = 2)]
+    #[schema(minimum = 2, maximum = 9007199254740991_i64)]
+    #[serde(default, deserialize_with = "crate::openai::safe_int::opt")]
     pub shots: Option<usize>,
     /// CEM iterations (default 50).
     #[schema(minimum = 1, maximum = 1000)]
+    #[serde(default, deserialize_with = "crate::openai::safe_int::opt")]
     pub iterations: Option<usize>,
     /// Candidates per iteration (default 32).
     #[schema(minimum = 2, maximum = 256)]
+    #[serde(default, deserialize_with = "crate::openai::safe_int::opt")]
     pub population: Option<usize>,
     /// Elites per iteration, fewer than the population (default 6).
-    #[schema(minimum = 1)]
+    #[schema(minimum = 1, maximum = 255)]
+    #[serde(default, deserialize_with = "crate::openai::safe_int::opt")]
     pub elites: Option<usize>,
+    #[schema(minimum = 0, maximum = 9007199254740991_i64)]
+    #[serde(default, deserialize_with = "crate::openai::safe_int::opt")]
     pub seed: Option<u64>,
     /// Tokens per answer (default: by answer kind).
-    #[schema(minimum = 1)]
+    #[schema(minimum = 1, maximum = 9007199254740991_i64)]
+    #[serde(default, deserialize_with = "crate::openai::safe_int::opt")]
     pub max_tokens: Option<usize>,
     /// Experts to weigh (default: every loaded expert but classifiers).
     pub experts: Option<Vec<String>>,

@@ -91,24 +91,30 @@ pub struct AdaptationRequest {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct SamplingFields {
     /// Tokens to generate at most; the prompt plus this must fit the model's context.
-    #[schema(minimum = 1)]
+    #[schema(minimum = 1, maximum = 9007199254740991_i64)]
+    #[serde(default, deserialize_with = "crate::openai::safe_int::opt")]
     pub max_tokens: Option<i64>,
     /// Takes precedence over max_tokens.
-    #[schema(minimum = 1)]
+    #[schema(minimum = 1, maximum = 9007199254740991_i64)]
+    #[serde(default, deserialize_with = "crate::openai::safe_int::opt")]
     pub max_completion_tokens: Option<i64>,
     #[schema(minimum = 0, maximum = 2)]
     pub temperature: Option<f32>,
     #[schema(exclusive_minimum = 0, maximum = 1)]
     pub top_p: Option<f32>,
     /// Extension: keep only the k most likely tokens (0 or -1: all).
-    #[schema(minimum = -1)]
+    #[schema(minimum = -1, maximum = 9007199254740991_i64)]
+    #[serde(default, deserialize_with = "crate::openai::safe_int::opt")]
     pub top_k: Option<i64>,
     /// Choices to generate, 1 to the server's --max-n.
     #[schema(minimum = 1)]
+    #[serde(default, deserialize_with = "crate::openai::safe_int::opt")]
     pub n: Option<i64>,
     /// Up to 4 non-empty stop strings.
     #[schema(value_type = Option<StopStrings>)]
     pub stop: Option<StringOrList>,
+    #[schema(minimum = -9007199254740991_i64, maximum = 9007199254740991_i64)]
+    #[serde(default, deserialize_with = "crate::openai::safe_int::opt")]
     pub seed: Option<i64>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
@@ -144,6 +150,7 @@ pub struct ChatCompletionRequest {
     pub logprobs: Option<bool>,
     /// 0-20 alternatives per position (more than 0 needs logprobs: true).
     #[schema(minimum = 0, maximum = 20)]
+    #[serde(default, deserialize_with = "crate::openai::safe_int::opt")]
     pub top_logprobs: Option<i64>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
@@ -157,6 +164,7 @@ pub struct CompletionRequest {
     pub prompt: StringOrList,
     /// 0-20 alternatives per position.
     #[schema(minimum = 0, maximum = 20)]
+    #[serde(default, deserialize_with = "crate::openai::safe_int::opt")]
     pub logprobs: Option<i64>,
     /// Not supported: only false.
     #[schema(value_type = Option<EchoOff>)]
@@ -165,10 +173,35 @@ pub struct CompletionRequest {
     #[schema(max_length = 0)]
     pub suffix: Option<String>,
     /// Only 1 (or less) is supported.
-    #[schema(maximum = 1)]
+    #[schema(minimum = -9007199254740991_i64, maximum = 1)]
+    #[serde(default, deserialize_with = "crate::openai::safe_int::opt")]
     pub best_of: Option<i64>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
+}
+
+/// Integer fields: any JSON number with an integral value within JSON's safe integers (|n| ≤ 2^53 - 1),
+/// as JSON Schema's `integer` reads it (so 3.0 is 3), converted to the field's type.
+pub mod safe_int {
+    use serde::{de::Error, Deserialize, Deserializer};
+
+    pub const MAX: i64 = (1 << 53) - 1;
+
+    pub fn opt<'de, D: Deserializer<'de>, T: TryFrom<i64>>(d: D) -> Result<Option<T>, D::Error> {
+        let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+            return Ok(None);
+        };
+        let v = match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => Some(i),
+            (None, Some(f)) if f.fract() == 0.0 && f.abs() <= MAX as f64 => Some(f as i64),
+            _ => None,
+        }
+        .filter(|v| v.abs() <= MAX)
+        .ok_or_else(|| D::Error::custom(format!("{n} is not an integer within ±(2^53 - 1)")))?;
+        T::try_from(v)
+            .map(Some)
+            .map_err(|_| D::Error::custom(format!("{n} is out of range")))
+    }
 }
 
 // Schema-only types: what the string fields above accept, as the handlers check it.
