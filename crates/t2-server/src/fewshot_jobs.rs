@@ -314,7 +314,7 @@ fn validate(engine: &Engine, r: &AdaptationJobRequest) -> ApiResult<(Vec<TaskIte
         .as_ref()
         .ok_or_else(|| no_experts("this server runs without SVF"))?;
     if store.names().is_empty() {
-        return Err(no_experts("none is loaded"));
+        return Err(no_experts("no experts are loaded"));
     }
     t2_svf::expert::check_name(&r.name).map_err(|e| invalid(e.to_string(), "name"))?;
     if store.get(&r.name).is_ok() {

@@ -218,7 +218,7 @@ fn route(
     cx: &Context,
     choice: RouteChoice,
     policy: Option<&str>,
-    threshold: Option<f32>,
+    threshold: Option<f64>,
 ) -> ApiResult<Chosen> {
     let router = match &*cx.router {
         Ok(r) => r,
@@ -269,7 +269,7 @@ fn route(
                 "adaptation",
             ));
         }
-        policy_value.threshold = t;
+        policy_value.threshold = t as f32;
     }
     let mut c = base(strategy.as_str());
     c.label = "auto".into();

@@ -77,7 +77,7 @@ pub struct AdaptationRequest {
     pub policy: Option<String>,
     /// Routing only: below this top-label probability the base model answers (0 to 1).
     #[schema(minimum = 0, maximum = 1)]
-    pub threshold: Option<f32>,
+    pub threshold: Option<f64>,
     /// One expert by name.
     pub expert: Option<String>,
     /// Weights over experts, e.g. {"math": 0.7, "code": 0.3} ("base": the unadapted model's share).
@@ -99,9 +99,11 @@ pub struct SamplingFields {
     #[serde(default, deserialize_with = "crate::openai::safe_int::opt")]
     pub max_completion_tokens: Option<i64>,
     #[schema(minimum = 0, maximum = 2)]
-    pub temperature: Option<f32>,
+    pub temperature: Option<f64>,
     #[schema(exclusive_minimum = 0, maximum = 1)]
-    pub top_p: Option<f32>,
+    /// Numbers are read as f64 and checked before they become f32: rounding must not move a value across
+    /// a bound (5e-324 to 0, 2.0000000000000004 to 2).
+    pub top_p: Option<f64>,
     /// Extension: keep only the k most likely tokens (0 or -1: all).
     #[schema(minimum = -1, maximum = 9007199254740991_i64)]
     #[serde(default, deserialize_with = "crate::openai::safe_int::opt")]
@@ -119,9 +121,9 @@ pub struct SamplingFields {
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     #[schema(minimum = -2, maximum = 2)]
-    pub presence_penalty: Option<f32>,
+    pub presence_penalty: Option<f64>,
     #[schema(minimum = -2, maximum = 2)]
-    pub frequency_penalty: Option<f32>,
+    pub frequency_penalty: Option<f64>,
     /// Accepted and logged, not used.
     pub user: Option<String>,
     /// Extension: generate exactly max_tokens tokens, ignoring end-of-sequence.

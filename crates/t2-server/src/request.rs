@@ -402,13 +402,14 @@ fn sampling(f: &SamplingFields, max_n: usize) -> ApiResult<(SamplingParams, usiz
         ));
     }
     let params = SamplingParams {
-        temperature,
+        temperature: temperature as f32,
         top_k,
-        top_p,
+        // Below f32's smallest positive value it keeps the single most likely token, as any tiny top_p does.
+        top_p: (top_p as f32).max(f32::MIN_POSITIVE),
         seed: f.seed.map(|s| s as u64),
         logprobs: None,
-        presence_penalty: f.presence_penalty.unwrap_or(0.0),
-        frequency_penalty: f.frequency_penalty.unwrap_or(0.0),
+        presence_penalty: f.presence_penalty.unwrap_or(0.0) as f32,
+        frequency_penalty: f.frequency_penalty.unwrap_or(0.0) as f32,
     };
     Ok((params, n as usize, stop))
 }
