@@ -93,7 +93,7 @@ class ServerProcess:
         cmd = [str(binary), "serve", "--port", "0", "--experts-dir", str(self.experts_dir), *self.extra_args]
         # Settings from the caller's environment must not change what the suite tests: a T2_API_KEY there
         # would lock the shared server. T2_MODEL still passes through, to run the suite on another model.
-        env = {k: v for k, v in os.environ.items() if k not in ("T2_API_KEY", "T2_HOST", "T2_PORT", "T2_EXPERTS")}
+        env = {k: v for k, v in os.environ.items() if k not in ("T2_API_KEY", "T2_ADMIN_KEY", "T2_HOST", "T2_PORT", "T2_EXPERTS")}
         if self.env:
             env.update(self.env)
         self._log_file = open(self.log_path, "wb")

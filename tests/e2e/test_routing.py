@@ -159,7 +159,8 @@ def test_routing_without_experts_is_refused(log_dir, tmp_path):
         assert "no experts" in error["message"], error
         resp = post_json(proc.base_url, "/v1/adaptations", {
             "name": "x", "examples": [{"prompt": "1+1?", "verifier": "number", "answer": 2}] * 2})
-        error = assert_openai_error(resp, 400)
-        assert "no experts" in error["message"] or "nothing to mix" in error["message"], error
+        # The server's state, not the request, is what is wrong: 409 (the OpenAPI document says so).
+        error = assert_openai_error(resp, 409, code="no_experts")
+        assert "no experts" in error["message"], error
     finally:
         proc.stop()

@@ -362,6 +362,7 @@ pub fn mixable_experts(engine: &t2_engine::Engine) -> Vec<String> {
         .as_ref()
         .map(|s| {
             s.experts()
+                .iter()
                 .filter(|e| e.meta.category != t2_engine::routing::ROUTER_CATEGORY)
                 .map(|e| e.meta.name.clone())
                 .collect()

@@ -30,6 +30,18 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub api_keys: Vec<String>,
+    /// Admin key for changing experts while serving (`POST /v1/experts`, `DELETE /v1/experts/NAME`);
+    /// it is accepted wherever an API key is. Without one, experts cannot be changed over HTTP.
+    #[arg(
+        long = "admin-key",
+        env = "T2_ADMIN_KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub admin_keys: Vec<String>,
+    /// Largest expert file `POST /v1/experts` takes, in bytes; larger gets 413
+    #[arg(long, default_value_t = 64 << 20)]
+    pub max_expert_bytes: usize,
     /// Sequences decoded together at most
     #[arg(long, default_value_t = 32)]
     pub max_batch: usize,
@@ -117,12 +129,20 @@ pub fn run(a: ServeArgs) -> Result<()> {
     if a.api_keys.iter().any(|k| k.trim().is_empty()) {
         bail!("--api-key must not be empty");
     }
+    if a.admin_keys.iter().any(|k| k.trim().is_empty()) {
+        bail!("--admin-key must not be empty");
+    }
+    if a.admin_keys.iter().any(|k| a.api_keys.contains(k)) {
+        bail!("an --admin-key must differ from every --api-key");
+    }
     let mut engine_cfg = engine_config(&a.model, &a.svf, true)?;
     engine_cfg.mix_capacity = a.mix_capacity;
     let cfg = ServerConfig {
         host: a.host,
         port: a.port,
         api_keys: a.api_keys,
+        admin_keys: a.admin_keys,
+        max_expert_bytes: a.max_expert_bytes,
         max_n: a.max_n,
         max_body_bytes: a.max_body_bytes,
         request_timeout: Duration::from_secs(a.request_timeout_s),

@@ -123,9 +123,21 @@ impl Engine {
         };
         Ok(match a {
             Adaptation::Vectors(z) => svf.lease(&MixKey::of_vectors(z), || Ok(z.z().clone()))?,
-            Adaptation::Mix(m) => svf.lease(&store.key_of(m)?, || {
-                m.z(&svf.decomp, |name| store.get(name))
-            })?,
+            Adaptation::Mix(m) => {
+                // Key and vectors from one reading of the store: an expert replaced meanwhile cannot
+                // pair the new key with old vectors (or the reverse).
+                let (key, experts) = store.resolve(m)?;
+                svf.lease(&key, || {
+                    m.z(&svf.decomp, |name| {
+                        experts.get(name).map(|e| e.as_ref()).ok_or_else(|| {
+                            SvfError::UnknownExpert {
+                                name: name.into(),
+                                known: experts.keys().cloned().collect::<Vec<_>>().join(", "),
+                            }
+                        })
+                    })
+                })?
+            }
         })
     }
 

@@ -92,7 +92,7 @@ impl std::str::FromStr for RouteStrategy {
     }
 }
 
-/// The labels of a server's experts, built once at load.
+/// The labels of a server's experts, built at load and again whenever the experts change.
 #[derive(Debug, Clone)]
 pub struct Router {
     pub labels: Vec<RouteLabel>,
@@ -136,9 +136,17 @@ impl Router {
         let Some(store) = &engine.experts else {
             return Ok(None);
         };
+        Self::from_experts(engine, store.experts().iter().map(|e| e.as_ref()))
+    }
+
+    /// Labels from the given experts' categories (the store's, or the set an upload would make).
+    pub fn from_experts<'a>(
+        engine: &Engine,
+        experts: impl IntoIterator<Item = &'a t2_svf::Expert>,
+    ) -> Result<Option<Self>> {
         let mut by_category: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut classifier = None;
-        for e in store.experts() {
+        for e in experts {
             if e.meta.category == ROUTER_CATEGORY {
                 classifier.get_or_insert_with(|| e.meta.name.clone());
                 continue;

@@ -19,13 +19,17 @@ use crate::state::AppState;
     path = "/v1/chat/completions",
     request_body = ChatCompletionRequest,
     responses(
-        (status = 200, description = "A completion, or server-sent `chat.completion.chunk` events when stream is true", body = ChatCompletionResponse),
+        (status = 200, description = "A completion, or server-sent `chat.completion.chunk` events when stream is true", content(
+            (ChatCompletionResponse = "application/json"),
+            (String = "text/event-stream"),
+        )),
         (status = 400, description = "Invalid request", body = ErrorBody),
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
         (status = 404, description = "Unknown model", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 429, description = "Queue full (see Retry-After)", body = ErrorBody),
         (status = 503, description = "Loading or shutting down", body = ErrorBody),
+        (status = 504, description = "Over --request-timeout-s", body = ErrorBody),
     ),
     tag = "openai"
 )]
@@ -43,11 +47,17 @@ pub async fn chat_completions(
     path = "/v1/completions",
     request_body = CompletionRequest,
     responses(
-        (status = 200, description = "A completion, or server-sent `text_completion` events when stream is true", body = CompletionResponse),
+        (status = 200, description = "A completion, or server-sent `text_completion` events when stream is true", content(
+            (CompletionResponse = "application/json"),
+            (String = "text/event-stream"),
+        )),
         (status = 400, description = "Invalid request", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
         (status = 404, description = "Unknown model", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
         (status = 429, description = "Queue full", body = ErrorBody),
         (status = 503, description = "Loading or shutting down", body = ErrorBody),
+        (status = 504, description = "Over --request-timeout-s", body = ErrorBody),
     ),
     tag = "openai"
 )]

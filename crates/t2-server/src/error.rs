@@ -16,6 +16,11 @@ pub enum ApiError {
     },
     #[error("{0}")]
     Unauthorized(String),
+    /// A valid key that may not do this (a generation key changing experts), or writes turned off.
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{message}")]
+    Conflict { message: String, code: &'static str },
     #[error("{0}")]
     ModelNotFound(String),
     #[error("{0}")]
@@ -47,6 +52,8 @@ impl ApiError {
         match self {
             Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::ModelNotFound(_) | Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -60,6 +67,12 @@ impl ApiError {
         let (kind, param, code) = match self {
             Self::InvalidRequest { param, code, .. } => ("invalid_request_error", *param, *code),
             Self::Unauthorized(_) => ("invalid_request_error", None, Some("invalid_api_key")),
+            Self::Forbidden(_) => (
+                "invalid_request_error",
+                None,
+                Some("insufficient_permissions"),
+            ),
+            Self::Conflict { code, .. } => ("invalid_request_error", None, Some(*code)),
             Self::ModelNotFound(_) => (
                 "invalid_request_error",
                 Some("model"),

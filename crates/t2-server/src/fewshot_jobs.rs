@@ -37,21 +37,35 @@ const MAX_OUTSTANDING: usize = 16;
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AdaptationJobRequest {
-    /// Name of the mix to store (used as `<model>:<name>`).
+    /// Name of the mix to store (used as `<model>:<name>`): not an expert's name, nor "base" or "auto".
+    #[schema(pattern = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$")]
     pub name: String,
     /// Labelled examples: `{"prompt", "verifier": "number" | "choice" | "python", "answer", ...}`.
-    #[schema(value_type = Vec<Object>)]
+    #[schema(value_type = Vec<Object>, min_items = 2)]
     pub examples: Vec<serde_json::Value>,
-    /// Examples the search scores on (default: all of them; a fixed-seed sample when fewer).
+    /// Examples the search scores on, at most as many as given (default: all of them; a fixed-seed
+    /// sample when fewer).
+    #[schema(minimum = 2, maximum = 9007199254740991_i64)]
+    #[serde(default, deserialize_with = "crate::openai::safe_int::opt")]
     pub shots: Option<usize>,
     /// CEM iterations (default 50).
+    #[schema(minimum = 1, maximum = 1000)]
+    #[serde(default, deserialize_with = "crate::openai::safe_int::opt")]
     pub iterations: Option<usize>,
     /// Candidates per iteration (default 32).
+    #[schema(minimum = 2, maximum = 256)]
+    #[serde(default, deserialize_with = "crate::openai::safe_int::opt")]
     pub population: Option<usize>,
-    /// Elites per iteration (default 6).
+    /// Elites per iteration, fewer than the population (default 6).
+    #[schema(minimum = 1, maximum = 255)]
+    #[serde(default, deserialize_with = "crate::openai::safe_int::opt")]
     pub elites: Option<usize>,
+    #[schema(minimum = 0, maximum = 9007199254740991_i64)]
+    #[serde(default, deserialize_with = "crate::openai::safe_int::opt")]
     pub seed: Option<u64>,
     /// Tokens per answer (default: by answer kind).
+    #[schema(minimum = 1, maximum = 9007199254740991_i64)]
+    #[serde(default, deserialize_with = "crate::openai::safe_int::opt")]
     pub max_tokens: Option<usize>,
     /// Experts to weigh (default: every loaded expert but classifiers).
     pub experts: Option<Vec<String>>,
@@ -239,6 +253,13 @@ fn run_job(
     w: &Work,
     t0: Instant,
 ) -> Result<Option<JobResult>, String> {
+    // The experts the search weighs stay until the job ends (DELETE /v1/experts answers 409 meanwhile).
+    let _pin = engine
+        .experts
+        .as_ref()
+        .ok_or("this server runs without experts")?
+        .pin(w.cfg.experts.iter().map(String::as_str))
+        .map_err(|e| e.to_string())?;
     let generator = Generator::shared(scheduler.clone()).with_max_outstanding(MAX_OUTSTANDING);
     let answerer =
         Answerer::with_generator(engine.clone(), generator).map_err(|e| e.to_string())?;
@@ -282,12 +303,19 @@ fn run_job(
 /// Checks the request fully before anything is queued: every error here is the client's.
 fn validate(engine: &Engine, r: &AdaptationJobRequest) -> ApiResult<(Vec<TaskItem>, CemConfig)> {
     let invalid = |m: String, p: &'static str| ApiError::invalid(m, p);
-    let store = engine.experts.as_ref().ok_or_else(|| {
-        invalid(
-            "few-shot adaptation needs experts, and this server runs without SVF".into(),
-            "name",
-        )
-    })?;
+    // What the server holds decides first: with nothing to mix, no request could succeed (409, the
+    // server's state, not the request, is what is wrong).
+    let no_experts = |why: &str| ApiError::Conflict {
+        message: format!("few-shot adaptation needs experts, and {why}"),
+        code: "no_experts",
+    };
+    let store = engine
+        .experts
+        .as_ref()
+        .ok_or_else(|| no_experts("this server runs without SVF"))?;
+    if store.names().is_empty() {
+        return Err(no_experts("no experts are loaded"));
+    }
     t2_svf::expert::check_name(&r.name).map_err(|e| invalid(e.to_string(), "name"))?;
     if store.get(&r.name).is_ok() {
         return Err(invalid(
@@ -358,7 +386,11 @@ fn validate(engine: &Engine, r: &AdaptationJobRequest) -> ApiResult<(Vec<TaskIte
     responses(
         (status = 202, description = "The job, queued", body = AdaptationJob),
         (status = 400, description = "Invalid examples or settings", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 409, description = "No expert is loaded, so there is nothing to mix", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
         (status = 429, description = "Too many jobs waiting", body = ErrorBody),
+        (status = 503, description = "Loading or shutting down", body = ErrorBody),
     ),
     tag = "t2"
 )]
@@ -427,7 +459,9 @@ pub async fn create(
     params(("id" = String, Path, description = "The job id")),
     responses(
         (status = 200, description = "The job", body = AdaptationJob),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
         (status = 404, description = "No such job", body = ErrorBody),
+        (status = 503, description = "Loading or shutting down", body = ErrorBody),
     ),
     tag = "t2"
 )]
@@ -444,7 +478,11 @@ pub async fn get(
 #[utoipa::path(
     get,
     path = "/v1/adaptations",
-    responses((status = 200, description = "The jobs", body = AdaptationJobList)),
+    responses(
+        (status = 200, description = "The jobs", body = AdaptationJobList),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 503, description = "Loading or shutting down", body = ErrorBody),
+    ),
     tag = "t2"
 )]
 pub async fn list(State(state): State<Arc<AppState>>) -> ApiResult<Json<AdaptationJobList>> {
@@ -468,7 +506,9 @@ pub async fn list(State(state): State<Arc<AppState>>) -> ApiResult<Json<Adaptati
     params(("id" = String, Path, description = "The job id")),
     responses(
         (status = 200, description = "The job, cancelling", body = AdaptationJob),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
         (status = 404, description = "No such job", body = ErrorBody),
+        (status = 503, description = "Loading or shutting down", body = ErrorBody),
     ),
     tag = "t2"
 )]

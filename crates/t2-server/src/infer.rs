@@ -11,6 +11,7 @@ use futures::stream::{self, BoxStream, StreamExt};
 use t2_engine::{
     GenRequest, RouteDecision, SeqEvent, SeqHandle, Submission, SubmitError, TokenEvent,
 };
+use t2_svf::ExpertPin;
 
 use crate::error::{ApiError, ApiResult};
 use crate::mix_choice::Chosen;
@@ -30,6 +31,37 @@ pub struct Generation {
     tracker: Tracker,
     until: tokio::time::Instant,
     timeout: Duration,
+    _pin: Option<ExpertPin>,
+}
+
+/// Pins the experts a request may run with: its mix's, or for a routed request every expert its router
+/// can pick (and the classifier). An expert removed since the mix was chosen is a client error.
+fn pin_experts(
+    core: &crate::state::Core,
+    chosen: &Chosen,
+    router: &crate::mix_choice::RouterState,
+) -> ApiResult<Option<ExpertPin>> {
+    let Some(store) = &core.engine.experts else {
+        return Ok(None);
+    };
+    let names: Vec<&str> = match (&chosen.routing, router) {
+        (Some(_), Ok(r)) => r
+            .labels
+            .iter()
+            .flat_map(|l| l.experts.iter().map(String::as_str))
+            .chain(r.classifier.as_deref())
+            // The router may be a moment behind a removal; the decision then fails on its own.
+            .filter(|n| store.get(n).is_ok())
+            .collect(),
+        _ => chosen.mix.alpha().keys().map(String::as_str).collect(),
+    };
+    if names.is_empty() {
+        return Ok(None);
+    }
+    store
+        .pin(names)
+        .map(Some)
+        .map_err(|e| ApiError::invalid(e.to_string(), "adaptation"))
 }
 
 /// What a generation yields next.
@@ -59,7 +91,10 @@ pub async fn generate(state: &Arc<AppState>, req: GenerationRequest) -> ApiResul
         core.engine.context_length(),
         state.cfg.default_max_tokens,
     )?;
-    let route = match (&req.chosen.routing, &core.router) {
+    let router = core.router();
+    // Held until the answer ends: the experts it may run with cannot be removed meanwhile.
+    let pin = pin_experts(core, &req.chosen, &router)?;
+    let route = match (&req.chosen.routing, &*router) {
         (Some(routing), Ok(router)) => {
             let (engine, router, routing, text) = (
                 core.engine.clone(),
@@ -129,6 +164,7 @@ pub async fn generate(state: &Arc<AppState>, req: GenerationRequest) -> ApiResul
         &chosen.label,
     );
     Ok(Generation {
+        _pin: pin,
         chosen,
         prompt_tokens,
         want_logprobs: req.logprobs.is_some(),

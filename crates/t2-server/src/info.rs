@@ -11,10 +11,10 @@ use utoipa::OpenApi;
 use crate::error::{ApiResult, ErrorBody};
 use crate::openai::*;
 
-use crate::state::AppState;
+use crate::state::{AppState, Core};
 
 /// The base model, `:base`, `:auto`, one card per expert and per stored mix.
-#[utoipa::path(get, path = "/v1/models", responses((status = 200, body = ModelList), (status = 503, body = ErrorBody)), tag = "openai")]
+#[utoipa::path(get, path = "/v1/models", responses((status = 200, body = ModelList), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)), tag = "openai")]
 pub async fn models(State(state): State<Arc<AppState>>) -> ApiResult<Json<ModelList>> {
     let core = state.core()?;
     let e = &core.engine;
@@ -49,24 +49,52 @@ pub async fn models(State(state): State<Arc<AppState>>) -> ApiResult<Json<ModelL
     }))
 }
 
-/// The loaded experts and stored mixes.
-#[utoipa::path(get, path = "/v1/experts", responses((status = 200, body = ExpertList), (status = 503, body = ErrorBody)), tag = "t2")]
+/// Every stored expert with what uses it now: requests holding it, sequences running with weights made
+/// from it (held mix-table slots), and whether merged weights made from it exist.
+pub fn expert_cards(core: &Core) -> Vec<ExpertCard> {
+    let e = &core.engine;
+    let (Some(store), Some(svf)) = (&e.experts, &e.svf) else {
+        return Vec::new();
+    };
+    let base = &e.loaded.model_id;
+    let slots = svf.slots();
+    store
+        .listing()
+        .into_iter()
+        .map(|x| {
+            let name = &x.expert.meta.name;
+            let mine = || slots.iter().filter(|s| s.key.uses(name, &x.digest));
+            let sequences: usize = mine().map(|s| s.holders).sum();
+            let requests = store.pinned(name);
+            ExpertCard {
+                name: name.clone(),
+                description: x.expert.meta.description.clone(),
+                category: x.expert.meta.category.clone(),
+                targets: x.expert.meta.targets.to_string(),
+                model: format!("{base}:{name}"),
+                digest: x.digest.clone(),
+                state: if sequences > 0 || requests > 0 {
+                    ExpertState::InUse
+                } else {
+                    ExpertState::Loaded
+                },
+                requests,
+                sequences,
+                merged: mine().any(|s| s.merged),
+            }
+        })
+        .collect()
+}
+
+/// The loaded experts (with what uses them now) and stored mixes.
+#[utoipa::path(get, path = "/v1/experts", responses((status = 200, body = ExpertList), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)), tag = "t2")]
 pub async fn experts(State(state): State<Arc<AppState>>) -> ApiResult<Json<ExpertList>> {
     let core = state.core()?;
     let base = &core.engine.loaded.model_id;
     let (data, mixes) = match &core.engine.experts {
         None => (Vec::new(), Vec::new()),
         Some(store) => (
-            store
-                .experts()
-                .map(|x| ExpertCard {
-                    name: x.meta.name.clone(),
-                    description: x.meta.description.clone(),
-                    category: x.meta.category.clone(),
-                    targets: x.meta.targets.to_string(),
-                    model: format!("{base}:{}", x.meta.name),
-                })
-                .collect(),
+            expert_cards(core),
             store
                 .mixes()
                 .iter()
@@ -138,6 +166,8 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         crate::fewshot_jobs::list,
         crate::fewshot_jobs::get,
         crate::fewshot_jobs::cancel,
+        crate::expert_admin::upload,
+        crate::expert_admin::remove,
     ),
     tags(
         (name = "openai", description = "OpenAI-compatible routes"),
@@ -148,9 +178,18 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 pub struct ApiDoc;
 
 /// This document.
-#[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "OpenAPI 3 document")), tag = "ops")]
-pub async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+#[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "OpenAPI 3 document", body = Object), (status = 401, body = ErrorBody)), tag = "ops")]
+pub async fn openapi_json(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    Json(document(&state.cfg))
+}
+
+/// The OpenAPI document with the limits that this server's flags set (`n` at most `--max-n`).
+pub fn document(cfg: &crate::state::ServerConfig) -> serde_json::Value {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the OpenAPI document serializes");
+    if let Some(n) = doc.pointer_mut("/components/schemas/SamplingFields/properties/n") {
+        n["maximum"] = serde_json::json!(cfg.max_n);
+    }
+    doc
 }
 
 fn escape(s: &str) -> String {

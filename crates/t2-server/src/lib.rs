@@ -5,6 +5,7 @@
 
 pub mod completions;
 pub mod error;
+pub mod expert_admin;
 pub mod fewshot_jobs;
 pub mod infer;
 pub mod info;
@@ -41,7 +42,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(completions::chat_completions))
         .route("/v1/completions", post(completions::completions))
         .route("/v1/models", get(info::models))
-        .route("/v1/experts", get(info::experts))
+        .route("/v1/experts", get(info::experts).post(expert_admin::upload))
+        .route("/v1/experts/{name}", delete(expert_admin::remove))
         .route(
             "/v1/adaptations",
             post(fewshot_jobs::create).get(fewshot_jobs::list),
@@ -80,30 +82,38 @@ async fn not_found(req: Request) -> ApiError {
     ))
 }
 
-/// Bearer-token check with a constant-time comparison (every key is compared in full).
+/// Bearer-token check with a constant-time comparison (every key is compared in full). Admin keys are
+/// accepted too: they may do everything a plain key may.
 async fn require_api_key(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     if state.cfg.api_keys.is_empty() {
         return next.run(req).await;
     }
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let Some(given) = given else {
+    let Some(given) = bearer(req.headers()) else {
         return ApiError::Unauthorized(
             "missing API key: send 'Authorization: Bearer <key>'".into(),
         )
         .into_response();
     };
-    let ok = state.cfg.api_keys.iter().fold(false, |acc, k| {
-        acc | constant_time_eq(k.as_bytes(), given.as_bytes())
-    });
-    if !ok {
+    if !key_in(&state.cfg.api_keys, given) && !key_in(&state.cfg.admin_keys, given) {
         return ApiError::Unauthorized("invalid API key".into()).into_response();
     }
     next.run(req).await
+}
+
+/// The Bearer token of a request, if it sends one.
+pub(crate) fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+/// Whether `given` is one of `keys`, comparing each in constant time.
+pub(crate) fn key_in(keys: &[String], given: &str) -> bool {
+    keys.iter().fold(false, |acc, k| {
+        acc | constant_time_eq(k.as_bytes(), given.as_bytes())
+    })
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -177,29 +187,14 @@ fn load(state: &AppState, engine_cfg: &EngineConfig) -> anyhow::Result<()> {
             _ => {}
         }
     }
-    let router = match t2_engine::Router::from_engine(&engine) {
-        Ok(Some(r)) => {
-            tracing::info!(labels = ?r.label_names(), classifier = ?r.classifier, "pass-1 routing ready");
-            Ok(r)
-        }
-        Ok(None) => Err("no experts are loaded, so there is nothing to route to".to_string()),
-        Err(e) => {
-            tracing::warn!(error = %e, "pass-1 routing is unavailable");
-            Err(e.to_string())
-        }
-    };
+    let router = crate::mix_choice::router_state(&engine, None);
     if let (Err(why), crate::mix_choice::DefaultStrategy::Route(_)) =
         (&router, &state.cfg.default_strategy)
     {
         anyhow::bail!("the default adaptation routes requests, but routing is unavailable: {why}");
     }
     let jobs = fewshot_jobs::Jobs::start(engine.clone(), scheduler.clone());
-    state.set_core(Core {
-        engine,
-        scheduler,
-        router,
-        jobs,
-    });
+    state.set_core(Core::new(engine, scheduler, jobs, router));
     state.set_warm();
     Ok(())
 }

@@ -70,8 +70,36 @@ impl Default for RoutingConfig {
     }
 }
 
-/// The router the server built from its experts at load, or why there is none.
+/// The router the server built from its experts, or why there is none.
 pub type RouterState = Result<Router, String>;
+
+/// Why routing is unavailable when no pass-2 expert is loaded.
+pub const NOTHING_TO_ROUTE: &str = "no experts are loaded, so there is nothing to route to";
+
+/// Pass-1 routing over the stored experts, or over `experts` when given (the set an upload would make).
+pub fn router_state(engine: &Engine, experts: Option<&[&t2_svf::Expert]>) -> RouterState {
+    // Only the router that will serve is logged, not a candidate checked for an upload.
+    let serving = experts.is_none();
+    let built = match experts {
+        Some(list) => Router::from_experts(engine, list.iter().copied()),
+        None => Router::from_engine(engine),
+    };
+    match built {
+        Ok(Some(r)) => {
+            if serving {
+                tracing::info!(labels = ?r.label_names(), classifier = ?r.classifier, "pass-1 routing ready");
+            }
+            Ok(r)
+        }
+        Ok(None) => Err(NOTHING_TO_ROUTE.to_string()),
+        Err(e) => {
+            if serving {
+                tracing::warn!(error = %e, "pass-1 routing is unavailable");
+            }
+            Err(e.to_string())
+        }
+    }
+}
 
 /// Pass 1 still to run for a request: which strategy, with which policy.
 #[derive(Debug, Clone)]
@@ -180,7 +208,7 @@ fn profile(engine: &Engine, name: &str) -> ApiResult<Option<Chosen>> {
 /// Everything `choose` needs besides the request.
 pub struct Context<'a> {
     pub engine: &'a Engine,
-    pub router: &'a RouterState,
+    pub router: std::sync::Arc<RouterState>,
     pub default: &'a DefaultStrategy,
     pub routing: &'a RoutingConfig,
 }
@@ -190,12 +218,17 @@ fn route(
     cx: &Context,
     choice: RouteChoice,
     policy: Option<&str>,
-    threshold: Option<f32>,
+    threshold: Option<f64>,
 ) -> ApiResult<Chosen> {
-    let router = cx
-        .router
-        .as_ref()
-        .map_err(|why| ApiError::invalid(format!("routing is unavailable: {why}"), "adaptation"))?;
+    let router = match &*cx.router {
+        Ok(r) => r,
+        Err(why) => {
+            return Err(ApiError::invalid(
+                format!("routing is unavailable: {why}"),
+                "adaptation",
+            ))
+        }
+    };
     let mut note = None;
     let strategy = match choice {
         RouteChoice::Auto
@@ -236,7 +269,7 @@ fn route(
                 "adaptation",
             ));
         }
-        policy_value.threshold = t;
+        policy_value.threshold = t as f32;
     }
     let mut c = base(strategy.as_str());
     c.label = "auto".into();

@@ -5,6 +5,12 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+// The request types below carry in their schemas (field attributes, and the schema-only types at the end
+// of this section) every single-field rule that `request.rs`, `mix_choice.rs` and `fewshot_jobs.rs`
+// enforce, so that the OpenAPI document says what the server accepts. Rules that tie two fields (top_logprobs
+// needs logprobs; prompt + max_tokens within the context) or depend on the server's state (which experts
+// exist) are in the descriptions.
+
 /// A chat message's content: a string, or an array of parts of which only text parts are supported.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
@@ -15,16 +21,20 @@ pub enum MessageContent {
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ContentPart {
+    /// Only "text" parts are supported.
     #[serde(rename = "type")]
-    #[schema(rename = "type")]
+    #[schema(rename = "type", value_type = ContentPartKind)]
     pub kind: String,
+    /// The part's text (required for text parts).
     #[serde(default)]
+    #[schema(value_type = String, required = true)]
     pub text: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct RequestMessage {
     /// system, developer (treated as system), user or assistant
+    #[schema(value_type = MessageRole)]
     pub role: String,
     pub content: Option<MessageContent>,
     #[serde(default)]
@@ -60,14 +70,18 @@ pub struct AdaptationRequest {
     /// none | expert | mix | profile | prompt | classifier | auto (inferred from the other fields when
     /// absent). prompt and classifier run pass 1 (the base model or the classifier expert scores the
     /// request's category); auto is the server's routing default.
+    #[schema(value_type = Option<AdaptationStrategy>)]
     pub strategy: Option<String>,
     /// Routing only: "hard" (the top label's expert) or "soft" (α = label probabilities).
+    #[schema(value_type = Option<RoutePolicyName>)]
     pub policy: Option<String>,
     /// Routing only: below this top-label probability the base model answers (0 to 1).
-    pub threshold: Option<f32>,
+    #[schema(minimum = 0, maximum = 1)]
+    pub threshold: Option<f64>,
     /// One expert by name.
     pub expert: Option<String>,
-    /// Weights over experts, e.g. {"math": 0.7, "code": 0.3}.
+    /// Weights over experts, e.g. {"math": 0.7, "code": 0.3} ("base": the unadapted model's share).
+    #[schema(value_type = Option<MixWeights>)]
     pub mix: Option<BTreeMap<String, f32>>,
     /// A stored mix (profile) by name.
     pub profile: Option<String>,
@@ -76,38 +90,69 @@ pub struct AdaptationRequest {
 /// Fields shared by chat and text completions.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct SamplingFields {
+    /// Tokens to generate at most; the prompt plus this must fit the model's context.
+    #[schema(minimum = 1, maximum = 9007199254740991_i64)]
+    #[serde(default, deserialize_with = "crate::openai::safe_int::opt")]
     pub max_tokens: Option<i64>,
+    /// Takes precedence over max_tokens.
+    #[schema(minimum = 1, maximum = 9007199254740991_i64)]
+    #[serde(default, deserialize_with = "crate::openai::safe_int::opt")]
     pub max_completion_tokens: Option<i64>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    /// Extension: keep only the k most likely tokens.
+    #[schema(minimum = 0, maximum = 2)]
+    pub temperature: Option<f64>,
+    #[schema(exclusive_minimum = 0, maximum = 1)]
+    /// Numbers are read as f64 and checked before they become f32: rounding must not move a value across
+    /// a bound (5e-324 to 0, 2.0000000000000004 to 2).
+    pub top_p: Option<f64>,
+    /// Extension: keep only the k most likely tokens (0 or -1: all).
+    #[schema(minimum = -1, maximum = 9007199254740991_i64)]
+    #[serde(default, deserialize_with = "crate::openai::safe_int::opt")]
     pub top_k: Option<i64>,
+    /// Choices to generate, 1 to the server's --max-n.
+    #[schema(minimum = 1)]
+    #[serde(default, deserialize_with = "crate::openai::safe_int::opt")]
     pub n: Option<i64>,
+    /// Up to 4 non-empty stop strings.
+    #[schema(value_type = Option<StopStrings>)]
     pub stop: Option<StringOrList>,
+    #[schema(minimum = -9007199254740991_i64, maximum = 9007199254740991_i64)]
+    #[serde(default, deserialize_with = "crate::openai::safe_int::opt")]
     pub seed: Option<i64>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
-    pub presence_penalty: Option<f32>,
-    pub frequency_penalty: Option<f32>,
+    #[schema(minimum = -2, maximum = 2)]
+    pub presence_penalty: Option<f64>,
+    #[schema(minimum = -2, maximum = 2)]
+    pub frequency_penalty: Option<f64>,
     /// Accepted and logged, not used.
     pub user: Option<String>,
     /// Extension: generate exactly max_tokens tokens, ignoring end-of-sequence.
     pub ignore_eos: Option<bool>,
     pub adaptation: Option<AdaptationRequest>,
-    /// Not supported: refused with a clear error when present.
-    pub logit_bias: Option<serde_json::Value>,
-    pub tools: Option<serde_json::Value>,
-    pub functions: Option<serde_json::Value>,
+    /// Not supported: only null or an empty object is accepted.
+    #[schema(value_type = Option<EmptyObject>)]
+    pub logit_bias: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Not supported: only null or an empty list is accepted.
+    #[schema(value_type = Option<Vec<Object>>, max_items = 0)]
+    pub tools: Option<Vec<serde_json::Value>>,
+    /// Not supported: only null or an empty list is accepted.
+    #[schema(value_type = Option<Vec<Object>>, max_items = 0)]
+    pub functions: Option<Vec<serde_json::Value>>,
+    /// Only {"type": "text"} is supported.
+    #[schema(value_type = Option<TextResponseFormat>)]
     pub response_format: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ChatCompletionRequest {
     pub model: String,
+    #[schema(min_items = 1)]
     pub messages: Vec<RequestMessage>,
     /// Return log-probabilities of the chosen tokens.
     pub logprobs: Option<bool>,
-    /// 0-20 alternatives per position (needs logprobs).
+    /// 0-20 alternatives per position (more than 0 needs logprobs: true).
+    #[schema(minimum = 0, maximum = 20)]
+    #[serde(default, deserialize_with = "crate::openai::safe_int::opt")]
     pub top_logprobs: Option<i64>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
@@ -116,15 +161,169 @@ pub struct ChatCompletionRequest {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct CompletionRequest {
     pub model: String,
+    /// One non-empty prompt (a string, or a list holding one string).
+    #[schema(value_type = OnePrompt)]
     pub prompt: StringOrList,
     /// 0-20 alternatives per position.
+    #[schema(minimum = 0, maximum = 20)]
+    #[serde(default, deserialize_with = "crate::openai::safe_int::opt")]
     pub logprobs: Option<i64>,
+    /// Not supported: only false.
+    #[schema(value_type = Option<EchoOff>)]
     pub echo: Option<bool>,
+    /// Not supported: only empty.
+    #[schema(max_length = 0)]
     pub suffix: Option<String>,
+    /// Only 1 (or less) is supported.
+    #[schema(minimum = -9007199254740991_i64, maximum = 1)]
+    #[serde(default, deserialize_with = "crate::openai::safe_int::opt")]
     pub best_of: Option<i64>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }
+
+/// Integer fields: any JSON number with an integral value within JSON's safe integers (|n| ≤ 2^53 - 1),
+/// as JSON Schema's `integer` reads it (so 3.0 is 3), converted to the field's type.
+pub mod safe_int {
+    use serde::{de::Error, Deserialize, Deserializer};
+
+    pub const MAX: i64 = (1 << 53) - 1;
+
+    pub fn opt<'de, D: Deserializer<'de>, T: TryFrom<i64>>(d: D) -> Result<Option<T>, D::Error> {
+        let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+            return Ok(None);
+        };
+        let v = match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => Some(i),
+            (None, Some(f)) if f.fract() == 0.0 && f.abs() <= MAX as f64 => Some(f as i64),
+            _ => None,
+        }
+        .filter(|v| v.abs() <= MAX)
+        .ok_or_else(|| D::Error::custom(format!("{n} is not an integer within ±(2^53 - 1)")))?;
+        T::try_from(v)
+            .map(Some)
+            .map_err(|_| D::Error::custom(format!("{n} is out of range")))
+    }
+}
+
+// Schema-only types: what the string fields above accept, as the handlers check it.
+
+/// The roles a message may have.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageRole {
+    System,
+    Developer,
+    User,
+    Assistant,
+}
+
+/// The content part kinds supported.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ContentPartKind {
+    Text,
+}
+
+/// `adaptation.strategy`.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AdaptationStrategy {
+    None,
+    Base,
+    Expert,
+    Mix,
+    Profile,
+    Prompt,
+    Classifier,
+    Auto,
+}
+
+/// `adaptation.policy`.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RoutePolicyName {
+    Hard,
+    Soft,
+}
+
+/// Schemas that no derive can state (a string's length inside a list, a boolean that must be false, an
+/// object that must be empty), written with utoipa's builders; each names the check it mirrors.
+mod shapes {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, Type};
+    use utoipa::openapi::RefOr;
+
+    fn text(min_length: usize) -> ObjectBuilder {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .min_length(Some(min_length))
+    }
+
+    macro_rules! shape {
+        ($(#[$doc:meta])* $name:ident => $body:expr) => {
+            $(#[$doc])*
+            pub struct $name;
+            impl utoipa::PartialSchema for $name {
+                fn schema() -> RefOr<Schema> {
+                    $body.into()
+                }
+            }
+            impl utoipa::ToSchema for $name {}
+        };
+    }
+
+    shape!(
+        /// `stop` (request.rs `sampling`): one non-empty string, or up to 4 of them.
+        StopStrings => OneOfBuilder::new()
+            .item(text(1))
+            .item(ArrayBuilder::new().items(text(1)).max_items(Some(4)))
+    );
+    shape!(
+        /// A completion's `prompt` (request.rs `text`): one non-empty string, or a list holding one.
+        OnePrompt => OneOfBuilder::new()
+            .item(text(1))
+            .item(ArrayBuilder::new().items(text(1)).min_items(Some(1)).max_items(Some(1)))
+    );
+    shape!(
+        /// `echo` (request.rs `text`): only false.
+        EchoOff => ObjectBuilder::new()
+            .schema_type(Type::Boolean)
+            .enum_values(Some([false]))
+    );
+    shape!(
+        /// `logit_bias` (request.rs `sampling`): unsupported, so only an empty object.
+        EmptyObject => ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .max_properties(Some(0))
+    );
+    shape!(
+        /// `response_format` (request.rs `sampling`): only `{"type": "text"}`.
+        TextResponseFormat => ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .property(
+                "type",
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .enum_values(Some(["text"])),
+            )
+            .required("type")
+    );
+    shape!(
+        /// `POST /v1/experts`' body: an expert file's raw bytes (safetensors, format t2-expert-v1).
+        ExpertFile => ObjectBuilder::new()
+            .schema_type(Type::String)
+            .content_media_type("application/octet-stream")
+    );
+    shape!(
+        /// `adaptation.mix` (t2-svf `Mix::from_weights`): at least one weight, by non-empty name.
+        MixWeights => ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .property_names(Some(Schema::Object(text(1).build())))
+            .additional_properties(Some(ObjectBuilder::new().schema_type(Type::Number)))
+            .min_properties(Some(1))
+    );
+}
+pub use shapes::*;
 
 /// What adaptation a response was generated with.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -298,6 +497,24 @@ pub struct ExpertCard {
     pub targets: String,
     /// The model id that selects it.
     pub model: String,
+    /// SHA-256 of its z vectors: its identity (a re-upload under the same name has another).
+    pub digest: String,
+    pub state: ExpertState,
+    /// Requests in flight that may run with it.
+    pub requests: usize,
+    /// Sequences running now with weights made from it (held mix-table slots).
+    pub sequences: usize,
+    /// Whether merged weights made from it are cached.
+    pub merged: bool,
+}
+
+/// `loaded`: stored and servable, nothing uses it now; `in_use`: requests or sequences hold it (it
+/// cannot be removed until they end).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ExpertState {
+    Loaded,
+    InUse,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]

@@ -374,46 +374,39 @@ fn sampling(f: &SamplingFields, max_n: usize) -> ApiResult<(SamplingParams, usiz
             "stop",
         ));
     }
+    // Absent, null or empty is fine (SDKs send these); their types are checked by serde.
     let unsupported = [
         (
             "logit_bias",
-            f.logit_bias.as_ref().filter(|v| !is_empty_json(v)),
+            f.logit_bias.as_ref().is_some_and(|m| !m.is_empty()),
         ),
-        ("tools", f.tools.as_ref().filter(|v| !is_empty_json(v))),
+        ("tools", f.tools.as_ref().is_some_and(|v| !v.is_empty())),
         (
             "functions",
-            f.functions.as_ref().filter(|v| !is_empty_json(v)),
+            f.functions.as_ref().is_some_and(|v| !v.is_empty()),
         ),
         (
             "response_format",
             f.response_format
                 .as_ref()
-                .filter(|v| v.get("type").and_then(|t| t.as_str()) != Some("text")),
+                .is_some_and(|v| v.get("type").and_then(|t| t.as_str()) != Some("text")),
         ),
     ];
-    if let Some((name, _)) = unsupported.iter().find(|(_, v)| v.is_some()) {
+    if let Some((name, _)) = unsupported.iter().find(|(_, bad)| *bad) {
         return Err(ApiError::invalid(
             format!("{name} is not supported by this server"),
             name,
         ));
     }
     let params = SamplingParams {
-        temperature,
+        temperature: temperature as f32,
         top_k,
-        top_p,
+        // Below f32's smallest positive value it keeps the single most likely token, as any tiny top_p does.
+        top_p: (top_p as f32).max(f32::MIN_POSITIVE),
         seed: f.seed.map(|s| s as u64),
         logprobs: None,
-        presence_penalty: f.presence_penalty.unwrap_or(0.0),
-        frequency_penalty: f.frequency_penalty.unwrap_or(0.0),
+        presence_penalty: f.presence_penalty.unwrap_or(0.0) as f32,
+        frequency_penalty: f.frequency_penalty.unwrap_or(0.0) as f32,
     };
     Ok((params, n as usize, stop))
-}
-
-fn is_empty_json(v: &serde_json::Value) -> bool {
-    match v {
-        serde_json::Value::Null => true,
-        serde_json::Value::Object(m) => m.is_empty(),
-        serde_json::Value::Array(a) => a.is_empty(),
-        _ => false,
-    }
 }

@@ -1,7 +1,7 @@
 //! What every handler shares: configuration, metrics, and (once loaded) the engine and its scheduler.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use t2_engine::{Engine, Scheduler, SchedulerConfig};
@@ -17,6 +17,11 @@ pub struct ServerConfig {
     pub port: u16,
     /// Bearer keys accepted; empty: no authentication.
     pub api_keys: Vec<String>,
+    /// Bearer keys that may also change the experts (`POST`/`DELETE /v1/experts`); they are accepted
+    /// wherever an API key is. Empty: experts cannot be changed over HTTP.
+    pub admin_keys: Vec<String>,
+    /// Largest expert file `POST /v1/experts` takes; larger gets 413.
+    pub max_expert_bytes: usize,
     pub max_n: usize,
     pub max_body_bytes: usize,
     pub request_timeout: Duration,
@@ -37,6 +42,8 @@ impl Default for ServerConfig {
             host: "127.0.0.1".into(),
             port: 8080,
             api_keys: Vec::new(),
+            admin_keys: Vec::new(),
+            max_expert_bytes: 64 << 20,
             max_n: 8,
             max_body_bytes: 2 * 1024 * 1024,
             request_timeout: Duration::from_secs(600),
@@ -55,16 +62,45 @@ pub struct Core {
     pub scheduler: Arc<Scheduler>,
     /// Few-shot adaptation jobs (`/v1/adaptations`).
     pub jobs: crate::fewshot_jobs::Jobs,
-    /// Pass-1 labels built from the loaded experts, or why routing is unavailable.
-    pub router: RouterState,
+    /// Pass-1 labels built from the loaded experts, or why routing is unavailable. Rebuilt when experts
+    /// are added or removed; a request keeps the one it started with.
+    router: RwLock<Arc<RouterState>>,
+    /// Changes to the experts one at a time (the store's change and the router's rebuild together).
+    pub expert_writes: Mutex<()>,
 }
 
 impl Core {
+    pub fn new(
+        engine: Arc<Engine>,
+        scheduler: Arc<Scheduler>,
+        jobs: crate::fewshot_jobs::Jobs,
+        router: RouterState,
+    ) -> Self {
+        Self {
+            engine,
+            scheduler,
+            jobs,
+            router: RwLock::new(Arc::new(router)),
+            expert_writes: Mutex::new(()),
+        }
+    }
+
+    /// The router as it stands now.
+    pub fn router(&self) -> Arc<RouterState> {
+        self.router.read().expect("router lock").clone()
+    }
+
+    /// Rebuilds the router from the experts stored now (after an upload or a removal).
+    pub fn rebuild_router(&self) {
+        let fresh = crate::mix_choice::router_state(&self.engine, None);
+        *self.router.write().expect("router lock") = Arc::new(fresh);
+    }
+
     /// What adaptation choice needs from the core and the configuration.
     pub fn context<'a>(&'a self, cfg: &'a ServerConfig) -> Context<'a> {
         Context {
             engine: &self.engine,
-            router: &self.router,
+            router: self.router(),
             default: &cfg.default_strategy,
             routing: &cfg.routing,
         }

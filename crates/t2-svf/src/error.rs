@@ -19,6 +19,9 @@ pub enum SvfError {
     UnknownExpert { name: String, known: String },
     #[error("invalid mix: {0}")]
     BadMix(String),
+    /// The store cannot make this change now (a name taken by another kind, an expert in use).
+    #[error("{0}")]
+    Conflict(String),
     #[error("mix table is full ({0} mixes); retry later")]
     TableFull(usize),
     #[error(transparent)]

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 use t2_model::ProjId;
@@ -172,9 +173,12 @@ impl Expert {
             path: tmp.clone(),
             source: std::io::Error::other(e.to_string()),
         })?;
-        std::fs::rename(&tmp, path).map_err(|e| SvfError::Io {
-            path: path.into(),
-            source: e,
+        std::fs::rename(&tmp, path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            SvfError::Io {
+                path: path.into(),
+                source: e,
+            }
         })
     }
 
@@ -184,18 +188,24 @@ impl Expert {
             .file_stem()
             .map(|s| s.to_string_lossy().to_string())
             .unwrap_or_default();
-        let bad = |reason: String| SvfError::BadExpert {
-            name: name.clone(),
-            reason,
-        };
         let bytes = std::fs::read(path).map_err(|e| SvfError::Io {
             path: path.into(),
             source: e,
         })?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
+        Self::from_bytes(&bytes, &name)
+    }
+
+    /// Parses an expert file's bytes (an upload, or a file read by [`Self::load`]); `label` names it in
+    /// errors. Nothing is checked against a model here: that is [`Self::validate`].
+    pub fn from_bytes(bytes: &[u8], label: &str) -> Result<Self> {
+        let bad = |reason: String| SvfError::BadExpert {
+            name: label.to_string(),
+            reason,
+        };
+        let st = safetensors::SafeTensors::deserialize(bytes)
             .map_err(|e| bad(format!("unreadable file: {e}")))?;
         let (_, header) =
-            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+            safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
         let md = header.metadata().clone().unwrap_or_default();
         let get = |k: &str| {
             md.get(k)
@@ -279,15 +289,76 @@ pub struct Manifest {
     pub mixes: Vec<StoredMix>,
 }
 
-/// The experts of one model: `experts/<model-id>/manifest.json` and the files it names.
+/// One loaded expert and the digest of its vectors (its identity in every mix key that names it).
+#[derive(Clone)]
+struct Loaded {
+    expert: Arc<Expert>,
+    digest: String,
+}
+
+/// What the store holds, in memory and on disk alike: the manifest (experts and stored mixes) and the
+/// experts it lists.
+struct Contents {
+    manifest: Manifest,
+    experts: BTreeMap<String, Loaded>,
+}
+
+/// An expert as the store lists it.
+#[derive(Clone)]
+pub struct StoredExpert {
+    pub expert: Arc<Expert>,
+    /// Content digest of its z vectors.
+    pub digest: String,
+    /// Its file in the store's folder.
+    pub file: String,
+}
+
+/// What [`ExpertStore::upload`] did.
+#[derive(Debug, Clone)]
+pub struct Uploaded {
+    pub digest: String,
+    /// The digest of the version it replaced, when the name was taken.
+    pub replaced: Option<String>,
+}
+
+/// Requests in flight per expert (see [`ExpertStore::pin`]).
+type Pins = Arc<Mutex<HashMap<String, usize>>>;
+
+/// A hold on experts by a request between its choice of mix and its end: while it lives, the experts
+/// cannot be removed. Dropping it lets go.
+pub struct ExpertPin {
+    names: Vec<String>,
+    pins: Pins,
+}
+
+impl Drop for ExpertPin {
+    fn drop(&mut self) {
+        let mut pins = self.pins.lock().expect("pin lock");
+        for n in &self.names {
+            if let Some(c) = pins.get_mut(n) {
+                *c -= 1;
+                if *c == 0 {
+                    pins.remove(n);
+                }
+            }
+        }
+    }
+}
+
+/// The experts of one model: `experts/<model-id>/manifest.json` and the files it names. Experts and
+/// mixes can be added and removed while the store serves: every change writes the files first and the
+/// manifest last (each through a temporary file and a rename), so a failure at any point leaves the
+/// store as it was on disk and in memory.
 pub struct ExpertStore {
     pub dir: PathBuf,
-    /// The manifest as loaded; stored mixes live in `mixes` (they can be added while serving).
-    pub manifest: Manifest,
-    mixes: std::sync::RwLock<Vec<StoredMix>>,
-    experts: BTreeMap<String, Expert>,
-    /// Content digest of each expert's z vectors: part of every mix key that names it.
-    digests: BTreeMap<String, String>,
+    model_id: String,
+    contents: RwLock<Contents>,
+    /// Changes one at a time: each is a read-modify-write of the manifest.
+    writer: Mutex<()>,
+    pins: Pins,
+    /// Tests make the next manifest write fail, to check that nothing changes.
+    #[cfg(test)]
+    fail_manifest_write: std::sync::atomic::AtomicBool,
 }
 
 impl ExpertStore {
@@ -295,7 +366,7 @@ impl ExpertStore {
     pub fn open(root: &Path, model_id: &str, decomp: &Decomposition) -> Result<Self> {
         let dir = root.join(model_id);
         let path = dir.join(MANIFEST);
-        let mut manifest = if path.is_file() {
+        let manifest = if path.is_file() {
             let text = std::fs::read_to_string(&path).map_err(|e| SvfError::Io {
                 path: path.clone(),
                 source: e,
@@ -320,67 +391,125 @@ impl ExpertStore {
                 });
             }
             e.validate(decomp, model_id)?;
-            experts.insert(entry.name.clone(), e);
+            let digest = z_digest(&e.z);
+            experts.insert(
+                entry.name.clone(),
+                Loaded {
+                    expert: Arc::new(e),
+                    digest,
+                },
+            );
         }
-        let mixes = std::sync::RwLock::new(std::mem::take(&mut manifest.mixes));
-        let digests = experts
-            .iter()
-            .map(|(n, e)| (n.clone(), z_digest(&e.z)))
-            .collect();
         Ok(Self {
             dir,
-            manifest,
-            mixes,
-            experts,
-            digests,
+            model_id: model_id.into(),
+            contents: RwLock::new(Contents { manifest, experts }),
+            writer: Mutex::new(()),
+            pins: Arc::new(Mutex::new(HashMap::new())),
+            #[cfg(test)]
+            fail_manifest_write: Default::default(),
         })
     }
 
-    pub fn get(&self, name: &str) -> Result<&Expert> {
-        self.experts
+    pub fn model_id(&self) -> &str {
+        &self.model_id
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Contents> {
+        self.contents.read().expect("expert store lock")
+    }
+
+    fn unknown(c: &Contents, name: &str) -> SvfError {
+        SvfError::UnknownExpert {
+            name: name.into(),
+            known: if c.experts.is_empty() {
+                "none".into()
+            } else {
+                c.experts.keys().cloned().collect::<Vec<_>>().join(", ")
+            },
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Result<Arc<Expert>> {
+        let c = self.read();
+        c.experts
             .get(name)
-            .ok_or_else(|| SvfError::UnknownExpert {
-                name: name.into(),
-                known: if self.experts.is_empty() {
-                    "none".into()
-                } else {
-                    self.names().join(", ")
-                },
-            })
+            .map(|l| l.expert.clone())
+            .ok_or_else(|| Self::unknown(&c, name))
     }
 
     /// The identity of `mix` over the experts as stored now (unknown experts are an error).
     pub fn key_of(&self, mix: &Mix) -> Result<MixKey> {
-        MixKey::of_mix(mix, |name| {
-            self.get(name)?;
-            Ok(self.digests[name].as_str())
-        })
+        self.resolve(mix).map(|(k, _)| k)
+    }
+
+    /// The key of `mix` and the experts it names, read together: an expert replaced meanwhile can never
+    /// pair one version's key with another version's vectors.
+    pub fn resolve(&self, mix: &Mix) -> Result<(MixKey, BTreeMap<String, Arc<Expert>>)> {
+        let c = self.read();
+        let key = MixKey::of_mix(mix, |name| {
+            c.experts
+                .get(name)
+                .map(|l| l.digest.as_str())
+                .ok_or_else(|| Self::unknown(&c, name))
+        })?;
+        let experts = mix
+            .alpha()
+            .keys()
+            .map(|n| (n.clone(), c.experts[n].expert.clone()))
+            .collect();
+        Ok((key, experts))
     }
 
     /// Checks that every expert `mix` names is stored.
     pub fn check(&self, mix: &Mix) -> Result<()> {
-        mix.alpha().keys().try_for_each(|e| self.get(e).map(|_| ()))
+        let c = self.read();
+        match mix.alpha().keys().find(|e| !c.experts.contains_key(*e)) {
+            Some(e) => Err(Self::unknown(&c, e)),
+            None => Ok(()),
+        }
     }
 
     pub fn names(&self) -> Vec<String> {
-        self.experts.keys().cloned().collect()
+        self.read().experts.keys().cloned().collect()
     }
 
-    pub fn experts(&self) -> impl Iterator<Item = &Expert> {
-        self.experts.values()
+    pub fn experts(&self) -> Vec<Arc<Expert>> {
+        self.read()
+            .experts
+            .values()
+            .map(|l| l.expert.clone())
+            .collect()
+    }
+
+    /// Every expert with its digest and file, by name.
+    pub fn listing(&self) -> Vec<StoredExpert> {
+        let c = self.read();
+        c.manifest
+            .experts
+            .iter()
+            .filter_map(|entry| {
+                let l = c.experts.get(&entry.name)?;
+                Some(StoredExpert {
+                    expert: l.expert.clone(),
+                    digest: l.digest.clone(),
+                    file: entry.file.clone(),
+                })
+            })
+            .collect()
     }
 
     pub fn mix(&self, name: &str) -> Option<StoredMix> {
-        self.mixes
-            .read()
-            .expect("mix list lock")
+        self.read()
+            .manifest
+            .mixes
             .iter()
             .find(|m| m.name == name)
             .cloned()
     }
 
     pub fn mixes(&self) -> Vec<StoredMix> {
-        self.mixes.read().expect("mix list lock").clone()
+        self.read().manifest.mixes.clone()
     }
 
     /// Stores (or replaces) a named mix; every expert it names must exist, and a mix may not shadow an
@@ -394,7 +523,8 @@ impl ExpertStore {
                 mix.name
             )));
         }
-        if self.experts.contains_key(&mix.name) {
+        let _w = self.writer.lock().expect("expert store writer");
+        if self.read().experts.contains_key(&mix.name) {
             return Err(SvfError::BadMix(format!(
                 "'{}' is already an expert's name",
                 mix.name
@@ -402,70 +532,205 @@ impl ExpertStore {
         }
         // Weights are finite by construction of `Mix`.
         self.check(&mix.mix)?;
-        std::fs::create_dir_all(&self.dir).map_err(|e| SvfError::Io {
-            path: self.dir.clone(),
-            source: e,
-        })?;
-        let mut mixes = self.mixes.write().expect("mix list lock");
+        self.create_dir()?;
         let on_disk = std::fs::read_to_string(self.dir.join(MANIFEST))
             .ok()
             .and_then(|t| serde_json::from_str::<Manifest>(&t).ok())
             .map(|m| m.mixes)
             .unwrap_or_default();
-        let mut merged: Vec<StoredMix> = mixes.clone();
+        let mut manifest = self.read().manifest.clone();
         for m in on_disk {
-            if !merged.iter().any(|x| x.name == m.name) {
-                merged.push(m);
+            if !manifest.mixes.iter().any(|x| x.name == m.name) {
+                manifest.mixes.push(m);
             }
         }
-        merged.retain(|m| m.name != mix.name);
-        merged.push(mix);
-        self.write_manifest_with(&merged)?;
-        *mixes = merged;
+        manifest.mixes.retain(|m| m.name != mix.name);
+        manifest.mixes.push(mix);
+        self.write_manifest(&manifest)?;
+        self.contents.write().expect("expert store lock").manifest = manifest;
         Ok(())
     }
 
-    /// Adds (or replaces) an expert: file first, then the manifest, each written atomically.
+    /// Adds (or replaces) an expert as `<name>.safetensors`: file first, then the manifest, each written
+    /// atomically (the command line's way; a replaced file is overwritten before the manifest changes).
     pub fn add(&mut self, expert: Expert, decomp: &Decomposition) -> Result<()> {
-        check_name(&expert.meta.name)?;
-        expert.validate(decomp, &self.manifest.model_id)?;
-        std::fs::create_dir_all(&self.dir).map_err(|e| SvfError::Io {
-            path: self.dir.clone(),
-            source: e,
-        })?;
         let file = format!("{}.safetensors", expert.meta.name);
-        expert.save(&self.dir.join(&file))?;
-        self.manifest.experts.retain(|e| e.name != expert.meta.name);
-        self.manifest.experts.push(ManifestEntry {
-            name: expert.meta.name.clone(),
-            file,
+        self.commit(expert, decomp, file).map(|_| ())
+    }
+
+    /// Adds (or replaces) an expert while serving. Its file name carries its digest
+    /// (`<name>@<digest>.safetensors`, '@' is outside the names' alphabet), so a replaced version's file
+    /// is never overwritten: until the manifest's rename, the store on disk is exactly the old one, and
+    /// a crash anywhere before leaves at most an unlisted file behind. The old file is removed after.
+    pub fn upload(&self, expert: Expert, decomp: &Decomposition) -> Result<Uploaded> {
+        let digest = z_digest(&expert.z);
+        let file = format!("{}@{}.safetensors", expert.meta.name, &digest[..16]);
+        self.commit(expert, decomp, file)
+    }
+
+    fn commit(&self, expert: Expert, decomp: &Decomposition, file: String) -> Result<Uploaded> {
+        check_name(&expert.meta.name)?;
+        expert.validate(decomp, &self.model_id)?;
+        let name = expert.meta.name.clone();
+        let digest = z_digest(&expert.z);
+        let _w = self.writer.lock().expect("expert store writer");
+        let mut manifest = self.read().manifest.clone();
+        if manifest.mixes.iter().any(|m| m.name == name) {
+            return Err(SvfError::Conflict(format!(
+                "'{name}' is already a stored mix's name"
+            )));
+        }
+        self.create_dir()?;
+        let path = self.dir.join(&file);
+        let old_file = manifest
+            .experts
+            .iter()
+            .find(|e| e.name == name)
+            .map(|e| e.file.clone());
+        expert.save(&path)?;
+        manifest.experts.retain(|e| e.name != name);
+        manifest.experts.push(ManifestEntry {
+            name: name.clone(),
+            file: file.clone(),
             category: expert.meta.category.clone(),
             description: expert.meta.description.clone(),
             provenance: expert.meta.provenance.clone(),
         });
-        self.write_manifest()?;
-        self.digests
-            .insert(expert.meta.name.clone(), z_digest(&expert.z));
-        self.experts.insert(expert.meta.name.clone(), expert);
-        Ok(())
+        if let Err(e) = self.write_manifest(&manifest) {
+            // The manifest still lists the old version (or nothing): the new file is an orphan.
+            if old_file.as_deref() != Some(file.as_str()) {
+                let _ = std::fs::remove_file(&path);
+            }
+            return Err(e);
+        }
+        let replaced = {
+            let mut c = self.contents.write().expect("expert store lock");
+            c.manifest = manifest;
+            c.experts.insert(
+                name,
+                Loaded {
+                    expert: Arc::new(expert),
+                    digest: digest.clone(),
+                },
+            )
+        };
+        if let Some(old) = old_file.filter(|f| *f != file) {
+            let _ = std::fs::remove_file(self.dir.join(old));
+        }
+        Ok(Uploaded {
+            digest,
+            replaced: replaced.map(|l| l.digest),
+        })
     }
 
-    fn write_manifest(&self) -> Result<()> {
-        let mixes = self.mixes();
-        self.write_manifest_with(&mixes)
+    /// Removes an expert (manifest first, then its file), unless a request holds it ([`Self::pin`]), a
+    /// stored mix names it, or `busy` (given its digest, under the store's lock, so no request can take
+    /// the expert meanwhile) says why it is still in use. Returns the removed expert's digest.
+    pub fn remove(&self, name: &str, busy: impl FnOnce(&str) -> Option<String>) -> Result<String> {
+        check_name(name)?;
+        let _w = self.writer.lock().expect("expert store writer");
+        let mut c = self.contents.write().expect("expert store lock");
+        let Some(loaded) = c.experts.get(name).cloned() else {
+            return Err(Self::unknown(&c, name));
+        };
+        let mixes: Vec<&str> = c
+            .manifest
+            .mixes
+            .iter()
+            .filter(|m| m.mix.alpha().contains_key(name))
+            .map(|m| m.name.as_str())
+            .collect();
+        if !mixes.is_empty() {
+            return Err(SvfError::Conflict(format!(
+                "expert '{name}' is part of the stored mix(es) {}",
+                mixes.join(", ")
+            )));
+        }
+        let pinned = self.pinned(name);
+        if pinned > 0 {
+            return Err(SvfError::Conflict(format!(
+                "expert '{name}' is in use by {pinned} request(s); retry when they finish"
+            )));
+        }
+        if let Some(why) = busy(&loaded.digest) {
+            return Err(SvfError::Conflict(format!(
+                "expert '{name}' is in use: {why}"
+            )));
+        }
+        let mut manifest = c.manifest.clone();
+        let file = manifest
+            .experts
+            .iter()
+            .find(|e| e.name == name)
+            .map(|e| e.file.clone());
+        manifest.experts.retain(|e| e.name != name);
+        self.write_manifest(&manifest)?;
+        c.manifest = manifest;
+        c.experts.remove(name);
+        drop(c);
+        if let Some(f) = file {
+            let _ = std::fs::remove_file(self.dir.join(f));
+        }
+        Ok(loaded.digest)
     }
 
-    fn write_manifest_with(&self, mixes: &[StoredMix]) -> Result<()> {
+    /// Holds the named experts for one request: [`Self::remove`] refuses them until the pin is dropped.
+    /// Fails when one of them is not (or no longer) stored.
+    pub fn pin<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> Result<ExpertPin> {
+        let c = self.read();
+        let names: Vec<String> = names.into_iter().map(str::to_string).collect();
+        if let Some(n) = names.iter().find(|n| !c.experts.contains_key(*n)) {
+            return Err(Self::unknown(&c, n));
+        }
+        let mut pins = self.pins.lock().expect("pin lock");
+        for n in &names {
+            *pins.entry(n.clone()).or_default() += 1;
+        }
+        Ok(ExpertPin {
+            names,
+            pins: self.pins.clone(),
+        })
+    }
+
+    /// Requests holding `name` now.
+    pub fn pinned(&self, name: &str) -> usize {
+        self.pins
+            .lock()
+            .expect("pin lock")
+            .get(name)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn create_dir(&self) -> Result<()> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| SvfError::Io {
+            path: self.dir.clone(),
+            source: e,
+        })
+    }
+
+    fn write_manifest(&self, manifest: &Manifest) -> Result<()> {
         let path = self.dir.join(MANIFEST);
+        #[cfg(test)]
+        if self
+            .fail_manifest_write
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(SvfError::Io {
+                path,
+                source: std::io::Error::other("injected failure"),
+            });
+        }
         let tmp = crate::temp_path(&path);
-        let mut manifest = self.manifest.clone();
-        manifest.mixes = mixes.to_vec();
-        let text = serde_json::to_string_pretty(&manifest).expect("manifest serializes");
+        let text = serde_json::to_string_pretty(manifest).expect("manifest serializes");
         std::fs::write(&tmp, text).map_err(|e| SvfError::Io {
             path: tmp.clone(),
             source: e,
         })?;
-        std::fs::rename(&tmp, &path).map_err(|e| SvfError::Io { path, source: e })
+        std::fs::rename(&tmp, &path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            SvfError::Io { path, source: e }
+        })
     }
 }
 
@@ -484,4 +749,144 @@ pub fn check_name(name: &str) -> Result<()> {
         return Err(SvfError::BadMix(format!("'{name}' is reserved")));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use t2_model::{random_llama, LlamaConfig};
+
+    fn decomp() -> Decomposition {
+        let m = random_llama(&LlamaConfig::tiny(), DType::F32, &Device::Cpu, 5).unwrap();
+        Decomposition::compute(&m, "0123456789abcdef", TargetSet::All, false).unwrap()
+    }
+
+    fn expert(d: &Decomposition, name: &str, seed: u64) -> Expert {
+        let meta = ExpertMeta {
+            name: name.into(),
+            description: "test".into(),
+            category: "math".into(),
+            model_id: "tiny".into(),
+            decomposition_hash: d.hash.clone(),
+            targets: TargetSet::All,
+            provenance: Default::default(),
+        };
+        Expert::random(meta, d, seed, 0.3)
+    }
+
+    /// Every file of the store's folder with its bytes: "as it was" means byte for byte.
+    fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+        std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| {
+                        (
+                            e.file_name().to_string_lossy().to_string(),
+                            std::fs::read(e.path()).unwrap(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn uploads_replace_and_remove_atomically() {
+        let d = decomp();
+        let root = tempfile::tempdir().unwrap();
+        let store = ExpertStore::open(root.path(), "tiny", &d).unwrap();
+        let first = store.upload(expert(&d, "math", 1), &d).unwrap();
+        assert!(first.replaced.is_none());
+        let before = snapshot(&store.dir);
+
+        // A failed manifest write: the new version's file is gone again, the old one is untouched, and
+        // memory still serves the old version.
+        store
+            .fail_manifest_write
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(store.upload(expert(&d, "math", 2), &d).is_err());
+        assert_eq!(snapshot(&store.dir), before);
+        assert_eq!(
+            store.listing()[0].digest,
+            first.digest,
+            "memory changed after a failed write"
+        );
+
+        // Bad experts change nothing either.
+        let mut other_model = expert(&d, "code", 3);
+        other_model.meta.model_id = "other".into();
+        assert!(store.upload(other_model, &d).is_err());
+        let mut nan = expert(&d, "code", 3);
+        nan.z.values_mut().next().unwrap()[0] = f32::NAN;
+        assert!(store.upload(nan, &d).is_err());
+        assert!(store.upload(expert(&d, "../evil", 3), &d).is_err());
+        assert_eq!(snapshot(&store.dir), before);
+
+        // A real replacement: new digest, the old file removed, reopening serves the new version.
+        let second = store.upload(expert(&d, "math", 2), &d).unwrap();
+        assert_eq!(second.replaced.as_deref(), Some(first.digest.as_str()));
+        assert_ne!(second.digest, first.digest);
+        let files: Vec<String> = snapshot(&store.dir).into_keys().collect();
+        assert_eq!(files.len(), 2, "{files:?}"); // the manifest and one expert file
+        let reopened = ExpertStore::open(root.path(), "tiny", &d).unwrap();
+        assert_eq!(reopened.listing()[0].digest, second.digest);
+
+        // Removal: refused while pinned or busy, then a failed write changes nothing, then it goes.
+        let before = snapshot(&store.dir);
+        let pin = store.pin(["math"]).unwrap();
+        assert!(matches!(
+            store.remove("math", |_| None),
+            Err(SvfError::Conflict(_))
+        ));
+        drop(pin);
+        assert!(matches!(
+            store.remove("math", |_| Some("held".into())),
+            Err(SvfError::Conflict(_))
+        ));
+        store
+            .fail_manifest_write
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(store.remove("math", |_| None).is_err());
+        assert_eq!(snapshot(&store.dir), before);
+        assert!(store.get("math").is_ok());
+        assert_eq!(store.remove("math", |_| None).unwrap(), second.digest);
+        assert!(store.get("math").is_err());
+        assert!(store.pin(["math"]).is_err());
+        assert_eq!(
+            snapshot(&store.dir).into_keys().collect::<Vec<_>>(),
+            vec![MANIFEST.to_string()]
+        );
+        assert!(ExpertStore::open(root.path(), "tiny", &d)
+            .unwrap()
+            .names()
+            .is_empty());
+    }
+
+    #[test]
+    fn names_of_mixes_and_experts_do_not_collide() {
+        let d = decomp();
+        let root = tempfile::tempdir().unwrap();
+        let store = ExpertStore::open(root.path(), "tiny", &d).unwrap();
+        store.upload(expert(&d, "math", 1), &d).unwrap();
+        store
+            .save_mix(StoredMix {
+                name: "blend".into(),
+                mix: Mix::expert("math"),
+                ..Default::default()
+            })
+            .unwrap();
+        assert!(matches!(
+            store.upload(expert(&d, "blend", 2), &d),
+            Err(SvfError::Conflict(_))
+        ));
+        // An expert a stored mix names stays.
+        assert!(matches!(
+            store.remove("math", |_| None),
+            Err(SvfError::Conflict(_))
+        ));
+        let (key, experts) = store.resolve(&Mix::expert("math")).unwrap();
+        assert_eq!(experts.len(), 1);
+        assert_eq!(key, store.key_of(&Mix::expert("math")).unwrap());
+    }
 }

@@ -15,9 +15,9 @@ pub mod targets;
 
 pub use decompose::{Decomposition, Factors};
 pub use error::{Result, SvfError};
-pub use expert::{Expert, ExpertMeta, ExpertStore, StoredMix};
+pub use expert::{Expert, ExpertMeta, ExpertPin, ExpertStore, StoredExpert, StoredMix, Uploaded};
 pub use mix::{Adaptation, Mix, MixKey, ZVectors, BASE_SHARE_KEY};
-pub use projector::SvfProjector;
+pub use projector::{SlotUse, SvfProjector};
 pub use table::{MixId, MixLease, MixTable, BASE_MIX};
 pub use targets::TargetSet;
 

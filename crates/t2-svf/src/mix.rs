@@ -300,6 +300,16 @@ impl MixKey {
     pub fn is_base(&self) -> bool {
         self.0 == "base"
     }
+
+    /// Whether these weights were made from the expert `name` with contents `digest`. Expert names keep
+    /// to an alphabet without ',', '@' and '=', so the key's parts split unambiguously.
+    pub fn uses(&self, name: &str, digest: &str) -> bool {
+        self.0.split(',').any(|part| {
+            part.split_once('@').is_some_and(|(n, rest)| {
+                n == name && rest.split_once('=').is_some_and(|(d, _)| d == digest)
+            })
+        })
+    }
 }
 
 /// Parses `math=0.7,code=0.3` (a bare name means weight 1; `base=w` is the base share).
@@ -418,6 +428,14 @@ mod tests {
         let k2 = MixKey::of_mix(&m, |_| Ok("bbbb")).unwrap();
         assert_ne!(k1, k2);
         assert_eq!(k1, MixKey::of_mix(&m, |_| Ok("aaaa")).unwrap());
+        assert!(k1.uses("math", "aaaa") && !k1.uses("math", "bbbb") && !k1.uses("code", "aaaa"));
+        let both = Mix::from_weights(&BTreeMap::from([
+            ("math".to_string(), 0.5),
+            ("code".to_string(), 0.5),
+        ]))
+        .unwrap();
+        let kb = MixKey::of_mix(&both, |n| Ok(if n == "math" { "aaaa" } else { "cccc" })).unwrap();
+        assert!(kb.uses("math", "aaaa") && kb.uses("code", "cccc") && !kb.uses("code", "aaaa"));
         assert!(MixKey::of_mix(&Mix::base(), |_| unreachable!())
             .unwrap()
             .is_base());

@@ -23,6 +23,15 @@ struct MergedCache {
     weights: HashMap<MixId, BTreeMap<ProjId, Tensor>>,
 }
 
+/// One registered mix as [`SvfProjector::slots`] reports it.
+#[derive(Debug, Clone)]
+pub struct SlotUse {
+    pub key: MixKey,
+    /// Leases held on it now (sequences running with it).
+    pub holders: usize,
+    pub merged: bool,
+}
+
 pub struct SvfProjector {
     pub decomp: Decomposition,
     table: RwLock<MixTable>,
@@ -83,6 +92,30 @@ impl SvfProjector {
     /// Registered mixes, base included.
     pub fn registered(&self) -> usize {
         self.table.read().unwrap().len()
+    }
+
+    /// Every registered mix other than the base: its key, holders and whether merged weights exist.
+    pub fn slots(&self) -> Vec<SlotUse> {
+        let registered = self.table.read().unwrap().registered();
+        let merged = self.merged.lock().unwrap();
+        registered
+            .into_iter()
+            .map(|(id, key, holders)| SlotUse {
+                merged: merged.weights.contains_key(&id),
+                key,
+                holders,
+            })
+            .collect()
+    }
+
+    /// Drops the idle slots (and their merged weights) whose key `stale` matches; see
+    /// [`MixTable::forget`]. Returns how many went.
+    pub fn forget(&self, stale: impl Fn(&MixKey) -> bool) -> usize {
+        let freed = self.table.write().unwrap().forget(stale);
+        for &id in &freed {
+            self.unmerge(id);
+        }
+        freed.len()
     }
 
     fn unmerge(&self, id: MixId) {

@@ -158,6 +158,35 @@ impl MixTable {
             .count()
     }
 
+    /// Every registered mix other than the base: its slot, key and holders now.
+    pub fn registered(&self) -> Vec<(MixId, MixKey, usize)> {
+        (1..self.slots.len())
+            .filter_map(|i| {
+                let s = self.slots[i].as_ref()?;
+                Some((i as MixId, s.key.clone(), self.holders(i as MixId)))
+            })
+            .collect()
+    }
+
+    /// Unregisters every idle slot whose key `stale` matches (an expert removed or replaced: nothing may
+    /// ever reuse its weights). Held slots stay until their sequences end. Returns the freed slots.
+    pub fn forget(&mut self, stale: impl Fn(&MixKey) -> bool) -> Vec<MixId> {
+        let mut freed = Vec::new();
+        for i in 1..self.slots.len() {
+            let id = i as MixId;
+            let drop_it = self.slots[i]
+                .as_ref()
+                .is_some_and(|s| stale(&s.key) && self.holders(id) == 0);
+            if drop_it {
+                if let Some(old) = self.slots[i].take() {
+                    self.by_key.remove(&old.key);
+                }
+                freed.push(id);
+            }
+        }
+        freed
+    }
+
     /// A lease on the slot of `key` if it is registered.
     pub fn lease_registered(&mut self, key: &MixKey) -> Option<MixLease> {
         let id = *self.by_key.get(key)?;
@@ -230,5 +259,32 @@ impl MixTable {
     /// The scales of one mix for one matrix: (rank,).
     pub fn scales_of(&self, pid: ProjId, mix: MixId) -> Result<Tensor> {
         Ok(self.stacked[&pid].get(mix as usize)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mix::Mix;
+    use crate::targets::TargetSet;
+    use t2_model::{random_llama, LlamaConfig};
+
+    #[test]
+    fn forgetting_an_expert_frees_idle_slots_and_keeps_held_ones() {
+        let m = random_llama(&LlamaConfig::tiny(), DType::F32, &Device::Cpu, 5).unwrap();
+        let d = Decomposition::compute(&m, "0123456789abcdef", TargetSet::All, false).unwrap();
+        let mut t = MixTable::new(&d, 4, DType::F32, &Device::Cpu).unwrap();
+        let key = |digest: &str| MixKey::of_mix(&Mix::expert("math"), |_| Ok(digest)).unwrap();
+        let z = || Ok(BTreeMap::new());
+        let held = t.lease(&key("aaaa"), &d, z).unwrap().lease;
+        drop(t.lease(&key("bbbb"), &d, z).unwrap().lease);
+        assert_eq!(t.registered().len(), 2);
+        let freed = t.forget(|k| k.uses("math", "aaaa") || k.uses("math", "bbbb"));
+        assert_eq!(freed.len(), 1, "only the idle slot goes");
+        assert!(t.lease_registered(&key("bbbb")).is_none());
+        assert_eq!(t.registered(), vec![(held.id(), key("aaaa"), 1)]);
+        drop(held);
+        assert_eq!(t.forget(|k| k.uses("math", "aaaa")), vec![1]);
+        assert!(t.registered().is_empty());
     }
 }
