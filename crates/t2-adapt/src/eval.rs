@@ -425,10 +425,10 @@ pub fn pick_by_loglik(
             // Exactly the tokens the server's pass 1 scores.
             t2_engine::routing::routing_tokens(engine, &it.prompt, opts)?.0
         } else {
-            let mut prompt = engine.encode_chat(&[ChatMessage {
-                role: "user".into(),
-                content: crate::prompt::user_message(area, it),
-            }])?;
+            let mut prompt = engine.encode_chat(&[ChatMessage::new(
+                "user",
+                &crate::prompt::user_message(area, it),
+            )])?;
             if let Some(p) = prefix {
                 prompt.extend(tok.encode(p).map_err(|e| AdaptError::Engine(e.into()))?);
             }

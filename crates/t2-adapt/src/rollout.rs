@@ -88,10 +88,7 @@ impl Generator {
 
     /// The chat template around one user message, tokenized: how every task prompt reaches the model.
     pub fn chat_prompt(&self, user: &str) -> Result<Vec<u32>, AdaptError> {
-        Ok(self.engine.encode_chat(&[ChatMessage {
-            role: "user".into(),
-            content: user.into(),
-        }])?)
+        Ok(self.engine.encode_chat(&[ChatMessage::new("user", user)])?)
     }
 
     /// Runs every job and returns the answers in job order. Jobs are queued as fast as the scheduler takes

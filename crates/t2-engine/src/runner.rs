@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use candle_core::Tensor;
-use t2_model::{KvPool, Sampler, SeqKv, SeqStep, WantLogits};
+use t2_model::{KvPool, Sampler, SeqKv, SeqStep, TokenConstraint, WantLogits};
 use t2_svf::MixId;
 
 use crate::engine::{Engine, EngineError, Result};
@@ -130,10 +130,37 @@ pub fn execute(
             },
         })
         .collect();
-    let logits = engine
-        .loaded
-        .model
-        .forward(&mut steps, engine.projector(), pool)?;
+    // Constrained rows work out their allowed tokens on another thread while the model computes the
+    // logits, so a grammar costs the batch nothing unless it takes longer than the forward pass.
+    let sampling: std::collections::HashSet<SeqId> = plan
+        .rows
+        .iter()
+        .filter(|r| r.task == RowTask::Sample)
+        .map(|r| r.seq)
+        .collect();
+    let mut constraints: Vec<&mut (dyn TokenConstraint + 'static)> = samplers
+        .iter_mut()
+        .filter(|(id, _)| sampling.contains(id))
+        .filter_map(|(_, s)| s.active_constraint())
+        .collect();
+    let logits = if constraints.is_empty() {
+        engine
+            .loaded
+            .model
+            .forward(&mut steps, engine.projector(), pool)
+    } else {
+        std::thread::scope(|scope| {
+            let prepared = scope.spawn(move || constraints.iter_mut().for_each(|c| c.prepare()));
+            let logits = engine
+                .loaded
+                .model
+                .forward(&mut steps, engine.projector(), pool);
+            if prepared.join().is_err() {
+                tracing::error!("preparing a token constraint panicked");
+            }
+            logits
+        })
+    }?;
     drop(steps);
     plan.rows
         .iter()

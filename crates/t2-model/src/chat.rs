@@ -5,10 +5,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One turn of a conversation, in the shape Hugging Face chat templates read: an assistant turn may carry
+/// tool calls (`[{"type": "function", "function": {"name", "arguments": {...}}, "id"}]`), and a `tool`
+/// turn answers the call named by `tool_call_id`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl ChatMessage {
@@ -16,6 +25,7 @@ impl ChatMessage {
         Self {
             role: role.to_string(),
             content: content.to_string(),
+            ..Default::default()
         }
     }
 }
@@ -61,15 +71,31 @@ impl ChatTemplate {
         &self.source
     }
 
+    /// Whether the template renders tool definitions itself (reads a `tools` variable); otherwise a
+    /// caller that has tools must describe them in the messages.
+    pub fn supports_tools(&self) -> bool {
+        self.source.contains("tools")
+    }
+
     /// Renders the conversation followed by the assistant's turn header.
     pub fn render(&self, messages: &[ChatMessage]) -> Result<String> {
+        self.render_with_tools(messages, None)
+    }
+
+    /// Renders the conversation with the tools the model may call (OpenAI's `tools` list, which HF
+    /// templates read as is).
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&[serde_json::Value]>,
+    ) -> Result<String> {
         if messages.is_empty() {
             return Err(ModelError::Invalid("messages must not be empty".into()));
         }
         for m in messages {
-            if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
+            if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "tool") {
                 return Err(ModelError::Invalid(format!(
-                    "unknown message role '{}' (expected system, user or assistant)",
+                    "unknown message role '{}' (expected system, user, assistant or tool)",
                     m.role
                 )));
             }
@@ -80,6 +106,7 @@ impl ChatTemplate {
             .map_err(|e| ModelError::Template(e.to_string()))?;
         tmpl.render(minijinja::context! {
             messages => messages,
+            tools => tools,
             add_generation_prompt => true,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,

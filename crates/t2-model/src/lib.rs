@@ -25,5 +25,5 @@ pub use llama::{
     WantLogits,
 };
 pub use load::{LoadedModel, ModelSource};
-pub use sampling::{Sampler, SamplingParams, TokenLogprob};
+pub use sampling::{ConstraintCell, Sampler, SamplingParams, TokenConstraint, TokenLogprob};
 pub use tokenizer::T2Tokenizer;

@@ -23,6 +23,57 @@ pub struct SamplingParams {
     pub presence_penalty: f32,
     #[serde(default)]
     pub frequency_penalty: f32,
+    /// Which tokens may come next (structured output); none: any.
+    #[serde(skip)]
+    pub constraint: Option<ConstraintCell>,
+}
+
+/// A grammar (or any rule) over the tokens of an answer: which tokens may come next, and the token that
+/// came. The sampler masks the logits with it and commits each chosen token.
+pub trait TokenConstraint: Send {
+    /// Works out which tokens may come next. The runner calls it while the model computes the step's
+    /// logits (on another thread), so the sampler finds the answer ready.
+    fn prepare(&mut self);
+    /// Sets the logits of the tokens that may not come next to -inf (calls `prepare` itself if it has
+    /// not run since the last commit).
+    fn apply(&mut self, logits: &mut [f32]);
+    /// Advances past the chosen token.
+    fn commit(&mut self, token: u32);
+    /// Whether the constraint restricts the next token at all (a tool-call grammar waits for its
+    /// trigger before it does), so that the runner prepares only where there is work.
+    fn is_active(&self) -> bool {
+        true
+    }
+}
+
+/// Hands a constraint to the sampler of one sequence: the request builds it (off the model thread, where
+/// compiling a grammar may take a while), the sequence's sampler takes it out when the sequence starts.
+/// Sampling settings stay plain data that can be cloned and compared; a clone shares the cell, so each
+/// sequence needs a cell of its own.
+#[derive(Clone)]
+pub struct ConstraintCell(std::sync::Arc<std::sync::Mutex<Option<Box<dyn TokenConstraint>>>>);
+
+impl ConstraintCell {
+    pub fn new(c: Box<dyn TokenConstraint>) -> Self {
+        Self(std::sync::Arc::new(std::sync::Mutex::new(Some(c))))
+    }
+
+    /// The constraint, once (None when a sampler already took it).
+    pub fn take(&self) -> Option<Box<dyn TokenConstraint>> {
+        self.0.lock().ok().and_then(|mut c| c.take())
+    }
+}
+
+impl std::fmt::Debug for ConstraintCell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConstraintCell")
+    }
+}
+
+impl PartialEq for ConstraintCell {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 impl Default for SamplingParams {
@@ -35,6 +86,7 @@ impl Default for SamplingParams {
             logprobs: None,
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
+            constraint: None,
         }
     }
 }
@@ -84,6 +136,7 @@ pub struct TokenLogprob {
 
 pub struct Sampler {
     params: SamplingParams,
+    constraint: Option<Box<dyn TokenConstraint>>,
     rng: rand::rngs::StdRng,
     /// How often each token was chosen so far (only kept when a penalty is set).
     counts: std::collections::HashMap<u32, u32>,
@@ -96,6 +149,7 @@ impl Sampler {
             None => rand::rngs::StdRng::from_os_rng(),
         };
         Self {
+            constraint: params.constraint.as_ref().and_then(ConstraintCell::take),
             params,
             rng,
             counts: Default::default(),
@@ -110,19 +164,29 @@ impl Sampler {
         &self.params
     }
 
+    /// The sequence's constraint, when it has one that restricts the next token.
+    pub fn active_constraint(&mut self) -> Option<&mut (dyn TokenConstraint + 'static)> {
+        self.constraint.as_deref_mut().filter(|c| c.is_active())
+    }
+
     /// Chooses the next token. Reported log-probabilities are those of the model's own distribution,
     /// before penalties and temperature.
     pub fn sample(&mut self, logits: &[f32]) -> (u32, Option<TokenLogprob>) {
-        let penalized;
-        let choose_from = if self.has_penalties() && !self.counts.is_empty() {
+        let adjusted;
+        let penalize = self.has_penalties() && !self.counts.is_empty();
+        let constrained = self.active_constraint().is_some();
+        let choose_from = if penalize || constrained {
             let mut l = logits.to_vec();
             for (&t, &c) in &self.counts {
                 if let Some(v) = l.get_mut(t as usize) {
                     *v -= self.params.presence_penalty + self.params.frequency_penalty * c as f32;
                 }
             }
-            penalized = l;
-            &penalized[..]
+            if let Some(c) = self.active_constraint() {
+                c.apply(&mut l);
+            }
+            adjusted = l;
+            &adjusted[..]
         } else {
             logits
         };
@@ -133,6 +197,9 @@ impl Sampler {
         };
         if self.has_penalties() {
             *self.counts.entry(token).or_default() += 1;
+        }
+        if let Some(c) = &mut self.constraint {
+            c.commit(token);
         }
         let lp = self.params.logprobs.map(|k| logprob_of(logits, token, k));
         (token, lp)

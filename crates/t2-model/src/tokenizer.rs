@@ -34,6 +34,17 @@ fn tok_err(e: impl std::fmt::Display) -> ModelError {
 }
 
 impl T2Tokenizer {
+    /// The tokenizer of a GGUF file alone (reads the header, not the weights).
+    pub fn from_gguf_path(path: &std::path::Path) -> Result<Self> {
+        let mut file = std::fs::File::open(path).map_err(|e| ModelError::Io {
+            path: path.into(),
+            source: e,
+        })?;
+        let content = gguf_file::Content::read(&mut file)
+            .map_err(|e| tok_err(format!("{}: {e}", path.display())))?;
+        Self::from_gguf(&content)
+    }
+
     pub fn from_gguf(content: &gguf_file::Content) -> Result<Self> {
         let md = &content.metadata;
         let get = |k: &str| {
@@ -187,7 +198,8 @@ impl T2Tokenizer {
         }
     }
 
-    fn is_special(&self, id: u32) -> bool {
+    /// Whether the token is a special (control) token: chat markers, end of turn.
+    pub fn is_special(&self, id: u32) -> bool {
         self.inner
             .get_added_tokens_decoder()
             .get(&id)

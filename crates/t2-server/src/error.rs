@@ -150,8 +150,18 @@ impl From<t2_engine::EngineError> for ApiError {
                 param: None,
                 code: None,
             },
+            // The model's chat template refused the conversation (e.g. roles out of order).
+            E::Model(t2_model::ModelError::Template(m)) => {
+                Self::invalid(format!("the model's chat template: {m}"), "messages")
+            }
             other => Self::Internal(other.to_string()),
         }
+    }
+}
+
+impl From<t2_model::ModelError> for ApiError {
+    fn from(e: t2_model::ModelError) -> Self {
+        t2_engine::EngineError::from(e).into()
     }
 }
 

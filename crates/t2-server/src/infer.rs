@@ -27,6 +27,8 @@ pub struct Generation {
     pub prompt_tokens: usize,
     pub want_logprobs: bool,
     pub include_usage: bool,
+    /// Where the answer may hold tool calls: their syntax, to parse them out.
+    pub tool_format: Option<t2_structured::tools::ToolFormat>,
     events: BoxStream<'static, (usize, SeqEvent)>,
     tracker: Tracker,
     until: tokio::time::Instant,
@@ -77,11 +79,23 @@ pub enum InferEvent {
 /// Tokenizes, builds pass 1 when the request is routed, submits, and waits for pass 1's decision.
 pub async fn generate(state: &Arc<AppState>, req: GenerationRequest) -> ApiResult<Generation> {
     let core = state.core()?;
-    let engine = core.engine.clone();
-    let input = req.input.clone();
-    let prompt = tokio::task::spawn_blocking(move || match input {
-        Input::Chat(msgs) => engine.encode_chat(&msgs),
-        Input::Text(t) => Ok(engine.loaded.tokenizer.encode(&t)?),
+    let (st, input, structure, n) = (
+        state.clone(),
+        req.input.clone(),
+        req.structure.clone(),
+        req.n,
+    );
+    // Tokenizing and compiling a grammar take milliseconds: not on the async runtime.
+    let (prompt, constraints) = tokio::task::spawn_blocking(move || {
+        let core = st.core()?;
+        let prompt = match input {
+            Input::Chat(msgs) => {
+                crate::structure::encode_chat(core, &msgs, structure.tools.as_ref())?
+            }
+            Input::Text(t) => core.engine.loaded.tokenizer.encode(&t)?,
+        };
+        let constraints = crate::structure::constraints(&st, core, &structure, n)?;
+        Ok::<_, ApiError>((prompt, constraints))
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))??;
@@ -116,6 +130,7 @@ pub async fn generate(state: &Arc<AppState>, req: GenerationRequest) -> ApiResul
         .map(|i| {
             let mut sampling = req.sampling.clone();
             sampling.seed = sampling.seed.map(|s| s.wrapping_add(i as u64));
+            sampling.constraint = constraints.as_ref().map(|c| c[i].clone());
             GenRequest {
                 prompt: prompt.clone(),
                 max_tokens,
@@ -163,7 +178,14 @@ pub async fn generate(state: &Arc<AppState>, req: GenerationRequest) -> ApiResul
         prompt_tokens,
         &chosen.label,
     );
+    let tool_format = req
+        .structure
+        .tools
+        .as_ref()
+        .filter(|t| t.choice != t2_structured::tools::ToolChoice::None)
+        .map(|_| crate::structure::tool_format(core));
     Ok(Generation {
+        tool_format,
         _pin: pin,
         chosen,
         prompt_tokens,

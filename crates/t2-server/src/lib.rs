@@ -16,6 +16,7 @@ pub mod render;
 pub mod request;
 pub mod state;
 pub mod stream;
+pub mod structure;
 pub mod tracker;
 
 use std::net::SocketAddr;

@@ -107,6 +107,8 @@ pub struct Metrics {
     pub merges: IntCounter,
     pub routing_decisions: IntCounterVec,
     pub pass1_latency: Histogram,
+    /// Time to work out one constrained row's allowed tokens (overlapped with the forward pass).
+    pub mask_latency: Histogram,
     pub routing: IntGauge,
     vllm_running: GaugeVec,
     vllm_waiting: GaugeVec,
@@ -209,6 +211,12 @@ impl Metrics {
                 "t2_pass1_seconds",
                 "Pass 1 (scoring the request's category) from its admission to its decision",
                 &[0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0],
+            ),
+            mask_latency: hist(
+                "t2_structured_mask_seconds",
+                "Computing one constrained row's allowed next tokens (JSON schema, tool-call grammar); runs \
+                 beside the step's forward pass",
+                &[0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05],
             ),
             routing: gauge("t2_routing_sequences", "Pass-1 rows in the running batch"),
             vllm_running: gauge_vec(

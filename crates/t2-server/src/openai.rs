@@ -33,12 +33,18 @@ pub struct ContentPart {
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct RequestMessage {
-    /// system, developer (treated as system), user or assistant
+    /// system, developer (treated as system), user, assistant or tool
     #[schema(value_type = MessageRole)]
     pub role: String,
     pub content: Option<MessageContent>,
     #[serde(default)]
     pub name: Option<String>,
+    /// An assistant turn's calls (as a response returned them).
+    #[serde(default)]
+    pub tool_calls: Option<Vec<ToolCall>>,
+    /// A tool turn: the call it answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
 }
 
 /// One string or a list of strings (`stop`, `prompt`).
@@ -132,14 +138,22 @@ pub struct SamplingFields {
     /// Not supported: only null or an empty object is accepted.
     #[schema(value_type = Option<EmptyObject>)]
     pub logit_bias: Option<serde_json::Map<String, serde_json::Value>>,
-    /// Not supported: only null or an empty list is accepted.
-    #[schema(value_type = Option<Vec<Object>>, max_items = 0)]
+    /// Functions the model may call (chat only): `{"type": "function", "function": {"name", "description",
+    /// "parameters": JSON Schema}}`. Calls come back as `tool_calls` (finish_reason "tool_calls").
+    #[schema(value_type = Option<Vec<ToolDefinition>>)]
     pub tools: Option<Vec<serde_json::Value>>,
+    /// none | auto (default with tools: the model decides; a call it starts is held to the schemas) |
+    /// required (one or more calls) | {"type": "function", "function": {"name": …}} (exactly that call).
+    #[schema(value_type = Option<ToolChoiceSchema>)]
+    pub tool_choice: Option<serde_json::Value>,
+    /// false: at most one call per answer.
+    pub parallel_tool_calls: Option<bool>,
     /// Not supported: only null or an empty list is accepted.
     #[schema(value_type = Option<Vec<Object>>, max_items = 0)]
     pub functions: Option<Vec<serde_json::Value>>,
-    /// Only {"type": "text"} is supported.
-    #[schema(value_type = Option<TextResponseFormat>)]
+    /// {"type": "text"} | {"type": "json_object"} | {"type": "json_schema", "json_schema": {"name", "schema",
+    /// "strict"}}: the answer is held to the format token by token.
+    #[schema(value_type = Option<ResponseFormatSchema>)]
     pub response_format: Option<serde_json::Value>,
 }
 
@@ -216,6 +230,7 @@ pub enum MessageRole {
     Developer,
     User,
     Assistant,
+    Tool,
 }
 
 /// The content part kinds supported.
@@ -296,17 +311,71 @@ mod shapes {
             .schema_type(Type::Object)
             .max_properties(Some(0))
     );
+    fn kind(value: &'static str) -> ObjectBuilder {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .enum_values(Some([value]))
+    }
+
+    /// `^[a-zA-Z0-9_-]{1,64}$`: function and schema names (t2-structured checks it).
+    fn name() -> ObjectBuilder {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some("^[a-zA-Z0-9_-]{1,64}$"))
+    }
+
     shape!(
-        /// `response_format` (request.rs `sampling`): only `{"type": "text"}`.
-        TextResponseFormat => ObjectBuilder::new()
-            .schema_type(Type::Object)
-            .property(
-                "type",
+        /// `response_format` (t2-structured `ResponseFormat::from_request`).
+        ResponseFormatSchema => OneOfBuilder::new()
+            .item(ObjectBuilder::new().property("type", kind("text")).required("type"))
+            .item(ObjectBuilder::new().property("type", kind("json_object")).required("type"))
+            .item(
                 ObjectBuilder::new()
-                    .schema_type(Type::String)
-                    .enum_values(Some(["text"])),
+                    .property("type", kind("json_schema"))
+                    .property(
+                        "json_schema",
+                        ObjectBuilder::new()
+                            .property("name", name())
+                            .property("description", ObjectBuilder::new().schema_type(Type::String))
+                            .property("schema", ObjectBuilder::new().schema_type(Type::Object))
+                            .property("strict", ObjectBuilder::new().schema_type(Type::Boolean))
+                            .required("name"),
+                    )
+                    .required("type")
+                    .required("json_schema"),
+            )
+    );
+    shape!(
+        /// A `tools` entry (t2-structured `parse_tools`).
+        ToolDefinition => ObjectBuilder::new()
+            .property("type", kind("function"))
+            .property(
+                "function",
+                ObjectBuilder::new()
+                    .property("name", name())
+                    .property("description", ObjectBuilder::new().schema_type(Type::String))
+                    .property("parameters", ObjectBuilder::new().schema_type(Type::Object))
+                    .property("strict", ObjectBuilder::new().schema_type(Type::Boolean))
+                    .required("name"),
             )
             .required("type")
+            .required("function")
+    );
+    shape!(
+        /// `tool_choice` (t2-structured `parse_tool_choice`).
+        ToolChoiceSchema => OneOfBuilder::new()
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .enum_values(Some(["none", "auto", "required"])),
+            )
+            .item(
+                ObjectBuilder::new()
+                    .property("type", kind("function"))
+                    .property("function", ObjectBuilder::new().property("name", name()).required("name"))
+                    .required("type")
+                    .required("function"),
+            )
     );
     shape!(
         /// `POST /v1/experts`' body: an expert file's raw bytes (safetensors, format t2-expert-v1).
@@ -380,7 +449,37 @@ pub struct ChatLogprobs {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ResponseMessage {
     pub role: &'static str,
-    pub content: String,
+    /// null when the answer is only tool calls.
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
+}
+
+/// A call the model made (and, in a request's history, one it made before).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ToolCall {
+    pub id: String,
+    /// always "function"
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct FunctionCall {
+    pub name: String,
+    /// The arguments as a JSON text.
+    pub arguments: String,
+}
+
+/// A call in a stream: the whole call in one delta (its `index` counts the calls of the choice).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ToolCallDelta {
+    pub index: usize,
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionCall,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -410,6 +509,8 @@ pub struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]

@@ -6,7 +6,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use rand::Rng;
+use t2_engine::FinishReason;
 use t2_model::TokenLogprob;
+use t2_structured::tools::{ParsedCall, ToolFormat};
 
 use crate::error::ApiResult;
 use crate::infer::{Generation, InferEvent};
@@ -55,16 +57,16 @@ pub async fn whole(
                 .choices()
                 .iter()
                 .enumerate()
-                .map(|(i, c)| ChatChoice {
-                    index: i,
-                    message: ResponseMessage {
-                        role: "assistant",
-                        content: c.text.clone(),
-                    },
-                    logprobs: p.want_logprobs.then(|| ChatLogprobs {
-                        content: chat_logprobs(core, &c.logprobs),
-                    }),
-                    finish_reason: c.finish.expect("finished").as_str(),
+                .map(|(i, c)| {
+                    let (message, calls) = chat_message(&c.text, p.tool_format);
+                    ChatChoice {
+                        index: i,
+                        message,
+                        logprobs: p.want_logprobs.then(|| ChatLogprobs {
+                            content: chat_logprobs(core, &c.logprobs),
+                        }),
+                        finish_reason: finish_reason(c.finish.expect("finished"), calls),
+                    }
                 })
                 .collect(),
             usage,
@@ -94,6 +96,50 @@ pub async fn whole(
         })
         .into_response(),
     })
+}
+
+/// A chat answer as a message: its text, or where tools were offered, the text around the calls and the
+/// calls parsed out of it. Also returns how many calls it holds.
+fn chat_message(text: &str, tools: Option<ToolFormat>) -> (ResponseMessage, usize) {
+    let Some(format) = tools else {
+        return (
+            ResponseMessage {
+                role: "assistant",
+                content: Some(text.to_string()),
+                tool_calls: None,
+            },
+            0,
+        );
+    };
+    let (content, calls) = format.parse(text);
+    let n = calls.len();
+    let message = ResponseMessage {
+        role: "assistant",
+        // OpenAI's shape: no text around the calls is null, not "".
+        content: (n == 0 || !content.trim().is_empty()).then_some(content),
+        tool_calls: (n > 0).then(|| calls.into_iter().map(tool_call).collect()),
+    };
+    (message, n)
+}
+
+pub fn tool_call(c: ParsedCall) -> ToolCall {
+    ToolCall {
+        id: new_id("call").replacen('-', "_", 1),
+        kind: "function".into(),
+        function: FunctionCall {
+            name: c.name,
+            arguments: c.arguments,
+        },
+    }
+}
+
+/// An answer that ended by itself after making calls finishes with "tool_calls".
+pub fn finish_reason(f: FinishReason, calls: usize) -> &'static str {
+    if calls > 0 && f == FinishReason::Stop {
+        "tool_calls"
+    } else {
+        f.as_str()
+    }
 }
 
 pub fn text_logprobs(core: &Core, lps: &[TokenLogprob], offset: usize) -> CompletionLogprobs {

@@ -5,7 +5,10 @@
 use std::time::Instant;
 
 use axum::extract::{FromRequest, Request};
+use serde_json::Value;
 use t2_model::{ChatMessage, SamplingParams};
+use t2_structured::tools::{parse_tool_choice, parse_tools, Tool, ToolChoice};
+use t2_structured::ResponseFormat;
 
 use crate::error::{ApiError, ApiResult};
 use crate::mix_choice::{choose, Chosen};
@@ -92,7 +95,28 @@ pub struct GenerationRequest {
     pub logprobs: Option<usize>,
     pub stream: bool,
     pub include_usage: bool,
+    /// The shape the answer is held to, if any.
+    pub structure: Structure,
     pub started: Instant,
+}
+
+/// What the answer must look like: a response format, or calls of the request's tools.
+#[derive(Debug, Clone, Default)]
+pub struct Structure {
+    /// None: free text.
+    pub format: Option<ResponseFormat>,
+    pub tools: Option<ToolUse>,
+}
+
+/// The request's tools and how the model may use them.
+#[derive(Debug, Clone)]
+pub struct ToolUse {
+    pub tools: Vec<Tool>,
+    /// The `tools` list as sent (a template with a tools section reads it as is).
+    pub raw: Vec<Value>,
+    pub choice: ToolChoice,
+    /// `parallel_tool_calls: false`: one call at most.
+    pub single: bool,
 }
 
 /// Validates a chat completion request.
@@ -204,6 +228,7 @@ fn generation(
     logprobs: Option<usize>,
     started: Instant,
 ) -> ApiResult<GenerationRequest> {
+    let structure = structure(f, kind)?;
     let (mut sampling, n, stop) = sampling(f, state.cfg.max_n)?;
     sampling.logprobs = logprobs;
     let max_tokens = match f.max_completion_tokens.or(f.max_tokens) {
@@ -232,8 +257,45 @@ fn generation(
             .stream_options
             .as_ref()
             .is_some_and(|o| o.include_usage == Some(true)),
+        structure,
         started,
     })
+}
+
+/// `response_format`, `tools`, `tool_choice` and `parallel_tool_calls`, checked together.
+fn structure(f: &SamplingFields, kind: Kind) -> ApiResult<Structure> {
+    let format = match &f.response_format {
+        None | Some(Value::Null) => None,
+        Some(v) => match ResponseFormat::from_request(v) {
+            Ok(ResponseFormat::Text) => None,
+            Ok(fmt) => Some(fmt),
+            Err(e) => return Err(ApiError::invalid(e.to_string(), "response_format")),
+        },
+    };
+    let listed = f.tools.as_deref().unwrap_or_default();
+    if kind == Kind::Text && (!listed.is_empty() || f.tool_choice.is_some()) {
+        return Err(ApiError::invalid(
+            "tools are only supported on /v1/chat/completions",
+            "tools",
+        ));
+    }
+    let tools = parse_tools(listed).map_err(|e| ApiError::invalid(e.to_string(), "tools"))?;
+    let choice = parse_tool_choice(f.tool_choice.as_ref(), &tools)
+        .map_err(|e| ApiError::invalid(e.to_string(), "tool_choice"))?;
+    if format.is_some() && choice != ToolChoice::None {
+        return Err(ApiError::invalid(
+            "response_format and tools cannot both shape one answer (set tool_choice to \"none\" or drop \
+             response_format)",
+            "response_format",
+        ));
+    }
+    let tools = (!tools.is_empty()).then(|| ToolUse {
+        tools,
+        raw: listed.to_vec(),
+        choice,
+        single: f.parallel_tool_calls == Some(false),
+    });
+    Ok(Structure { format, tools })
 }
 
 /// The answer's token limit once the prompt's length is known: the prompt must leave room in the context.
@@ -280,15 +342,22 @@ fn messages(req: &[RequestMessage]) -> ApiResult<Vec<ChatMessage>> {
                 "system" | "developer" => "system",
                 "user" => "user",
                 "assistant" => "assistant",
+                "tool" => "tool",
                 other => {
                     return Err(ApiError::invalid(
                         format!(
-                            "messages[{i}].role '{other}' is not supported (system, developer, user, assistant)"
+                            "messages[{i}].role '{other}' is not supported (system, developer, user, assistant, tool)"
                         ),
                         "messages",
                     ))
                 }
             };
+            if m.tool_calls.as_ref().is_some_and(|c| !c.is_empty()) && role != "assistant" {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}]: only assistant messages carry tool_calls"),
+                    "messages",
+                ));
+            }
             let content = match &m.content {
                 None => String::new(),
                 Some(MessageContent::Text(t)) => t.clone(),
@@ -310,9 +379,28 @@ fn messages(req: &[RequestMessage]) -> ApiResult<Vec<ChatMessage>> {
                     text
                 }
             };
-            Ok(ChatMessage::new(role, &content))
+            let mut msg = ChatMessage::new(role, &content);
+            msg.tool_calls = m
+                .tool_calls
+                .as_ref()
+                .filter(|c| !c.is_empty())
+                .map(|calls| calls.iter().map(template_call).collect());
+            msg.tool_call_id = m.tool_call_id.clone();
+            msg.name = m.name.clone();
+            Ok(msg)
         })
         .collect()
+}
+
+/// A call from the history in the shape chat templates read: arguments as an object when they are JSON.
+fn template_call(c: &crate::openai::ToolCall) -> Value {
+    let args = serde_json::from_str::<Value>(&c.function.arguments)
+        .unwrap_or_else(|_| Value::String(c.function.arguments.clone()));
+    serde_json::json!({
+        "id": c.id,
+        "type": "function",
+        "function": {"name": c.function.name, "arguments": args},
+    })
 }
 
 /// Sampling settings checked the way OpenAI documents them; each error names its parameter.
@@ -380,16 +468,9 @@ fn sampling(f: &SamplingFields, max_n: usize) -> ApiResult<(SamplingParams, usiz
             "logit_bias",
             f.logit_bias.as_ref().is_some_and(|m| !m.is_empty()),
         ),
-        ("tools", f.tools.as_ref().is_some_and(|v| !v.is_empty())),
         (
             "functions",
             f.functions.as_ref().is_some_and(|v| !v.is_empty()),
-        ),
-        (
-            "response_format",
-            f.response_format
-                .as_ref()
-                .is_some_and(|v| v.get("type").and_then(|t| t.as_str()) != Some("text")),
         ),
     ];
     if let Some((name, _)) = unsupported.iter().find(|(_, bad)| *bad) {
@@ -407,6 +488,7 @@ fn sampling(f: &SamplingFields, max_n: usize) -> ApiResult<(SamplingParams, usiz
         logprobs: None,
         presence_penalty: f.presence_penalty.unwrap_or(0.0) as f32,
         frequency_penalty: f.frequency_penalty.unwrap_or(0.0) as f32,
+        constraint: None,
     };
     Ok((params, n as usize, stop))
 }

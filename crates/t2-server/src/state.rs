@@ -67,6 +67,8 @@ pub struct Core {
     router: RwLock<Arc<RouterState>>,
     /// Changes to the experts one at a time (the store's change and the router's rebuild together).
     pub expert_writes: Mutex<()>,
+    /// The vocabulary for structured output, built on first use.
+    vocabulary: std::sync::OnceLock<Result<Arc<t2_structured::Vocabulary>, String>>,
 }
 
 impl Core {
@@ -82,7 +84,20 @@ impl Core {
             jobs,
             router: RwLock::new(Arc::new(router)),
             expert_writes: Mutex::new(()),
+            vocabulary: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The model's vocabulary as grammars see it (tens of milliseconds the first time: call it off the
+    /// async runtime).
+    pub fn vocabulary(&self) -> Result<Arc<t2_structured::Vocabulary>, String> {
+        self.vocabulary
+            .get_or_init(|| {
+                t2_structured::Vocabulary::new(&self.engine.loaded.tokenizer)
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
     }
 
     /// The router as it stands now.

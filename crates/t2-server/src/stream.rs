@@ -8,7 +8,11 @@ use axum::response::IntoResponse;
 
 use crate::infer::{Generation, InferEvent};
 use crate::openai::*;
-use crate::render::{chat_logprobs, new_id, now_secs, text_logprobs, FINGERPRINT};
+use t2_structured::tools::{CallStream, Piece};
+
+use crate::render::{
+    chat_logprobs, finish_reason, new_id, now_secs, text_logprobs, tool_call, FINGERPRINT,
+};
 use crate::request::Kind;
 use crate::state::{AppState, Core};
 
@@ -23,6 +27,10 @@ struct Chunker {
     info: AdaptationInfo,
     /// Per choice: bytes of text sent so far (text completions' logprob offsets).
     sent: Vec<usize>,
+    /// Per choice, where tools were offered: the answer split into text and calls as it streams.
+    calls: Option<Vec<CallStream>>,
+    /// Per choice: calls sent so far.
+    calls_sent: Vec<usize>,
 }
 
 impl Chunker {
@@ -73,6 +81,7 @@ impl Chunker {
                         delta: Delta {
                             role: Some("assistant"),
                             content: Some(String::new()),
+                            tool_calls: None,
                         },
                         logprobs: None,
                         finish_reason: None,
@@ -83,6 +92,80 @@ impl Chunker {
             .collect()
     }
 
+    /// A chat chunk with one choice's delta.
+    fn chat_delta(&self, i: usize, delta: Delta, logprobs: Option<ChatLogprobs>) -> Event {
+        self.chat(
+            vec![ChatChunkChoice {
+                index: i,
+                delta,
+                logprobs,
+                finish_reason: None,
+            }],
+            None,
+        )
+    }
+
+    /// Where tools were offered: text and calls out of a piece of choice `i`'s answer (None: the answer's
+    /// end). Calls become tool-call deltas, each call whole in one delta.
+    fn split_calls(&mut self, i: usize, text: Option<&str>) -> (String, Vec<ToolCallDelta>) {
+        let Some(streams) = &mut self.calls else {
+            return (text.unwrap_or_default().to_string(), Vec::new());
+        };
+        let pieces = match text {
+            Some(t) => streams[i].feed(t),
+            None => streams[i].finish(),
+        };
+        let (mut content, mut calls) = (String::new(), Vec::new());
+        for p in pieces {
+            match p {
+                Piece::Text(t) => content.push_str(&t),
+                Piece::Call(c) => {
+                    let call = tool_call(c);
+                    calls.push(ToolCallDelta {
+                        index: self.calls_sent[i],
+                        id: call.id,
+                        kind: "function",
+                        function: call.function,
+                    });
+                    self.calls_sent[i] += 1;
+                }
+            }
+        }
+        (content, calls)
+    }
+
+    /// Chunks of text and calls for choice `i`.
+    fn content_chunks(
+        &self,
+        i: usize,
+        text: String,
+        calls: Vec<ToolCallDelta>,
+        lp: Option<ChatLogprobs>,
+    ) -> Vec<Event> {
+        let mut out = Vec::new();
+        if !text.is_empty() || lp.is_some() {
+            out.push(self.chat_delta(
+                i,
+                Delta {
+                    content: Some(text),
+                    ..Delta::default()
+                },
+                lp,
+            ));
+        }
+        if !calls.is_empty() {
+            out.push(self.chat_delta(
+                i,
+                Delta {
+                    tool_calls: Some(calls),
+                    ..Delta::default()
+                },
+                None,
+            ));
+        }
+        out
+    }
+
     /// Chunks for one token event: its text (if any) and, when it ends the choice, the finish.
     fn token(&mut self, core: &Core, i: usize, ev: &t2_engine::TokenEvent) -> Vec<Event> {
         let mut out = Vec::new();
@@ -91,56 +174,50 @@ impl Chunker {
             .as_ref()
             .filter(|_| self.want_logprobs && ev.counted)
             .cloned();
-        if !ev.text.is_empty() || lp.is_some() {
-            out.push(match self.kind {
-                Kind::Chat => self.chat(
-                    vec![ChatChunkChoice {
-                        index: i,
-                        delta: Delta {
-                            role: None,
-                            content: Some(ev.text.clone()),
-                        },
-                        logprobs: lp.map(|l| ChatLogprobs {
-                            content: chat_logprobs(core, std::slice::from_ref(&l)),
-                        }),
-                        finish_reason: None,
-                    }],
-                    None,
-                ),
-                Kind::Text => self.text(
-                    vec![CompletionChoice {
-                        index: i,
-                        text: ev.text.clone(),
-                        logprobs: lp
-                            .map(|l| text_logprobs(core, std::slice::from_ref(&l), self.sent[i])),
-                        finish_reason: None,
-                    }],
-                    None,
-                ),
+        if self.kind == Kind::Chat {
+            let (text, calls) = self.split_calls(i, Some(&ev.text));
+            let lp = lp.map(|l| ChatLogprobs {
+                content: chat_logprobs(core, std::slice::from_ref(&l)),
             });
-            self.sent[i] += ev.text.len();
-        }
-        if let Some(f) = ev.finish {
-            out.push(match self.kind {
-                Kind::Chat => self.chat(
+            out.extend(self.content_chunks(i, text, calls, lp));
+            if let Some(f) = ev.finish {
+                let (text, calls) = self.split_calls(i, None);
+                out.extend(self.content_chunks(i, text, calls, None));
+                out.push(self.chat(
                     vec![ChatChunkChoice {
                         index: i,
                         delta: Delta::default(),
                         logprobs: None,
-                        finish_reason: Some(f.as_str()),
+                        finish_reason: Some(finish_reason(f, self.calls_sent[i])),
                     }],
                     None,
-                ),
-                Kind::Text => self.text(
-                    vec![CompletionChoice {
-                        index: i,
-                        text: String::new(),
-                        logprobs: None,
-                        finish_reason: Some(f.as_str()),
-                    }],
-                    None,
-                ),
-            });
+                ));
+            }
+            return out;
+        }
+        if !ev.text.is_empty() || lp.is_some() {
+            out.push(self.text(
+                vec![CompletionChoice {
+                    index: i,
+                    text: ev.text.clone(),
+                    logprobs:
+                        lp.map(|l| text_logprobs(core, std::slice::from_ref(&l), self.sent[i])),
+                    finish_reason: None,
+                }],
+                None,
+            ));
+            self.sent[i] += ev.text.len();
+        }
+        if let Some(f) = ev.finish {
+            out.push(self.text(
+                vec![CompletionChoice {
+                    index: i,
+                    text: String::new(),
+                    logprobs: None,
+                    finish_reason: Some(f.as_str()),
+                }],
+                None,
+            ));
         }
         out
     }
@@ -180,6 +257,10 @@ pub fn sse(
         want_logprobs: g.want_logprobs,
         info: g.chosen.info.clone(),
         sent: vec![0; n],
+        calls: g
+            .tool_format
+            .map(|f| (0..n).map(|_| CallStream::new(f)).collect()),
+        calls_sent: vec![0; n],
     };
     // Bounded: a slow reader makes this task wait, never the model thread (its channels hold whole answers).
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);

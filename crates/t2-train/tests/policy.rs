@@ -32,12 +32,7 @@ fn sequences(e: &Engine) -> Vec<Scored> {
             " Mars is a planet, the fourth from the Sun.",
         ])
         .map(|(q, a)| {
-            let prompt = e
-                .encode_chat(&[ChatMessage {
-                    role: "user".into(),
-                    content: q.to_string(),
-                }])
-                .unwrap();
+            let prompt = e.encode_chat(&[ChatMessage::new("user", q)]).unwrap();
             let from = prompt.len();
             let mut tokens = prompt;
             tokens.extend(e.loaded.tokenizer.encode(a).unwrap());
