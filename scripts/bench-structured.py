@@ -7,6 +7,7 @@ the first 8 streams' decode speed in both runs, and the mask time per constraine
 Usage: python3 scripts/bench-structured.py http://127.0.0.1:8080 [MODEL]
 """
 import json
+import statistics
 import sys
 import threading
 import time
@@ -56,14 +57,21 @@ def metric(name):
 
 
 post({"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
-alone = run(8, 8, False)
-c0, s0 = metric("t2_structured_mask_seconds_count"), metric("t2_structured_mask_seconds_sum")
-i0, is0 = metric("t2_inter_token_latency_seconds_count"), metric("t2_inter_token_latency_seconds_sum")
-beside = run(8, 8, True)
-c1, s1 = metric("t2_structured_mask_seconds_count"), metric("t2_structured_mask_seconds_sum")
-i1, is1 = metric("t2_inter_token_latency_seconds_count"), metric("t2_inter_token_latency_seconds_sum")
-masks = c1 - c0
-print(f"8 free streams beside 8 free:         {alone:7.1f} tok/s ({TOKENS} tokens each)")
-print(f"8 free streams beside 8 constrained:  {beside:7.1f} tok/s")
-print(f"masks computed: {masks:.0f}, mean {1e6 * (s1 - s0) / max(masks, 1):.0f} us per row per step; "
-      f"mean inter-token latency in that run {1e3 * (is1 - is0) / max(i1 - i0, 1):.1f} ms")
+# Interleaved (free, constrained, free, ...) so that drift in the machine's speed hits both alike; medians.
+speeds = {False: [], True: []}
+masks, mask_s, itl_n, itl_s = 0.0, 0.0, 0.0, 0.0
+for _ in range(3):
+    for constrained in (False, True):
+        c0, s0 = metric("t2_structured_mask_seconds_count"), metric("t2_structured_mask_seconds_sum")
+        i0, is0 = metric("t2_inter_token_latency_seconds_count"), metric("t2_inter_token_latency_seconds_sum")
+        speeds[constrained].append(run(8, 8, constrained))
+        if constrained:
+            masks += metric("t2_structured_mask_seconds_count") - c0
+            mask_s += metric("t2_structured_mask_seconds_sum") - s0
+            itl_n += metric("t2_inter_token_latency_seconds_count") - i0
+            itl_s += metric("t2_inter_token_latency_seconds_sum") - is0
+free, beside = statistics.median(speeds[False]), statistics.median(speeds[True])
+print(f"8 free streams beside 8 free:         {free:7.1f} tok/s ({TOKENS} tokens each; runs {speeds[False]})")
+print(f"8 free streams beside 8 constrained:  {beside:7.1f} tok/s (runs {speeds[True]}); ratio {beside / free:.3f}")
+print(f"masks computed: {masks:.0f}, mean {1e6 * mask_s / max(masks, 1):.0f} us per row per step; "
+      f"mean inter-token latency in the constrained runs {1e3 * itl_s / max(itl_n, 1):.1f} ms")
