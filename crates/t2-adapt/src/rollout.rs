@@ -56,6 +56,8 @@ impl Generator {
             kv_budget_tokens: 256 * 1024,
             // Rollout mixes change every step: merged weights would be built and thrown away.
             merge_after_steps: None,
+            // Task prompts share their instructions, and loglik scoring its question across options.
+            prefix_cache: true,
         };
         let scheduler = Arc::new(Scheduler::start(engine.clone(), cfg));
         Self {

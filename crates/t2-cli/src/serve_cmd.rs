@@ -90,6 +90,10 @@ pub struct ServeArgs {
     /// On CPU a merge costs seconds of both cores, so it only pays off for long single-mix runs.
     #[arg(long, default_value_t = 512)]
     pub merge_after_steps: usize,
+    /// Do not keep prompts' KV blocks for later prompts that start the same way (automatic prefix caching
+    /// is on by default)
+    #[arg(long)]
+    pub no_prefix_cache: bool,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -165,6 +169,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             max_queue: a.max_queue,
             kv_budget_tokens: 0, // set from kv_memory_bytes once the model is loaded
             merge_after_steps: (a.merge_after_steps > 0).then_some(a.merge_after_steps),
+            prefix_cache: !a.no_prefix_cache,
         },
         kv_memory_bytes: a.kv_memory_mb << 20,
     };

@@ -75,7 +75,8 @@ impl BlockKvManager {
         self.allocate_blocks(blocks_for(positions))
     }
 
-    fn allocate_blocks(&self, n: usize) -> Option<KvLease> {
+    /// `n` fresh blocks, or None when the pool has too few free.
+    pub fn allocate_blocks(&self, n: usize) -> Option<KvLease> {
         let mut b = self.blocks.lock().unwrap();
         if b.free.len() < n {
             return None;
@@ -149,6 +150,38 @@ impl KvLease {
             },
             blocks: self.blocks.clone(),
         }
+    }
+
+    /// Block `i` alone, shared (no positions filled: a cache keeps it, a sharer sets its length).
+    pub fn share_block(&self, i: usize) -> KvLease {
+        let id = self.kv.blocks[i];
+        self.blocks.lock().unwrap().refs[id as usize] += 1;
+        KvLease {
+            kv: SeqKv {
+                blocks: vec![id],
+                len: 0,
+            },
+            blocks: self.blocks.clone(),
+        }
+    }
+
+    /// Whether no other lease holds any of this lease's blocks.
+    pub fn is_sole_holder(&self) -> bool {
+        let b = self.blocks.lock().unwrap();
+        self.kv.blocks.iter().all(|&id| b.refs[id as usize] == 1)
+    }
+
+    /// Shared blocks that hold a sequence's first positions, followed by fresh ones: one lease whose
+    /// filled length is the shared blocks' positions.
+    pub fn concat(shared: Vec<KvLease>, fresh: KvLease) -> KvLease {
+        let len = shared.len() * BLOCK_SIZE;
+        let mut leases = shared.into_iter();
+        let Some(first) = leases.next() else {
+            return fresh;
+        };
+        let mut joined = leases.fold(first, KvLease::join).join(fresh);
+        joined.kv.len = len;
+        joined
     }
 
     /// This lease's blocks followed by `more`'s (its positions are not filled).

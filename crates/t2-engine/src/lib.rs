@@ -5,6 +5,7 @@ pub mod engine;
 pub mod generate;
 pub mod kv;
 pub mod plan;
+pub mod prefix_cache;
 pub mod routing;
 pub mod runner;
 pub mod scheduler;

@@ -107,8 +107,8 @@ pub struct RouteSpec {
     pub prompt: Vec<u32>,
     /// The weights pass 1 runs with: the base model (prompt) or the classifier expert.
     pub scorer: Adaptation,
-    /// Leading tokens of `prompt` that are the same for every request (their KV is computed once per
-    /// scorer and shared).
+    /// Leading tokens of `prompt` that are the same for every request: tokenized apart from the request,
+    /// so that they are the same tokens every time and the prefix cache finds their blocks.
     pub shared_prefix: usize,
     pub labels: Arc<Vec<RouteLabel>>,
     pub policy: RoutePolicy,

@@ -224,6 +224,10 @@ impl Sequence {
         Some((req, kv, self.mix.clone()))
     }
 
+    pub fn prompt(&self) -> &[u32] {
+        &self.prompt
+    }
+
     pub fn prompt_len(&self) -> usize {
         self.prompt.len()
     }

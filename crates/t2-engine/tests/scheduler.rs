@@ -409,3 +409,79 @@ fn random_disconnects_leave_no_mix_slot_or_kv_held() {
     );
     assert_eq!(svf.held_slots(), 0, "a mix slot is still held");
 }
+
+#[test]
+fn a_repeated_prefix_is_read_from_the_cache_under_the_same_weights_only() {
+    use std::sync::atomic::Ordering::SeqCst;
+    use t2_model::BLOCK_SIZE as BS;
+    let _g = serial();
+    let e = engine();
+    // A system prompt several blocks long, then different questions.
+    let system = "You are a careful assistant who answers briefly. ".repeat(8);
+    let ask = |q: &str| {
+        let p = e
+            .encode_chat(&[
+                ChatMessage::new("system", &system),
+                ChatMessage::new("user", q),
+            ])
+            .unwrap();
+        GenRequest::new(p, 8, SamplingParams::default())
+    };
+    let (first, second) = (ask("What is 2+2?"), ask("Name a color."));
+    let budget = 3 * first.kv_blocks();
+    let sched = Scheduler::start(
+        e.clone(),
+        SchedulerConfig {
+            kv_budget_tokens: budget * BS,
+            ..Default::default()
+        },
+    );
+    let stats = sched.stats().clone();
+    let run = |a: &Adaptation, r: &GenRequest| {
+        let mut h = sched
+            .submit(Submission::new(a.clone(), vec![r.clone()]))
+            .unwrap()
+            .remove(0);
+        drain(&mut h).0
+    };
+    let hits = || stats.prefix_hit_tokens.load(SeqCst) as usize;
+    let base = Adaptation::base();
+    let want = solo(&e, &base, first.clone());
+    assert_eq!(run(&base, &first), want);
+    assert_eq!(hits(), 0, "nothing was cached before");
+    // The same prompt again: every full block but the one of its last position comes from the cache,
+    // and the answer is the same.
+    assert_eq!(run(&base, &first), want);
+    let after_repeat = hits();
+    assert_eq!(after_repeat, (first.prompt.len() - 1) / BS * BS);
+    // Another question after the same system prompt shares the full blocks before they differ.
+    assert_eq!(run(&base, &second), solo(&e, &base, second.clone()));
+    let common = first
+        .prompt
+        .iter()
+        .zip(&second.prompt)
+        .take_while(|(a, b)| a == b)
+        .count();
+    assert!(common >= 3 * BS, "the system prompt spans several blocks");
+    assert_eq!(hits() - after_repeat, common / BS * BS);
+    // The same prompt under other weights shares nothing, and answers as that mix does alone.
+    let m = mix(&[("math", 1.0)]);
+    let before = hits();
+    assert_eq!(run(&m, &first), solo(&e, &m, first.clone()));
+    assert_eq!(hits(), before, "a block was shared across mixes");
+    // The cache's blocks count against the budget, but a request that needs nearly all of it still gets
+    // in: blocks only the cache holds are given back.
+    assert!(stats.prefix_cached_tokens.load(SeqCst) > 0);
+    let mut big = request(&e, &"one two three ".repeat(200), 1);
+    big.prompt.truncate((budget - 1) * BS - 1);
+    big.ignore_eos = true;
+    assert!(big.kv_blocks() + stats.prefix_cached_tokens.load(SeqCst) / BS > budget);
+    assert_eq!(run(&base, &big).len(), 1);
+    wait_for("the batch empties", || stats.running.load(SeqCst) == 0);
+    assert_eq!(
+        stats.kv_used_tokens.load(SeqCst),
+        0,
+        "cached blocks no sequence reads count as free"
+    );
+    sched.join();
+}

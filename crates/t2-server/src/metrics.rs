@@ -105,6 +105,9 @@ pub struct Metrics {
     pub cancellations: IntCounterVec,
     pub batch_steps: IntCounter,
     pub merges: IntCounter,
+    prefix_queries: IntCounter,
+    prefix_hits: IntCounter,
+    prefix_cached: IntGauge,
     pub routing_decisions: IntCounterVec,
     pub pass1_latency: Histogram,
     /// Time to work out one constrained row's allowed tokens (overlapped with the forward pass).
@@ -202,6 +205,18 @@ impl Metrics {
             ),
             batch_steps: counter("t2_batch_steps_total", "Batched forward steps run"),
             merges: counter("t2_merges_total", "Mixes given merged weights"),
+            prefix_queries: counter(
+                "t2_prefix_cache_queries_total",
+                "Prompt tokens of admitted sequences, looked up in the prefix cache",
+            ),
+            prefix_hits: counter(
+                "t2_prefix_cache_hits_total",
+                "Prompt tokens found in the prefix cache (same tokens before them, same weights): not computed again",
+            ),
+            prefix_cached: gauge(
+                "t2_prefix_cache_tokens",
+                "KV positions the prefix cache keeps (blocks no sequence reads count as free in t2_kv_cache_used_tokens)",
+            ),
             routing_decisions: counter_vec(
                 "t2_routing_decisions_total",
                 "Pass-1 routing decisions by strategy and chosen label",
@@ -297,6 +312,14 @@ impl Metrics {
                 .inc_by(steps.saturating_sub(self.batch_steps.get()));
             let merges = s.merges.load(Ordering::Relaxed);
             self.merges.inc_by(merges.saturating_sub(self.merges.get()));
+            let q = s.prefix_query_tokens.load(Ordering::Relaxed);
+            self.prefix_queries
+                .inc_by(q.saturating_sub(self.prefix_queries.get()));
+            let h = s.prefix_hit_tokens.load(Ordering::Relaxed);
+            self.prefix_hits
+                .inc_by(h.saturating_sub(self.prefix_hits.get()));
+            self.prefix_cached
+                .set(s.prefix_cached_tokens.load(Ordering::Relaxed) as i64);
             self.render_vllm_aliases();
         }
         let mut out = Vec::new();

@@ -42,6 +42,8 @@ pub struct SchedulerConfig {
     /// Build merged weights for a mix once it has been the only mix of the batch for this many steps
     /// (None: never merge, always the factored path).
     pub merge_after_steps: Option<usize>,
+    /// Keep prompts' full KV blocks for later prompts with the same prefix under the same weights.
+    pub prefix_cache: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -52,6 +54,7 @@ impl Default for SchedulerConfig {
             max_queue: 64,
             kv_budget_tokens: 64 * 1024,
             merge_after_steps: Some(512),
+            prefix_cache: true,
         }
     }
 }
@@ -163,6 +166,11 @@ pub struct SchedulerStats {
     pub failed: AtomicU64,
     /// Pass-1 rows in the running batch.
     pub routing: AtomicUsize,
+    /// Prompt tokens of admitted sequences that looked for a cached prefix, and those found.
+    pub prefix_query_tokens: AtomicU64,
+    pub prefix_hit_tokens: AtomicU64,
+    /// Positions held by the prefix cache (some of them read by running sequences).
+    pub prefix_cached_tokens: AtomicUsize,
 }
 
 pub(crate) struct Queued {

@@ -1,12 +1,13 @@
 //! The model thread's loop: admission (batch rows, KV blocks, a mix slot), planning each step, running it
 //! on the runner, and handing each row's result to its sequence.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::Instant;
 
+use t2_model::kv::blocks_for;
 use t2_model::BLOCK_SIZE;
 use t2_svf::{Adaptation, MixId, MixKey, MixLease, SvfError, BASE_MIX};
 use tokio::sync::mpsc;
@@ -15,13 +16,17 @@ use super::{Failure, FailureKind, Queued, SchedulerConfig, SchedulerStats, SeqEv
 use crate::engine::{Engine, EngineError};
 use crate::kv::{BlockKvManager, KvLease};
 use crate::plan::{split_budget, Pending, RowOutput, RowPlan, SeqId, StepPlan};
-use crate::routing::{RouteDecision, RouteSpec};
+use crate::prefix_cache::PrefixCache;
+use crate::routing::RouteDecision;
 use crate::runner::ModelRunner;
 use crate::sequence::Sequence;
 
 struct Running {
     seq: Sequence,
     role: Role,
+    /// The weights its KV is computed under, when its prompt's blocks may be cached for later prompts
+    /// (taken once they are).
+    cache_key: Option<MixKey>,
 }
 
 enum Role {
@@ -77,9 +82,6 @@ enum Admission {
     NoMixSlot,
 }
 
-/// Pass-1 prefixes kept at most (one per scorer and label set in practice).
-const MAX_PREFIXES: usize = 8;
-
 pub(super) struct Worker {
     engine: Arc<Engine>,
     runner: Box<dyn ModelRunner>,
@@ -92,8 +94,8 @@ pub(super) struct Worker {
     waiting: VecDeque<Queued>,
     /// Submissions whose pass 1 has decided: admitted before anything new, so that pass 2 starts at once.
     ready: VecDeque<Queued>,
-    /// The full KV blocks of pass-1 prompt prefixes (the part before the request), by scorer and tokens.
-    prefixes: HashMap<(MixKey, Vec<u32>), KvLease>,
+    /// Full KV blocks of earlier prompts, found by their tokens and weights.
+    cache: PrefixCache,
     running: Vec<Running>,
     next_id: SeqId,
     /// Sequences gone since the last step, for the runner to forget.
@@ -120,7 +122,7 @@ impl Worker {
             rx,
             waiting: VecDeque::new(),
             ready: VecDeque::new(),
-            prefixes: HashMap::new(),
+            cache: PrefixCache::default(),
             running: Vec::new(),
             next_id: 0,
             ended: Vec::new(),
@@ -218,13 +220,16 @@ impl Worker {
         if self.running.len() + rows > self.cfg.max_batch.max(rows) {
             return Err((Admission::NoRoom, Box::new(q)));
         }
-        // KV first: when it does not fit, the mix table is left alone.
-        let Some(kv) = self.allocate(&q) else {
-            return Err((Admission::NoRoom, Box::new(q)));
-        };
         let adaptation = match &q.submission.route {
             Some(r) => r.scorer.clone(),
             None => q.submission.adaptation.clone(),
+        };
+        let cache_key = self
+            .weights_key(&adaptation)
+            .filter(|_| self.cfg.prefix_cache);
+        // KV first: when it does not fit, the mix table is left alone.
+        let Some(kv) = self.allocate(&q, cache_key.as_ref()) else {
+            return Err((Admission::NoRoom, Box::new(q)));
         };
         let mix = match self.acquire(&adaptation) {
             Acquire::Got(lease) => lease,
@@ -252,6 +257,7 @@ impl Worker {
                     queued: Box::new(q),
                     started: Instant::now(),
                 },
+                cache_key,
             });
             return Ok(());
         }
@@ -267,45 +273,70 @@ impl Worker {
             self.running.push(Running {
                 seq,
                 role: Role::Answer(tx),
+                cache_key: cache_key.clone(),
             });
         }
         Ok(())
     }
 
     /// The KV of every sequence a submission admits now (and of their scoring forks), or None when the
-    /// pool has too few free blocks for all of it.
-    fn allocate(&self, q: &Queued) -> Option<Vec<(KvLease, Option<KvLease>)>> {
-        if let Some(route) = &q.submission.route {
-            let positions = route.prompt.len();
-            let kv = match self.prefix_key(route).and_then(|k| self.prefixes.get(&k)) {
-                Some(prefix) => self
-                    .kv
-                    .with_prefix(prefix, route.shared_prefix, positions)?,
-                None => self.kv.allocate(positions)?,
-            };
-            return Some(vec![(kv, None)]);
-        }
-        let need: usize = q
-            .submission
-            .requests
+    /// pool has too few free blocks for all of it even after the prefix cache gave back what no sequence
+    /// reads. Prompts start on the cached blocks of their longest known prefix under the same weights.
+    fn allocate(
+        &mut self,
+        q: &Queued,
+        key: Option<&MixKey>,
+    ) -> Option<Vec<(KvLease, Option<KvLease>)>> {
+        // (prompt, positions to reserve, blocks a fork reserves, positions that must be computed from)
+        let wants: Vec<(&[u32], usize, usize, usize)> = match &q.submission.route {
+            Some(route) => vec![(&route.prompt[..], route.prompt.len(), 0, route.prompt.len())],
+            None => q
+                .submission
+                .requests
+                .iter()
+                .map(|r| {
+                    // A scored continuation needs the logits of the position before it.
+                    let computed_from = r.score_from.unwrap_or(r.prompt.len());
+                    (&r.prompt[..], r.kv_tokens(), r.fork_blocks(), computed_from)
+                })
+                .collect(),
+        };
+        let shared: Vec<Vec<KvLease>> = wants
             .iter()
-            .map(|r| r.kv_blocks() + r.fork_blocks())
+            .map(|&(prompt, _, _, from)| match key {
+                Some(k) => self
+                    .cache
+                    .lookup(k, prompt, from.saturating_sub(1) / BLOCK_SIZE),
+                None => Vec::new(),
+            })
+            .collect();
+        let need: usize = wants
+            .iter()
+            .zip(&shared)
+            .map(|(&(_, positions, fork, _), s)| blocks_for(positions) - s.len() + fork)
             .sum();
-        if need > self.kv.free() {
+        if !self.cache.make_room(&self.kv, need) {
             return None;
         }
-        q.submission
-            .requests
-            .iter()
-            .map(|r| {
-                let kv = self.kv.allocate(r.kv_tokens())?;
-                let fork = match r.fork_blocks() {
-                    0 => None,
-                    n => Some(self.kv.allocate(n * BLOCK_SIZE)?),
-                };
-                Some((kv, fork))
-            })
-            .collect()
+        let mut out = Vec::with_capacity(wants.len());
+        for ((prompt, positions, fork, _), s) in wants.into_iter().zip(shared) {
+            let hit = s.len() * BLOCK_SIZE;
+            let fresh = self.kv.allocate_blocks(blocks_for(positions) - s.len())?;
+            let fork = match fork {
+                0 => None,
+                n => Some(self.kv.allocate_blocks(n)?),
+            };
+            if key.is_some() {
+                self.stats
+                    .prefix_query_tokens
+                    .fetch_add(prompt.len() as u64, Ordering::Relaxed);
+                self.stats
+                    .prefix_hit_tokens
+                    .fetch_add(hit as u64, Ordering::Relaxed);
+            }
+            out.push((KvLease::concat(s, fresh), fork));
+        }
+        Some(out)
     }
 
     fn drop_cancelled(&mut self) {
@@ -400,6 +431,11 @@ impl Worker {
         for ((i, row), out) in stepping.into_iter().zip(&plan.rows).zip(outputs) {
             let r = &mut self.running[i];
             r.seq.fed(row.tokens.len());
+            if !r.seq.is_prefilling() {
+                if let Some(key) = r.cache_key.take() {
+                    self.cache.insert(&key, r.seq.prompt(), &r.seq.kv);
+                }
+            }
             match (out, &r.role) {
                 (RowOutput::Fed, _) => {}
                 (RowOutput::Scored { logprob, tokens }, Role::Answer(tx)) => {
@@ -447,9 +483,7 @@ impl Worker {
                         self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                (Some(decision), Role::Pass1 { queued, .. }) => {
-                    self.on_decided(&r.seq, *queued, decision)
-                }
+                (Some(decision), Role::Pass1 { queued, .. }) => self.on_decided(*queued, decision),
                 _ => unreachable!("rows are finished by their own role"),
             }
         }
@@ -459,19 +493,15 @@ impl Worker {
             self.running.push(Running {
                 seq,
                 role: Role::Answer(tx),
+                cache_key: None,
             });
         }
         Ok(())
     }
 
-    /// Pass 1 decided: keep its prompt prefix's KV for the next pass 1 of the same scorer, tell every
+    /// Pass 1 decided: tell every
     /// sequence of the submission, and queue pass 2 first in line with the decided mix.
-    fn on_decided(
-        &mut self,
-        pass1: &Sequence,
-        mut queued: Queued,
-        decision: crate::engine::Result<RouteDecision>,
-    ) {
+    fn on_decided(&mut self, mut queued: Queued, decision: crate::engine::Result<RouteDecision>) {
         let d = match decision {
             Ok(d) => d,
             Err(e) => {
@@ -481,16 +511,6 @@ impl Worker {
                 return;
             }
         };
-        let route = queued.submission.route.as_ref().expect("a pass-1 row");
-        if let Some(key) = self.prefix_key(route) {
-            let full = route.shared_prefix / BLOCK_SIZE;
-            if full > 0 && !self.prefixes.contains_key(&key) {
-                if self.prefixes.len() >= MAX_PREFIXES {
-                    self.prefixes.clear();
-                }
-                self.prefixes.insert(key, pass1.kv.share(full));
-            }
-        }
         for s in &queued.senders {
             let _ = s.try_send(SeqEvent::Routed(d.clone()));
         }
@@ -510,18 +530,22 @@ impl Worker {
         self.stats
             .running
             .store(self.running.len() - routing, Ordering::Relaxed);
+        // Cached blocks no sequence reads are free for the taking, as vLLM counts them.
+        let idle = self.cache.idle_blocks();
         self.stats
             .kv_used_tokens
-            .store(self.kv.used() * BLOCK_SIZE, Ordering::Relaxed);
+            .store((self.kv.used() - idle) * BLOCK_SIZE, Ordering::Relaxed);
+        self.stats
+            .prefix_cached_tokens
+            .store(self.cache.blocks() * BLOCK_SIZE, Ordering::Relaxed);
     }
 
-    /// The weights a pass-1 prefix was computed with, and its tokens (None: not shareable).
-    fn prefix_key(&self, route: &RouteSpec) -> Option<(MixKey, Vec<u32>)> {
-        let weights = match &route.scorer {
-            Adaptation::Mix(m) if m.is_base() => MixKey::base(),
-            Adaptation::Mix(m) => self.engine.experts.as_ref()?.key_of(m).ok()?,
-            Adaptation::Vectors(_) => return None,
-        };
-        Some((weights, route.prompt[..route.shared_prefix].to_vec()))
+    /// The identity of the weights an adaptation runs with (None: not cacheable, raw training vectors).
+    fn weights_key(&self, a: &Adaptation) -> Option<MixKey> {
+        match a {
+            Adaptation::Mix(m) if m.is_base() => Some(MixKey::base()),
+            Adaptation::Mix(m) => self.engine.experts.as_ref()?.key_of(m).ok(),
+            Adaptation::Vectors(_) => None,
+        }
     }
 }
