@@ -4,6 +4,8 @@
 # scripts/loadgen.py (streaming, 128 tokens, ignore_eos, temperature 0) at concurrency 1, 4, 16, 64.
 # Usage: LLAMA_SERVER=~/lab/llama.cpp/bin/llama-server LLAMA_MODELS=~/lab/models bash scripts/bench-serving.sh
 # (the dense ggufs come from ../shared/peer/dequant_gguf.py). Results: bench-out/serving/*.json and tables.
+# Every server runs REPEATS times (3 by default), interleaved (all servers, then all again, ...), so that drift
+# in the machine's speed hits each alike; the table gives each figure's median over the repeats.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T2_BIN=${T2_BIN:-target/release/t2}
@@ -12,6 +14,7 @@ LLAMA_MODELS=${LLAMA_MODELS:-$HOME/lab/models}
 LEVELS=${LEVELS:-"1:4 4:8 16:32 64:64"}   # concurrency:requests
 MAX_TOKENS=${MAX_TOKENS:-128}
 ONLY=${ONLY:-"llama-f32 llama-f16 llama-q4_1 t2-base t2-mixes"}
+REPEATS=${REPEATS:-3}
 OUT=bench-out/serving
 PORT=18181
 mkdir -p "$OUT"
@@ -30,12 +33,15 @@ run_levels() { # name extra-loadgen-args...
     for lv in $LEVELS; do
         local c=${lv%%:*} n=${lv##*:}
         python3 scripts/loadgen.py --url "http://127.0.0.1:$PORT" --concurrency "$c" --requests "$n" \
-            --max-tokens "$MAX_TOKENS" --warmup 1 --json "$OUT/$name-c$c.json" "$@" | tail -n 1 | sed "s/^/$name /"
+            --max-tokens "$MAX_TOKENS" --warmup 1 --json "$OUT/$name-c$c-r$rep.json" "$@" | tail -n 1 \
+            | sed "s/^/$name (repeat $rep) /"
     done
 }
 
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
+rm -f "$OUT"/*-c*-r*.json
+for rep in $(seq 1 "$REPEATS"); do
 for what in $ONLY; do
     case $what in
     llama-*)
@@ -68,14 +74,22 @@ for what in $ONLY; do
         ;;
     esac
 done
+done
 python3 - "$OUT" <<'PY'
-import json, sys, glob, os
-rows = {}
-for f in sorted(glob.glob(os.path.join(sys.argv[1], "*-c*.json"))):
-    name, c = os.path.basename(f)[:-5].rsplit("-c", 1)
+import json, sys, glob, os, statistics
+runs = {}
+for f in sorted(glob.glob(os.path.join(sys.argv[1], "*-c*-r*.json"))):
+    stem, _ = os.path.basename(f)[:-5].rsplit("-r", 1)
+    name, c = stem.rsplit("-c", 1)
     d = json.load(open(f))
-    lv = d["levels"][0] if "levels" in d else d
-    rows.setdefault(name, {})[int(c)] = lv
+    runs.setdefault(name, {}).setdefault(int(c), []).append(d["levels"][0] if "levels" in d else d)
+rows = {}
+for name, by_c in runs.items():
+    for c, lvs in by_c.items():
+        med = lambda k: statistics.median(lv[k] for lv in lvs)
+        rows.setdefault(name, {})[c] = {"output_tok_per_s": med("output_tok_per_s"), "ttft_p50_s": med("ttft_p50_s"),
+                                        "ttft_p95_s": med("ttft_p95_s"), "errors": sum(lv["errors"] for lv in lvs)}
+print(f"medians over {max(len(l) for r in runs.values() for l in r.values())} interleaved repeats")
 levels = sorted({c for r in rows.values() for c in r})
 print("| server | " + " | ".join(f"c={c} tok/s | TTFT p50/p95 ms" for c in levels) + " |")
 print("|---|" + "---|---|" * len(levels))
