@@ -320,3 +320,22 @@ def test_request_id_header(base_url, client):
         model=BASE_MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
         extra_headers={"x-request-id": "sdk-7"})
     assert raw.headers.get("x-request-id") == "sdk-7"
+
+
+def test_logit_bias_forces_a_token_and_is_checked(client, base_url):
+    def tokens(bias):
+        r = client.chat.completions.create(model=BASE_MODEL, messages=[{"role": "user", "content": PROMPT}],
+                                           max_tokens=6, temperature=0, logprobs=True, logit_bias=bias)
+        return [t.token for t in r.choices[0].logprobs.content]
+
+    plain = tokens(None)
+    forced_a, forced_b = tokens({"1000": 100}), tokens({"2000": 100})
+    # +100 makes one token win every step: six times the same token, a different one per id.
+    assert len(set(forced_a)) == 1 and len(forced_a) == 6, forced_a
+    assert len(set(forced_b)) == 1 and forced_a[0] != forced_b[0]
+    # The bias is what changed the answer.
+    assert forced_a != plain
+    for bias in ({"abc": 1}, {"99999999": 1}, {"5": 101}, {"5": "x"}):
+        r = post_json(base_url, "/v1/chat/completions", {"model": BASE_MODEL, "max_tokens": 2, "logit_bias": bias,
+                                                          "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status == 400 and r.json()["error"]["param"] == "logit_bias", (bias, r)

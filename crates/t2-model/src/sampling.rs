@@ -23,6 +23,9 @@ pub struct SamplingParams {
     pub presence_penalty: f32,
     #[serde(default)]
     pub frequency_penalty: f32,
+    /// OpenAI's `logit_bias`: added to these tokens' logits before choosing (-100 bans, +100 forces).
+    #[serde(default)]
+    pub logit_bias: Vec<(u32, f32)>,
     /// Which tokens may come next (structured output); none: any.
     #[serde(skip)]
     pub constraint: Option<ConstraintCell>,
@@ -86,6 +89,7 @@ impl Default for SamplingParams {
             logprobs: None,
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
             constraint: None,
         }
     }
@@ -175,8 +179,14 @@ impl Sampler {
         let adjusted;
         let penalize = self.has_penalties() && !self.counts.is_empty();
         let constrained = self.active_constraint().is_some();
-        let choose_from = if penalize || constrained {
+        let biased = !self.params.logit_bias.is_empty();
+        let choose_from = if penalize || constrained || biased {
             let mut l = logits.to_vec();
+            for &(t, b) in &self.params.logit_bias {
+                if let Some(v) = l.get_mut(t as usize) {
+                    *v += b;
+                }
+            }
             for (&t, &c) in &self.counts {
                 if let Some(v) = l.get_mut(t as usize) {
                     *v -= self.params.presence_penalty + self.params.frequency_penalty * c as f32;

@@ -135,8 +135,8 @@ pub struct SamplingFields {
     /// Extension: generate exactly max_tokens tokens, ignoring end-of-sequence.
     pub ignore_eos: Option<bool>,
     pub adaptation: Option<AdaptationRequest>,
-    /// Not supported: only null or an empty object is accepted.
-    #[schema(value_type = Option<EmptyObject>)]
+    /// Token id (as a string) → bias in [-100, 100] added to its logit before sampling (-100 bans it).
+    #[schema(value_type = Option<LogitBias>)]
     pub logit_bias: Option<serde_json::Map<String, serde_json::Value>>,
     /// Functions the model may call (chat only): `{"type": "function", "function": {"name", "description",
     /// "parameters": JSON Schema}}`. Calls come back as `tool_calls` (finish_reason "tool_calls").
@@ -306,10 +306,21 @@ mod shapes {
             .enum_values(Some([false]))
     );
     shape!(
-        /// `logit_bias` (request.rs `sampling`): unsupported, so only an empty object.
-        EmptyObject => ObjectBuilder::new()
+        /// `logit_bias` (request.rs `logit_bias`): token ids as keys, biases in [-100, 100].
+        LogitBias => ObjectBuilder::new()
             .schema_type(Type::Object)
-            .max_properties(Some(0))
+            .property_names(Some(Schema::Object(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .pattern(Some("^[0-9]+$"))
+                    .build(),
+            )))
+            .additional_properties(Some(
+                ObjectBuilder::new()
+                    .schema_type(Type::Number)
+                    .minimum(Some(-100))
+                    .maximum(Some(100)),
+            ))
     );
     fn kind(value: &'static str) -> ObjectBuilder {
         ObjectBuilder::new()

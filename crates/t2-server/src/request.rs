@@ -229,7 +229,8 @@ fn generation(
     started: Instant,
 ) -> ApiResult<GenerationRequest> {
     let structure = structure(f, kind)?;
-    let (mut sampling, n, stop) = sampling(f, state.cfg.max_n)?;
+    let vocab = state.core()?.engine.loaded.model.cfg.vocab_size;
+    let (mut sampling, n, stop) = sampling(f, state.cfg.max_n, vocab)?;
     sampling.logprobs = logprobs;
     let max_tokens = match f.max_completion_tokens.or(f.max_tokens) {
         Some(m) if m < 1 => {
@@ -404,7 +405,41 @@ fn template_call(c: &crate::openai::ToolCall) -> Value {
 }
 
 /// Sampling settings checked the way OpenAI documents them; each error names its parameter.
-fn sampling(f: &SamplingFields, max_n: usize) -> ApiResult<(SamplingParams, usize, Vec<String>)> {
+/// `logit_bias`: token ids (as strings) below the vocabulary's size, each with a bias in [-100, 100].
+fn logit_bias(f: &SamplingFields, vocab: usize) -> ApiResult<Vec<(u32, f32)>> {
+    let Some(map) = &f.logit_bias else {
+        return Ok(Vec::new());
+    };
+    let bad = |m: String| ApiError::invalid(m, "logit_bias");
+    map.iter()
+        .map(|(k, v)| {
+            let id: u32 = k
+                .parse()
+                .ok()
+                .filter(|&id| (id as usize) < vocab)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "logit_bias keys are token ids below {vocab}, got '{k}'"
+                    ))
+                })?;
+            let b = v
+                .as_f64()
+                .filter(|b| (-100.0..=100.0).contains(b))
+                .ok_or_else(|| {
+                    bad(format!(
+                        "logit_bias[{k}] must be a number in [-100, 100], got {v}"
+                    ))
+                })?;
+            Ok((id, b as f32))
+        })
+        .collect()
+}
+
+fn sampling(
+    f: &SamplingFields,
+    max_n: usize,
+    vocab: usize,
+) -> ApiResult<(SamplingParams, usize, Vec<String>)> {
     let temperature = f.temperature.unwrap_or(1.0);
     if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
         return Err(ApiError::invalid(
@@ -463,16 +498,10 @@ fn sampling(f: &SamplingFields, max_n: usize) -> ApiResult<(SamplingParams, usiz
         ));
     }
     // Absent, null or empty is fine (SDKs send these); their types are checked by serde.
-    let unsupported = [
-        (
-            "logit_bias",
-            f.logit_bias.as_ref().is_some_and(|m| !m.is_empty()),
-        ),
-        (
-            "functions",
-            f.functions.as_ref().is_some_and(|v| !v.is_empty()),
-        ),
-    ];
+    let unsupported = [(
+        "functions",
+        f.functions.as_ref().is_some_and(|v| !v.is_empty()),
+    )];
     if let Some((name, _)) = unsupported.iter().find(|(_, bad)| *bad) {
         return Err(ApiError::invalid(
             format!("{name} is not supported by this server"),
@@ -488,6 +517,7 @@ fn sampling(f: &SamplingFields, max_n: usize) -> ApiResult<(SamplingParams, usiz
         logprobs: None,
         presence_penalty: f.presence_penalty.unwrap_or(0.0) as f32,
         frequency_penalty: f.frequency_penalty.unwrap_or(0.0) as f32,
+        logit_bias: logit_bias(f, vocab)?,
         constraint: None,
     };
     Ok((params, n as usize, stop))
