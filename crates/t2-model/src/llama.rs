@@ -3,9 +3,12 @@
 //! one (T, hidden) matrix for the projections, which is where the work is, and attention runs per sequence
 //! against that sequence's own KV cache.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::config::{LlamaConfig, RopeStyle};
+use crate::gemm::PackedWeight;
 use crate::kv::{KvPool, SeqKv};
 
 /// Which projection of a layer.
@@ -79,6 +82,16 @@ pub struct Linear {
     pub id: ProjId,
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// `weight` in the GEMM's layout, made once when the model is built ([`Llama`] fills it in; None where
+    /// the packed kernel does not apply).
+    pub packed: Option<Arc<PackedWeight>>,
+}
+
+impl Linear {
+    /// x·Wᵀ with the base weights (no bias).
+    pub fn dense(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        crate::kernels::linear_packed(x, &self.weight, self.packed.as_deref())
+    }
 }
 
 /// The mix id of every packed row of a batch step. `uniform` is set when all rows share one mix, which lets
@@ -118,7 +131,7 @@ pub struct DenseProjector;
 
 impl Projector for DenseProjector {
     fn project(&self, lin: &Linear, x: &Tensor, _rows: &RowMixes) -> candle_core::Result<Tensor> {
-        crate::kernels::linear(x, &lin.weight)
+        lin.dense(x)
     }
 }
 
@@ -230,6 +243,7 @@ pub struct Llama {
     pub blocks: Vec<Block>,
     pub norm: RmsNorm,
     pub lm_head: Tensor,
+    lm_head_packed: Option<PackedWeight>,
     rope_cos: Tensor,
     rope_sin: Tensor,
     dtype: DType,
@@ -250,12 +264,25 @@ impl Llama {
         let device = embed.device().clone();
         let dtype = embed.dtype();
         let (rope_cos, rope_sin) = rope_tables(&cfg, dtype, &device)?;
+        // Packed once here, never per call: the GEMM reads weights only in its own layout.
+        let mut blocks = blocks;
+        for b in &mut blocks {
+            let m = &mut b.mlp;
+            let a = &mut b.attn;
+            for lin in [&mut a.q, &mut a.k, &mut a.v, &mut a.o, &mut m.gate, &mut m.up, &mut m.down] {
+                if lin.packed.is_none() {
+                    lin.packed = crate::kernels::pack(&lin.weight).map(Arc::new);
+                }
+            }
+        }
+        let lm_head_packed = crate::kernels::pack(&lm_head);
         Ok(Self {
             cfg,
             embed,
             blocks,
             norm,
             lm_head,
+            lm_head_packed,
             rope_cos,
             rope_sin,
             dtype,
@@ -406,7 +433,11 @@ impl Llama {
         }
         let picked =
             x.index_select(&Tensor::from_slice(&wanted, wanted.len(), &self.device)?, 0)?;
-        let logits = crate::kernels::linear(&self.norm.forward(&picked)?, &self.lm_head)?
+        let logits = crate::kernels::linear_packed(
+            &self.norm.forward(&picked)?,
+            &self.lm_head,
+            self.lm_head_packed.as_ref(),
+        )?
             .to_dtype(DType::F32)?;
         let mut out = Vec::with_capacity(steps.len());
         let mut at = 0;
@@ -637,6 +668,7 @@ pub fn random_llama(
                 id: ProjId { layer, kind },
                 weight: rand_t(shape, std)?,
                 bias: None,
+                packed: None,
             })
         };
         blocks.push(Block {

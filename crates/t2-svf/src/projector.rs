@@ -20,7 +20,8 @@ use crate::table::{MixId, MixLease, MixTable, BASE_MIX};
 struct MergedCache {
     capacity: usize,
     order: VecDeque<MixId>,
-    weights: HashMap<MixId, BTreeMap<ProjId, Tensor>>,
+    /// Per matrix, W' with its packed copy for the GEMM (packed here, off the model thread).
+    weights: HashMap<MixId, BTreeMap<ProjId, Linear>>,
 }
 
 /// One registered mix as [`SvfProjector::slots`] reports it.
@@ -152,7 +153,17 @@ impl SvfProjector {
         let mut weights = BTreeMap::new();
         for (pid, f) in &self.decomp.factors {
             let s = scales[pid].unsqueeze(0)?;
-            weights.insert(*pid, f.u.broadcast_mul(&s)?.matmul(&f.vt)?);
+            let weight = f.u.broadcast_mul(&s)?.matmul(&f.vt)?;
+            let packed = t2_model::kernels::pack(&weight).map(std::sync::Arc::new);
+            weights.insert(
+                *pid,
+                Linear {
+                    id: *pid,
+                    weight,
+                    bias: None,
+                    packed,
+                },
+            );
         }
         // Keys are content, so the same key in the slot still means the same scales. The merged lock is
         // taken under the table's read lock, so the slot cannot be refilled (and unmerged) in between.
@@ -194,7 +205,7 @@ impl SvfProjector {
 impl Projector for SvfProjector {
     fn project(&self, lin: &Linear, x: &Tensor, rows: &RowMixes) -> candle_core::Result<Tensor> {
         if !self.decomp.factors.contains_key(&lin.id) || rows.uniform == Some(BASE_MIX) {
-            return linear(x, &lin.weight);
+            return lin.dense(x);
         }
         if let Some(m) = rows.uniform {
             let merged = self
@@ -205,7 +216,7 @@ impl Projector for SvfProjector {
                 .get(&m)
                 .map(|w| w[&lin.id].clone());
             if let Some(w) = merged {
-                return linear(x, &w);
+                return w.dense(x);
             }
         }
         self.factored(lin, x, rows)
