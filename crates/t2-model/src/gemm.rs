@@ -4,9 +4,9 @@
 //! W (n, k) is stored as panels of [`NR`] = 16 of its rows, each panel k-major (for every k, the 16 weights
 //! of that column side by side, one 64-byte line), zero-padded to a whole panel. A micro-kernel keeps an
 //! MR × 16·P tile of y in registers: per k it loads P weight lines, broadcasts one x value per row and does
-//! MR·P vector FMAs. Loops around it block k by [`KC`] (the weight block stays in L1 while every row tile
-//! of x passes over it) and rows by [`MC`] (the x block stays in L2 while every panel passes); threads
-//! split the panels. A decode step reads each weight line once.
+//! MR·P vector FMAs. Loops around it block rows by [`MC`] (the x block stays in L2 while every panel
+//! passes; a panel pair stays in L2 while the row tiles pass over it) and, for very long rows, k by
+//! [`KC`]; threads split the panels. A decode step reads each weight line once.
 //!
 //! Why a row's result cannot depend on its batch: every output element is one FMA chain over k = 0, 1, …,
 //! k-1, starting from 0, whatever the tile shape, the block sizes, the thread split or the instruction
@@ -19,11 +19,14 @@ use rayon::prelude::*;
 
 /// Rows of W per packed panel (the width of one AVX-512 vector, two AVX2 vectors).
 pub const NR: usize = 16;
-/// k per block: a 2-panel weight block (KC·32 floats, 32 KiB) stays in a 48 KiB L1 while the row tiles
-/// of x pass over it. Fixed, like everything else that shapes the loops: it does not change any sum's
-/// order anyway (see the module note).
-const KC: usize = 256;
-/// Rows of x per block: MC·KC floats (72 KiB) stay in L2 while every panel of a thread passes.
+/// k per block. A tile keeps its sums in registers for a whole block and parks them in y between blocks.
+/// Measured on SmolLM2's shapes (k ≤ 1536), blocking k at 256 or 128 (a weight block that fits L1) was no
+/// faster than not blocking, and slower for the 49152-wide output head, whose y tiles are far apart in
+/// memory; so blocking starts only where a 2-panel weight block (KC·128 bytes, 512 KiB) would outgrow L2.
+/// Fixed, like everything else that shapes the loops: it does not change any sum's order anyway (see the
+/// module note).
+const KC: usize = 4096;
+/// Rows of x per block: MC rows of x stay in L2 while every panel of a thread passes over them.
 const MC: usize = 72;
 
 /// One k-column of a panel: 16 weights, 64-byte aligned so every vector load is one cache line.
@@ -126,7 +129,10 @@ impl PackedWeight {
     /// [`Self::matmul`] with a given kernel (it must be one of [`Isa::available`]).
     pub fn matmul_with(&self, isa: Isa, x: &[f32], m: usize, out: &mut [f32]) {
         let (n, k) = (self.n, self.k);
-        assert!(x.len() >= m * k && out.len() >= m * n, "matmul: short buffers");
+        assert!(
+            x.len() >= m * k && out.len() >= m * n,
+            "matmul: short buffers"
+        );
         assert!(
             isa == Isa::detect() || Isa::available().contains(&isa),
             "matmul: {isa:?} not available"
@@ -444,8 +450,15 @@ mod tests {
 
     #[test]
     fn every_kernel_matches_a_reference_product() {
-        // Shapes that leave partial tiles, panels and k blocks (n % 16, m % 12, k % 256 all nonzero).
-        for (m, n, k) in [(1, 37, 300), (13, 70, 520), (30, 16, 17), (75, 33, 256)] {
+        // Shapes that leave partial tiles and panels (n % 16, m % 12 nonzero), more rows than MC, and a
+        // k past KC (sums parked in y between blocks).
+        for (m, n, k) in [
+            (1, 37, 300),
+            (13, 70, 520),
+            (30, 16, 17),
+            (75, 33, 256),
+            (5, 20, KC + 37),
+        ] {
             let (x, w) = (data(m * k, 1), data(n * k, 2));
             let want = reference(&x, &w, m, n, k);
             let pw = PackedWeight::pack(&w, n, k).unwrap();
@@ -464,7 +477,7 @@ mod tests {
 
     #[test]
     fn a_rows_result_is_the_same_bits_in_any_batch_and_kernel() {
-        let (n, k) = (45, 600);
+        let (n, k) = (45, KC + 100);
         let w = data(n * k, 3);
         let pw = PackedWeight::pack(&w, n, k).unwrap();
         let m = 40; // > 3 row tiles of 12, and not a multiple of 12 or 6

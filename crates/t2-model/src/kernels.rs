@@ -43,7 +43,8 @@ pub fn linear_packed(
     let mut out = vec![0f32; m * n];
     {
         let (st, l) = x.storage_and_layout();
-        let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) = (&*st, l.contiguous_offsets()) else {
+        let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) = (&*st, l.contiguous_offsets())
+        else {
             drop(st);
             return linear(&x, w);
         };

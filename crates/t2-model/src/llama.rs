@@ -269,7 +269,15 @@ impl Llama {
         for b in &mut blocks {
             let m = &mut b.mlp;
             let a = &mut b.attn;
-            for lin in [&mut a.q, &mut a.k, &mut a.v, &mut a.o, &mut m.gate, &mut m.up, &mut m.down] {
+            for lin in [
+                &mut a.q,
+                &mut a.k,
+                &mut a.v,
+                &mut a.o,
+                &mut m.gate,
+                &mut m.up,
+                &mut m.down,
+            ] {
                 if lin.packed.is_none() {
                     lin.packed = crate::kernels::pack(&lin.weight).map(Arc::new);
                 }
@@ -334,6 +342,20 @@ impl Llama {
         let lin: usize = self.linears().map(|l| l.weight.elem_count()).sum();
         (lin + self.lm_head.elem_count() + self.cfg.hidden_size * (2 * self.cfg.num_layers + 1))
             * elem
+    }
+
+    /// Bytes a decode step reads from the packed weights (their padding included, plus the norms), or
+    /// None where some matrix has no packed copy. Divided by [`Self::weight_bytes`]: how much more than
+    /// the weights themselves a step reads.
+    pub fn packed_weight_bytes(&self) -> Option<usize> {
+        let mut total = self.lm_head_packed.as_ref()?.bytes();
+        for l in self.linears() {
+            total += l.packed.as_ref()?.bytes();
+        }
+        Some(
+            total
+                + self.cfg.hidden_size * (2 * self.cfg.num_layers + 1) * self.dtype.size_in_bytes(),
+        )
     }
 
     /// Advances every sequence of `steps` by its new tokens in one batched pass, writing their K/V into
@@ -438,7 +460,7 @@ impl Llama {
             &self.lm_head,
             self.lm_head_packed.as_ref(),
         )?
-            .to_dtype(DType::F32)?;
+        .to_dtype(DType::F32)?;
         let mut out = Vec::with_capacity(steps.len());
         let mut at = 0;
         for (s, &(_, t, _)) in steps.iter().zip(&spans) {
