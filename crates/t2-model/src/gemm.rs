@@ -29,10 +29,43 @@ const KC: usize = 4096;
 /// Rows of x per block: MC rows of x stay in L2 while every panel of a thread passes over them.
 const MC: usize = 72;
 
-/// One k-column of a panel: 16 weights, 64-byte aligned so every vector load is one cache line.
+/// 64 bytes of a panel, aligned so an f32 k-column (16 weights) is one cache line; f16/bf16 columns are
+/// 32 bytes, two per line.
 #[repr(C, align(64))]
 #[derive(Clone, Copy)]
-struct Line([f32; NR]);
+struct Line([u32; NR]);
+
+/// How the weights are stored; the kernels widen halves to f32 as they load them (exact), so the sums are
+/// the same f32 FMA chains in every format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Elem {
+    F32,
+    F16,
+    BF16,
+}
+
+impl Elem {
+    fn bytes(self) -> usize {
+        match self {
+            Elem::F32 => 4,
+            Elem::F16 | Elem::BF16 => 2,
+        }
+    }
+}
+
+/// A weight element the packer can store.
+pub trait PackElem: Copy + Default + Send + Sync {
+    const ELEM: Elem;
+}
+impl PackElem for f32 {
+    const ELEM: Elem = Elem::F32;
+}
+impl PackElem for half::f16 {
+    const ELEM: Elem = Elem::F16;
+}
+impl PackElem for half::bf16 {
+    const ELEM: Elem = Elem::BF16;
+}
 
 /// Which kernel the CPU runs, chosen once at run time from what it reports (never at build time).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,7 +93,10 @@ impl Isa {
             if is_x86_feature_detected!("avx512f") {
                 v.push(Isa::Avx512);
             }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            if is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+            {
                 v.push(Isa::Avx2);
             }
         }
@@ -79,36 +115,56 @@ impl Isa {
     }
 }
 
-/// An f32 weight matrix W (n, k) in the kernel's layout.
+/// A weight matrix W (n, k) in the kernel's layout.
 pub struct PackedWeight {
     n: usize,
     k: usize,
-    /// Panel p is lines [p·k, (p+1)·k).
+    elem: Elem,
+    /// Panel p is the bytes [p·k·16·e, (p+1)·k·16·e) for e bytes per weight.
     lines: Vec<Line>,
 }
 
 impl std::fmt::Debug for PackedWeight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PackedWeight({}x{})", self.n, self.k)
+        write!(f, "PackedWeight({}x{} {:?})", self.n, self.k, self.elem)
     }
 }
 
 impl PackedWeight {
-    /// Packs a row-major W (n, k). None for an empty matrix (nothing to gain).
-    pub fn pack(w: &[f32], n: usize, k: usize) -> Option<Self> {
+    /// Packs a row-major W (n, k) of f32, f16 or bf16. None for an empty matrix (nothing to gain).
+    pub fn pack<T: PackElem>(w: &[T], n: usize, k: usize) -> Option<Self> {
         if n == 0 || k == 0 || w.len() < n * k {
             return None;
         }
-        let mut lines = vec![Line([0.0; NR]); n.div_ceil(NR) * k];
-        lines.par_chunks_mut(k).enumerate().for_each(|(p, panel)| {
-            for j in 0..NR.min(n - p * NR) {
-                let row = &w[(p * NR + j) * k..(p * NR + j + 1) * k];
-                for (line, &v) in panel.iter_mut().zip(row) {
-                    line.0[j] = v;
+        let panel = k * NR;
+        let mut lines =
+            vec![Line([0; NR]); (n.div_ceil(NR) * panel * T::ELEM.bytes()).div_ceil(64)];
+        // SAFETY: every bit pattern is a valid T (f32, f16, bf16), the lines are at least this long and
+        // 64-byte aligned.
+        let all = unsafe {
+            std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut T, n.div_ceil(NR) * panel)
+        };
+        all.par_chunks_mut(panel)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                for j in 0..NR.min(n - p * NR) {
+                    let row = &w[(p * NR + j) * k..(p * NR + j + 1) * k];
+                    for (col, &v) in panel.chunks_exact_mut(NR).zip(row) {
+                        col[j] = v;
+                    }
                 }
-            }
-        });
-        Some(Self { n, k, lines })
+            });
+        Some(Self {
+            n,
+            k,
+            elem: T::ELEM,
+            lines,
+        })
+    }
+
+    /// How the weights are stored.
+    pub fn elem(&self) -> Elem {
+        self.elem
     }
 
     /// (n, k) of W.
@@ -203,17 +259,22 @@ impl PackedWeight {
             }
             (spill.as_mut_ptr(), width)
         };
+        let e = self.elem.bytes();
         let t = Tile {
             x: x.as_ptr().add(i * k + k0),
             ldx: k,
-            w: self.lines.as_ptr().add(p * k + k0) as *const f32,
-            panel: k * NR,
+            w: (self.lines.as_ptr() as *const u8).add((p * k + k0) * NR * e),
+            panel: k * NR * e,
             kc,
             c,
             ldc,
             first,
         };
-        dispatch(isa, rows, pp, t);
+        match self.elem {
+            Elem::F32 => dispatch::<F32>(isa, rows, pp, t),
+            Elem::F16 => dispatch::<F16>(isa, rows, pp, t),
+            Elem::BF16 => dispatch::<BF16>(isa, rows, pp, t),
+        }
         if !direct {
             for r in 0..rows {
                 let dst = std::slice::from_raw_parts_mut(out.0.add((i + r) * n + p * NR), cols);
@@ -230,13 +291,13 @@ unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
 
 /// What a micro-kernel works on: x rows at `x + r·ldx` (already at the block's first k), weight panel q at
-/// `w + q·panel` (already at the block's first k line), the y tile at `c + r·ldc`; `first`: the tile starts
-/// from 0 rather than from what `c` holds.
+/// byte `w + q·panel` (already at the block's first k column), the y tile at `c + r·ldc`; `first`: the tile
+/// starts from 0 rather than from what `c` holds.
 #[derive(Clone, Copy)]
 struct Tile {
     x: *const f32,
     ldx: usize,
-    w: *const f32,
+    w: *const u8,
     panel: usize,
     kc: usize,
     c: *mut f32,
@@ -244,15 +305,20 @@ struct Tile {
     first: bool,
 }
 
-unsafe fn dispatch(isa: Isa, rows: usize, pp: usize, t: Tile) {
+/// The storage formats as kernel parameters ([`Elem`] as a const generic).
+const F32: u8 = 0;
+const F16: u8 = 1;
+const BF16: u8 = 2;
+
+unsafe fn dispatch<const E: u8>(isa: Isa, rows: usize, pp: usize, t: Tile) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => {
             macro_rules! rows512 {
                 ($($r:literal)*) => {
                     match (rows, pp) {
-                        $(($r, 1) => x86::k512::<$r, 1>(t),
-                          ($r, _) => x86::k512::<$r, 2>(t),)*
+                        $(($r, 1) => x86::k512::<$r, 1, E>(t),
+                          ($r, _) => x86::k512::<$r, 2, E>(t),)*
                         _ => unreachable!("tile rows"),
                     }
                 };
@@ -264,26 +330,31 @@ unsafe fn dispatch(isa: Isa, rows: usize, pp: usize, t: Tile) {
             macro_rules! rows256 {
                 ($($r:literal)*) => {
                     match rows {
-                        $($r => x86::k256::<$r>(t),)*
+                        $($r => x86::k256::<$r, E>(t),)*
                         _ => unreachable!("tile rows"),
                     }
                 };
             }
             rows256!(1 2 3 4 5 6)
         }
-        _ => scalar(rows, pp, t),
+        _ => scalar::<E>(rows, pp, t),
     }
 }
 
 /// The same chains one at a time (`mul_add` is a fused multiply-add, as in the vector kernels).
-unsafe fn scalar(rows: usize, pp: usize, t: Tile) {
+unsafe fn scalar<const E: u8>(rows: usize, pp: usize, t: Tile) {
     for r in 0..rows {
         for j in 0..pp * NR {
             let (q, l) = (j / NR, j % NR);
             let c = t.c.add(r * t.ldc + j);
             let mut acc = if t.first { 0.0 } else { *c };
             for kk in 0..t.kc {
-                let w = *t.w.add(q * t.panel + kk * NR + l);
+                let at = t.w.add(q * t.panel);
+                let w = match E {
+                    F32 => *(at as *const f32).add(kk * NR + l),
+                    F16 => (*(at as *const half::f16).add(kk * NR + l)).to_f32(),
+                    _ => (*(at as *const half::bf16).add(kk * NR + l)).to_f32(),
+                };
                 acc = (*t.x.add(r * t.ldx + kk)).mul_add(w, acc);
             }
             *c = acc;
@@ -293,13 +364,42 @@ unsafe fn scalar(rows: usize, pp: usize, t: Tile) {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Tile, NR};
+    use super::{Tile, F16, F32, NR};
     use std::arch::x86_64::*;
+
+    /// 16 weights of format E at byte `p` (64-byte aligned for f32, 32 for halves), widened to f32.
+    macro_rules! load16 {
+        ($e:expr, $p:expr) => {
+            match $e {
+                F32 => _mm512_load_ps($p as *const f32),
+                F16 => _mm512_cvtph_ps(_mm256_load_si256($p as *const __m256i)),
+                _ => _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_load_si256($p as *const __m256i)),
+                    16,
+                )),
+            }
+        };
+    }
+
+    /// 8 weights of format E at byte `p` (32-byte aligned for f32, 16 for halves), widened to f32.
+    macro_rules! load8 {
+        ($e:expr, $p:expr) => {
+            match $e {
+                F32 => _mm256_load_ps($p as *const f32),
+                F16 => _mm256_cvtph_ps(_mm_load_si128($p as *const __m128i)),
+                _ => _mm256_castsi256_ps(_mm256_slli_epi32(
+                    _mm256_cvtepu16_epi32(_mm_load_si128($p as *const __m128i)),
+                    16,
+                )),
+            }
+        };
+    }
 
     /// MR rows × P panels of 16, one zmm accumulator each.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::needless_range_loop)]
-    pub unsafe fn k512<const MR: usize, const P: usize>(t: Tile) {
+    pub unsafe fn k512<const MR: usize, const P: usize, const E: u8>(t: Tile) {
+        let eb = if E == F32 { 4 } else { 2 };
         let mut acc = [[_mm512_setzero_ps(); P]; MR];
         if !t.first {
             for r in 0..MR {
@@ -311,7 +411,7 @@ mod x86 {
         for kk in 0..t.kc {
             let mut w = [_mm512_setzero_ps(); P];
             for q in 0..P {
-                w[q] = _mm512_load_ps(t.w.add(q * t.panel + kk * NR));
+                w[q] = load16!(E, t.w.add(q * t.panel + kk * NR * eb));
             }
             for r in 0..MR {
                 let xb = _mm512_set1_ps(*t.x.add(r * t.ldx + kk));
@@ -328,9 +428,10 @@ mod x86 {
     }
 
     /// MR rows × one panel of 16 (two ymm accumulators per row).
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::needless_range_loop)]
-    pub unsafe fn k256<const MR: usize>(t: Tile) {
+    pub unsafe fn k256<const MR: usize, const E: u8>(t: Tile) {
+        let eb = if E == F32 { 4 } else { 2 };
         let mut acc = [[_mm256_setzero_ps(); 2]; MR];
         if !t.first {
             for r in 0..MR {
@@ -340,8 +441,8 @@ mod x86 {
             }
         }
         for kk in 0..t.kc {
-            let w0 = _mm256_load_ps(t.w.add(kk * NR));
-            let w1 = _mm256_load_ps(t.w.add(kk * NR + 8));
+            let w0 = load8!(E, t.w.add(kk * NR * eb));
+            let w1 = load8!(E, t.w.add((kk * NR + 8) * eb));
             for r in 0..MR {
                 let xb = _mm256_broadcast_ss(&*t.x.add(r * t.ldx + kk));
                 acc[r][0] = _mm256_fmadd_ps(xb, w0, acc[r][0]);
@@ -448,6 +549,25 @@ mod tests {
         y
     }
 
+    /// W packed in each storage format, with the values it holds (rounded to that format).
+    fn formats(w: &[f32], n: usize, k: usize) -> Vec<(Elem, PackedWeight, Vec<f32>)> {
+        let f16: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
+        let bf16: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        vec![
+            (Elem::F32, PackedWeight::pack(w, n, k).unwrap(), w.to_vec()),
+            (
+                Elem::F16,
+                PackedWeight::pack(&f16, n, k).unwrap(),
+                f16.iter().map(|v| v.to_f32()).collect(),
+            ),
+            (
+                Elem::BF16,
+                PackedWeight::pack(&bf16, n, k).unwrap(),
+                bf16.iter().map(|v| v.to_f32()).collect(),
+            ),
+        ]
+    }
+
     #[test]
     fn every_kernel_matches_a_reference_product() {
         // Shapes that leave partial tiles and panels (n % 16, m % 12 nonzero), more rows than MC, and a
@@ -460,16 +580,18 @@ mod tests {
             (5, 20, KC + 37),
         ] {
             let (x, w) = (data(m * k, 1), data(n * k, 2));
-            let want = reference(&x, &w, m, n, k);
-            let pw = PackedWeight::pack(&w, n, k).unwrap();
-            for isa in Isa::available() {
-                let mut got = vec![f32::NAN; m * n];
-                pw.matmul_with(isa, &x, m, &mut got);
-                for (e, (g, r)) in got.iter().zip(&want).enumerate() {
-                    assert!(
-                        (*g as f64 - r).abs() < 1e-4 * (k as f64).sqrt(),
-                        "{isa:?} {m}x{n}x{k} element {e}: {g} vs {r}"
-                    );
+            for (elem, pw, held) in formats(&w, n, k) {
+                assert_eq!(pw.elem(), elem);
+                let want = reference(&x, &held, m, n, k);
+                for isa in Isa::available() {
+                    let mut got = vec![f32::NAN; m * n];
+                    pw.matmul_with(isa, &x, m, &mut got);
+                    for (e, (g, r)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (*g as f64 - r).abs() < 1e-4 * (k as f64).sqrt(),
+                            "{elem:?} {isa:?} {m}x{n}x{k} element {e}: {g} vs {r}"
+                        );
+                    }
                 }
             }
         }
@@ -479,29 +601,39 @@ mod tests {
     fn a_rows_result_is_the_same_bits_in_any_batch_and_kernel() {
         let (n, k) = (45, KC + 100);
         let w = data(n * k, 3);
-        let pw = PackedWeight::pack(&w, n, k).unwrap();
         let m = 40; // > 3 row tiles of 12, and not a multiple of 12 or 6
         let x = data(m * k, 4);
         let isas = Isa::available();
-        let mut batch = vec![0f32; m * n];
-        pw.matmul_with(isas[0], &x, m, &mut batch);
-        for isa in &isas {
-            for i in 0..m {
-                let mut alone = vec![0f32; n];
-                pw.matmul_with(*isa, &x[i * k..(i + 1) * k], 1, &mut alone);
-                assert_eq!(
-                    alone.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                    batch[i * n..(i + 1) * n]
-                        .iter()
-                        .map(|v| v.to_bits())
-                        .collect::<Vec<_>>(),
-                    "{isa:?} row {i}"
-                );
+        for (elem, pw, _) in formats(&w, n, k) {
+            let mut batch = vec![0f32; m * n];
+            pw.matmul_with(isas[0], &x, m, &mut batch);
+            for isa in &isas {
+                rows_match(&pw, *isa, &x, &batch, m, format!("{elem:?} {isa:?}"));
             }
-            // A row in the middle of a batch of another size (a different tile position).
-            let mut mid = vec![0f32; 7 * n];
-            pw.matmul_with(*isa, &x[20 * k..27 * k], 7, &mut mid);
-            assert_eq!(mid, batch[20 * n..27 * n], "{isa:?} rows 20..27");
         }
+    }
+
+    /// Each row of `batch` (x's m rows through `pw`) is what that row gives alone and within another
+    /// batch, bit for bit.
+    fn rows_match(pw: &PackedWeight, isa: Isa, x: &[f32], batch: &[f32], m: usize, what: String) {
+        let (n, k) = pw.dims();
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        for i in 0..m {
+            let mut alone = vec![0f32; n];
+            pw.matmul_with(isa, &x[i * k..(i + 1) * k], 1, &mut alone);
+            assert_eq!(
+                bits(&alone),
+                bits(&batch[i * n..(i + 1) * n]),
+                "{what} row {i}"
+            );
+        }
+        // Rows in the middle of a batch of another size (other tile positions).
+        let mut mid = vec![0f32; 7 * n];
+        pw.matmul_with(isa, &x[20 * k..27 * k], 7, &mut mid);
+        assert_eq!(
+            bits(&mid),
+            bits(&batch[20 * n..27 * n]),
+            "{what} rows 20..27"
+        );
     }
 }

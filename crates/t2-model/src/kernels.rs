@@ -12,15 +12,19 @@ use rayon::prelude::*;
 
 use crate::gemm::PackedWeight;
 
-/// A packed copy of an f32 weight (n, k) on CPU, or None where the packed kernel does not apply.
+/// A packed copy of a weight (n, k) on CPU (f32, f16 or bf16, kept in its own format), or None where the
+/// packed kernel does not apply.
 pub fn pack(w: &Tensor) -> Option<PackedWeight> {
-    if !w.device().is_cpu() || w.dtype() != DType::F32 {
+    if !w.device().is_cpu() {
         return None;
     }
     let (n, k) = w.dims2().ok()?;
     let (st, l) = w.storage_and_layout();
-    match (&*st, l.contiguous_offsets()) {
-        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => PackedWeight::pack(&v[a..b], n, k),
+    let (a, b) = l.contiguous_offsets()?;
+    match &*st {
+        Storage::Cpu(CpuStorage::F32(v)) => PackedWeight::pack(&v[a..b], n, k),
+        Storage::Cpu(CpuStorage::F16(v)) => PackedWeight::pack(&v[a..b], n, k),
+        Storage::Cpu(CpuStorage::BF16(v)) => PackedWeight::pack(&v[a..b], n, k),
         _ => None,
     }
 }
@@ -36,21 +40,23 @@ pub fn linear_packed(
     };
     let (m, k) = x.dims2()?;
     let (n, pk) = p.dims();
-    if k != pk || x.dtype() != DType::F32 || !x.device().is_cpu() {
+    if k != pk || !x.device().is_cpu() {
         return linear(x, w);
     }
-    let x = x.contiguous()?;
+    // The kernel multiplies in f32 (half-precision weights are widened as they load); half activations
+    // are widened here and y narrowed back, as the streaming kernel does.
+    let xf = x.to_dtype(DType::F32)?.contiguous()?;
     let mut out = vec![0f32; m * n];
     {
-        let (st, l) = x.storage_and_layout();
+        let (st, l) = xf.storage_and_layout();
         let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) = (&*st, l.contiguous_offsets())
         else {
             drop(st);
-            return linear(&x, w);
+            return linear(x, w);
         };
         p.matmul(&v[a..b], m, &mut out);
     }
-    Tensor::from_vec(out, (m, n), x.device())
+    Tensor::from_vec(out, (m, n), x.device())?.to_dtype(x.dtype())
 }
 
 /// x (m, k) · W (n, k)ᵀ → (m, n), in x's dtype.

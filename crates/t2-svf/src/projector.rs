@@ -8,7 +8,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Mutex, RwLock};
 
 use candle_core::Tensor;
-use t2_model::kernels::linear;
+use t2_model::gemm::PackedWeight;
+use t2_model::kernels::{linear_packed, pack};
 use t2_model::{Linear, ProjId, Projector, RowMixes};
 
 use crate::decompose::Decomposition;
@@ -35,6 +36,9 @@ pub struct SlotUse {
 
 pub struct SvfProjector {
     pub decomp: Decomposition,
+    /// Vᵀ and U of every factored matrix in the GEMM's layout, packed once here (None where the packed
+    /// kernel does not apply, e.g. half-precision factors).
+    packed: HashMap<ProjId, [Option<PackedWeight>; 2]>,
     table: RwLock<MixTable>,
     merged: Mutex<MergedCache>,
 }
@@ -48,8 +52,14 @@ impl SvfProjector {
             None => (candle_core::DType::F32, candle_core::Device::Cpu),
         };
         let table = MixTable::new(&decomp, mix_capacity, dtype, &device)?;
+        let packed = decomp
+            .factors
+            .iter()
+            .map(|(id, f)| (*id, [pack(&f.vt), pack(&f.u)]))
+            .collect();
         Ok(Self {
             decomp,
+            packed,
             table: RwLock::new(table),
             merged: Mutex::new(MergedCache {
                 capacity: merged_capacity,
@@ -154,7 +164,7 @@ impl SvfProjector {
         for (pid, f) in &self.decomp.factors {
             let s = scales[pid].unsqueeze(0)?;
             let weight = f.u.broadcast_mul(&s)?.matmul(&f.vt)?;
-            let packed = t2_model::kernels::pack(&weight).map(std::sync::Arc::new);
+            let packed = pack(&weight).map(std::sync::Arc::new);
             weights.insert(
                 *pid,
                 Linear {
@@ -193,12 +203,13 @@ impl SvfProjector {
         let f = &self.decomp.factors[&lin.id];
         let table = self.table.read().unwrap();
         let stacked = &table.stacked[&lin.id];
-        let xv = linear(x, &f.vt)?;
+        let [pv, pu] = &self.packed[&lin.id];
+        let xv = linear_packed(x, &f.vt, pv.as_ref())?;
         let scaled = match rows.uniform {
             Some(m) => xv.broadcast_mul(&stacked.get(m as usize)?.unsqueeze(0)?)?,
             None => (xv * stacked.index_select(&rows.ids_tensor, 0)?)?,
         };
-        linear(&scaled, &f.u)
+        linear_packed(&scaled, &f.u, pu.as_ref())
     }
 }
 
