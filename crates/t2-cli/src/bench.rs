@@ -61,7 +61,20 @@ struct Report {
     device: String,
     threads: usize,
     bandwidth_gb_s: f64,
+    /// Bytes a decode step reads from the packed weights ÷ the weights' own bytes (None: not packed).
+    packed_read_ratio: Option<f64>,
+    gemm: GemmReport,
     rows: Vec<Row>,
+}
+
+/// The packed GEMM at this model's MLP up-projection shape, against the machine's FMA peak.
+#[derive(Serialize)]
+struct GemmReport {
+    kernel: String,
+    fma_peak_gflop_s: f64,
+    /// (rows, GFLOP/s, fraction of the peak)
+    shape: (usize, usize),
+    by_rows: Vec<(usize, f64, f64)>,
 }
 
 const MIXES: usize = 8;
@@ -101,6 +114,23 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "{name}: {:.0} MB of weights, {dtype:?} on {device:?}; measured read bandwidth {:.1} GB/s",
         model.weight_bytes() as f64 / 1e6,
         bandwidth / 1e9
+    );
+    let packed_read_ratio = model
+        .packed_weight_bytes()
+        .map(|b| b as f64 / model.weight_bytes() as f64);
+    let gemm = measure_gemm(model.cfg.intermediate_size, model.cfg.hidden_size);
+    eprintln!(
+        "packed weights read per step ÷ weight bytes: {}; {} FMA peak {:.1} GFLOP/s; GEMM {}x{}: {}",
+        packed_read_ratio.map_or("not packed".into(), |r| format!("{r:.4}")),
+        gemm.kernel,
+        gemm.fma_peak_gflop_s,
+        gemm.shape.0,
+        gemm.shape.1,
+        gemm.by_rows
+            .iter()
+            .map(|(m, g, f)| format!("m={m} {g:.1} GFLOP/s ({:.0}%)", f * 100.0))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let mut rows = Vec::new();
     for &targets in &a.targets {
@@ -167,6 +197,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         device: format!("{device:?}"),
         threads: candle_core::utils::get_num_threads(),
         bandwidth_gb_s: bandwidth / 1e9,
+        packed_read_ratio,
+        gemm,
         rows,
     };
     print_table(&report);
@@ -246,25 +278,86 @@ fn next_tokens(logits: Vec<Option<Tensor>>) -> Result<Vec<u32>> {
         .collect()
 }
 
-/// Read bandwidth as the decode kernel sees it: one streaming x·Wᵀ over a 1 GiB matrix, best of 3.
+/// Read bandwidth as the decode kernel sees it: one packed x·Wᵀ over a 1 GiB matrix, best of 3.
 fn measure_bandwidth() -> f64 {
     let (rows, cols) = (262_144, 1024);
     let dev = candle_core::Device::Cpu;
     let w = Tensor::ones((rows, cols), candle_core::DType::F32, &dev).expect("1 GiB buffer");
+    let p = t2_model::kernels::pack(&w);
     let x = Tensor::ones((1, cols), candle_core::DType::F32, &dev).expect("vector");
     let mut best = 0f64;
     for _ in 0..3 {
         let t0 = Instant::now();
-        std::hint::black_box(t2_model::kernels::linear(&x, &w).expect("bandwidth probe"));
+        std::hint::black_box(
+            t2_model::kernels::linear_packed(&x, &w, p.as_ref()).expect("bandwidth probe"),
+        );
         best = best.max((rows * cols * 4) as f64 / t0.elapsed().as_secs_f64());
     }
     best
+}
+
+/// GFLOP/s of the packed GEMM for W (n, k) at 1, 16, 64 and 256 rows (best of 5 after a warm-up), beside
+/// the FMA peak measured with the same vectors.
+fn measure_gemm(n: usize, k: usize) -> GemmReport {
+    use t2_model::gemm::{fma_peak_gflops, Isa, PackedWeight};
+    let isa = Isa::detect();
+    let peak = fma_peak_gflops(isa);
+    let w: Vec<f32> = (0..n * k)
+        .map(|i| ((i % 97) as f32 - 48.0) / 97.0)
+        .collect();
+    let p = PackedWeight::pack(&w, n, k).expect("a non-empty matrix");
+    let by_rows = [1usize, 16, 64, 256]
+        .into_iter()
+        .map(|m| {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i % 89) as f32 - 44.0) / 89.0)
+                .collect();
+            let mut y = vec![0f32; m * n];
+            let reps = (4e8 / (2.0 * (m * n * k) as f64)).clamp(2.0, 100.0) as usize;
+            p.matmul(&x, m, &mut y);
+            let best = (0..5)
+                .map(|_| {
+                    let t0 = Instant::now();
+                    for _ in 0..reps {
+                        p.matmul(std::hint::black_box(&x), m, &mut y);
+                    }
+                    t0.elapsed().as_secs_f64() / reps as f64
+                })
+                .fold(f64::INFINITY, f64::min);
+            let g = 2.0 * (m * n * k) as f64 / best / 1e9;
+            (m, g, g / peak)
+        })
+        .collect();
+    GemmReport {
+        kernel: format!("{isa:?}"),
+        fma_peak_gflop_s: peak,
+        shape: (n, k),
+        by_rows,
+    }
 }
 
 fn print_table(r: &Report) {
     println!(
         "\n{} ({}, {}, {} threads), read bandwidth {:.1} GB/s",
         r.model, r.dtype, r.device, r.threads, r.bandwidth_gb_s
+    );
+    println!(
+        "packed weights read per decode step ÷ weight bytes: {}",
+        r.packed_read_ratio
+            .map_or("not packed".into(), |v| format!("{v:.4}"))
+    );
+    println!(
+        "GEMM {}x{} ({}), FMA peak {:.1} GFLOP/s: {}",
+        r.gemm.shape.0,
+        r.gemm.shape.1,
+        r.gemm.kernel,
+        r.gemm.fma_peak_gflop_s,
+        r.gemm
+            .by_rows
+            .iter()
+            .map(|(m, g, f)| format!("m={m} {g:.1} GFLOP/s ({:.0}% of peak)", f * 100.0))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     println!("| targets | mode | batch | prefill tok/s | decode tok/s | vs base | MB/step | bw fraction |");
     println!("|---|---|---|---|---|---|---|---|");

@@ -1,13 +1,63 @@
 //! y = x·Wᵀ on CPU, and the attention of newly decoded tokens over their KV caches.
 //!
-//! Decoding is memory-bound: every weight is read once per step and used for only a handful of rows, so
-//! each core streams its own band of W's rows once, dotting every row of x against it while it sits in L1
-//! (AVX2/FMA, with f16/bf16 widened on the fly; a 2x4 register block once there are four or more rows).
-//! Every batch size on CPU takes this path, so sums never depend on the batch; other devices, other
-//! dtypes and non-contiguous weights go to candle's matmul.
+//! f32 weights packed at load go through the register-blocked GEMM of [`crate::gemm`] for every row count
+//! ([`linear_packed`]). Weights without a packed copy (f16/bf16, merged or factored SVF matrices) take a
+//! streaming kernel: each core streams its own band of W's rows once, dotting every row of x against it
+//! while it sits in L1 (AVX2/FMA, with f16/bf16 widened on the fly; a 2x4 register block once there are
+//! four or more rows). Both sum a row the same way whatever the batch; other devices and non-contiguous
+//! weights go to candle's matmul.
 
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 use rayon::prelude::*;
+
+use crate::gemm::PackedWeight;
+
+/// A packed copy of a weight (n, k) on CPU (f32, f16 or bf16, kept in its own format), or None where the
+/// packed kernel does not apply.
+pub fn pack(w: &Tensor) -> Option<PackedWeight> {
+    if !w.device().is_cpu() {
+        return None;
+    }
+    let (n, k) = w.dims2().ok()?;
+    let (st, l) = w.storage_and_layout();
+    let (a, b) = l.contiguous_offsets()?;
+    match &*st {
+        Storage::Cpu(CpuStorage::F32(v)) => PackedWeight::pack(&v[a..b], n, k),
+        Storage::Cpu(CpuStorage::F16(v)) => PackedWeight::pack(&v[a..b], n, k),
+        Storage::Cpu(CpuStorage::BF16(v)) => PackedWeight::pack(&v[a..b], n, k),
+        _ => None,
+    }
+}
+
+/// x (m, k) · W (n, k)ᵀ → (m, n), through `packed` (W's packed copy) where it applies.
+pub fn linear_packed(
+    x: &Tensor,
+    w: &Tensor,
+    packed: Option<&PackedWeight>,
+) -> candle_core::Result<Tensor> {
+    let Some(p) = packed else {
+        return linear(x, w);
+    };
+    let (m, k) = x.dims2()?;
+    let (n, pk) = p.dims();
+    if k != pk || !x.device().is_cpu() {
+        return linear(x, w);
+    }
+    // The kernel multiplies in f32 (half-precision weights are widened as they load); half activations
+    // are widened here and y narrowed back, as the streaming kernel does.
+    let xf = x.to_dtype(DType::F32)?.contiguous()?;
+    let mut out = vec![0f32; m * n];
+    {
+        let (st, l) = xf.storage_and_layout();
+        let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) = (&*st, l.contiguous_offsets())
+        else {
+            drop(st);
+            return linear(x, w);
+        };
+        p.matmul(&v[a..b], m, &mut out);
+    }
+    Tensor::from_vec(out, (m, n), x.device())?.to_dtype(x.dtype())
+}
 
 /// x (m, k) · W (n, k)ᵀ → (m, n), in x's dtype.
 pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {

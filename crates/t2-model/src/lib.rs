@@ -9,6 +9,7 @@ pub mod chat;
 pub mod config;
 pub mod error;
 pub mod export;
+pub mod gemm;
 pub mod kernels;
 pub mod kv;
 pub mod llama;

@@ -3,9 +3,12 @@
 //! one (T, hidden) matrix for the projections, which is where the work is, and attention runs per sequence
 //! against that sequence's own KV cache.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::config::{LlamaConfig, RopeStyle};
+use crate::gemm::PackedWeight;
 use crate::kv::{KvPool, SeqKv};
 
 /// Which projection of a layer.
@@ -79,6 +82,16 @@ pub struct Linear {
     pub id: ProjId,
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// `weight` in the GEMM's layout, made once when the model is built ([`Llama`] fills it in; None where
+    /// the packed kernel does not apply).
+    pub packed: Option<Arc<PackedWeight>>,
+}
+
+impl Linear {
+    /// x·Wᵀ with the base weights (no bias).
+    pub fn dense(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        crate::kernels::linear_packed(x, &self.weight, self.packed.as_deref())
+    }
 }
 
 /// The mix id of every packed row of a batch step. `uniform` is set when all rows share one mix, which lets
@@ -118,7 +131,7 @@ pub struct DenseProjector;
 
 impl Projector for DenseProjector {
     fn project(&self, lin: &Linear, x: &Tensor, _rows: &RowMixes) -> candle_core::Result<Tensor> {
-        crate::kernels::linear(x, &lin.weight)
+        lin.dense(x)
     }
 }
 
@@ -230,6 +243,7 @@ pub struct Llama {
     pub blocks: Vec<Block>,
     pub norm: RmsNorm,
     pub lm_head: Tensor,
+    lm_head_packed: Option<PackedWeight>,
     rope_cos: Tensor,
     rope_sin: Tensor,
     dtype: DType,
@@ -250,12 +264,33 @@ impl Llama {
         let device = embed.device().clone();
         let dtype = embed.dtype();
         let (rope_cos, rope_sin) = rope_tables(&cfg, dtype, &device)?;
+        // Packed once here, never per call: the GEMM reads weights only in its own layout.
+        let mut blocks = blocks;
+        for b in &mut blocks {
+            let m = &mut b.mlp;
+            let a = &mut b.attn;
+            for lin in [
+                &mut a.q,
+                &mut a.k,
+                &mut a.v,
+                &mut a.o,
+                &mut m.gate,
+                &mut m.up,
+                &mut m.down,
+            ] {
+                if lin.packed.is_none() {
+                    lin.packed = crate::kernels::pack(&lin.weight).map(Arc::new);
+                }
+            }
+        }
+        let lm_head_packed = crate::kernels::pack(&lm_head);
         Ok(Self {
             cfg,
             embed,
             blocks,
             norm,
             lm_head,
+            lm_head_packed,
             rope_cos,
             rope_sin,
             dtype,
@@ -307,6 +342,20 @@ impl Llama {
         let lin: usize = self.linears().map(|l| l.weight.elem_count()).sum();
         (lin + self.lm_head.elem_count() + self.cfg.hidden_size * (2 * self.cfg.num_layers + 1))
             * elem
+    }
+
+    /// Bytes a decode step reads from the packed weights (their padding included, plus the norms), or
+    /// None where some matrix has no packed copy. Divided by [`Self::weight_bytes`]: how much more than
+    /// the weights themselves a step reads.
+    pub fn packed_weight_bytes(&self) -> Option<usize> {
+        let mut total = self.lm_head_packed.as_ref()?.bytes();
+        for l in self.linears() {
+            total += l.packed.as_ref()?.bytes();
+        }
+        Some(
+            total
+                + self.cfg.hidden_size * (2 * self.cfg.num_layers + 1) * self.dtype.size_in_bytes(),
+        )
     }
 
     /// Advances every sequence of `steps` by its new tokens in one batched pass, writing their K/V into
@@ -406,8 +455,12 @@ impl Llama {
         }
         let picked =
             x.index_select(&Tensor::from_slice(&wanted, wanted.len(), &self.device)?, 0)?;
-        let logits = crate::kernels::linear(&self.norm.forward(&picked)?, &self.lm_head)?
-            .to_dtype(DType::F32)?;
+        let logits = crate::kernels::linear_packed(
+            &self.norm.forward(&picked)?,
+            &self.lm_head,
+            self.lm_head_packed.as_ref(),
+        )?
+        .to_dtype(DType::F32)?;
         let mut out = Vec::with_capacity(steps.len());
         let mut at = 0;
         for (s, &(_, t, _)) in steps.iter().zip(&spans) {
@@ -637,6 +690,7 @@ pub fn random_llama(
                 id: ProjId { layer, kind },
                 weight: rand_t(shape, std)?,
                 bias: None,
+                packed: None,
             })
         };
         blocks.push(Block {

@@ -220,6 +220,7 @@ fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> 
                     } else {
                         None
                     },
+                    packed: None,
                 },
             );
         }
@@ -405,6 +406,7 @@ fn load_hf(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
                     id: ProjId { layer, kind },
                     weight: take(&format!("{base}.weight"))?,
                     bias,
+                    packed: None,
                 },
             );
         }

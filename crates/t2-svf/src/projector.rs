@@ -8,7 +8,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Mutex, RwLock};
 
 use candle_core::Tensor;
-use t2_model::kernels::linear;
+use t2_model::gemm::PackedWeight;
+use t2_model::kernels::{linear_packed, pack};
 use t2_model::{Linear, ProjId, Projector, RowMixes};
 
 use crate::decompose::Decomposition;
@@ -20,7 +21,8 @@ use crate::table::{MixId, MixLease, MixTable, BASE_MIX};
 struct MergedCache {
     capacity: usize,
     order: VecDeque<MixId>,
-    weights: HashMap<MixId, BTreeMap<ProjId, Tensor>>,
+    /// Per matrix, W' with its packed copy for the GEMM (packed here, off the model thread).
+    weights: HashMap<MixId, BTreeMap<ProjId, Linear>>,
 }
 
 /// One registered mix as [`SvfProjector::slots`] reports it.
@@ -34,6 +36,9 @@ pub struct SlotUse {
 
 pub struct SvfProjector {
     pub decomp: Decomposition,
+    /// Vᵀ and U of every factored matrix in the GEMM's layout, packed once here (None where the packed
+    /// kernel does not apply, e.g. half-precision factors).
+    packed: HashMap<ProjId, [Option<PackedWeight>; 2]>,
     table: RwLock<MixTable>,
     merged: Mutex<MergedCache>,
 }
@@ -47,8 +52,14 @@ impl SvfProjector {
             None => (candle_core::DType::F32, candle_core::Device::Cpu),
         };
         let table = MixTable::new(&decomp, mix_capacity, dtype, &device)?;
+        let packed = decomp
+            .factors
+            .iter()
+            .map(|(id, f)| (*id, [pack(&f.vt), pack(&f.u)]))
+            .collect();
         Ok(Self {
             decomp,
+            packed,
             table: RwLock::new(table),
             merged: Mutex::new(MergedCache {
                 capacity: merged_capacity,
@@ -152,7 +163,17 @@ impl SvfProjector {
         let mut weights = BTreeMap::new();
         for (pid, f) in &self.decomp.factors {
             let s = scales[pid].unsqueeze(0)?;
-            weights.insert(*pid, f.u.broadcast_mul(&s)?.matmul(&f.vt)?);
+            let weight = f.u.broadcast_mul(&s)?.matmul(&f.vt)?;
+            let packed = pack(&weight).map(std::sync::Arc::new);
+            weights.insert(
+                *pid,
+                Linear {
+                    id: *pid,
+                    weight,
+                    bias: None,
+                    packed,
+                },
+            );
         }
         // Keys are content, so the same key in the slot still means the same scales. The merged lock is
         // taken under the table's read lock, so the slot cannot be refilled (and unmerged) in between.
@@ -182,19 +203,20 @@ impl SvfProjector {
         let f = &self.decomp.factors[&lin.id];
         let table = self.table.read().unwrap();
         let stacked = &table.stacked[&lin.id];
-        let xv = linear(x, &f.vt)?;
+        let [pv, pu] = &self.packed[&lin.id];
+        let xv = linear_packed(x, &f.vt, pv.as_ref())?;
         let scaled = match rows.uniform {
             Some(m) => xv.broadcast_mul(&stacked.get(m as usize)?.unsqueeze(0)?)?,
             None => (xv * stacked.index_select(&rows.ids_tensor, 0)?)?,
         };
-        linear(&scaled, &f.u)
+        linear_packed(&scaled, &f.u, pu.as_ref())
     }
 }
 
 impl Projector for SvfProjector {
     fn project(&self, lin: &Linear, x: &Tensor, rows: &RowMixes) -> candle_core::Result<Tensor> {
         if !self.decomp.factors.contains_key(&lin.id) || rows.uniform == Some(BASE_MIX) {
-            return linear(x, &lin.weight);
+            return lin.dense(x);
         }
         if let Some(m) = rows.uniform {
             let merged = self
@@ -205,7 +227,7 @@ impl Projector for SvfProjector {
                 .get(&m)
                 .map(|w| w[&lin.id].clone());
             if let Some(w) = merged {
-                return linear(x, &w);
+                return w.dense(x);
             }
         }
         self.factored(lin, x, rows)
