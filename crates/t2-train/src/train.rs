@@ -9,7 +9,7 @@
 //! same command gives the same loss trace, resumed or not.
 //!
 //! This module is the loop (resume, validation, checkpoints, the expert it writes); one step's gradient is
-//! in `step` (generated rollouts) or `label` (the label policy), the run's log and curve in `runlog`.
+//! in `step` (generated rollouts), `label` (the label policy) or `options` (the option policy), the run's log and curve in `runlog`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -168,6 +168,8 @@ impl Trainer {
                 mut update_seconds,
             } = if cfg.label_policy {
                 self.label_step(cfg, &area, &batch, &p, &policy)?
+            } else if cfg.option_policy {
+                self.option_step(cfg, &area, &batch, &p, &policy)?
             } else {
                 self.generate_step(cfg, &area, &batch, &p, &policy, step, max_len)?
             };
@@ -254,6 +256,9 @@ impl Trainer {
     ) -> Result<f64> {
         if cfg.label_policy {
             return self.label_accuracy(area, items, cfg, p);
+        }
+        if cfg.option_policy {
+            return self.option_accuracy(area, items, cfg, p);
         }
         let adaptation = Adaptation::Vectors(ZVectors::new(z_of(p)));
         let answers = self.answerer.answer_and_verify(
