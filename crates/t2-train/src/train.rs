@@ -73,6 +73,17 @@ impl Trainer {
         let area = task.info.area.clone();
         let train_items = task.items(Split::Train)?;
         let val_items = t2_adapt::eval::subset(task.items(Split::Val)?, cfg.val_limit);
+        let multiple_choice = |i: &TaskItem| matches!(i.answer, t2_tasks::Answer::Choice { .. });
+        if (cfg.label_policy || cfg.option_policy)
+            && !train_items.iter().chain(&val_items).all(multiple_choice)
+        {
+            // Before any work: the policy reads each item's options.
+            return Err(TrainError::Config(format!(
+                "the {} policy needs a multiple-choice task; '{}' is not one",
+                if cfg.label_policy { "label" } else { "option" },
+                cfg.task
+            )));
+        }
         if train_items.is_empty() || val_items.is_empty() {
             return Err(TrainError::Config(format!(
                 "task '{}' has an empty train or val split",
