@@ -5,7 +5,7 @@ pub mod adam;
 pub mod checkpoint;
 pub mod config;
 mod label;
-mod options;
+pub mod options;
 pub mod plot;
 pub mod policy;
 pub mod runlog;

@@ -16,10 +16,10 @@ use crate::step::{accumulate, StepOut};
 use crate::train::Trainer;
 use crate::{Result, TrainError};
 
-/// One item: its options as scored sequences, and the right option.
-struct OptionItem {
-    seqs: Vec<Scored>,
-    correct: usize,
+/// One item: its options as scored sequences (the prompt, then the option), and the right option.
+pub struct OptionItem {
+    pub seqs: Vec<Scored>,
+    pub correct: usize,
 }
 
 impl Trainer {
@@ -49,7 +49,7 @@ impl Trainer {
         let (mut loss_sum, mut right) = (0.0f64, 0usize);
         for chunk in items.chunks(per_chunk) {
             let mut loss: Option<Tensor> = None;
-            for (lp, it) in option_logprobs(policy, &logits, chunk)?
+            for (lp, it) in option_logprobs(policy, Some(&logits), chunk)?
                 .into_iter()
                 .zip(chunk)
             {
@@ -132,14 +132,15 @@ fn items_per_chunk(cfg: &TrainConfig) -> usize {
     (cfg.micro_batch / 4).max(1)
 }
 
-/// Each item's log π over its options: the options' summed token log-probabilities, renormalised.
-fn option_logprobs(
+/// Each item's log π over its options: the options' summed token log-probabilities, renormalised, under
+/// the model adapted by `logits` (the base model when `None`). Differentiable in the logits.
+pub fn option_logprobs(
     policy: &Policy<'_>,
-    logits: &SvfLogits,
+    logits: Option<&SvfLogits>,
     items: &[OptionItem],
 ) -> Result<Vec<Tensor>> {
     let seqs: Vec<Scored> = items.iter().flat_map(|it| it.seqs.clone()).collect();
-    let out = policy.score(Some(logits), &seqs, false)?;
+    let out = policy.score(logits, &seqs, false)?;
     let sums = out
         .spans
         .iter()
@@ -167,7 +168,7 @@ fn count_right(
 ) -> Result<usize> {
     let mut right = 0;
     for chunk in items.chunks(per_chunk) {
-        for (lp, it) in option_logprobs(policy, logits, chunk)?
+        for (lp, it) in option_logprobs(policy, Some(logits), chunk)?
             .into_iter()
             .zip(chunk)
         {

@@ -11,6 +11,7 @@ use t2_engine::{Adaptation, Engine, EngineConfig, ZVectors};
 use t2_model::{ChatMessage, ProjId, SeqStep, WantLogits};
 use t2_svf::TargetSet;
 use t2_tasks::{Answer, TaskItem};
+use t2_train::options::{option_logprobs, OptionItem};
 use t2_train::policy::{Policy, Scored, SvfLogits};
 
 fn engine() -> Engine {
@@ -321,5 +322,74 @@ fn label_policy_reads_each_items_own_letters_as_label_eval_does() {
     for (_, var) in logits.vars() {
         let v = g.get(var.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
         assert!(v.iter().all(|x| x.is_finite()), "a non-finite gradient");
+    }
+}
+
+#[test]
+fn option_policy_scores_whole_options_as_loglik_eval_does() {
+    let e = engine();
+    let svf = e.svf.as_ref().unwrap();
+    // Options that share their first token, which only whole-text scoring tells apart.
+    let items = [
+        lettered_item(
+            "y/1",
+            "What is the function of the nucleus in a cell?",
+            &["provides energy", "provides nutrients", "controls activity"],
+            2,
+        ),
+        lettered_item(
+            "y/2",
+            "Which is a planet?",
+            &["the Moon", "the Sun", "Mars", "a comet", "the sky"],
+            2,
+        ),
+    ];
+    let scored: Vec<OptionItem> = items
+        .iter()
+        .map(|it| {
+            let (prompt, options) = t2_adapt::eval::loglik_tokens(&e, "reasoning", it).unwrap();
+            let Answer::Choice { correct, .. } = it.answer else {
+                unreachable!()
+            };
+            OptionItem {
+                seqs: options
+                    .into_iter()
+                    .map(|o| Scored {
+                        tokens: [prompt.clone(), o].concat(),
+                        from: prompt.len(),
+                    })
+                    .collect(),
+                correct,
+            }
+        })
+        .collect();
+    let policy = Policy::new(&e.loaded.model, &svf.decomp, 512).unwrap();
+    let logits = SvfLogits::init(&svf.decomp, TargetSet::Mlp, 5, 0.0, 1.0).unwrap();
+    let lease = e
+        .lease(&Adaptation::Vectors(ZVectors::new(
+            logits.z_host().unwrap(),
+        )))
+        .unwrap();
+    for (l, mix) in [(None, t2_svf::BASE_MIX), (Some(&logits), lease.id())] {
+        let train = option_logprobs(&policy, l, &scored).unwrap();
+        let picks = t2_adapt::eval::pick_by_loglik(&e, "reasoning", &items, mix).unwrap();
+        for ((lp, it), pick) in train.iter().zip(&scored).zip(&picks) {
+            let lp = lp.to_vec1::<f32>().unwrap();
+            assert_eq!(lp.len(), it.seqs.len(), "one probability per option");
+            // Each option's whole text from the serving forward, renormalised over the item's options.
+            let sums: Vec<f32> = it
+                .seqs
+                .iter()
+                .map(|s| serving_logprobs(&e, s, mix).iter().sum())
+                .collect();
+            let lse = t2_model::sampling::log_sum_exp(&sums);
+            let want: Vec<f32> = sums.iter().map(|s| s - lse).collect();
+            let d = max_abs_diff(&lp, &want);
+            assert!(
+                d < 5e-3,
+                "training and loglik eval differ by {d}: {lp:?} {want:?}"
+            );
+            assert_eq!(t2_tasks::verify::choice_by_scores(&lp), *pick);
+        }
     }
 }
