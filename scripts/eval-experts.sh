@@ -22,6 +22,7 @@ echo "== route"
 {
   echo "| task | area | split | adaptation | mode | n | accuracy | 95% CI |"
   echo "|---|---|---|---|---|---|---|---|"
-  for task in arith pyfunc arc_easy sst2 route; do tail -n +3 "$DIR/$task.md"; done
+  # Only each file's accuracy rows: the paired tests follow the first blank line.
+  for task in arith pyfunc arc_easy sst2 route; do awk 'NR > 2 && /^$/ { exit } NR > 2' "$DIR/$task.md"; done
 } >"$DIR/README.md"
 cat "$DIR/README.md"

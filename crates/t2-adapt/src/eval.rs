@@ -3,7 +3,12 @@
 //! Generation mode sends every (task, adaptation, item) to the serving scheduler at once, so different
 //! adaptations share batches, then verifies each answer. Log-likelihood mode (multiple choice only) picks
 //! the option whose tokens are most likely after the prompt: the prompt is prefilled once per item and
-//! each option is scored on top of it, several items per forward.
+//! each option is scored on top of it, several items per forward. Label mode (multiple choice) reads the
+//! options' first tokens (letters for lettered tasks) as the reply's first token, exactly as `t2 train
+//! --rollouts label` scores them (`crate::label`).
+//!
+//! Every result keeps which items it got right, so that two adaptations on the same items are compared
+//! by McNemar's exact test on the items where they disagree ([`paired`]), not only by their intervals.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,6 +31,9 @@ pub enum EvalMode {
     LogLikelihood,
     /// The routing task: pass 1's label against the request's true category (a confusion matrix).
     Route,
+    /// Multiple choice: the most likely of the options' first tokens (letters when lettered) as the
+    /// reply's first token, the label policy's protocol.
+    Label,
 }
 
 impl std::str::FromStr for EvalMode {
@@ -35,7 +43,10 @@ impl std::str::FromStr for EvalMode {
             "generate" => Ok(Self::Generate),
             "loglik" | "log-likelihood" => Ok(Self::LogLikelihood),
             "route" => Ok(Self::Route),
-            _ => Err(format!("unknown eval mode '{s}' (generate, loglik, route)")),
+            "label" => Ok(Self::Label),
+            _ => Err(format!(
+                "unknown eval mode '{s}' (generate, loglik, route, label)"
+            )),
         }
     }
 }
@@ -73,6 +84,9 @@ pub struct EvalResult {
     /// Route mode: true category → predicted label → count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub confusion: Option<BTreeMap<String, BTreeMap<String, usize>>>,
+    /// Which items were right, in item order ('1' right, '0' wrong): what paired tests need.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub per_item: String,
 }
 
 /// The answer length that fits each kind of task: a number, a label or letter, a small function.
@@ -221,6 +235,7 @@ pub fn evaluate_generate(
             correct,
             seconds,
         );
+        r.per_item = per_item(verdicts.iter().map(|v| v.correct));
         let decisions = &rollouts[start..start + items.len()];
         if decisions.iter().any(|r| r.decision.is_some()) {
             let mut routed = BTreeMap::new();
@@ -346,7 +361,12 @@ fn result(
         seconds,
         routed: None,
         confusion: None,
+        per_item: String::new(),
     }
+}
+
+fn per_item(right: impl Iterator<Item = bool>) -> String {
+    right.map(|r| if r { '1' } else { '0' }).collect()
 }
 
 /// Log-likelihood mode for multiple-choice tasks.
@@ -375,29 +395,116 @@ pub fn evaluate_loglik(
             } else {
                 indicatif::ProgressBar::hidden()
             };
-            let mut correct = 0;
+            let mut right = Vec::with_capacity(items.len());
             for chunk in items.chunks(16) {
                 let picks = pick_by_loglik(engine, &task.info.area, chunk, mix)?;
                 for (it, pick) in chunk.iter().zip(picks) {
                     if let Answer::Choice { correct: c, .. } = it.answer {
-                        correct += usize::from(pick == c);
+                        right.push(pick == c);
                     }
                 }
                 bar.inc(chunk.len() as u64);
             }
             bar.finish_and_clear();
-            results.push(result(
+            let mut r = result(
                 &task,
                 cfg,
                 label,
                 EvalMode::LogLikelihood,
                 items.len(),
-                correct,
+                right.iter().filter(|&&r| r).count(),
                 started.elapsed().as_secs_f64(),
-            ));
+            );
+            r.per_item = per_item(right.into_iter());
+            results.push(r);
         }
     }
     Ok(results)
+}
+
+/// Label mode for multiple-choice tasks: each item's pick is its most likely candidate first token
+/// (`crate::label`), several items per forward.
+pub fn evaluate_label(
+    engine: &Arc<Engine>,
+    cfg: &EvalConfig,
+    progress: bool,
+) -> Result<Vec<EvalResult>> {
+    let mut results = Vec::new();
+    for name in &cfg.tasks {
+        let (task, items) = load_items(cfg, name)?;
+        let labelled = items
+            .iter()
+            .map(|it| crate::label::label_item(engine, &task.info.area, it))
+            .collect::<Result<Vec<_>>>()?;
+        for (label, a) in &cfg.adaptations {
+            let started = Instant::now();
+            let lease = engine.lease(a)?;
+            let bar = if progress {
+                indicatif::ProgressBar::new(items.len() as u64)
+            } else {
+                indicatif::ProgressBar::hidden()
+            };
+            let mut right = Vec::with_capacity(items.len());
+            for chunk in labelled.chunks(16) {
+                let picks = crate::label::pick_by_label(engine, chunk, lease.id())?;
+                right.extend(chunk.iter().zip(picks).map(|(it, p)| p == it.correct));
+                bar.inc(chunk.len() as u64);
+            }
+            bar.finish_and_clear();
+            let mut r = result(
+                &task,
+                cfg,
+                label,
+                EvalMode::Label,
+                items.len(),
+                right.iter().filter(|&&r| r).count(),
+                started.elapsed().as_secs_f64(),
+            );
+            r.per_item = per_item(right.into_iter());
+            results.push(r);
+        }
+    }
+    Ok(results)
+}
+
+/// An item as log-likelihood scoring reads it: the prompt up to the reply, and each option's tokens as the
+/// reply's continuation. `t2 train --rollouts options` scores the same tokens.
+pub fn loglik_tokens(
+    engine: &Engine,
+    area: &str,
+    it: &TaskItem,
+) -> Result<(Vec<u32>, Vec<Vec<u32>>)> {
+    let tok = &engine.loaded.tokenizer;
+    let Answer::Choice { options: opts, .. } = &it.answer else {
+        return Err(AdaptError::Config(format!(
+            "{} is not multiple choice",
+            it.id
+        )));
+    };
+    // A primed reply ("This request is about") is continued by the option after a space.
+    let prefix = crate::prompt::answer_prefix(area);
+    let prompt = if area == "routing" {
+        // Exactly the tokens the server's pass 1 scores.
+        t2_engine::routing::routing_tokens(engine, &it.prompt, opts)?.0
+    } else {
+        let mut prompt = engine.encode_chat(&[ChatMessage::new(
+            "user",
+            &crate::prompt::user_message(area, it),
+        )])?;
+        if let Some(p) = prefix {
+            prompt.extend(tok.encode(p).map_err(|e| AdaptError::Engine(e.into()))?);
+        }
+        prompt
+    };
+    let options = opts
+        .iter()
+        .map(|o| match prefix {
+            Some(_) => tok.encode(&format!(" {o}")),
+            None => tok.encode(o),
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| AdaptError::Engine(e.into()))?;
+    Ok((prompt, options))
 }
 
 /// For each item, the index of its most likely option (summed log-probability of the option's tokens as
@@ -409,41 +516,12 @@ pub fn pick_by_loglik(
     mix: u32,
 ) -> Result<Vec<usize>> {
     let model = &engine.loaded.model;
-    let tok = &engine.loaded.tokenizer;
     let mut prompts = Vec::with_capacity(items.len());
     let mut options = Vec::with_capacity(items.len());
     for it in items {
-        let Answer::Choice { options: opts, .. } = &it.answer else {
-            return Err(AdaptError::Config(format!(
-                "{} is not multiple choice",
-                it.id
-            )));
-        };
-        // A primed reply ("This request is about") is continued by the option after a space.
-        let prefix = crate::prompt::answer_prefix(area);
-        let prompt = if area == "routing" {
-            // Exactly the tokens the server's pass 1 scores.
-            t2_engine::routing::routing_tokens(engine, &it.prompt, opts)?.0
-        } else {
-            let mut prompt = engine.encode_chat(&[ChatMessage::new(
-                "user",
-                &crate::prompt::user_message(area, it),
-            )])?;
-            if let Some(p) = prefix {
-                prompt.extend(tok.encode(p).map_err(|e| AdaptError::Engine(e.into()))?);
-            }
-            prompt
-        };
-        prompts.push(prompt);
-        options.push(
-            opts.iter()
-                .map(|o| match prefix {
-                    Some(_) => tok.encode(&format!(" {o}")),
-                    None => tok.encode(o),
-                })
-                .collect::<std::result::Result<Vec<_>, _>>()
-                .map_err(|e| AdaptError::Engine(e.into()))?,
-        );
+        let (p, o) = loglik_tokens(engine, area, it)?;
+        prompts.push(p);
+        options.push(o);
     }
     // Room for each prompt and its longest option.
     let lengths: Vec<usize> = prompts
@@ -524,16 +602,32 @@ pub fn markdown(results: &[EvalResult]) -> String {
             r.area,
             r.split,
             r.adaptation,
-            match r.mode {
-                EvalMode::Generate => "generate",
-                EvalMode::LogLikelihood => "loglik",
-                EvalMode::Route => "route",
-            },
+            mode_name(r.mode),
             r.n,
             100.0 * r.accuracy,
             100.0 * r.ci95.0,
             100.0 * r.ci95.1
         ));
+    }
+    let pairs = paired(results, "base");
+    if !pairs.is_empty() {
+        s.push_str(
+            "\nPaired against base on the same items (McNemar's exact test on the items where they \
+             disagree):\n\n| task | adaptation | mode | n | base only right | only it right | p (two-sided) |\n\
+             |---|---|---|---|---|---|---|\n",
+        );
+        for p in &pairs {
+            s.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} | {} |\n",
+                p.task,
+                p.adaptation,
+                p.mode,
+                p.n,
+                p.only_reference,
+                p.only_other,
+                format_p(p.p_value)
+            ));
+        }
     }
     for r in results {
         if let Some(routed) = &r.routed {
@@ -550,6 +644,92 @@ pub fn markdown(results: &[EvalResult]) -> String {
         }
     }
     s
+}
+
+/// One adaptation against the reference on the same items.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Paired {
+    pub task: String,
+    pub adaptation: String,
+    pub mode: String,
+    pub n: usize,
+    /// Items only the reference got right.
+    pub only_reference: usize,
+    /// Items only this adaptation got right.
+    pub only_other: usize,
+    pub p_value: f64,
+}
+
+/// Every result paired with the `reference` adaptation's result on the same task, split, mode and items.
+pub fn paired(results: &[EvalResult], reference: &str) -> Vec<Paired> {
+    let mut out = Vec::new();
+    for r in results.iter().filter(|r| r.adaptation != reference) {
+        let Some(base) = results.iter().find(|b| {
+            b.adaptation == reference
+                && b.task == r.task
+                && b.split == r.split
+                && b.mode == r.mode
+                && b.per_item.len() == r.per_item.len()
+                && !b.per_item.is_empty()
+        }) else {
+            continue;
+        };
+        let (mut only_reference, mut only_other) = (0, 0);
+        for (x, y) in base.per_item.chars().zip(r.per_item.chars()) {
+            match (x, y) {
+                ('1', '0') => only_reference += 1,
+                ('0', '1') => only_other += 1,
+                _ => {}
+            }
+        }
+        out.push(Paired {
+            task: r.task.clone(),
+            adaptation: r.adaptation.clone(),
+            mode: mode_name(r.mode).into(),
+            n: r.n,
+            only_reference,
+            only_other,
+            p_value: mcnemar_exact(only_reference, only_other),
+        });
+    }
+    out
+}
+
+/// McNemar's exact test: the two-sided p-value of `b` against `c` discordant pairs, each pair equally
+/// likely to fall either way under the null (a binomial test with p = ½ on b + c trials). Summed in logs,
+/// because a whole split can have hundreds of discordant pairs.
+pub fn mcnemar_exact(b: usize, c: usize) -> f64 {
+    let n = b + c;
+    if n == 0 {
+        return 1.0;
+    }
+    let k = b.min(c);
+    let ln_choose = |n: usize, i: usize| -> f64 {
+        (1..=i)
+            .map(|j| ((n - i + j) as f64).ln() - (j as f64).ln())
+            .sum()
+    };
+    let half = (0..=k)
+        .map(|i| (ln_choose(n, i) - n as f64 * std::f64::consts::LN_2).exp())
+        .sum::<f64>();
+    (2.0 * half).min(1.0)
+}
+
+fn mode_name(m: EvalMode) -> &'static str {
+    match m {
+        EvalMode::Generate => "generate",
+        EvalMode::LogLikelihood => "loglik",
+        EvalMode::Route => "route",
+        EvalMode::Label => "label",
+    }
+}
+
+fn format_p(p: f64) -> String {
+    if p < 1e-4 {
+        format!("{p:.1e}")
+    } else {
+        format!("{p:.4}")
+    }
 }
 
 /// Rows: true category; columns: the label pass 1 chose.
@@ -578,6 +758,50 @@ fn confusion_markdown(r: &EvalResult, c: &BTreeMap<String, BTreeMap<String, usiz
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mcnemar_exact_matches_hand_computed_values() {
+        // 1 against 9: 2·(C(10,0) + C(10,1))/2¹⁰ = 22/1024.
+        assert!((mcnemar_exact(1, 9) - 22.0 / 1024.0).abs() < 1e-12);
+        assert!((mcnemar_exact(9, 1) - 22.0 / 1024.0).abs() < 1e-12);
+        // 2 against 3: the smaller tail is 16/32, doubled past 1.
+        assert!((mcnemar_exact(2, 3) - 1.0).abs() < 1e-12);
+        assert_eq!(mcnemar_exact(0, 0), 1.0);
+        // 0 against 6: 2/64.
+        assert!((mcnemar_exact(0, 6) - 2.0 / 64.0).abs() < 1e-12);
+        // 40 against 70: 2·Σ_{i≤40} C(110,i)/2¹¹⁰ = 0.0054474295 (exact integer sums).
+        assert!((mcnemar_exact(40, 70) - 0.005_447_429_5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn paired_counts_discordant_items_against_base() {
+        let mk = |adaptation: &str, per_item: &str| {
+            let correct = per_item.chars().filter(|&c| c == '1').count();
+            EvalResult {
+                task: "t".into(),
+                area: "a".into(),
+                split: "test".into(),
+                adaptation: adaptation.into(),
+                mode: EvalMode::Label,
+                n: per_item.len(),
+                correct,
+                accuracy: correct as f64 / per_item.len() as f64,
+                ci95: wilson_interval(correct, per_item.len()),
+                seconds: 0.0,
+                routed: None,
+                confusion: None,
+                per_item: per_item.into(),
+            }
+        };
+        let results = [mk("base", "110010"), mk("x", "011011")];
+        let p = paired(&results, "base");
+        assert_eq!(p.len(), 1);
+        // Item 0: only base; items 2 and 5: only x.
+        assert_eq!((p[0].only_reference, p[0].only_other), (1, 2));
+        // 1 against 2: the smaller tail is (1 + 3)/8, doubled.
+        assert!((p[0].p_value - 1.0).abs() < 1e-12);
+        assert!(markdown(&results).contains("| t | x | label | 6 | 1 | 2 | 1.0000 |"));
+    }
 
     #[test]
     fn wilson_interval_matches_known_values() {

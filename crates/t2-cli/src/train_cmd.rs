@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use t2_adapt::eval::{evaluate_generate, evaluate_loglik, evaluate_routing, markdown};
+use t2_adapt::eval::{
+    evaluate_generate, evaluate_label, evaluate_loglik, evaluate_routing, markdown,
+};
 use t2_adapt::{Answerer, EvalConfig, EvalMode};
 use t2_engine::{Adaptation, ZVectors};
 use t2_svf::{Expert, TargetSet};
@@ -85,7 +87,9 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 32)]
     pub rollout_batch: usize,
     /// generate (answers checked by the verifier) or label (multiple choice: π over the options' first
-    /// tokens, as pass-1 routing reads it) [default: label for routing tasks, else generate]
+    /// tokens, as pass-1 routing reads it) or options (multiple choice: π over the options' whole texts by
+    /// log-likelihood, as `t2 eval --mode loglik` scores them) [default: label for routing tasks, else
+    /// generate]
     #[arg(long)]
     pub rollouts: Option<String>,
     /// Subtract the batch's mean reward from each reward (a REINFORCE baseline; the paper has none)
@@ -96,11 +100,12 @@ pub struct TrainArgs {
 pub fn train(a: TrainArgs) -> Result<()> {
     let task = t2_tasks::Task::open(&a.data, &a.task)?;
     let items = task.items(Split::Train)?;
-    let label_policy = match a.rollouts.as_deref() {
-        None => task.info.area == "routing",
-        Some("generate") => false,
-        Some("label") => true,
-        Some(other) => bail!("unknown --rollouts '{other}' (generate, label)"),
+    let (label_policy, option_policy) = match a.rollouts.as_deref() {
+        None => (task.info.area == "routing", false),
+        Some("generate") => (false, false),
+        Some("label") => (true, false),
+        Some("options") => (false, true),
+        Some(other) => bail!("unknown --rollouts '{other}' (generate, label, options)"),
     };
     let cfg = TrainConfig {
         task: a.task.clone(),
@@ -124,6 +129,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         init_std: a.init_std,
         label_policy,
         reward_baseline: a.reward_baseline,
+        option_policy,
     };
     cfg.check()?;
     let engine = Arc::new(open_engine(&a.model, &a.svf, true)?);
@@ -189,7 +195,8 @@ pub struct EvalArgs {
     #[arg(long)]
     pub limit: Option<usize>,
     /// generate (answers checked by the verifier), loglik (multiple choice by log-likelihood) or route
-    /// (pass 1's label against the routing task's true category)
+    /// (pass 1's label against the routing task's true category) or label (multiple choice: the options'
+    /// first tokens, letters when lettered, as `t2 train --rollouts label` scores them)
     #[arg(long, default_value = "generate")]
     pub mode: EvalMode,
     #[arg(long)]
@@ -277,8 +284,8 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         }
     }
     match a.mode {
-        EvalMode::LogLikelihood if !routes.is_empty() => {
-            bail!("--mode loglik scores fixed adaptations; routing (route:...) needs --mode generate")
+        EvalMode::LogLikelihood | EvalMode::Label if !routes.is_empty() => {
+            bail!("--mode loglik and label score fixed adaptations; routing (route:...) needs --mode generate")
         }
         EvalMode::Route if !adaptations.is_empty() => bail!(
             "--mode route evaluates routing strategies only (route:prompt, route:classifier), not '{}'",
@@ -302,6 +309,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             evaluate_generate(&answerer, &cfg, true)?
         }
         EvalMode::LogLikelihood => evaluate_loglik(&engine, &cfg, true)?,
+        EvalMode::Label => evaluate_label(&engine, &cfg, true)?,
         EvalMode::Route => {
             let answerer = Answerer::new(engine, a.batch)?;
             evaluate_routing(&answerer, &cfg, true)?

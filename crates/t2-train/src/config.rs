@@ -43,6 +43,12 @@ pub struct TrainConfig {
     /// pulls harder than the wrong ones push. Off in the paper.
     #[serde(default)]
     pub reward_baseline: bool,
+    /// Multiple-choice tasks only: π over each item's options, each scored by the summed log-probability
+    /// of its whole text as the reply (`t2 eval --mode loglik`), renormalised over the item's options.
+    /// For options that share their first tokens (ARC's texts), where the label policy cannot tell them
+    /// apart. Left out of the serialised config when off, so that older runs still resume.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub option_policy: bool,
 }
 
 impl TrainConfig {
@@ -69,6 +75,7 @@ impl TrainConfig {
             init_std: 0.01,
             label_policy: false,
             reward_baseline: false,
+            option_policy: false,
         }
     }
 
@@ -95,6 +102,9 @@ impl TrainConfig {
         }
         if self.eval_every == 0 || self.val_limit == 0 {
             return bad("eval-every and val-limit must be at least 1");
+        }
+        if self.label_policy && self.option_policy {
+            return bad("choose one policy: labels or options");
         }
         t2_svf::expert::check_name(&self.name)?;
         Ok(())

@@ -1,6 +1,7 @@
-//! The label policy (multiple-choice tasks, `label_policy`): π is the distribution over the options' first
-//! tokens after the task's answer prefix, one forward per prompt and no generation, as pass-1 routing reads
-//! its labels. The greedy pick is rewarded ±1.
+//! The label policy (multiple-choice tasks, `label_policy`): π is the distribution over each item's
+//! options' first tokens (letters for lettered tasks such as ARC) after the task's answer prefix, one
+//! forward per prompt and no generation, as pass-1 routing reads its labels and `t2 eval --mode label`
+//! scores. The greedy pick is rewarded ±1.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -13,7 +14,7 @@ use crate::config::TrainConfig;
 use crate::policy::{Policy, SvfLogits};
 use crate::step::{accumulate, StepOut};
 use crate::train::Trainer;
-use crate::{Result, TrainError};
+use crate::Result;
 
 impl Trainer {
     /// One step of the label policy: π over the options' first tokens; the greedy pick is rewarded ±1.
@@ -43,11 +44,12 @@ impl Trainer {
         } else {
             0.0
         };
-        for (ps, cs) in prompts
+        for ((ps, ks), cs) in prompts
             .chunks(cfg.micro_batch)
+            .zip(candidates.chunks(cfg.micro_batch))
             .zip(correct.chunks(cfg.micro_batch))
         {
-            let lp = policy.candidate_logprobs(Some(&logits), ps, candidates)?;
+            let lp = policy.candidate_logprobs_each(Some(&logits), ps, ks)?;
             let host = lp.to_vec2::<f32>()?;
             let mut picks = Vec::with_capacity(ps.len());
             let mut rewards = Vec::with_capacity(ps.len());
@@ -95,70 +97,21 @@ impl Trainer {
         Ok(right as f64 / items.len() as f64)
     }
 
-    /// Prompts primed with the task's answer prefix, the first token of each option, and the right option.
+    /// Items as the label protocol reads them (`t2_adapt::label`, which `t2 eval --mode label` shares):
+    /// each with its own candidates, since ARC items have 3 to 5 options.
     fn label_prompts(&self, area: &str, items: &[TaskItem]) -> Result<LabelBatch> {
-        let tok = &self.engine().loaded.tokenizer;
-        let encode = |t: &str| tok.encode(t).map_err(|e| TrainError::Engine(e.into()));
-        let prefix = match t2_adapt::prompt::answer_prefix(area) {
-            Some(p) => encode(p)?,
-            None => Vec::new(),
+        let mut batch = LabelBatch {
+            prompts: Vec::with_capacity(items.len()),
+            candidates: Vec::with_capacity(items.len()),
+            correct: Vec::with_capacity(items.len()),
         };
-        let options = match items.first().map(|i| &i.answer) {
-            Some(t2_tasks::Answer::Choice { options, .. }) => options.clone(),
-            _ => {
-                return Err(TrainError::Config(
-                    "the label policy needs a multiple-choice task".into(),
-                ))
-            }
-        };
-        let mut candidates = Vec::new();
-        for o in &options {
-            let first = *encode(&format!(" {o}"))?
-                .first()
-                .ok_or_else(|| TrainError::Config("an empty option".into()))?;
-            if candidates.contains(&first) {
-                return Err(TrainError::Config(format!(
-                    "options {options:?} do not differ at their first token: the label policy cannot tell them apart"
-                )));
-            }
-            candidates.push(first);
-        }
-        let mut prompts = Vec::with_capacity(items.len());
-        let mut correct = Vec::with_capacity(items.len());
         for it in items {
-            let t2_tasks::Answer::Choice {
-                options: o,
-                correct: c,
-                ..
-            } = &it.answer
-            else {
-                return Err(TrainError::Config(format!(
-                    "{} is not multiple choice",
-                    it.id
-                )));
-            };
-            if *o != options {
-                return Err(TrainError::Config(format!(
-                    "{} has other options than the first item",
-                    it.id
-                )));
-            }
-            let p = if area == "routing" {
-                // Exactly the tokens the server's pass 1 scores.
-                t2_engine::routing::routing_tokens(self.engine(), &it.prompt, o)?.0
-            } else {
-                let mut p = self.answerer().prompt_for(area, it)?;
-                p.extend_from_slice(&prefix);
-                p
-            };
-            prompts.push(p);
-            correct.push(*c);
+            let l = t2_adapt::label::label_item(self.engine(), area, it)?;
+            batch.prompts.push(l.prompt);
+            batch.candidates.push(l.candidates);
+            batch.correct.push(l.correct);
         }
-        Ok(LabelBatch {
-            prompts,
-            candidates,
-            correct,
-        })
+        Ok(batch)
     }
 }
 
@@ -170,13 +123,14 @@ fn count_right(
     micro_batch: usize,
 ) -> Result<usize> {
     let mut right = 0;
-    for (ps, cs) in labels
+    for ((ps, ks), cs) in labels
         .prompts
         .chunks(micro_batch)
+        .zip(labels.candidates.chunks(micro_batch))
         .zip(labels.correct.chunks(micro_batch))
     {
         let lp = policy
-            .candidate_logprobs(Some(logits), ps, &labels.candidates)?
+            .candidate_logprobs_each(Some(logits), ps, ks)?
             .to_vec2::<f32>()?;
         for (row, &c) in lp.iter().zip(cs) {
             right += usize::from(t2_tasks::verify::choice_by_scores(row) == c);
@@ -189,8 +143,8 @@ fn count_right(
 struct LabelBatch {
     /// Each item's prompt, primed with the task's answer prefix.
     prompts: Vec<Vec<u32>>,
-    /// The first token of each option.
-    candidates: Vec<u32>,
+    /// Each prompt's candidates: the first token of each of its options.
+    candidates: Vec<Vec<u32>>,
     /// Each prompt's right option.
     correct: Vec<usize>,
 }

@@ -5,6 +5,7 @@ pub mod adam;
 pub mod checkpoint;
 pub mod config;
 mod label;
+pub mod options;
 pub mod plot;
 pub mod policy;
 pub mod runlog;

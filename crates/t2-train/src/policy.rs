@@ -254,10 +254,29 @@ impl<'a> Policy<'a> {
         prompts: &[Vec<u32>],
         candidates: &[u32],
     ) -> Result<Tensor> {
+        let each = vec![candidates.to_vec(); prompts.len()];
+        self.candidate_logprobs_each(logits, prompts, &each)
+    }
+
+    /// As [`Self::candidate_logprobs`], with each prompt's own candidates (multiple-choice items with 3
+    /// to 5 options). Returns (prompts, most candidates); a row's entries past its own candidates are −∞,
+    /// so they carry no probability, are never the greedy pick and get no gradient.
+    pub fn candidate_logprobs_each(
+        &self,
+        logits: Option<&SvfLogits>,
+        prompts: &[Vec<u32>],
+        candidates: &[Vec<u32>],
+    ) -> Result<Tensor> {
         let dev = self.model.device();
         let b = prompts.len();
         let t = prompts.iter().map(Vec::len).max().unwrap_or(0);
-        if b == 0 || t == 0 || candidates.is_empty() {
+        let k = candidates.iter().map(Vec::len).max().unwrap_or(0);
+        if b == 0
+            || t == 0
+            || k == 0
+            || candidates.len() != b
+            || candidates.iter().any(Vec::is_empty)
+        {
             candle_core::bail!("nothing to score");
         }
         let mut ids = vec![0u32; b * t];
@@ -265,6 +284,26 @@ impl<'a> Policy<'a> {
         for (i, p) in prompts.iter().enumerate() {
             ids[i * t..i * t + p.len()].copy_from_slice(p);
             rows.push((i * t + p.len() - 1) as u32);
+        }
+        // The output head's rows of every candidate of the batch, once; each row then gathers its own.
+        let mut union: Vec<u32> = candidates.iter().flatten().copied().collect();
+        union.sort_unstable();
+        union.dedup();
+        let mut index = Vec::with_capacity(b * k);
+        let mut mask = Vec::with_capacity(b * k);
+        for c in candidates {
+            for j in 0..k {
+                match c.get(j) {
+                    Some(tok) => {
+                        index.push(union.binary_search(tok).expect("in the union") as u32);
+                        mask.push(0f32);
+                    }
+                    None => {
+                        index.push(0);
+                        mask.push(f32::NEG_INFINITY);
+                    }
+                }
+            }
         }
         let scales = match logits {
             Some(l) => Some(self.scales(l)?),
@@ -276,10 +315,12 @@ impl<'a> Policy<'a> {
         let picked = self
             .model
             .lm_head
-            .index_select(&Tensor::from_slice(candidates, candidates.len(), dev)?, 0)?;
+            .index_select(&Tensor::from_slice(&union, union.len(), dev)?, 0)?;
         // Only the candidates' rows of the output head matter once renormalised over them.
-        let logits = const_linear(&h, &picked)?;
-        log_softmax_last(&logits)
+        let all = const_linear(&h, &picked)?;
+        let mine = all.gather(&Tensor::from_vec(index, (b, k), dev)?, 1)?;
+        let masked = (mine + Tensor::from_vec(mask, (b, k), dev)?.to_dtype(all.dtype())?)?;
+        log_softmax_last(&masked)
     }
 
     /// s = σ⊙z·(Σσ/Σ(σ⊙z)) per adapted matrix, as (1, r) rows, in the graph.

@@ -9,7 +9,7 @@
 //! same command gives the same loss trace, resumed or not.
 //!
 //! This module is the loop (resume, validation, checkpoints, the expert it writes); one step's gradient is
-//! in `step` (generated rollouts) or `label` (the label policy), the run's log and curve in `runlog`.
+//! in `step` (generated rollouts), `label` (the label policy) or `options` (the option policy), the run's log and curve in `runlog`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -73,6 +73,17 @@ impl Trainer {
         let area = task.info.area.clone();
         let train_items = task.items(Split::Train)?;
         let val_items = t2_adapt::eval::subset(task.items(Split::Val)?, cfg.val_limit);
+        let multiple_choice = |i: &TaskItem| matches!(i.answer, t2_tasks::Answer::Choice { .. });
+        if (cfg.label_policy || cfg.option_policy)
+            && !train_items.iter().chain(&val_items).all(multiple_choice)
+        {
+            // Before any work: the policy reads each item's options.
+            return Err(TrainError::Config(format!(
+                "the {} policy needs a multiple-choice task; '{}' is not one",
+                if cfg.label_policy { "label" } else { "option" },
+                cfg.task
+            )));
+        }
         if train_items.is_empty() || val_items.is_empty() {
             return Err(TrainError::Config(format!(
                 "task '{}' has an empty train or val split",
@@ -168,6 +179,8 @@ impl Trainer {
                 mut update_seconds,
             } = if cfg.label_policy {
                 self.label_step(cfg, &area, &batch, &p, &policy)?
+            } else if cfg.option_policy {
+                self.option_step(cfg, &area, &batch, &p, &policy)?
             } else {
                 self.generate_step(cfg, &area, &batch, &p, &policy, step, max_len)?
             };
@@ -254,6 +267,9 @@ impl Trainer {
     ) -> Result<f64> {
         if cfg.label_policy {
             return self.label_accuracy(area, items, cfg, p);
+        }
+        if cfg.option_policy {
+            return self.option_accuracy(area, items, cfg, p);
         }
         let adaptation = Adaptation::Vectors(ZVectors::new(z_of(p)));
         let answers = self.answerer.answer_and_verify(

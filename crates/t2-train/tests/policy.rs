@@ -6,9 +6,12 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
+use t2_adapt::label::{candidate_scores, label_item, pick_by_label, LabelItem};
 use t2_engine::{Adaptation, Engine, EngineConfig, ZVectors};
 use t2_model::{ChatMessage, ProjId, SeqStep, WantLogits};
 use t2_svf::TargetSet;
+use t2_tasks::{Answer, TaskItem};
+use t2_train::options::{option_logprobs, OptionItem};
 use t2_train::policy::{Policy, Scored, SvfLogits};
 
 fn engine() -> Engine {
@@ -194,4 +197,199 @@ fn training_forward_matches_serving_forward_and_its_gradient_is_right() {
         rel < 0.02,
         "directional derivative: autograd {analytic}, finite difference {numeric}"
     );
+}
+
+/// An ARC-style item: `n` lettered options, the right one at `correct`.
+fn lettered_item(id: &str, question: &str, options: &[&str], correct: usize) -> TaskItem {
+    let mut prompt = format!("Question: {question}\n");
+    for (i, o) in options.iter().enumerate() {
+        prompt.push_str(&format!("{}. {o}\n", char::from(b'A' + i as u8)));
+    }
+    prompt.push_str("Answer with the letter of the correct option.");
+    TaskItem {
+        id: id.into(),
+        prompt,
+        answer: Answer::Choice {
+            options: options.iter().map(|s| s.to_string()).collect(),
+            correct,
+            lettered: true,
+        },
+    }
+}
+
+#[test]
+fn label_policy_reads_each_items_own_letters_as_label_eval_does() {
+    let e = engine();
+    let svf = e.svf.as_ref().unwrap();
+    let tok = &e.loaded.tokenizer;
+    // Three, five and four options: a batch whose first item's options would be wrong for the others.
+    let items = [
+        lettered_item("x/1", "Which is a planet?", &["Mars", "Moon", "Sun"], 0),
+        lettered_item(
+            "x/2",
+            "Which gas do plants take in?",
+            &["oxygen", "nitrogen", "helium", "argon", "carbon dioxide"],
+            4,
+        ),
+        lettered_item(
+            "x/3",
+            "What melts ice?",
+            &["cold", "heat", "dark", "wind"],
+            1,
+        ),
+    ];
+    let labelled: Vec<LabelItem> = items
+        .iter()
+        .map(|it| label_item(&e, "reasoning", it).unwrap())
+        .collect();
+    // Each item's candidates are its own letters, as the reply's first token (no answer prefix: no space).
+    for (it, l) in items.iter().zip(&labelled) {
+        let Answer::Choice {
+            options, correct, ..
+        } = &it.answer
+        else {
+            unreachable!()
+        };
+        let want: Vec<u32> = (0..options.len())
+            .map(|i| {
+                let t = tok.encode(&char::from(b'A' + i as u8).to_string()).unwrap();
+                assert_eq!(t.len(), 1, "a letter is one token");
+                t[0]
+            })
+            .collect();
+        assert_eq!(l.candidates, want, "{}", it.id);
+        assert_eq!(l.correct, *correct);
+        assert_eq!(
+            tok.decode(&l.candidates[..1]).unwrap(),
+            "A",
+            "the first candidate reads A"
+        );
+    }
+
+    // Training's per-row distribution against the serving forward renormalised over each row's own
+    // candidates (what `t2 eval --mode label` picks from), base and adapted.
+    let policy = Policy::new(&e.loaded.model, &svf.decomp, 512).unwrap();
+    let prompts: Vec<Vec<u32>> = labelled.iter().map(|l| l.prompt.clone()).collect();
+    let candidates: Vec<Vec<u32>> = labelled.iter().map(|l| l.candidates.clone()).collect();
+    let logits = SvfLogits::init(&svf.decomp, TargetSet::Mlp, 3, 0.0, 1.0).unwrap();
+    let lease = e
+        .lease(&Adaptation::Vectors(ZVectors::new(
+            logits.z_host().unwrap(),
+        )))
+        .unwrap();
+    for (l, mix) in [(None, t2_svf::BASE_MIX), (Some(&logits), lease.id())] {
+        let train = policy
+            .candidate_logprobs_each(l, &prompts, &candidates)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let serve = candidate_scores(&e, &labelled, mix).unwrap();
+        let picks = pick_by_label(&e, &labelled, mix).unwrap();
+        assert_eq!(train.len(), 3);
+        for ((row, want), (lab, pick)) in train.iter().zip(&serve).zip(labelled.iter().zip(&picks))
+        {
+            assert_eq!(row.len(), 5, "rows are padded to the most candidates");
+            let k = lab.candidates.len();
+            assert!(
+                row[k..].iter().all(|&v| v == f32::NEG_INFINITY),
+                "no mass past a row's own candidates: {row:?}"
+            );
+            let d = max_abs_diff(&row[..k], want);
+            assert!(
+                d < 2e-3,
+                "training and eval differ by {d}: {row:?} {want:?}"
+            );
+            let mass: f32 = row[..k].iter().map(|v| v.exp()).sum();
+            assert!(
+                (mass - 1.0).abs() < 1e-4,
+                "renormalised over its own: {mass}"
+            );
+            assert_eq!(t2_tasks::verify::choice_by_scores(row), *pick);
+        }
+    }
+
+    // The gradient flows only through real candidates: a loss on every row's picks is finite.
+    let lp = policy
+        .candidate_logprobs_each(Some(&logits), &prompts, &candidates)
+        .unwrap();
+    let picked = lp
+        .gather(
+            &candle_core::Tensor::from_vec(vec![0u32, 4, 1], (3, 1), lp.device()).unwrap(),
+            1,
+        )
+        .unwrap();
+    let g = picked.sum_all().unwrap().backward().unwrap();
+    for (_, var) in logits.vars() {
+        let v = g.get(var.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        assert!(v.iter().all(|x| x.is_finite()), "a non-finite gradient");
+    }
+}
+
+#[test]
+fn option_policy_scores_whole_options_as_loglik_eval_does() {
+    let e = engine();
+    let svf = e.svf.as_ref().unwrap();
+    // Options that share their first token, which only whole-text scoring tells apart.
+    let items = [
+        lettered_item(
+            "y/1",
+            "What is the function of the nucleus in a cell?",
+            &["provides energy", "provides nutrients", "controls activity"],
+            2,
+        ),
+        lettered_item(
+            "y/2",
+            "Which is a planet?",
+            &["the Moon", "the Sun", "Mars", "a comet", "the sky"],
+            2,
+        ),
+    ];
+    let scored: Vec<OptionItem> = items
+        .iter()
+        .map(|it| {
+            let (prompt, options) = t2_adapt::eval::loglik_tokens(&e, "reasoning", it).unwrap();
+            let Answer::Choice { correct, .. } = it.answer else {
+                unreachable!()
+            };
+            OptionItem {
+                seqs: options
+                    .into_iter()
+                    .map(|o| Scored {
+                        tokens: [prompt.clone(), o].concat(),
+                        from: prompt.len(),
+                    })
+                    .collect(),
+                correct,
+            }
+        })
+        .collect();
+    let policy = Policy::new(&e.loaded.model, &svf.decomp, 512).unwrap();
+    let logits = SvfLogits::init(&svf.decomp, TargetSet::Mlp, 5, 0.0, 1.0).unwrap();
+    let lease = e
+        .lease(&Adaptation::Vectors(ZVectors::new(
+            logits.z_host().unwrap(),
+        )))
+        .unwrap();
+    for (l, mix) in [(None, t2_svf::BASE_MIX), (Some(&logits), lease.id())] {
+        let train = option_logprobs(&policy, l, &scored).unwrap();
+        let picks = t2_adapt::eval::pick_by_loglik(&e, "reasoning", &items, mix).unwrap();
+        for ((lp, it), pick) in train.iter().zip(&scored).zip(&picks) {
+            let lp = lp.to_vec1::<f32>().unwrap();
+            assert_eq!(lp.len(), it.seqs.len(), "one probability per option");
+            // Each option's whole text from the serving forward, renormalised over the item's options.
+            let sums: Vec<f32> = it
+                .seqs
+                .iter()
+                .map(|s| serving_logprobs(&e, s, mix).iter().sum())
+                .collect();
+            let lse = t2_model::sampling::log_sum_exp(&sums);
+            let want: Vec<f32> = sums.iter().map(|s| s - lse).collect();
+            let d = max_abs_diff(&lp, &want);
+            assert!(
+                d < 5e-3,
+                "training and loglik eval differ by {d}: {lp:?} {want:?}"
+            );
+            assert_eq!(t2_tasks::verify::choice_by_scores(&lp), *pick);
+        }
+    }
 }

@@ -1,0 +1,180 @@
+//! The option policy (multiple-choice tasks, `option_policy`): π over each item's options, each scored by
+//! the summed log-probability of its whole text as the reply and renormalised over the item's options,
+//! the tokens `t2 eval --mode loglik` scores (`t2_adapt::eval::loglik_tokens`). The greedy pick is
+//! rewarded ±1. ARC's option texts often share their first tokens, which the label policy cannot use.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use t2_model::ProjId;
+use t2_tasks::{Answer, TaskItem};
+
+use crate::config::TrainConfig;
+use crate::policy::{Policy, Scored, SvfLogits};
+use crate::step::{accumulate, StepOut};
+use crate::train::Trainer;
+use crate::{Result, TrainError};
+
+/// One item: its options as scored sequences (the prompt, then the option), and the right option.
+pub struct OptionItem {
+    pub seqs: Vec<Scored>,
+    pub correct: usize,
+}
+
+impl Trainer {
+    /// One step of the option policy: the greedy pick of each item is rewarded ±1 (less the batch's mean
+    /// with a baseline), and log π(pick) is ascended.
+    pub(crate) fn option_step(
+        &self,
+        cfg: &TrainConfig,
+        area: &str,
+        batch: &[TaskItem],
+        p: &BTreeMap<ProjId, Vec<f32>>,
+        policy: &Policy<'_>,
+    ) -> Result<StepOut> {
+        let started = Instant::now();
+        let items = self.option_items(area, batch)?;
+        let logits = SvfLogits::from_host(p.clone())?;
+        let n = items.len() as f64;
+        let per_chunk = items_per_chunk(cfg);
+        // The baseline needs every pick first: one pass without gradients.
+        let baseline = if cfg.reward_baseline {
+            let right = count_right(policy, &logits, &items, per_chunk)?;
+            (2.0 * right as f64 - n) / n
+        } else {
+            0.0
+        };
+        let mut grads: BTreeMap<ProjId, Vec<f32>> = BTreeMap::new();
+        let (mut loss_sum, mut right) = (0.0f64, 0usize);
+        for chunk in items.chunks(per_chunk) {
+            let mut loss: Option<Tensor> = None;
+            for (lp, it) in option_logprobs(policy, Some(&logits), chunk)?
+                .into_iter()
+                .zip(chunk)
+            {
+                let host = lp.to_vec1::<f32>()?;
+                let pick = t2_tasks::verify::choice_by_scores(&host);
+                right += usize::from(pick == it.correct);
+                let r = if pick == it.correct { 1.0 } else { -1.0 } - baseline;
+                let term = (lp.get(pick)? * (-r / n))?;
+                loss = Some(match loss {
+                    Some(l) => (l + term)?,
+                    None => term,
+                });
+            }
+            let loss = loss.expect("a chunk has items");
+            loss_sum += loss.to_scalar::<f32>()? as f64;
+            accumulate(&mut grads, &loss.backward()?, &logits)?;
+        }
+        Ok(StepOut {
+            train_acc: right as f64 / n,
+            loss: loss_sum,
+            kl: 0.0,
+            grads,
+            rollout_seconds: 0.0,
+            update_seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Validation accuracy of the option policy: its greedy picks, without gradients.
+    pub(crate) fn option_accuracy(
+        &self,
+        area: &str,
+        items: &[TaskItem],
+        cfg: &TrainConfig,
+        p: &BTreeMap<ProjId, Vec<f32>>,
+    ) -> Result<f64> {
+        let policy = Policy::new(
+            &self.engine().loaded.model,
+            &self.engine().svf.as_ref().expect("checked").decomp,
+            4096,
+        )?;
+        let logits = SvfLogits::from_host(p.clone())?;
+        let scored = self.option_items(area, items)?;
+        let right = count_right(&policy, &logits, &scored, items_per_chunk(cfg))?;
+        Ok(right as f64 / items.len() as f64)
+    }
+
+    fn option_items(&self, area: &str, items: &[TaskItem]) -> Result<Vec<OptionItem>> {
+        items
+            .iter()
+            .map(|it| {
+                let Answer::Choice { correct, .. } = it.answer else {
+                    return Err(TrainError::Config(format!(
+                        "{} is not multiple choice: the option policy needs options",
+                        it.id
+                    )));
+                };
+                let (prompt, options) = t2_adapt::eval::loglik_tokens(self.engine(), area, it)?;
+                let seqs = options
+                    .into_iter()
+                    .map(|o| {
+                        if o.is_empty() {
+                            return Err(TrainError::Config(format!("{}: an empty option", it.id)));
+                        }
+                        let mut tokens = prompt.clone();
+                        tokens.extend(o);
+                        Ok(Scored {
+                            tokens,
+                            from: prompt.len(),
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(OptionItem { seqs, correct })
+            })
+            .collect()
+    }
+}
+
+/// Items per forward: the micro-batch counts sequences, and an item has about four.
+fn items_per_chunk(cfg: &TrainConfig) -> usize {
+    (cfg.micro_batch / 4).max(1)
+}
+
+/// Each item's log π over its options: the options' summed token log-probabilities, renormalised, under
+/// the model adapted by `logits` (the base model when `None`). Differentiable in the logits.
+pub fn option_logprobs(
+    policy: &Policy<'_>,
+    logits: Option<&SvfLogits>,
+    items: &[OptionItem],
+) -> Result<Vec<Tensor>> {
+    let seqs: Vec<Scored> = items.iter().flat_map(|it| it.seqs.clone()).collect();
+    let out = policy.score(logits, &seqs, false)?;
+    let sums = out
+        .spans
+        .iter()
+        .map(|&(start, len)| out.token_logprobs.narrow(0, start, len)?.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let mut at = 0;
+    let mut each = Vec::with_capacity(items.len());
+    for it in items {
+        let k = it.seqs.len();
+        let s = Tensor::stack(&sums[at..at + k], 0)?;
+        at += k;
+        let m = s.max_keepdim(0)?.detach();
+        let shifted = s.broadcast_sub(&m)?;
+        let lse = shifted.exp()?.sum_keepdim(0)?.log()?;
+        each.push(shifted.broadcast_sub(&lse)?);
+    }
+    Ok(each)
+}
+
+fn count_right(
+    policy: &Policy<'_>,
+    logits: &SvfLogits,
+    items: &[OptionItem],
+    per_chunk: usize,
+) -> Result<usize> {
+    let mut right = 0;
+    for chunk in items.chunks(per_chunk) {
+        for (lp, it) in option_logprobs(policy, Some(logits), chunk)?
+            .into_iter()
+            .zip(chunk)
+        {
+            let host = lp.detach().to_vec1::<f32>()?;
+            right += usize::from(t2_tasks::verify::choice_by_scores(&host) == it.correct);
+        }
+    }
+    Ok(right)
+}
