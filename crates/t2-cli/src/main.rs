@@ -5,6 +5,7 @@ mod bench;
 mod common;
 mod experts_cmd;
 mod generate_cmd;
+mod selftest;
 mod serve_cmd;
 mod train_cmd;
 
@@ -39,6 +40,8 @@ enum Command {
     Experts(experts_cmd::ExpertsCmd),
     /// Measure prefill and decode speed (base, merged mix, many mixes in one batch).
     Bench(bench::BenchArgs),
+    /// Check this binary's device path against the CPU (run on the GPU machine: `--device cuda`).
+    Selftest(selftest::SelftestArgs),
     /// Train an SVF expert on a task with REINFORCE (checkpoints, resume, log.csv and curve.svg).
     Train(train_cmd::TrainArgs),
     /// Accuracy with a 95% confidence interval: base, experts and mixes on task splits.
@@ -79,6 +82,7 @@ fn main() {
         Command::Decompose(a) => common::decompose(a),
         Command::Experts(c) => experts_cmd::run(c),
         Command::Bench(a) => bench::run(a),
+        Command::Selftest(a) => selftest::run(a),
         Command::Train(a) => train_cmd::train(a),
         Command::Eval(a) => train_cmd::eval(a),
         Command::Adapt(a) => adapt_cmd::run(a),

@@ -3,6 +3,7 @@
 
 pub mod engine;
 pub mod generate;
+pub mod gpu_runner;
 pub mod kv;
 pub mod plan;
 pub mod prefix_cache;
@@ -14,6 +15,7 @@ pub mod text;
 
 pub use engine::{Engine, EngineConfig, EngineError};
 pub use generate::GenOutput;
+pub use gpu_runner::GpuRunner;
 pub use kv::{BlockKvManager, KvLease};
 pub use plan::{RowOutput, RowPlan, RowTask, SeqId, StepPlan};
 pub use routing::{RouteDecision, RouteLabel, RoutePolicy, RouteSpec, RouteStrategy, Router};

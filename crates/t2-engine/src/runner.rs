@@ -102,6 +102,18 @@ pub fn execute(
     samplers: &mut HashMap<SeqId, Sampler>,
     plan: &StepPlan,
 ) -> Result<Vec<RowOutput>> {
+    let logits = forward(engine, pool, samplers, plan)?;
+    outputs(plan, logits, samplers, &HashMap::new())
+}
+
+/// The model's forward pass over the plan's rows (after starting and ending samplers as it says):
+/// per row, the logits its task needs.
+pub(crate) fn forward(
+    engine: &Engine,
+    pool: &KvPool,
+    samplers: &mut HashMap<SeqId, Sampler>,
+    plan: &StepPlan,
+) -> Result<Vec<Option<Tensor>>> {
     for id in &plan.ended {
         samplers.remove(id);
     }
@@ -143,35 +155,45 @@ pub fn execute(
         .filter(|(id, _)| sampling.contains(id))
         .filter_map(|(_, s)| s.active_constraint())
         .collect();
+    let model = &engine.loaded.model;
     let logits = if constraints.is_empty() {
-        engine
-            .loaded
-            .model
-            .forward(&mut steps, engine.projector(), pool)
+        model.forward(&mut steps, engine.projector(), pool)
     } else {
         std::thread::scope(|scope| {
             let prepared = scope.spawn(move || constraints.iter_mut().for_each(|c| c.prepare()));
-            let logits = engine
-                .loaded
-                .model
-                .forward(&mut steps, engine.projector(), pool);
+            let logits = model.forward(&mut steps, engine.projector(), pool);
             if prepared.join().is_err() {
                 tracing::error!("preparing a token constraint panicked");
             }
             logits
         })
     }?;
-    drop(steps);
+    Ok(logits)
+}
+
+/// Each row's result from its logits. `chosen`: tokens already picked for some rows (by row index),
+/// whose logits are then not read.
+pub(crate) fn outputs(
+    plan: &StepPlan,
+    logits: Vec<Option<Tensor>>,
+    samplers: &mut HashMap<SeqId, Sampler>,
+    chosen: &HashMap<usize, u32>,
+) -> Result<Vec<RowOutput>> {
     plan.rows
         .iter()
         .zip(logits)
-        .map(|(r, l)| match (&r.task, l) {
+        .enumerate()
+        .map(|(i, (r, l))| match (&r.task, l) {
             (RowTask::Feed, _) => Ok(RowOutput::Fed),
             (RowTask::Score { .. }, None) => Ok(RowOutput::Scored {
                 logprob: 0.0,
                 tokens: 0,
             }),
             (RowTask::Score { targets }, Some(l)) => score(&l, targets),
+            (RowTask::Sample, _) if chosen.contains_key(&i) => Ok(RowOutput::Sampled {
+                token: chosen[&i],
+                logprob: None,
+            }),
             (RowTask::Sample, Some(l)) => {
                 let sampler = samplers.get_mut(&r.seq).ok_or_else(|| {
                     EngineError::Invalid(format!("sequence {} has no sampler", r.seq))

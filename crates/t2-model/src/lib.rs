@@ -7,6 +7,8 @@
 
 pub mod chat;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 pub mod export;
 pub mod gemm;

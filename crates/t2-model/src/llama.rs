@@ -106,16 +106,21 @@ pub struct RowMixes {
 
 impl RowMixes {
     pub fn new(ids: Vec<u32>, device: &Device) -> candle_core::Result<Self> {
+        let ids_tensor = Tensor::from_slice(&ids, ids.len(), device)?;
+        Ok(Self::with_tensor(ids, ids_tensor))
+    }
+
+    /// `ids` with their copy on the device already made (e.g. a view of a step's one upload).
+    pub fn with_tensor(ids: Vec<u32>, ids_tensor: Tensor) -> Self {
         let uniform = match ids.first() {
             Some(&first) if ids.iter().all(|&m| m == first) => Some(first),
             _ => None,
         };
-        let ids_tensor = Tensor::from_slice(&ids, ids.len(), device)?;
-        Ok(Self {
+        Self {
             ids,
             uniform,
             ids_tensor,
-        })
+        }
     }
 }
 
@@ -235,6 +240,14 @@ impl KvRows {
         }
         Ok(self.gathers.get().expect("just set"))
     }
+}
+
+/// How a step finds its KV rows: host-side row lists for the CPU kernels, or the step's upload for the
+/// GPU kernels.
+enum KvIndex {
+    Host(KvRows),
+    #[cfg(feature = "cuda")]
+    Device(crate::cuda::AttentionRows),
 }
 
 pub struct Llama {
@@ -404,9 +417,37 @@ impl Llama {
             return Ok(Vec::new());
         }
         let n = tokens.len();
-        let rows = RowMixes::new(row_mix, &self.device)?;
-        let token_ids = Tensor::from_slice(&tokens, n, &self.device)?;
-        let pos_ids = Tensor::from_slice(&positions, n, &self.device)?;
+        // Only the rows someone asked for go through the (large) output head.
+        let mut wanted = Vec::new();
+        for (s, &(off, t, _)) in steps.iter().zip(&spans) {
+            match s.want {
+                WantLogits::None => {}
+                WantLogits::Last => wanted.push((off + t - 1) as u32),
+                WantLogits::All => wanted.extend((off..off + t).map(|r| r as u32)),
+            }
+        }
+        // Everything the step needs on the device goes up in one copy, then is read through views.
+        let mut meta = Vec::with_capacity(4 * n + wanted.len());
+        for part in [&tokens, &positions, &row_mix, &wanted] {
+            meta.extend_from_slice(part);
+        }
+        #[cfg(feature = "cuda")]
+        let gpu_rows = match self.device.is_cuda() {
+            true => Some(crate::cuda::RowOffsets::append(
+                steps,
+                &spans,
+                cfg.num_kv_heads,
+                pool.num_blocks(),
+                &mut meta,
+            )?),
+            false => None,
+        };
+        let len = meta.len();
+        let meta = Tensor::from_vec(meta, len, &self.device)?;
+        let token_ids = meta.narrow(0, 0, n)?;
+        let pos_ids = meta.narrow(0, n, n)?;
+        let rows = RowMixes::with_tensor(row_mix, meta.narrow(0, 2 * n, n)?);
+        let wanted_ids = meta.narrow(0, 3 * n, wanted.len())?;
         let half = cfg.head_dim / 2;
         let cos = self
             .rope_cos
@@ -417,7 +458,18 @@ impl Llama {
             .index_select(&pos_ids, 0)?
             .reshape((n, 1, half))?;
 
-        let kv_rows = KvRows::new(steps, &spans, cfg.num_kv_heads, &self.device)?;
+        #[cfg(feature = "cuda")]
+        let kv_rows = match gpu_rows {
+            Some(g) => KvIndex::Device(g.on(&meta)?),
+            None => KvIndex::Host(KvRows::new(steps, &spans, cfg.num_kv_heads, &self.device)?),
+        };
+        #[cfg(not(feature = "cuda"))]
+        let kv_rows = KvIndex::Host(KvRows::new(
+            steps,
+            &spans,
+            cfg.num_kv_heads,
+            &self.device,
+        )?);
         let mut x = self.embed.index_select(&token_ids, 0)?;
         for (layer, block) in self.blocks.iter().enumerate() {
             let h = block.attn_norm.forward(&x)?;
@@ -441,20 +493,10 @@ impl Llama {
             s.kv.len += s.tokens.len();
         }
 
-        // Only the rows someone asked for go through the (large) output head.
-        let mut wanted = Vec::new();
-        for (s, &(off, t, _)) in steps.iter().zip(&spans) {
-            match s.want {
-                WantLogits::None => {}
-                WantLogits::Last => wanted.push((off + t - 1) as u32),
-                WantLogits::All => wanted.extend((off..off + t).map(|r| r as u32)),
-            }
-        }
         if wanted.is_empty() {
             return Ok(steps.iter().map(|_| None).collect());
         }
-        let picked =
-            x.index_select(&Tensor::from_slice(&wanted, wanted.len(), &self.device)?, 0)?;
+        let picked = x.index_select(&wanted_ids, 0)?;
         let logits = crate::kernels::linear_packed(
             &self.norm.forward(&picked)?,
             &self.lm_head,
@@ -514,7 +556,7 @@ impl Llama {
         sin: &Tensor,
         steps: &[SeqStep<'_>],
         spans: &[(usize, usize, usize)],
-        (pool, kv_rows): (&KvPool, &KvRows),
+        (pool, kv_index): (&KvPool, &KvIndex),
         p: &dyn Projector,
         rows: &RowMixes,
     ) -> candle_core::Result<Tensor> {
@@ -529,6 +571,23 @@ impl Llama {
         // Every new position's K/V goes into its pool row first: attention then reads all positions,
         // the new ones included, from the pool.
         let (k_pool, v_pool) = (&pool.k[layer], &pool.v[layer]);
+        let kv_rows = match kv_index {
+            KvIndex::Host(r) => r,
+            #[cfg(feature = "cuda")]
+            KvIndex::Device(a) => {
+                k_pool.inplace_op3(&k.contiguous()?, &a.slots, &crate::cuda::KvWrite)?;
+                v_pool.inplace_op3(&v.contiguous()?, &a.slots, &crate::cuda::KvWrite)?;
+                let out = q.contiguous()?.apply_op3_no_bwd(
+                    k_pool,
+                    v_pool,
+                    &crate::cuda::PagedAttention {
+                        rows: a,
+                        kv_heads: nkv,
+                    },
+                )?;
+                return self.project(&attn.o, &out.reshape((n, nh * hd))?, p, rows);
+            }
+        };
         if k_pool.device().is_cpu() {
             let (k, v) = (k.contiguous()?, v.contiguous()?);
             for (pool_t, src) in [(k_pool, &k), (v_pool, &v)] {

@@ -164,6 +164,16 @@ impl Sampler {
         self.params.presence_penalty != 0.0 || self.params.frequency_penalty != 0.0
     }
 
+    /// Whether the next token is simply the argmax of the raw logits: greedy, and nothing (grammar, bias,
+    /// penalty, log-probabilities) needs the logits on the host. An accelerator picks such tokens itself.
+    pub fn is_plain_greedy(&self) -> bool {
+        (self.params.temperature <= 0.0 || self.params.top_k == Some(1))
+            && self.constraint.is_none()
+            && self.params.logit_bias.is_empty()
+            && !self.has_penalties()
+            && self.params.logprobs.is_none()
+    }
+
     pub fn params(&self) -> &SamplingParams {
         &self.params
     }

@@ -25,6 +25,7 @@ use crate::kv::BlockKvManager;
 use crate::routing::{RouteDecision, RouteSpec};
 
 mod worker;
+use crate::gpu_runner::GpuRunner;
 use crate::runner::{CpuRunner, ModelRunner};
 use crate::sequence::{GenRequest, Scored, TokenEvent};
 use worker::Worker;
@@ -204,12 +205,23 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// A scheduler whose steps run on the CPU runner, with KV storage for `kv_budget_tokens`.
+    /// A scheduler whose steps run on the runner for the model's device (the GPU runner on CUDA, else the
+    /// CPU runner), with KV storage for `kv_budget_tokens`.
     pub fn start(engine: Arc<Engine>, cfg: SchedulerConfig) -> Self {
         let merges = Arc::new(AtomicU64::new(0));
-        let runner = CpuRunner::new(engine.clone(), Self::kv_blocks(&cfg), merges.clone())
-            .expect("allocate the KV pool");
-        Self::with_runner(engine, cfg, Box::new(runner), merges)
+        let blocks = Self::kv_blocks(&cfg);
+        let runner: Box<dyn ModelRunner> = if engine.loaded.model.device().is_cuda() {
+            Box::new(
+                GpuRunner::new(engine.clone(), blocks, merges.clone())
+                    .expect("allocate the KV pool on the GPU"),
+            )
+        } else {
+            Box::new(
+                CpuRunner::new(engine.clone(), blocks, merges.clone())
+                    .expect("allocate the KV pool"),
+            )
+        };
+        Self::with_runner(engine, cfg, runner, merges)
     }
 
     /// KV blocks the budget allows.
