@@ -224,6 +224,7 @@ fn families_match_candle_transformers() {
             _ => unreachable!(),
         }
         let d = worst_diff(&m, &reference(name));
+        eprintln!("{name}: largest relative logit difference {d:.2e}");
         assert!(
             d <= TOLERANCE,
             "{name}: t2 vs candle-transformers logits differ by {d}"
@@ -239,9 +240,11 @@ fn family_check_catches_missing_rope_scaling_and_qk_norm() {
         c.as_object_mut().unwrap().remove("rope_scaling");
     });
     let d = worst_diff(&load(plain.path()), &reference("llama3"));
+    eprintln!("llama3 read as plain RoPE: {d:.2e}");
     assert!(d > 100.0 * TOLERANCE, "without rope scaling: {d}");
     let no_norm = edited_copy("qwen3", |c| c["model_type"] = "llama".into());
     let d = worst_diff(&load(no_norm.path()), &reference("qwen3"));
+    eprintln!("qwen3 without q/k norms: {d:.2e}");
     assert!(d > 100.0 * TOLERANCE, "without q/k norms: {d}");
 }
 
