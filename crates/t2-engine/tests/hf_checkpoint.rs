@@ -4,10 +4,12 @@
 
 mod common;
 
+use std::path::{Path, PathBuf};
+
 use candle_core::{DType, Device};
 use t2_model::{
-    export::export_hf, ChatMessage, DenseProjector, LoadedModel, ModelSource, RopeStyle, SeqStep,
-    WantLogits,
+    export::export_hf, ChatMessage, DenseProjector, LoadedModel, ModelSource, RopeScaling,
+    RopeStyle, SeqStep, WantLogits,
 };
 
 #[test]
@@ -59,10 +61,6 @@ fn hf_folder_matches_gguf() {
 // and reference.json: candle-transformers' logits for the same weights (CPU, f32) after a prompt and after
 // each of a few decode steps. The generator is tools/family-fixtures (not built by CI); its command is in
 // each reference.json.
-
-use std::path::{Path, PathBuf};
-
-use t2_model::config::RopeScaling;
 
 const FAMILIES: [&str; 4] = ["llama3", "qwen2", "qwen3", "mistral"];
 const TOLERANCE: f32 = 1e-4;

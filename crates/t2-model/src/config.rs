@@ -275,6 +275,8 @@ pub(crate) struct HfConfig {
     pub model_type: Option<String>,
     pub attention_bias: Option<bool>,
     pub rope_scaling: Option<serde_json::Value>,
+    /// Newer transformers write `rope_theta` and the scaling together here instead.
+    pub rope_parameters: Option<serde_json::Value>,
     pub sliding_window: Option<usize>,
     /// Qwen2/Qwen3 only use `sliding_window` when this is set; Mistral has no such flag.
     pub use_sliding_window: Option<bool>,
@@ -296,10 +298,14 @@ impl HfConfig {
         if let Some(act) = self.hidden_act.as_deref().filter(|a| *a != "silu") {
             return Err(format!("hidden_act '{act}' is not supported (only silu)"));
         }
-        let rope_scaling = match &self.rope_scaling {
+        let rope_scaling = match self.rope_scaling.as_ref().or(self.rope_parameters.as_ref()) {
             Some(v) => RopeScaling::from_hf(v)?,
             None => RopeScaling::None,
         };
+        let rope_theta = self.rope_theta.or_else(|| {
+            let p = self.rope_parameters.as_ref()?;
+            p.get("rope_theta")?.as_f64().map(|t| t as f32)
+        });
         let mut max_pos = self.max_position_embeddings.unwrap_or(4096);
         // Sliding-window attention is not implemented: within a context no longer than the window it is
         // the same as full attention, so the served context is capped at the window.
@@ -330,7 +336,7 @@ impl HfConfig {
             head_dim: self
                 .head_dim
                 .unwrap_or(self.hidden_size / self.num_attention_heads.max(1)),
-            rope_theta: self.rope_theta.unwrap_or(10000.0),
+            rope_theta: rope_theta.unwrap_or(10000.0),
             rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
             max_position_embeddings: max_pos,
             tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
@@ -383,6 +389,19 @@ mod tests {
                 .rope_scaling,
             RopeScaling::None
         );
+        // transformers 5 layout: theta and scaling in rope_parameters.
+        let p = hf(
+            serde_json::json!({"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0,
+            "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}}),
+        )
+        .unwrap();
+        assert_eq!(p.rope_scaling, l3.rope_scaling);
+        assert_eq!(p.rope_theta, 500000.0);
+        let p =
+            hf(serde_json::json!({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}))
+                .unwrap();
+        assert_eq!((p.rope_scaling, p.rope_theta), (RopeScaling::None, 1e6));
     }
 
     #[test]
