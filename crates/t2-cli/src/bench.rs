@@ -18,7 +18,7 @@ use crate::common::ModelArgs;
 pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Random weights of a known shape instead of a checkpoint: llama-3.2-1b
+    /// Random weights of a known shape instead of a checkpoint: llama-3.2-1b, llama-3-8b
     #[arg(long)]
     pub random: Option<String>,
     /// Batch sizes, comma-separated
@@ -94,7 +94,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         Some(shape) => {
             let cfg = match shape.as_str() {
                 "llama-3.2-1b" => LlamaConfig::llama_3_2_1b(),
-                other => bail!("unknown random shape '{other}' (known: llama-3.2-1b)"),
+                "llama-3-8b" => LlamaConfig::llama_3_8b(),
+                other => bail!("unknown random shape '{other}' (known: llama-3.2-1b, llama-3-8b)"),
             };
             (
                 random_llama(&cfg, dtype, &device, 7)?,

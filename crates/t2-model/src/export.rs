@@ -6,7 +6,7 @@ use std::path::Path;
 
 use candle_core::{DType, Tensor};
 
-use crate::config::RopeStyle;
+use crate::config::{RopeScaling, RopeStyle};
 use crate::error::{ModelError, Result};
 use crate::llama::ProjKind;
 use crate::load::LoadedModel;
@@ -28,6 +28,29 @@ pub fn export_hf(m: &LoadedModel, dir: &Path) -> Result<()> {
     };
     std::fs::create_dir_all(dir).map_err(io)?;
     let cfg = &m.model.cfg;
+    let rope_scaling =
+        match &cfg.rope_scaling {
+            RopeScaling::None => serde_json::Value::Null,
+            RopeScaling::Linear { factor } => {
+                serde_json::json!({"rope_type": "linear", "factor": factor})
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => serde_json::json!({
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max_position_embeddings,
+            }),
+            RopeScaling::FreqFactors(_) => return Err(ModelError::Unsupported(
+                "exporting per-frequency rope factors (a GGUF's rope_freqs.weight) to config.json"
+                    .into(),
+            )),
+        };
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let f32 = |t: &Tensor| t.to_dtype(DType::F32);
     tensors.insert("model.embed_tokens.weight".into(), f32(&m.model.embed)?);
@@ -45,6 +68,16 @@ pub fn export_hf(m: &LoadedModel, dir: &Path) -> Result<()> {
             format!("{pre}.post_attention_layernorm.weight"),
             f32(&b.mlp_norm.weight)?,
         );
+        for (name, n) in [("q_norm", &b.attn.q_norm), ("k_norm", &b.attn.k_norm)] {
+            if let Some(n) = n {
+                // Weights over one head's dims, which the interleaved layout permutes like the q/k rows.
+                let mut w = f32(&n.weight)?;
+                if cfg.rope_style == RopeStyle::Interleaved {
+                    w = unpermute_heads(&w.unsqueeze(1)?, 1)?.squeeze(1)?;
+                }
+                tensors.insert(format!("{pre}.self_attn.{name}.weight"), w);
+            }
+        }
         for lin in [
             &b.attn.q,
             &b.attn.k,
@@ -82,7 +115,9 @@ pub fn export_hf(m: &LoadedModel, dir: &Path) -> Result<()> {
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
     let config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"],
-        "model_type": if cfg.qkv_bias { "qwen2" } else { "llama" },
+        "model_type": if cfg.qk_norm { "qwen3" } else if cfg.qkv_bias { "qwen2" } else { "llama" },
+        "attention_bias": cfg.qk_norm && cfg.qkv_bias,
+        "rope_scaling": rope_scaling,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,

@@ -20,7 +20,7 @@ pub mod sampling;
 pub mod tokenizer;
 
 pub use chat::{ChatMessage, ChatTemplate};
-pub use config::{LlamaConfig, RopeStyle};
+pub use config::{LlamaConfig, RopeScaling, RopeStyle};
 pub use error::{ModelError, Result};
 pub use kv::{KvPool, SeqKv, BLOCK_SIZE};
 pub use llama::{

@@ -156,6 +156,19 @@ pub struct Attention {
     pub k: Linear,
     pub v: Linear,
     pub o: Linear,
+    /// Qwen3: RMSNorm of each q and k head (weights of size head_dim), before RoPE.
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
+}
+
+impl Attention {
+    /// The per-head q/k norms where the model has them (Qwen3); x is (rows, heads, head_dim).
+    pub fn norm_heads(norm: &Option<RmsNorm>, x: Tensor) -> candle_core::Result<Tensor> {
+        match norm {
+            Some(n) => n.forward(&x.contiguous()?),
+            None => Ok(x),
+        }
+    }
 }
 
 pub struct Mlp {
@@ -566,6 +579,8 @@ impl Llama {
         let q = self.project(&attn.q, h, p, rows)?.reshape((n, nh, hd))?;
         let k = self.project(&attn.k, h, p, rows)?.reshape((n, nkv, hd))?;
         let v = self.project(&attn.v, h, p, rows)?.reshape((n, nkv, hd))?;
+        let q = Attention::norm_heads(&attn.q_norm, q)?;
+        let k = Attention::norm_heads(&attn.k_norm, k)?;
         let q = self.rope(&q, cos, sin)?;
         let k = self.rope(&k, cos, sin)?;
         // Every new position's K/V goes into its pool row first: attention then reads all positions,
@@ -709,9 +724,10 @@ pub fn rope_tables(
 ) -> candle_core::Result<(Tensor, Tensor)> {
     let half = cfg.head_dim / 2;
     let len = cfg.max_position_embeddings.min(MAX_ROPE_TABLE);
-    let inv_freq: Vec<f32> = (0..half)
+    let mut inv_freq: Vec<f32> = (0..half)
         .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32))
         .collect();
+    cfg.rope_scaling.apply(&mut inv_freq);
     let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
     let pos = Tensor::arange(0u32, len as u32, device)?
         .to_dtype(DType::F32)?
@@ -743,6 +759,15 @@ pub fn random_llama(
     let std_in = 1.0 / (hs as f32).sqrt();
     let mut blocks = Vec::with_capacity(cfg.num_layers);
     let ones = Tensor::ones(hs, dtype, device)?;
+    let head_norm = || -> candle_core::Result<Option<RmsNorm>> {
+        Ok(match cfg.qk_norm {
+            true => Some(RmsNorm {
+                weight: Tensor::ones(cfg.head_dim, dtype, device)?,
+                eps: cfg.rms_norm_eps as f32,
+            }),
+            false => None,
+        })
+    };
     for layer in 0..cfg.num_layers {
         let mut lin = |kind, shape: (usize, usize), std| -> candle_core::Result<Linear> {
             Ok(Linear {
@@ -762,6 +787,8 @@ pub fn random_llama(
                 k: lin(ProjKind::K, (kvd, hs), std_in)?,
                 v: lin(ProjKind::V, (kvd, hs), std_in)?,
                 o: lin(ProjKind::O, (hs, qd), 1.0 / (qd as f32).sqrt())?,
+                q_norm: head_norm()?,
+                k_norm: head_norm()?,
             },
             mlp_norm: RmsNorm {
                 weight: ones.clone(),

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};
 
 use crate::chat::ChatTemplate;
-use crate::config::{HfConfig, LlamaConfig, RopeStyle};
+use crate::config::{HfConfig, LlamaConfig, RopeScaling, RopeStyle};
 use crate::error::{ModelError, Result};
 use crate::llama::{Attention, Block, Linear, Llama, Mlp, ProjId, ProjKind, RmsNorm};
 use crate::tokenizer::T2Tokenizer;
@@ -145,9 +145,9 @@ fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> 
         .get("general.architecture")
         .and_then(|v| v.to_string().ok().cloned())
         .ok_or_else(|| gguf_err(path, "no general.architecture"))?;
-    if !["llama", "qwen2", "mistral"].contains(&arch.as_str()) {
+    if !["llama", "qwen2", "qwen3", "mistral"].contains(&arch.as_str()) {
         return Err(ModelError::Unsupported(format!(
-            "architecture '{arch}' (supported: llama, qwen2, mistral)"
+            "architecture '{arch}' (supported: llama, qwen2, qwen3, mistral)"
         )));
     }
     let u = |k: &str| -> Result<usize> {
@@ -174,6 +174,22 @@ fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> 
     };
     let embed = tensor(&mut file, "token_embd.weight")?;
     let vocab = embed.dim(0)?;
+    let head_dim = u("attention.key_length")
+        .or_else(|_| u("rope.dimension_count"))
+        .unwrap_or(hidden / heads.max(1));
+    let rope_scaling = gguf_rope_scaling(path, &content, &arch, &mut file, device)?;
+    let mut max_pos = u("context_length")?;
+    // As for HF checkpoints: sliding-window attention is served by capping the context at the window.
+    if let Ok(window) = u("attention.sliding_window") {
+        if window > 0 && window < max_pos {
+            tracing::warn!(
+                sliding_window = window,
+                "the model uses sliding-window attention, which t2 does not implement: the context is \
+                 capped at the window ({window} tokens), where full attention gives the same result"
+            );
+            max_pos = window;
+        }
+    }
     let cfg = LlamaConfig {
         vocab_size: vocab,
         hidden_size: hidden,
@@ -181,18 +197,20 @@ fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> 
         num_layers: u("block_count")?,
         num_heads: heads,
         num_kv_heads: u("attention.head_count_kv").unwrap_or(heads),
-        head_dim: u("rope.dimension_count").unwrap_or(hidden / heads.max(1)),
+        head_dim,
         rope_theta: f("rope.freq_base", 10000.0),
         rms_norm_eps: f("attention.layer_norm_rms_epsilon", 1e-5) as f64,
-        max_position_embeddings: u("context_length")?,
+        max_position_embeddings: max_pos,
         tie_word_embeddings: !has("output.weight"),
         // llama.cpp stores Llama q/k rows permuted for adjacent-pair rotation; Qwen2 keeps NeoX layout.
-        rope_style: if arch == "qwen2" {
+        rope_style: if arch.starts_with("qwen") {
             RopeStyle::Half
         } else {
             RopeStyle::Interleaved
         },
         qkv_bias: has("blk.0.attn_q.bias"),
+        qk_norm: has("blk.0.attn_q_norm.weight"),
+        rope_scaling,
     };
     cfg.validate().map_err(|e| gguf_err(path, e))?;
 
@@ -230,10 +248,18 @@ fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> 
                 eps: cfg.rms_norm_eps as f32,
             })
         };
+        let (q_norm, k_norm) = match cfg.qk_norm {
+            true => (
+                Some(norm(&mut file, "attn_q_norm")?),
+                Some(norm(&mut file, "attn_k_norm")?),
+            ),
+            false => (None, None),
+        };
         blocks.push(assemble_block(
             norm(&mut file, "attn_norm")?,
             norm(&mut file, "ffn_norm")?,
             lin,
+            (q_norm, k_norm),
         ));
     }
     let norm = RmsNorm {
@@ -271,10 +297,58 @@ fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> 
     })
 }
 
+/// The rope scaling of a GGUF. llama.cpp stores Llama-3 scaling as a `rope_freqs.weight` tensor of
+/// per-frequency divisors, linear scaling as `rope.scaling.type`; other types (yarn) are refused.
+fn gguf_rope_scaling<R: std::io::Read + std::io::Seek>(
+    path: &Path,
+    content: &gguf_file::Content,
+    arch: &str,
+    file: &mut R,
+    device: &Device,
+) -> Result<RopeScaling> {
+    let md = &content.metadata;
+    let kind = md
+        .get(&format!("{arch}.rope.scaling.type"))
+        .and_then(|v| v.to_string().ok().cloned())
+        .unwrap_or_else(|| "none".into());
+    let factor = md
+        .get(&format!("{arch}.rope.scaling.factor"))
+        .and_then(|v| v.to_f32().ok());
+    let freqs = if content.tensor_infos.contains_key("rope_freqs.weight") {
+        let t = content
+            .tensor(file, "rope_freqs.weight", device)
+            .and_then(|q| q.dequantize(&Device::Cpu))
+            .and_then(|t| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>())
+            .map_err(|e| gguf_err(path, format!("tensor rope_freqs.weight: {e}")))?;
+        Some(t)
+    } else {
+        None
+    };
+    match (kind.as_str(), freqs) {
+        ("none", Some(f)) => Ok(RopeScaling::FreqFactors(f)),
+        ("none", None) => Ok(RopeScaling::None),
+        ("linear", None) => match factor {
+            Some(factor) if factor > 0.0 => Ok(RopeScaling::Linear { factor }),
+            // llama.cpp treats a missing or zero factor as no scaling.
+            _ => Ok(RopeScaling::None),
+        },
+        (other, freqs) => Err(ModelError::Unsupported(format!(
+            "rope scaling '{other}'{} in {} (supported: linear, or llama3 frequency factors alone)",
+            if freqs.is_some() {
+                " combined with rope_freqs.weight"
+            } else {
+                ""
+            },
+            path.display()
+        ))),
+    }
+}
+
 fn assemble_block(
     attn_norm: RmsNorm,
     mlp_norm: RmsNorm,
     mut lin: HashMap<ProjKind, Linear>,
+    (q_norm, k_norm): (Option<RmsNorm>, Option<RmsNorm>),
 ) -> Block {
     let mut take = |k| lin.remove(&k).expect("every projection kind is loaded");
     Block {
@@ -284,6 +358,8 @@ fn assemble_block(
             k: take(ProjKind::K),
             v: take(ProjKind::V),
             o: take(ProjKind::O),
+            q_norm,
+            k_norm,
         },
         mlp_norm,
         mlp: Mlp {
@@ -329,9 +405,78 @@ fn check_shapes(
             (&b.mlp.down, [hs, is]),
         ] {
             expect(&l.weight, &shape, &l.id.name())?;
+            if let Some(bias) = &l.bias {
+                expect(bias, &shape[..1], &format!("{} bias", l.id.name()))?;
+            }
+        }
+        for n in [&b.attn.q_norm, &b.attn.k_norm] {
+            match n {
+                Some(n) => expect(&n.weight, &[cfg.head_dim], "q/k norm")?,
+                None if cfg.qk_norm => return Err("q/k norm weights are missing".into()),
+                None => {}
+            }
         }
     }
     Ok(())
+}
+
+/// The safetensors files of an HF folder: exactly those named by `model.safetensors.index.json` when there
+/// is one (sharded checkpoints; other *.safetensors in the folder, such as a `consolidated.safetensors`
+/// copy, are not read), else `model.safetensors`, else every *.safetensors file.
+fn hf_weight_files(
+    dir: &Path,
+    index: Option<serde_json::Value>,
+) -> std::result::Result<Vec<PathBuf>, String> {
+    if let Some(index) = index {
+        let map = index
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or("model.safetensors.index.json has no weight_map object")?;
+        let mut names: Vec<&str> = Vec::new();
+        for (tensor, file) in map {
+            let file = file.as_str().ok_or_else(|| {
+                format!("model.safetensors.index.json: weight_map[{tensor}] is not a file name")
+            })?;
+            if !names.contains(&file) {
+                names.push(file);
+            }
+        }
+        names.sort();
+        let mut files = Vec::with_capacity(names.len());
+        for name in names {
+            // A shard name is a plain file name in the same folder.
+            if Path::new(name).components().count() != 1 {
+                return Err(format!(
+                    "model.safetensors.index.json names shard '{name}' outside the folder"
+                ));
+            }
+            let p = dir.join(name);
+            if !p.is_file() {
+                return Err(format!(
+                    "shard {name} named by model.safetensors.index.json is missing"
+                ));
+            }
+            files.push(p);
+        }
+        if files.is_empty() {
+            return Err("model.safetensors.index.json names no shards".into());
+        }
+        return Ok(files);
+    }
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| format!("cannot list the folder: {e}"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err("no *.safetensors files".into());
+    }
+    Ok(files)
 }
 
 fn load_hf(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
@@ -355,21 +500,12 @@ fn load_hf(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
     let cfg_json = read_json("config.json")?.ok_or_else(|| bad("missing config.json".into()))?;
     let hf: HfConfig =
         serde_json::from_value(cfg_json.clone()).map_err(|e| bad(format!("config.json: {e}")))?;
-    let cfg = hf.into_config();
+    let cfg = hf
+        .into_config()
+        .map_err(|e| bad(format!("config.json: {e}")))?;
     cfg.validate().map_err(bad)?;
 
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| ModelError::Io {
-            path: dir.into(),
-            source: e,
-        })?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        return Err(bad("no *.safetensors files".into()));
-    }
+    let files = hf_weight_files(dir, read_json("model.safetensors.index.json")?).map_err(bad)?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let mut hasher = Sha256::new();
     for f in &files {
@@ -378,11 +514,14 @@ fn load_hf(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
             .map_err(|e| bad(format!("{}: {e}", f.display())))?;
         tensors.extend(loaded);
     }
-    let mut take = |name: &str| -> Result<Tensor> {
-        let t = tensors
-            .remove(name)
-            .ok_or_else(|| bad(format!("missing tensor {name}")))?;
-        Ok(t.to_dtype(dtype)?)
+    let has_lm_head = tensors.contains_key("lm_head.weight");
+    let tensors = std::cell::RefCell::new(tensors);
+    let take_opt = |name: &str| -> Result<Option<Tensor>> {
+        let t = tensors.borrow_mut().remove(name);
+        Ok(t.map(|t| t.to_dtype(dtype)).transpose()?)
+    };
+    let take = |name: &str| -> Result<Tensor> {
+        take_opt(name)?.ok_or_else(|| bad(format!("missing tensor {name}")))
     };
     let embed = take("model.embed_tokens.weight")?;
     let mut blocks = Vec::with_capacity(cfg.num_layers);
@@ -395,10 +534,12 @@ fn load_hf(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
                 "self_attn"
             };
             let base = format!("model.layers.{layer}.{part}.{}", kind.name());
+            // q/k/v biases are required where the config says so (Qwen2); any other bias the checkpoint
+            // has (o_proj with attention_bias, mlp_bias) is used too.
             let bias = if cfg.qkv_bias && matches!(kind, ProjKind::Q | ProjKind::K | ProjKind::V) {
                 Some(take(&format!("{base}.bias"))?)
             } else {
-                None
+                take_opt(&format!("{base}.bias"))?
             };
             lin.insert(
                 kind,
@@ -411,26 +552,48 @@ fn load_hf(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
             );
         }
         let eps = cfg.rms_norm_eps as f32;
-        let attn_norm = RmsNorm {
-            weight: take(&format!("model.layers.{layer}.input_layernorm.weight"))?,
-            eps,
+        let norm = |name: String| -> Result<RmsNorm> {
+            Ok(RmsNorm {
+                weight: take(&name)?,
+                eps,
+            })
         };
-        let mlp_norm = RmsNorm {
-            weight: take(&format!(
-                "model.layers.{layer}.post_attention_layernorm.weight"
-            ))?,
-            eps,
+        let attn_norm = norm(format!("model.layers.{layer}.input_layernorm.weight"))?;
+        let mlp_norm = norm(format!(
+            "model.layers.{layer}.post_attention_layernorm.weight"
+        ))?;
+        let qk_norms = match cfg.qk_norm {
+            true => (
+                Some(norm(format!(
+                    "model.layers.{layer}.self_attn.q_norm.weight"
+                ))?),
+                Some(norm(format!(
+                    "model.layers.{layer}.self_attn.k_norm.weight"
+                ))?),
+            ),
+            false => (None, None),
         };
-        blocks.push(assemble_block(attn_norm, mlp_norm, lin));
+        blocks.push(assemble_block(attn_norm, mlp_norm, lin, qk_norms));
     }
     let norm = RmsNorm {
         weight: take("model.norm.weight")?,
         eps: cfg.rms_norm_eps as f32,
     };
+    // Tied: the head is the embedding (a copy of it in the file, if any, is ignored, as HF does). A config
+    // silent about tying whose file has no head is tied; one that says untied must have the head.
+    let tie_declared = cfg_json
+        .get("tie_word_embeddings")
+        .and_then(|v| v.as_bool());
+    let mut cfg = cfg;
+    if tie_declared.is_none() && !has_lm_head {
+        cfg.tie_word_embeddings = true;
+    }
     let lm_head = if cfg.tie_word_embeddings {
         embed.clone()
     } else {
-        take("lm_head.weight")?
+        take("lm_head.weight").map_err(|_| {
+            bad("tie_word_embeddings is false but the checkpoint has no lm_head.weight".into())
+        })?
     };
     check_shapes(&cfg, &embed, &blocks, &lm_head).map_err(bad)?;
 
@@ -496,4 +659,102 @@ fn load_hf(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
         weights_sha256: hex::encode(hasher.finalize()),
         source: ModelSource::HfDir(dir.to_path_buf()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{gguf_file::Value, QTensor};
+
+    /// A GGUF holding only rope metadata and, optionally, a `rope_freqs.weight` tensor.
+    fn rope_of(meta: &[(&str, Value)], freqs: Option<Vec<f32>>) -> Result<RopeScaling> {
+        let mut md: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+        let arch = Value::String("llama".into());
+        md.push(("general.architecture", &arch));
+        let tensors: Vec<(&str, QTensor)> = freqs
+            .map(|f| {
+                let n = f.len();
+                let t = Tensor::from_vec(f, n, &Device::Cpu).unwrap();
+                vec![(
+                    "rope_freqs.weight",
+                    QTensor::quantize(&t, candle_core::quantized::GgmlDType::F32).unwrap(),
+                )]
+            })
+            .unwrap_or_default();
+        let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
+        let mut buf = std::io::Cursor::new(Vec::new());
+        gguf_file::write(&mut buf, &md, &tensors).unwrap();
+        buf.set_position(0);
+        let content = gguf_file::Content::read(&mut buf).unwrap();
+        gguf_rope_scaling(
+            Path::new("x.gguf"),
+            &content,
+            "llama",
+            &mut buf,
+            &Device::Cpu,
+        )
+    }
+
+    /// llama.cpp's conversion writes Llama-3 scaling as one divisor per frequency; read back, those give
+    /// the same frequencies as the HF parameters.
+    #[test]
+    fn gguf_llama3_frequency_factors_match_hf_scaling() {
+        let cfg = LlamaConfig::llama_3_8b();
+        let RopeScaling::Llama3 {
+            factor,
+            low_freq_factor: lo,
+            high_freq_factor: hi,
+            original_max_position_embeddings: orig,
+        } = cfg.rope_scaling.clone()
+        else {
+            unreachable!()
+        };
+        let d = cfg.head_dim;
+        let plain: Vec<f32> = (0..d / 2)
+            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / d as f32))
+            .collect();
+        let orig = orig as f32;
+        let divisors: Vec<f32> = plain
+            .iter()
+            .map(|f| {
+                let wavelen = 2.0 * std::f32::consts::PI / f;
+                if wavelen < orig / hi {
+                    1.0
+                } else if wavelen > orig / lo {
+                    factor
+                } else {
+                    let smooth = (orig / wavelen - lo) / (hi - lo);
+                    1.0 / ((1.0 - smooth) / factor + smooth)
+                }
+            })
+            .collect();
+        let read = rope_of(&[], Some(divisors.clone())).unwrap();
+        assert_eq!(read, RopeScaling::FreqFactors(divisors));
+        let (mut a, mut b) = (plain.clone(), plain);
+        read.apply(&mut a);
+        cfg.rope_scaling.apply(&mut b);
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= 1e-6 * y, "{x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn gguf_rope_scaling_types() {
+        assert_eq!(rope_of(&[], None).unwrap(), RopeScaling::None);
+        let linear = [
+            ("llama.rope.scaling.type", Value::String("linear".into())),
+            ("llama.rope.scaling.factor", Value::F32(4.0)),
+        ];
+        assert_eq!(
+            rope_of(&linear, None).unwrap(),
+            RopeScaling::Linear { factor: 4.0 }
+        );
+        let yarn = [
+            ("llama.rope.scaling.type", Value::String("yarn".into())),
+            ("llama.rope.scaling.factor", Value::F32(4.0)),
+        ];
+        let e = rope_of(&yarn, None).unwrap_err().to_string();
+        assert!(e.contains("yarn"), "{e}");
+        assert!(rope_of(&linear, Some(vec![1.0; 4])).is_err());
+    }
 }

@@ -225,6 +225,13 @@ impl<'a> Policy<'a> {
             let v = self
                 .linear(&block.attn.v, &h, scales)?
                 .reshape((b, t, nkv, hd))?;
+            // Qwen3's per-head q/k norms come before RoPE.
+            let head_norm = |x: Tensor, n: &Option<t2_model::llama::RmsNorm>| match n {
+                Some(n) => rms_norm(&x, &n.weight, n.eps),
+                None => Ok(x),
+            };
+            let q = head_norm(q, &block.attn.q_norm)?;
+            let k = head_norm(k, &block.attn.k_norm)?;
             let q = rope(&q, &cos, &sin, cfg.rope_style)?
                 .transpose(1, 2)?
                 .contiguous()?;

@@ -393,3 +393,41 @@ fn option_policy_scores_whole_options_as_loglik_eval_does() {
         }
     }
 }
+
+/// The training forward knows each architecture the loader does (Qwen2's biases, Qwen3's q/k norms, Llama
+/// 3 rope scaling, a sharded Mistral): on the model-family fixtures it scores what the serving forward does.
+#[test]
+fn training_forward_matches_serving_on_every_family() {
+    let fixtures =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../t2-model/tests/fixtures/families");
+    for name in ["llama3", "qwen2", "qwen3", "mistral"] {
+        // A copy: the engine writes its decomposition cache beside the model.
+        let dir = tempfile::tempdir().unwrap();
+        for f in std::fs::read_dir(fixtures.join(name)).unwrap() {
+            let p = f.unwrap().path();
+            std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
+        }
+        let e = Engine::open(&EngineConfig {
+            experts_dir: tempfile::tempdir().unwrap().keep(),
+            device: Device::Cpu,
+            dtype: DType::F32,
+            ..EngineConfig::new(dir.path().to_path_buf())
+        })
+        .unwrap();
+        let svf = e.svf.as_ref().unwrap();
+        let policy = Policy::new(&e.loaded.model, &svf.decomp, 32).unwrap();
+        let seq = Scored {
+            tokens: (0..20).map(|i| (i * 37 + 11) % 256).collect(),
+            from: 3,
+        };
+        let lp = policy
+            .score(None, std::slice::from_ref(&seq), false)
+            .unwrap();
+        let lp = lp.token_logprobs.to_vec1::<f32>().unwrap();
+        let d = max_abs_diff(&lp, &serving_logprobs(&e, &seq, t2_svf::BASE_MIX));
+        assert!(
+            d < 1e-4,
+            "{name}: training forward differs from serving by {d}"
+        );
+    }
+}
