@@ -16,9 +16,15 @@ fn main() {
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
     let cap: String = cap.chars().filter(char::is_ascii_digit).collect();
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
-    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("kernels.ptx");
+    let out =
+        PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("kernels.ptx");
     let status = Command::new(&nvcc)
-        .args(["--ptx", "-O3", "--use_fast_math", &format!("-arch=compute_{cap}")])
+        .args([
+            "--ptx",
+            "-O3",
+            "--use_fast_math",
+            &format!("-arch=compute_{cap}"),
+        ])
         .arg("src/cuda/kernels.cu")
         .arg("-o")
         .arg(&out)

@@ -36,6 +36,9 @@ pub struct BenchArgs {
     /// Decode steps measured per configuration
     #[arg(long, default_value_t = 32)]
     pub decode_steps: usize,
+    /// Different mixes the `mixes` mode spreads over a batch (each row i uses mix i mod N)
+    #[arg(long, default_value_t = 8)]
+    pub mixes: usize,
     /// Write the results as JSON here too
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
@@ -60,10 +63,12 @@ struct Report {
     dtype: String,
     device: String,
     threads: usize,
+    /// CPU: one packed x·Wᵀ over 1 GiB. GPU: a device-to-device copy, bytes read + written.
     bandwidth_gb_s: f64,
     /// Bytes a decode step reads from the packed weights ÷ the weights' own bytes (None: not packed).
     packed_read_ratio: Option<f64>,
-    gemm: GemmReport,
+    /// CPU only: the packed GEMM against the FMA peak.
+    gemm: Option<GemmReport>,
     rows: Vec<Row>,
 }
 
@@ -77,25 +82,24 @@ struct GemmReport {
     by_rows: Vec<(usize, f64, f64)>,
 }
 
-const MIXES: usize = 8;
-
 pub fn run(a: BenchArgs) -> Result<()> {
     for m in &a.modes {
         if !["base", "merged", "mixes"].contains(&m.as_str()) {
             bail!("unknown bench mode '{m}' (expected base, merged, mixes)");
         }
     }
-    if a.batches.contains(&0) || a.prompt_len == 0 || a.decode_steps == 0 {
-        bail!("batch sizes, --prompt-len and --decode-steps must be positive");
+    if a.batches.contains(&0) || a.prompt_len == 0 || a.decode_steps == 0 || a.mixes < 2 {
+        bail!("batch sizes, --prompt-len and --decode-steps must be positive, --mixes at least 2");
     }
     let device = a.model.device()?;
     let dtype = a.model.dtype(&device)?;
     let (model, name, real_path, sha) = match &a.random {
         Some(shape) => {
-            let cfg = match shape.as_str() {
-                "llama-3.2-1b" => LlamaConfig::llama_3_2_1b(),
-                "llama-3-8b" => LlamaConfig::llama_3_8b(),
-                other => bail!("unknown random shape '{other}' (known: llama-3.2-1b, llama-3-8b)"),
+            let Some(cfg) = LlamaConfig::named(shape) else {
+                bail!(
+                    "unknown random shape '{shape}' (known: {})",
+                    LlamaConfig::NAMED
+                );
             };
             (
                 random_llama(&cfg, dtype, &device, 7)?,
@@ -110,7 +114,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
             (l.model, l.model_id, Some(path), l.weights_sha256)
         }
     };
-    let bandwidth = measure_bandwidth();
+    let bandwidth = match device.is_cpu() {
+        true => measure_bandwidth(),
+        false => measure_device_bandwidth(&device)?,
+    };
     eprintln!(
         "{name}: {:.0} MB of weights, {dtype:?} on {device:?}; measured read bandwidth {:.1} GB/s",
         model.weight_bytes() as f64 / 1e6,
@@ -119,20 +126,24 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let packed_read_ratio = model
         .packed_weight_bytes()
         .map(|b| b as f64 / model.weight_bytes() as f64);
-    let gemm = measure_gemm(model.cfg.intermediate_size, model.cfg.hidden_size);
-    eprintln!(
-        "packed weights read per step ÷ weight bytes: {}; {} FMA peak {:.1} GFLOP/s; GEMM {}x{}: {}",
-        packed_read_ratio.map_or("not packed".into(), |r| format!("{r:.4}")),
-        gemm.kernel,
-        gemm.fma_peak_gflop_s,
-        gemm.shape.0,
-        gemm.shape.1,
-        gemm.by_rows
-            .iter()
-            .map(|(m, g, f)| format!("m={m} {g:.1} GFLOP/s ({:.0}%)", f * 100.0))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    let gemm = device
+        .is_cpu()
+        .then(|| measure_gemm(model.cfg.intermediate_size, model.cfg.hidden_size));
+    if let Some(gemm) = &gemm {
+        eprintln!(
+            "packed weights read per step ÷ weight bytes: {}; {} FMA peak {:.1} GFLOP/s; GEMM {}x{}: {}",
+            packed_read_ratio.map_or("not packed".into(), |r| format!("{r:.4}")),
+            gemm.kernel,
+            gemm.fma_peak_gflop_s,
+            gemm.shape.0,
+            gemm.shape.1,
+            gemm.by_rows
+                .iter()
+                .map(|(m, g, f)| format!("m={m} {g:.1} GFLOP/s ({:.0}%)", f * 100.0))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let mut rows = Vec::new();
     for &targets in &a.targets {
         let decomp = match &real_path {
@@ -140,9 +151,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
             None => Decomposition::random(&model, targets, 11)?,
         };
         let extra = decomp.extra_bytes_factored(&model);
-        let svf = SvfProjector::new(decomp, MIXES + 2, 1)?;
+        let svf = SvfProjector::new(decomp, a.mixes + 2, 1)?;
         let mut leases = Vec::new();
-        for k in 0..MIXES {
+        for k in 0..a.mixes {
             let z: BTreeMap<_, _> = svf
                 .decomp
                 .factors
@@ -168,8 +179,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 let mixes: Vec<u32> = match mode.as_str() {
                     "base" => vec![BASE_MIX; b],
                     "merged" => vec![ids[0]; b],
-                    // 8 different unmerged-at-batch-1 mixes: always the factored path
-                    _ => (0..b).map(|i| ids[(i + 1) % MIXES]).collect(),
+                    // different mixes, none merged: always the factored path
+                    _ => (0..b).map(|i| ids[1 + i % (a.mixes - 1)]).collect(),
                 };
                 let (prefill, decode) =
                     measure(&model, &svf, &mixes, a.prompt_len, a.decode_steps)?;
@@ -268,15 +279,32 @@ fn measure(
     run(steps)
 }
 
+/// Each row's argmax, taken where the logits are (on a GPU only the token ids come back).
 fn next_tokens(logits: Vec<Option<Tensor>>) -> Result<Vec<u32>> {
-    logits
+    let rows = logits
         .into_iter()
-        .map(|l| {
-            Ok(t2_model::sampling::argmax(
-                &l.expect("logits").to_vec1::<f32>()?,
-            ))
-        })
-        .collect()
+        .map(|l| l.ok_or_else(|| anyhow::anyhow!("a row returned no logits")))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&rows, 0)?
+        .argmax(candle_core::D::Minus1)?
+        .to_vec1::<u32>()?)
+}
+
+/// A device's memory bandwidth as a copy sees it: (bytes read + bytes written) ÷ time, best of 5, over a
+/// 2 GiB buffer.
+fn measure_device_bandwidth(device: &candle_core::Device) -> Result<f64> {
+    let n = 1usize << 29;
+    let x = Tensor::ones(n, candle_core::DType::F32, device)?;
+    let mut best = 0f64;
+    for _ in 0..6 {
+        device.synchronize()?;
+        let t0 = Instant::now();
+        let y = x.copy()?;
+        device.synchronize()?;
+        best = best.max((2 * n * 4) as f64 / t0.elapsed().as_secs_f64());
+        drop(y);
+    }
+    Ok(best)
 }
 
 /// Read bandwidth as the decode kernel sees it: one packed x·Wᵀ over a 1 GiB matrix, best of 3.
@@ -339,7 +367,7 @@ fn measure_gemm(n: usize, k: usize) -> GemmReport {
 
 fn print_table(r: &Report) {
     println!(
-        "\n{} ({}, {}, {} threads), read bandwidth {:.1} GB/s",
+        "\n{} ({}, {}, {} threads), memory bandwidth {:.1} GB/s",
         r.model, r.dtype, r.device, r.threads, r.bandwidth_gb_s
     );
     println!(
@@ -347,19 +375,20 @@ fn print_table(r: &Report) {
         r.packed_read_ratio
             .map_or("not packed".into(), |v| format!("{v:.4}"))
     );
-    println!(
-        "GEMM {}x{} ({}), FMA peak {:.1} GFLOP/s: {}",
-        r.gemm.shape.0,
-        r.gemm.shape.1,
-        r.gemm.kernel,
-        r.gemm.fma_peak_gflop_s,
-        r.gemm
-            .by_rows
-            .iter()
-            .map(|(m, g, f)| format!("m={m} {g:.1} GFLOP/s ({:.0}% of peak)", f * 100.0))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    if let Some(g) = &r.gemm {
+        println!(
+            "GEMM {}x{} ({}), FMA peak {:.1} GFLOP/s: {}",
+            g.shape.0,
+            g.shape.1,
+            g.kernel,
+            g.fma_peak_gflop_s,
+            g.by_rows
+                .iter()
+                .map(|(m, g, f)| format!("m={m} {g:.1} GFLOP/s ({:.0}% of peak)", f * 100.0))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     println!("| targets | mode | batch | prefill tok/s | decode tok/s | vs base | MB/step | bw fraction |");
     println!("|---|---|---|---|---|---|---|---|");
     for row in &r.rows {

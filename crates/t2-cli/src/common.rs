@@ -105,7 +105,7 @@ pub fn parse_device(spec: Option<&str>) -> Result<Device> {
             if !candle_core::utils::cuda_is_available() {
                 bail!("device '{s}' requested but this binary was built without the cuda feature");
             }
-            Ok(Device::new_cuda(ordinal)?)
+            Ok(untracked(Device::new_cuda(ordinal)?)?)
         }
         Some(other) => bail!("unknown device '{other}' (expected cpu, cuda or cuda:N)"),
     }
@@ -113,11 +113,22 @@ pub fn parse_device(spec: Option<&str>) -> Result<Device> {
 
 fn default_device() -> Device {
     if candle_core::utils::cuda_is_available() {
-        if let Ok(d) = Device::new_cuda(0) {
+        if let Ok(d) = Device::new_cuda(0).and_then(untracked) {
             return d;
         }
     }
     Device::Cpu
+}
+
+/// The device with candle's per-tensor CUDA event tracking off: t2 runs every kernel on the device's one
+/// stream, where ordering needs no events, and recording one per op costs host time on every launch.
+fn untracked(device: Device) -> candle_core::Result<Device> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = &device {
+        // SAFETY: no tensor of this device is used on another stream (t2 never creates one).
+        unsafe { d.disable_event_tracking() };
+    }
+    Ok(device)
 }
 
 pub fn engine_config(m: &ModelArgs, s: &SvfArgs, svf: bool) -> Result<EngineConfig> {

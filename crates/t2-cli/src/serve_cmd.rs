@@ -16,6 +16,10 @@ pub struct ServeArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub svf: SvfArgs,
+    /// Serve random weights of a known shape (llama-3.2-1b, llama-3-8b) with the model's tokenizer and
+    /// four random experts: for speed measurements only
+    #[arg(long)]
+    pub random: Option<String>,
     /// Address to listen on
     #[arg(long, default_value = "127.0.0.1", env = "T2_HOST")]
     pub host: String,
@@ -51,9 +55,10 @@ pub struct ServeArgs {
     /// Requests waiting for admission at most; more get 429
     #[arg(long, default_value_t = 64)]
     pub max_queue: usize,
-    /// KV cache memory for running sequences, in MiB (each reserves prompt + max_tokens)
-    #[arg(long, default_value_t = 2048)]
-    pub kv_memory_mb: usize,
+    /// KV cache memory for running sequences, in MiB (each reserves prompt + max_tokens) [default: 2048
+    /// on CPU; on a GPU, 90% of the device memory left once the model, factors and mix table are loaded]
+    #[arg(long)]
+    pub kv_memory_mb: Option<usize>,
     /// Largest n (choices per request)
     #[arg(long, default_value_t = 8)]
     pub max_n: usize,
@@ -118,7 +123,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         ("--max-batch", a.max_batch),
         ("--max-batched-tokens", a.max_batched_tokens),
         ("--max-queue", a.max_queue),
-        ("--kv-memory-mb", a.kv_memory_mb),
+        ("--kv-memory-mb", a.kv_memory_mb.unwrap_or(1)),
         ("--max-n", a.max_n),
         ("--default-max-tokens", a.default_max_tokens),
         ("--request-timeout-s", a.request_timeout_s as usize),
@@ -141,6 +146,15 @@ pub fn run(a: ServeArgs) -> Result<()> {
     }
     let mut engine_cfg = engine_config(&a.model, &a.svf, true)?;
     engine_cfg.mix_capacity = a.mix_capacity;
+    if let Some(shape) = &a.random {
+        let Some(cfg) = t2_model::LlamaConfig::named(shape) else {
+            bail!(
+                "unknown random shape '{shape}' (known: {})",
+                t2_model::LlamaConfig::NAMED
+            );
+        };
+        engine_cfg.random_shape = Some((shape.clone(), cfg));
+    }
     let cfg = ServerConfig {
         host: a.host,
         port: a.port,
@@ -171,7 +185,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
             merge_after_steps: (a.merge_after_steps > 0).then_some(a.merge_after_steps),
             prefix_cache: !a.no_prefix_cache,
         },
-        kv_memory_bytes: a.kv_memory_mb << 20,
+        kv_memory_bytes: a.kv_memory_mb.unwrap_or(2048) << 20,
+        kv_memory_from_device: a.kv_memory_mb.is_none(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -469,3 +469,47 @@ fn adapt_refuses_bad_input_and_stores_nothing() {
             .unwrap();
     assert!(!manifest.contains("\"fs\""));
 }
+
+/// The GPU machine's correctness checks run from the release binary; here they run on the CPU against the
+/// CPU (so every f32 comparison is exact), which keeps the checks themselves working between GPU visits.
+#[test]
+fn selftest_runs_every_check_and_refuses_a_device_it_lacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("selftest.json");
+    let o = t2(&[
+        "selftest",
+        "--device",
+        "cpu",
+        "--model",
+        s(&model()),
+        "--tokens",
+        "16",
+        "--json",
+        s(&json),
+    ]);
+    assert!(o.status.success(), "stderr: {}", stderr(&o));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let checks = r["checks"].as_array().unwrap();
+    let names: Vec<&str> = checks.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    for want in [
+        "qwen2",
+        "qwen3",
+        "llama3 rope scaling",
+        "mixes in one batch",
+        "merged == factored",
+    ] {
+        assert!(
+            names.iter().any(|n| n.contains(want)),
+            "no check on {want}: {names:?}"
+        );
+    }
+    // Six reference prompts, two checks each, beside the random-model checks.
+    assert!(checks.len() >= 9 + 12, "{names:?}");
+    assert!(checks.iter().all(|c| c["passed"] == true), "{r}");
+    assert_eq!(r["failed"], 0);
+    if !candle_core::utils::cuda_is_available() {
+        let o = t2(&["selftest", "--device", "cuda", "--no-model"]);
+        assert_clean_failure(&o, "built without the cuda feature");
+    }
+}

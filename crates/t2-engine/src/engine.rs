@@ -39,6 +39,10 @@ pub struct EngineConfig {
     pub merged_capacity: usize,
     /// Show progress bars on stderr for long steps.
     pub progress: bool,
+    /// Serve random weights of this shape instead of the model's (speed work at sizes we cannot ship):
+    /// `model_path` then gives only the tokenizer, template and vocabulary size, the decomposition is
+    /// random, and four random experts (`random-0` … `random-3`) stand in for trained ones.
+    pub random_shape: Option<(String, t2_model::LlamaConfig)>,
 }
 
 impl EngineConfig {
@@ -53,6 +57,7 @@ impl EngineConfig {
             mix_capacity: 64,
             merged_capacity: 2,
             progress: false,
+            random_shape: None,
         }
     }
 }
@@ -66,6 +71,9 @@ pub struct Engine {
 
 impl Engine {
     pub fn open(cfg: &EngineConfig) -> Result<Self> {
+        if let Some((name, shape)) = &cfg.random_shape {
+            return Self::open_random(cfg, name, shape);
+        }
         let loaded = LoadedModel::load(&cfg.model_path, &cfg.device, cfg.dtype)?;
         if !cfg.svf {
             return Ok(Self {
@@ -164,6 +172,49 @@ impl Engine {
     }
 
     /// The chat template applied to `messages`, tokenized.
+    fn open_random(cfg: &EngineConfig, name: &str, shape: &t2_model::LlamaConfig) -> Result<Self> {
+        let mut loaded = LoadedModel::load(&cfg.model_path, &Device::Cpu, DType::F32)?;
+        let shape = t2_model::LlamaConfig {
+            vocab_size: loaded.model.cfg.vocab_size,
+            ..shape.clone()
+        };
+        loaded.model = t2_model::random_llama(&shape, cfg.dtype, &cfg.device, 7)?;
+        loaded.model_id = format!("random-{name}");
+        loaded.weights_sha256 = "random".into();
+        if !cfg.svf {
+            return Ok(Self {
+                loaded,
+                svf: None,
+                experts: None,
+                decomposition_origin: None,
+            });
+        }
+        let decomp = Decomposition::random(&loaded.model, cfg.targets, 11)?;
+        // Random experts fit only this process's random decomposition: they live in a scratch store.
+        let scratch =
+            std::env::temp_dir().join(format!("t2-random-experts-{}", std::process::id()));
+        let mut experts = ExpertStore::open(&scratch, &loaded.model_id, &decomp)?;
+        for k in 0..4 {
+            let meta = t2_svf::ExpertMeta {
+                name: format!("random-{k}"),
+                description: "random z (speed measurements only)".into(),
+                category: "random".into(),
+                model_id: loaded.model_id.clone(),
+                decomposition_hash: decomp.hash.clone(),
+                targets: cfg.targets,
+                provenance: Default::default(),
+            };
+            experts.add(t2_svf::Expert::random(meta, &decomp, k, 0.3), &decomp)?;
+        }
+        let svf = SvfProjector::new(decomp, cfg.mix_capacity, cfg.merged_capacity)?;
+        Ok(Self {
+            loaded,
+            svf: Some(svf),
+            experts: Some(experts),
+            decomposition_origin: None,
+        })
+    }
+
     pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
         let text = self.loaded.template.render(messages)?;
         Ok(self.loaded.tokenizer.encode(&text)?)

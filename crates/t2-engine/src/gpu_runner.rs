@@ -55,7 +55,11 @@ impl GpuRunner {
             .iter()
             .enumerate()
             .filter(|(_, r)| r.task == RowTask::Sample)
-            .filter(|(_, r)| self.samplers.get(&r.seq).is_some_and(Sampler::is_plain_greedy))
+            .filter(|(_, r)| {
+                self.samplers
+                    .get(&r.seq)
+                    .is_some_and(Sampler::is_plain_greedy)
+            })
             .map(|(i, _)| i)
             .collect()
     }
@@ -82,7 +86,9 @@ impl ModelRunner for GpuRunner {
                 .iter()
                 .map(|&i| logits[i].clone().expect("a sampling row has logits"))
                 .collect::<Vec<_>>();
-            let tokens = Tensor::stack(&rows, 0)?.argmax(D::Minus1)?.to_vec1::<u32>()?;
+            let tokens = Tensor::stack(&rows, 0)?
+                .argmax(D::Minus1)?
+                .to_vec1::<u32>()?;
             self.copies.token_downloads += 1;
             chosen.extend(greedy.into_iter().zip(tokens));
         }

@@ -205,6 +205,32 @@ impl LlamaConfig {
         }
     }
 
+    /// Shapes known by name, for speed work with random weights.
+    pub const NAMED: &'static str = "smollm2-135m, llama-3.2-1b, llama-3-8b";
+
+    /// The shape called `name` (one of [`Self::NAMED`]).
+    pub fn named(name: &str) -> Option<Self> {
+        match name {
+            "smollm2-135m" => Some(Self {
+                vocab_size: 49152,
+                hidden_size: 576,
+                intermediate_size: 1536,
+                num_layers: 30,
+                num_heads: 9,
+                num_kv_heads: 3,
+                head_dim: 64,
+                rope_theta: 100_000.0,
+                max_position_embeddings: 8192,
+                tie_word_embeddings: true,
+                rope_style: RopeStyle::Half,
+                ..Self::tiny()
+            }),
+            "llama-3.2-1b" => Some(Self::llama_3_2_1b()),
+            "llama-3-8b" => Some(Self::llama_3_8b()),
+            _ => None,
+        }
+    }
+
     /// The shape of Llama-3.2-1B, for speed work with random weights.
     pub fn llama_3_2_1b() -> Self {
         Self {

@@ -30,3 +30,13 @@ pub use llama::{
 pub use load::{LoadedModel, ModelSource};
 pub use sampling::{ConstraintCell, Sampler, SamplingParams, TokenConstraint, TokenLogprob};
 pub use tokenizer::T2Tokenizer;
+
+/// Free and total bytes of an accelerator's memory; None on the CPU (and in builds without `cuda`).
+pub fn device_memory(device: &candle_core::Device) -> Option<(usize, usize)> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(d) = device {
+        return d.cuda_stream().context().mem_get_info().ok();
+    }
+    let _ = device;
+    None
+}

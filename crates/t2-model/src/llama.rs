@@ -477,12 +477,7 @@ impl Llama {
             None => KvIndex::Host(KvRows::new(steps, &spans, cfg.num_kv_heads, &self.device)?),
         };
         #[cfg(not(feature = "cuda"))]
-        let kv_rows = KvIndex::Host(KvRows::new(
-            steps,
-            &spans,
-            cfg.num_kv_heads,
-            &self.device,
-        )?);
+        let kv_rows = KvIndex::Host(KvRows::new(steps, &spans, cfg.num_kv_heads, &self.device)?);
         let mut x = self.embed.index_select(&token_ids, 0)?;
         for (layer, block) in self.blocks.iter().enumerate() {
             let h = block.attn_norm.forward(&x)?;
@@ -736,6 +731,9 @@ pub fn rope_tables(
     Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
 }
 
+/// Matrices larger than this many values are drawn on the device by [`random_llama`] (not the CPU).
+const DEVICE_DRAW_ABOVE: usize = 1 << 22;
+
 /// Random weights of a given shape, for tests of the machinery and speed work at sizes we cannot ship.
 pub fn random_llama(
     cfg: &LlamaConfig,
@@ -745,7 +743,14 @@ pub fn random_llama(
 ) -> candle_core::Result<Llama> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    // Drawn on the host from the seed, so the same model comes out on every device (the GPU selftest
+    // compares devices). At real sizes (billions of values) a host draw takes minutes of one core: large
+    // matrices for an accelerator are drawn there instead, which only speed measurements use.
     let mut rand_t = |shape: (usize, usize), std: f32| -> candle_core::Result<Tensor> {
+        let bound = (std * 1.732) as f64;
+        if !device.is_cpu() && shape.0 * shape.1 > DEVICE_DRAW_ABOVE {
+            return Tensor::rand(-bound as f32, bound as f32, shape, device)?.to_dtype(dtype);
+        }
         let data: Vec<f32> = (0..shape.0 * shape.1)
             .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * std * 1.732)
             .collect();
@@ -770,10 +775,16 @@ pub fn random_llama(
     };
     for layer in 0..cfg.num_layers {
         let mut lin = |kind, shape: (usize, usize), std| -> candle_core::Result<Linear> {
+            let weight = rand_t(shape, std)?;
+            let bias = match cfg.qkv_bias && matches!(kind, ProjKind::Q | ProjKind::K | ProjKind::V)
+            {
+                true => Some(rand_t((1, shape.0), 0.5)?.squeeze(0)?),
+                false => None,
+            };
             Ok(Linear {
                 id: ProjId { layer, kind },
-                weight: rand_t(shape, std)?,
-                bias: None,
+                weight,
+                bias,
                 packed: None,
             })
         };

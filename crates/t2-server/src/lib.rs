@@ -29,7 +29,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Router;
-use t2_engine::{Engine, EngineConfig, GenRequest, Scheduler, SeqEvent, Submission};
+use t2_engine::{Engine, EngineConfig, GenRequest, MemoryPlan, Scheduler, SeqEvent, Submission};
 use tower_http::request_id::{
     MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
@@ -157,7 +157,16 @@ fn load(state: &AppState, engine_cfg: &EngineConfig) -> anyhow::Result<()> {
     let engine = Arc::new(Engine::open(engine_cfg)?);
     let mut sched_cfg = state.cfg.scheduler.clone();
     let per_token = t2_model::kv::bytes_per_token(&engine.loaded.model.cfg, engine_cfg.dtype);
-    sched_cfg.kv_budget_tokens = (state.cfg.kv_memory_bytes / per_token.max(1)).max(1);
+    let kv_bytes = match t2_model::device_memory(&engine_cfg.device) {
+        Some((free, total)) if state.cfg.kv_memory_from_device => {
+            let plan = MemoryPlan::new(&engine, free, total, &sched_cfg);
+            tracing::info!("{plan}");
+            eprintln!("{plan}");
+            plan.kv
+        }
+        _ => state.cfg.kv_memory_bytes,
+    };
+    sched_cfg.kv_budget_tokens = (kv_bytes / per_token.max(1)).max(1);
     tracing::info!(
         kv_budget_tokens = sched_cfg.kv_budget_tokens,
         experts = engine

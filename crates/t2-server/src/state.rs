@@ -34,6 +34,8 @@ pub struct ServerConfig {
     /// KV cache memory for running sequences; turned into `scheduler.kv_budget_tokens` once the model's
     /// per-token size is known.
     pub kv_memory_bytes: usize,
+    /// On an accelerator, size the KV cache from the device's free memory instead (see `load`).
+    pub kv_memory_from_device: bool,
 }
 
 impl Default for ServerConfig {
@@ -53,6 +55,7 @@ impl Default for ServerConfig {
             routing: RoutingConfig::default(),
             scheduler: SchedulerConfig::default(),
             kv_memory_bytes: 2 << 30,
+            kv_memory_from_device: false,
         }
     }
 }

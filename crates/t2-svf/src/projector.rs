@@ -135,6 +135,32 @@ impl SvfProjector {
         m.order.retain(|&x| x != id);
     }
 
+    /// Device bytes this projector holds or may come to hold: (U, σ and Vᵀ of every factored matrix, the
+    /// mix table, merged weights at full capacity).
+    pub fn resident_bytes(&self) -> (usize, usize, usize) {
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let factors = self
+            .decomp
+            .factors
+            .values()
+            .map(|f| bytes(&f.u) + bytes(&f.vt) + bytes(&f.sigma))
+            .sum();
+        let table = self.table.read().unwrap().stacked.values().map(bytes).sum();
+        let one_merge: usize = self
+            .decomp
+            .factors
+            .values()
+            .map(|f| {
+                f.u.dim(0).unwrap_or(0) * f.vt.dim(1).unwrap_or(0) * f.u.dtype().size_in_bytes()
+            })
+            .sum();
+        (
+            factors,
+            table,
+            one_merge * self.merged.lock().unwrap().capacity,
+        )
+    }
+
     pub fn is_merged(&self, id: MixId) -> bool {
         id == BASE_MIX || self.merged.lock().unwrap().weights.contains_key(&id)
     }

@@ -159,7 +159,9 @@ impl candle_core::CustomOp3 for PagedAttention<'_> {
     ) -> Result<(CudaStorage, Shape)> {
         let (rows, heads, head_dim) = ql.shape().dims3()?;
         if head_dim > 256 || !heads.is_multiple_of(self.kv_heads) {
-            candle_core::bail!("t2-paged-attention: head_dim {head_dim} > 256 or heads not grouped");
+            candle_core::bail!(
+                "t2-paged-attention: head_dim {head_dim} > 256 or heads not grouped"
+            );
         }
         let dev = q.device().clone();
         let func = dev.get_or_load_custom_func(
@@ -187,7 +189,11 @@ impl candle_core::CustomOp3 for PagedAttention<'_> {
         };
         let (h, kvh, hd) = (heads as i32, self.kv_heads as i32, head_dim as i32);
         let scale = 1f32 / (head_dim as f32).sqrt();
-        let (q0, k0, v0) = (start(ql, "q")?, start(kl, "the K pool")?, start(vl, "the V pool")?);
+        let (q0, k0, v0) = (
+            start(ql, "q")?,
+            start(kl, "the K pool")?,
+            start(vl, "the V pool")?,
+        );
         let out = with_dtype!(q.dtype(), T, {
             let qs = q.as_cuda_slice::<T>()?.slice(q0..);
             let ks = k.as_cuda_slice::<T>()?.slice(k0..);
