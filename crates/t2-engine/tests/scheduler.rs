@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use t2_engine::{
-    Adaptation, Engine, GenRequest, Scheduler, SchedulerConfig, SeqEvent, SeqHandle, Submission,
-    SubmitError,
+    Adaptation, Engine, GenRequest, GpuRunner, Scheduler, SchedulerConfig, SeqEvent, SeqHandle,
+    Submission, SubmitError,
 };
 use t2_model::{ChatMessage, SamplingParams};
 use t2_svf::Mix;
@@ -141,6 +141,40 @@ fn concurrent_mixes_get_their_solo_tokens() {
         assert_eq!(
             got, want,
             "{a:?} in the shared batch differs from running alone"
+        );
+    }
+    // The accelerator's runner gives the same tokens: greedy rows take their argmax where the logits are,
+    // a sampled row (temperature, seed) goes through the host sampler. On the CPU it runs the same model.
+    let cfg = SchedulerConfig {
+        max_batched_tokens: 12,
+        merge_after_steps: None,
+        ..Default::default()
+    };
+    let merges = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let runner = GpuRunner::new(e.clone(), Scheduler::kv_blocks(&cfg), merges.clone()).unwrap();
+    let sched = Scheduler::with_runner(e.clone(), cfg, Box::new(runner), merges);
+    let sampled = |e: &Engine| {
+        let mut r = request(e, "Tell me about the sea.", 20);
+        r.sampling.temperature = 0.9;
+        r.sampling.seed = Some(5);
+        r
+    };
+    let mut handles: Vec<SeqHandle> = cases
+        .iter()
+        .map(|(a, text)| (a.clone(), request(&e, text, 20)))
+        .chain([(Adaptation::expert("code"), sampled(&e))])
+        .map(|(a, r)| sched.submit(Submission::new(a, vec![r])).unwrap().remove(0))
+        .collect();
+    let together: Vec<Vec<u32>> = handles.iter_mut().map(|h| drain(h).0).collect();
+    drop(sched);
+    let wants = cases
+        .iter()
+        .map(|(a, text)| solo(&e, a, request(&e, text, 20)))
+        .chain([solo(&e, &Adaptation::expert("code"), sampled(&e))]);
+    for (i, (got, want)) in together.into_iter().zip(wants).enumerate() {
+        assert_eq!(
+            got, want,
+            "request {i} under the GPU runner differs from running alone"
         );
     }
     // The experts matter: the same prompt under another mix gives other tokens.

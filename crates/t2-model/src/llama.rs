@@ -479,8 +479,11 @@ impl Llama {
         #[cfg(not(feature = "cuda"))]
         let kv_rows = KvIndex::Host(KvRows::new(steps, &spans, cfg.num_kv_heads, &self.device)?);
         let mut x = self.embed.index_select(&token_ids, 0)?;
+        let mut h = match self.blocks.first() {
+            Some(b) => b.attn_norm.forward(&x)?,
+            None => self.norm.forward(&x)?,
+        };
         for (layer, block) in self.blocks.iter().enumerate() {
-            let h = block.attn_norm.forward(&x)?;
             let attn = self.attention(
                 layer,
                 &block.attn,
@@ -493,10 +496,16 @@ impl Llama {
                 projector,
                 &rows,
             )?;
-            x = (x + attn)?;
-            let h = block.mlp_norm.forward(&x)?;
-            x = (x + self.mlp(&block.mlp, &h, projector, &rows)?)?;
+            (x, h) = add_norm(&x, &attn, &block.mlp_norm)?;
+            let mlp = self.mlp(&block.mlp, &h, projector, &rows)?;
+            // The next layer's input norm, or after the last layer the output norm.
+            let next = self
+                .blocks
+                .get(layer + 1)
+                .map_or(&self.norm, |b| &b.attn_norm);
+            (x, h) = add_norm(&x, &mlp, next)?;
         }
+        drop(x);
         for s in steps.iter_mut() {
             s.kv.len += s.tokens.len();
         }
@@ -504,13 +513,10 @@ impl Llama {
         if wanted.is_empty() {
             return Ok(steps.iter().map(|_| None).collect());
         }
-        let picked = x.index_select(&wanted_ids, 0)?;
-        let logits = crate::kernels::linear_packed(
-            &self.norm.forward(&picked)?,
-            &self.lm_head,
-            self.lm_head_packed.as_ref(),
-        )?
-        .to_dtype(DType::F32)?;
+        let picked = h.index_select(&wanted_ids, 0)?;
+        let logits =
+            crate::kernels::linear_packed(&picked, &self.lm_head, self.lm_head_packed.as_ref())?
+                .to_dtype(DType::F32)?;
         let mut out = Vec::with_capacity(steps.len());
         let mut at = 0;
         for (s, &(_, t, _)) in steps.iter().zip(&spans) {
@@ -576,8 +582,6 @@ impl Llama {
         let v = self.project(&attn.v, h, p, rows)?.reshape((n, nkv, hd))?;
         let q = Attention::norm_heads(&attn.q_norm, q)?;
         let k = Attention::norm_heads(&attn.k_norm, k)?;
-        let q = self.rope(&q, cos, sin)?;
-        let k = self.rope(&k, cos, sin)?;
         // Every new position's K/V goes into its pool row first: attention then reads all positions,
         // the new ones included, from the pool.
         let (k_pool, v_pool) = (&pool.k[layer], &pool.v[layer]);
@@ -585,9 +589,26 @@ impl Llama {
             KvIndex::Host(r) => r,
             #[cfg(feature = "cuda")]
             KvIndex::Device(a) => {
-                k_pool.inplace_op3(&k.contiguous()?, &a.slots, &crate::cuda::KvWrite)?;
-                v_pool.inplace_op3(&v.contiguous()?, &a.slots, &crate::cuda::KvWrite)?;
-                let out = q.contiguous()?.apply_op3_no_bwd(
+                let q = if crate::cuda::fused() {
+                    q.contiguous()?.apply_op3_no_bwd(
+                        &k.contiguous()?,
+                        &v.contiguous()?,
+                        &crate::cuda::RopeStore {
+                            rows: a,
+                            cos: &self.rope_cos,
+                            sin: &self.rope_sin,
+                            k_pool,
+                            v_pool,
+                            half_style: cfg.rope_style == RopeStyle::Half,
+                        },
+                    )?
+                } else {
+                    let k = self.rope(&k, cos, sin)?;
+                    k_pool.inplace_op3(&k.contiguous()?, &a.slots, &crate::cuda::KvWrite)?;
+                    v_pool.inplace_op3(&v.contiguous()?, &a.slots, &crate::cuda::KvWrite)?;
+                    self.rope(&q, cos, sin)?.contiguous()?
+                };
+                let out = q.apply_op3_no_bwd(
                     k_pool,
                     v_pool,
                     &crate::cuda::PagedAttention {
@@ -598,6 +619,8 @@ impl Llama {
                 return self.project(&attn.o, &out.reshape((n, nh * hd))?, p, rows);
             }
         };
+        let q = self.rope(&q, cos, sin)?;
+        let k = self.rope(&k, cos, sin)?;
         if k_pool.device().is_cpu() {
             let (k, v) = (k.contiguous()?, v.contiguous()?);
             for (pool_t, src) in [(k_pool, &k), (v_pool, &v)] {
@@ -706,10 +729,25 @@ impl Llama {
         p: &dyn Projector,
         rows: &RowMixes,
     ) -> candle_core::Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.project(&mlp.gate, h, p, rows)?)?;
+        let gate = self.project(&mlp.gate, h, p, rows)?;
         let up = self.project(&mlp.up, h, p, rows)?;
-        self.project(&mlp.down, &(gate * up)?, p, rows)
+        #[cfg(feature = "cuda")]
+        if gate.device().is_cuda() && crate::cuda::fused() {
+            return self.project(&mlp.down, &crate::cuda::silu_mul(&gate, &up)?, p, rows);
+        }
+        self.project(&mlp.down, &(candle_nn::ops::silu(&gate)? * up)?, p, rows)
     }
+}
+
+/// (x + r, norm(x + r)): the residual stream and the next sublayer's input, in one launch on a GPU.
+fn add_norm(x: &Tensor, r: &Tensor, norm: &RmsNorm) -> candle_core::Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && crate::cuda::fused() {
+        return crate::cuda::add_rms_norm(x, r, &norm.weight, norm.eps);
+    }
+    let x = (x + r)?;
+    let h = norm.forward(&x)?;
+    Ok((x, h))
 }
 
 pub fn rope_tables(

@@ -104,6 +104,80 @@ __device__ void paged_attention(const T* q, const T* k_pool, const T* v_pool, T*
   }
 }
 
+
+// Residual add and RMSNorm in one pass: out[0] = x + r, out[1] = rmsnorm(x + r) * w, each (rows, d).
+// One block per row. The norm reads the sum as stored (rounded to T), as the separate ops would.
+template <typename T>
+__device__ void add_rms_norm(const T* x, const T* r, const T* w, T* out, int rows, int d, float eps) {
+  const int row = blockIdx.x;
+  const T* xr = x + (size_t)row * d;
+  const T* rr = r + (size_t)row * d;
+  T* sum = out + (size_t)row * d;
+  T* normed = out + (size_t)rows * d + (size_t)row * d;
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < d; i += blockDim.x) {
+    T v = from_f<T>(to_f(xr[i]) + to_f(rr[i]));
+    sum[i] = v;
+    float f = to_f(v);
+    ss += f * f;
+  }
+  __shared__ float part[32];
+  for (int o = 16; o > 0; o /= 2) ss += __shfl_xor_sync(0xffffffff, ss, o);
+  if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = ss;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    float t = threadIdx.x < (blockDim.x + 31) / 32 ? part[threadIdx.x] : 0.f;
+    for (int o = 16; o > 0; o /= 2) t += __shfl_xor_sync(0xffffffff, t, o);
+    if (threadIdx.x == 0) part[0] = t;
+  }
+  __syncthreads();
+  const float inv = rsqrtf(part[0] / d + eps);
+  for (int i = threadIdx.x; i < d; i += blockDim.x)
+    normed[i] = from_f<T>(to_f(sum[i]) * inv * to_f(w[i]));
+}
+
+// silu(g) * u, rounded as the separate ops round (silu to T, then the product to T).
+template <typename T>
+__device__ void silu_mul(const T* g, const T* u, T* out, size_t n) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    float gf = to_f(g[i]);
+    T s = from_f<T>(gf / (1.f + __expf(-gf)));
+    out[i] = from_f<T>(to_f(s) * to_f(u[i]));
+  }
+}
+
+// RoPE on q and k at each row's position, q into q_out, and k (rotated) and v into their pool rows.
+// grid (rows, heads + kv_heads), block head_dim / 2 threads (one rotation pair each). cos/sin: the model's
+// tables, (positions, head_dim / 2). half_style: pairs (i, i + d/2) (HF); else (2i, 2i + 1) (GGUF).
+template <typename T>
+__device__ void rope_store(const T* q, const T* k, const T* v, const T* cos_t, const T* sin_t,
+                           const uint32_t* row_pos, const uint32_t* slot, T* q_out, T* k_pool,
+                           T* v_pool, int heads, int kv_heads, int head_dim, int half_style) {
+  const int r = blockIdx.x, y = blockIdx.y, half = head_dim / 2;
+  const size_t pos = row_pos[r];
+  const T* src;
+  T* dst;
+  if (y < heads) {
+    src = q + ((size_t)r * heads + y) * head_dim;
+    dst = q_out + ((size_t)r * heads + y) * head_dim;
+  } else {
+    const int h = y - heads;
+    src = k + ((size_t)r * kv_heads + h) * head_dim;
+    const size_t row = (size_t)slot[r] + (size_t)h * BLOCK;
+    dst = k_pool + row * head_dim;
+    const T* vs = v + ((size_t)r * kv_heads + h) * head_dim;
+    T* vd = v_pool + row * head_dim;
+    for (int i = threadIdx.x; i < head_dim; i += blockDim.x) vd[i] = vs[i];
+  }
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
+    const float c = to_f(cos_t[pos * half + i]), s = to_f(sin_t[pos * half + i]);
+    const int a = half_style ? i : 2 * i, b = half_style ? i + half : 2 * i + 1;
+    const float x0 = to_f(src[a]), x1 = to_f(src[b]);
+    dst[a] = from_f<T>(x0 * c - x1 * s);
+    dst[b] = from_f<T>(x0 * s + x1 * c);
+  }
+}
+
 #define INSTANTIATE(T, SUFFIX)                                                                        \
   extern "C" __global__ void kv_write_##SUFFIX(const T* src, T* pool, const uint32_t* slot,          \
                                                int kv_heads, int head_dim) {                          \
@@ -115,6 +189,20 @@ __device__ void paged_attention(const T* q, const T* k_pool, const T* v_pool, T*
       int kv_heads, int head_dim, float scale) {                                                      \
     paged_attention<T>(q, k_pool, v_pool, out, row_seq, row_pos, table_off, tables, heads, kv_heads, \
                        head_dim, scale);                                                              \
+  }                                                                                                   \
+  extern "C" __global__ void add_rms_norm_##SUFFIX(const T* x, const T* r, const T* w, T* out,       \
+                                                   int rows, int d, float eps) {                      \
+    add_rms_norm<T>(x, r, w, out, rows, d, eps);                                                      \
+  }                                                                                                   \
+  extern "C" __global__ void silu_mul_##SUFFIX(const T* g, const T* u, T* out, size_t n) {           \
+    silu_mul<T>(g, u, out, n);                                                                        \
+  }                                                                                                   \
+  extern "C" __global__ void rope_store_##SUFFIX(                                                     \
+      const T* q, const T* k, const T* v, const T* cos_t, const T* sin_t, const uint32_t* row_pos,    \
+      const uint32_t* slot, T* q_out, T* k_pool, T* v_pool, int heads, int kv_heads, int head_dim,    \
+      int half_style) {                                                                               \
+    rope_store<T>(q, k, v, cos_t, sin_t, row_pos, slot, q_out, k_pool, v_pool, heads, kv_heads,       \
+                  head_dim, half_style);                                                              \
   }
 
 INSTANTIATE(float, f32)

@@ -121,6 +121,7 @@ pub struct AttentionRows {
     row_pos: usize,
     table_off: usize,
     tables: usize,
+    slots_at: usize,
     pub slots: Tensor,
 }
 
@@ -275,7 +276,282 @@ impl RowOffsets {
             row_pos: self.row_pos,
             table_off: self.table_off,
             tables: self.tables,
+            slots_at: self.slots,
             slots: meta.narrow(0, self.slots, self.rows)?,
         })
+    }
+}
+
+/// Whether the fused kernels (residual add + RMSNorm, SiLU·up, RoPE + KV store) run; `T2_CUDA_UNFUSED=1`
+/// turns them off, leaving candle's separate ops, to tell a fused kernel's fault from the rest.
+pub fn fused() -> bool {
+    static FUSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FUSED.get_or_init(|| std::env::var("T2_CUDA_UNFUSED").map_or(true, |v| v != "1"))
+}
+
+fn launch_cfg(grid: (u32, u32), block: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (grid.0, grid.1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+struct AddRmsNorm {
+    eps: f32,
+}
+
+impl candle_core::CustomOp3 for AddRmsNorm {
+    fn name(&self) -> &'static str {
+        "t2-add-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("t2-add-rms-norm runs on CUDA")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        r: &CudaStorage,
+        rl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (rows, d) = xl.shape().dims2()?;
+        if rl.shape().dims2()? != (rows, d) || wl.shape().elem_count() != d {
+            candle_core::bail!("t2-add-rms-norm: shapes differ");
+        }
+        let dev = x.device().clone();
+        let func = dev.get_or_load_custom_func(
+            &format!("add_rms_norm_{}", suffix(x.dtype())?),
+            MODULE,
+            PTX,
+        )?;
+        let (x0, r0, w0) = (
+            start(xl, "x")?,
+            start(rl, "the residual")?,
+            start(wl, "the norm")?,
+        );
+        let (n, dd, eps) = (rows as i32, d as i32, self.eps);
+        let out = with_dtype!(x.dtype(), T, {
+            let (xs, rs, ws) = (
+                x.as_cuda_slice::<T>()?.slice(x0..),
+                r.as_cuda_slice::<T>()?.slice(r0..),
+                w.as_cuda_slice::<T>()?.slice(w0..),
+            );
+            // SAFETY: the kernel writes all 2·rows·d elements.
+            let out = unsafe { dev.alloc::<T>(2 * rows * d)? };
+            let mut b = func.builder();
+            b.arg(&xs)
+                .arg(&rs)
+                .arg(&ws)
+                .arg(&out)
+                .arg(&n)
+                .arg(&dd)
+                .arg(&eps);
+            // SAFETY: reads rows·d of x and r and d of w, all checked above.
+            unsafe { b.launch(launch_cfg((rows as u32, 1), 256)) }.w()?;
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        });
+        Ok((out, Shape::from((2, rows, d))))
+    }
+}
+
+/// (x + r, rmsnorm(x + r)·w) in one launch.
+pub fn add_rms_norm(x: &Tensor, r: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    let out = x
+        .contiguous()?
+        .apply_op3_no_bwd(&r.contiguous()?, w, &AddRmsNorm { eps })?;
+    Ok((out.get(0)?, out.get(1)?))
+}
+
+struct SiluMul;
+
+impl candle_core::CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "t2-silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("t2-silu-mul runs on CUDA")
+    }
+
+    fn cuda_fwd(
+        &self,
+        g: &CudaStorage,
+        gl: &Layout,
+        u: &CudaStorage,
+        ul: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let n = gl.shape().elem_count();
+        if ul.shape() != gl.shape() {
+            candle_core::bail!("t2-silu-mul: shapes differ");
+        }
+        let dev = g.device().clone();
+        let func =
+            dev.get_or_load_custom_func(&format!("silu_mul_{}", suffix(g.dtype())?), MODULE, PTX)?;
+        let (g0, u0) = (start(gl, "gate")?, start(ul, "up")?);
+        let blocks = n.div_ceil(256).min(65_535) as u32;
+        let out = with_dtype!(g.dtype(), T, {
+            let (gs, us) = (
+                g.as_cuda_slice::<T>()?.slice(g0..),
+                u.as_cuda_slice::<T>()?.slice(u0..),
+            );
+            // SAFETY: the kernel writes all n elements.
+            let out = unsafe { dev.alloc::<T>(n)? };
+            let mut b = func.builder();
+            b.arg(&gs).arg(&us).arg(&out).arg(&n);
+            // SAFETY: n elements of each input, checked above.
+            unsafe { b.launch(launch_cfg((blocks, 1), 256)) }.w()?;
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        });
+        Ok((out, gl.shape().clone()))
+    }
+}
+
+/// silu(g)·u in one launch.
+pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    g.contiguous()?.apply_op2_no_bwd(&u.contiguous()?, &SiluMul)
+}
+
+/// RoPE on q and k at each row's position (from the step's upload), k and v stored into their pool rows,
+/// q returned rotated: applied as `q.apply_op3_no_bwd(k, v, op)`.
+pub struct RopeStore<'a> {
+    pub rows: &'a AttentionRows,
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+    pub k_pool: &'a Tensor,
+    pub v_pool: &'a Tensor,
+    /// Pairs (i, i + d/2) (HF checkpoints) rather than (2i, 2i + 1) (GGUF).
+    pub half_style: bool,
+}
+
+impl candle_core::CustomOp3 for RopeStore<'_> {
+    fn name(&self) -> &'static str {
+        "t2-rope-store"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("t2-rope-store runs on CUDA")
+    }
+
+    fn cuda_fwd(
+        &self,
+        q: &CudaStorage,
+        ql: &Layout,
+        k: &CudaStorage,
+        kl: &Layout,
+        v: &CudaStorage,
+        vl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (rows, heads, head_dim) = ql.shape().dims3()?;
+        let (kr, kv_heads, kd) = kl.shape().dims3()?;
+        if kr != rows
+            || kd != head_dim
+            || vl.shape() != kl.shape()
+            || self.cos.dim(1)? * 2 != head_dim
+        {
+            candle_core::bail!("t2-rope-store: shapes differ");
+        }
+        let dev = q.device().clone();
+        let func = dev.get_or_load_custom_func(
+            &format!("rope_store_{}", suffix(q.dtype())?),
+            MODULE,
+            PTX,
+        )?;
+        let (meta, ml) = self.rows.meta.storage_and_layout();
+        let (cos, cl) = self.cos.storage_and_layout();
+        let (sin, sl) = self.sin.storage_and_layout();
+        let (kp, kpl) = self.k_pool.storage_and_layout();
+        let (vp, vpl) = self.v_pool.storage_and_layout();
+        let (
+            Storage::Cuda(meta),
+            Storage::Cuda(cos),
+            Storage::Cuda(sin),
+            Storage::Cuda(kp),
+            Storage::Cuda(vp),
+        ) = (&*meta, &*cos, &*sin, &*kp, &*vp)
+        else {
+            candle_core::bail!("t2-rope-store: a table or pool is not on the GPU");
+        };
+        let m0 = start(ml, "the step's metadata")?;
+        let meta = meta.as_cuda_slice::<u32>()?;
+        let row_pos = meta.slice(m0 + self.rows.row_pos..);
+        let slots = meta.slice(m0 + self.rows.slots_at..);
+        let (h, kvh, hd, half) = (
+            heads as i32,
+            kv_heads as i32,
+            head_dim as i32,
+            self.half_style as i32,
+        );
+        let offs = [
+            start(ql, "q")?,
+            start(kl, "k")?,
+            start(vl, "v")?,
+            start(cl, "cos")?,
+            start(sl, "sin")?,
+            start(kpl, "the K pool")?,
+            start(vpl, "the V pool")?,
+        ];
+        let cfg = launch_cfg(
+            (rows as u32, (heads + kv_heads) as u32),
+            (head_dim / 2).clamp(32, 128) as u32,
+        );
+        let out = with_dtype!(q.dtype(), T, {
+            let qs = q.as_cuda_slice::<T>()?.slice(offs[0]..);
+            let ks = k.as_cuda_slice::<T>()?.slice(offs[1]..);
+            let vs = v.as_cuda_slice::<T>()?.slice(offs[2]..);
+            let cs = cos.as_cuda_slice::<T>()?.slice(offs[3]..);
+            let ss = sin.as_cuda_slice::<T>()?.slice(offs[4]..);
+            let kps = kp.as_cuda_slice::<T>()?.slice(offs[5]..);
+            let vps = vp.as_cuda_slice::<T>()?.slice(offs[6]..);
+            // SAFETY: the kernel writes every element of q_out.
+            let out = unsafe { dev.alloc::<T>(rows * heads * head_dim)? };
+            let mut b = func.builder();
+            b.arg(&qs)
+                .arg(&ks)
+                .arg(&vs)
+                .arg(&cs)
+                .arg(&ss)
+                .arg(&row_pos)
+                .arg(&slots);
+            b.arg(&out)
+                .arg(&kps)
+                .arg(&vps)
+                .arg(&h)
+                .arg(&kvh)
+                .arg(&hd)
+                .arg(&half);
+            // SAFETY: the pools are written only at the rows the block manager handed out (checked against
+            // the pool's size when the step's upload was built); they are device memory no host code reads
+            // meanwhile, so writing them through this shared view races with nothing.
+            unsafe { b.launch(cfg) }.w()?;
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        });
+        Ok((out, ql.shape().clone()))
     }
 }
