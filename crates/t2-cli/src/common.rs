@@ -8,7 +8,7 @@ use candle_core::{DType, Device};
 use clap::Args;
 use t2_engine::{Engine, EngineConfig};
 use t2_model::LoadedModel;
-use t2_svf::decompose::Origin;
+use t2_svf::decompose::{CacheDtype, CacheOptions};
 use t2_svf::{Decomposition, TargetSet};
 
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -43,6 +43,12 @@ pub struct DecomposeArgs {
     /// Matrices to decompose: mlp, attn or all
     #[arg(long, default_value = "all")]
     pub targets: TargetSet,
+    /// Precision of the cached U and Vᵀ: f32, or bf16 (half the size; reconstruction error ≈ 2e-3)
+    #[arg(long, default_value = "f32")]
+    pub cache_dtype: CacheDtype,
+    /// Matrices decomposed at once [default: the CPU cores]; each holds one matrix's working set
+    #[arg(long)]
+    pub workers: Option<usize>,
     /// Recompute even when a valid cache exists
     #[arg(long)]
     pub force: bool,
@@ -139,65 +145,116 @@ pub fn open_engine(m: &ModelArgs, s: &SvfArgs, svf: bool) -> Result<Engine> {
     Ok(Engine::open(&engine_config(m, s, svf)?)?)
 }
 
+/// Bytes of the model's weight file(s) on disk.
+fn model_file_bytes(path: &Path) -> u64 {
+    if path.is_dir() {
+        std::fs::read_dir(path)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+                    .filter(|e| !e.file_name().to_string_lossy().starts_with("svd-"))
+                    .filter_map(|e| e.metadata().ok().map(|m| m.len()))
+                    .sum()
+            })
+            .unwrap_or(0)
+    } else {
+        std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+    }
+}
+
+/// Decomposes streaming to the cache file (the model stays in its dtype; per worker one matrix is in f32
+/// and f64 at a time; the factors are written out, never all held), or validates an existing cache.
 pub fn decompose(a: DecomposeArgs) -> Result<()> {
     let t0 = Instant::now();
     let loaded = a.model.load()?;
     let load_s = t0.elapsed().as_secs_f64();
     let path = a.model.model_path();
-    let cache = Decomposition::cache_path(&path, a.targets);
+    let opts = CacheOptions {
+        targets: a.targets,
+        dtype: a.cache_dtype,
+        workers: a.workers,
+    };
+    let cache = Decomposition::cache_path_for(&path, a.targets, a.cache_dtype);
     if a.force {
         let _ = std::fs::remove_file(&cache);
     }
     let t1 = Instant::now();
-    let (d, origin) = Decomposition::load_or_compute(
-        &path,
-        &loaded.model,
-        &loaded.weights_sha256,
-        a.targets,
-        true,
-    )?;
-    let secs = t1.elapsed().as_secs_f64();
-    println!(
-        "{:<28} {:>8} {:>6} {:>14}",
-        "matrix", "shape", "rank", "rel. error"
-    );
-    for (id, f) in &d.factors {
-        let w = &loaded
-            .model
-            .linear(*id)
-            .expect("decomposed matrices exist")
-            .weight;
-        let (o, i) = w.dims2()?;
-        println!(
-            "{:<28} {:>8} {:>6} {:>14.3e}",
-            id.name(),
-            format!("{o}x{i}"),
-            f.rank(),
-            f.rel_error
-        );
+    let mut warm = None;
+    if cache.exists() {
+        match Decomposition::load(&cache, &loaded.model, &loaded.weights_sha256) {
+            Ok(d) if d.targets.covers(a.targets) => warm = Some(d),
+            Ok(_) => {}
+            Err(e) => println!("rejected the old cache: {e}"),
+        }
     }
     println!(
-        "{} matrices ({}), max relative reconstruction error {:.3e} (limit {:.0e}), {} numbers per expert",
-        d.factors.len(),
-        d.targets,
-        d.max_rel_error(),
-        t2_svf::decompose::MAX_REL_ERROR,
-        d.expert_size()
+        "{:<28} {:>11} {:>6} {:>14}",
+        "matrix", "shape", "rank", "rel. error"
     );
-    match origin {
-        Origin::Loaded(p) => println!(
-            "warm start: loaded {} in {secs:.2}s (model load {load_s:.2}s)",
-            p.display()
-        ),
-        Origin::Computed { saved_to, rejected } => {
-            if let Some(r) = rejected {
-                println!("rejected the old cache: {r}");
+    let row = |name: String, (o, i): (usize, usize), rank: usize, err: f64| {
+        println!(
+            "{:<28} {:>11} {:>6} {:>14.3e}",
+            name,
+            format!("{o}x{i}"),
+            rank,
+            err
+        )
+    };
+    let (n, max_err, expert_size) = match &warm {
+        Some(d) => {
+            for (id, f) in &d.factors {
+                let shape = (f.u.dim(0)?, f.vt.dim(1)?);
+                row(id.name(), shape, f.rank(), f.rel_error);
             }
-            println!(
-                "decomposed in {secs:.2}s, saved to {} (model load {load_s:.2}s)",
-                saved_to.display()
-            );
+            (d.factors.len(), d.max_rel_error(), d.expert_size())
         }
+        None => {
+            let s = Decomposition::compute_to_file(
+                &loaded.model,
+                &loaded.weights_sha256,
+                &opts,
+                &cache,
+                true,
+            )?;
+            for m in &s.matrices {
+                row(m.id.name(), m.shape, m.rank, m.rel_error);
+            }
+            let size = s.matrices.iter().map(|m| m.rank).sum();
+            (s.matrices.len(), s.max_rel_error(), size)
+        }
+    };
+    let secs = t1.elapsed().as_secs_f64();
+    println!(
+        "{n} matrices ({}), max relative reconstruction error {max_err:.3e} (limit {:.0e} for {}), {expert_size} numbers per expert",
+        a.targets,
+        a.cache_dtype.max_rel_error(),
+        a.cache_dtype,
+    );
+    let dense: u64 = loaded
+        .model
+        .linears()
+        .filter(|l| a.targets.contains(l.id.kind))
+        .map(|l| (l.weight.elem_count() * 2) as u64)
+        .sum();
+    let cache_bytes = std::fs::metadata(&cache).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "cache {} ({}): {}; model weights on disk {}, its {} target matrices in bf16 {}",
+        cache.display(),
+        a.cache_dtype,
+        crate::decompose_bench::gib(cache_bytes),
+        crate::decompose_bench::gib(model_file_bytes(&path)),
+        a.targets,
+        crate::decompose_bench::gib(dense),
+    );
+    match warm {
+        Some(_) => println!(
+            "warm start: loaded {} in {secs:.2}s (model load {load_s:.2}s)",
+            cache.display()
+        ),
+        None => println!(
+            "decomposed in {secs:.2}s, saved to {} (model load {load_s:.2}s)",
+            cache.display()
+        ),
     }
     Ok(())
 }

@@ -96,8 +96,13 @@ fn short(k: ProjKind) -> String {
     k.name().trim_end_matches("_proj").to_string()
 }
 
+/// Bytes as GiB, or MiB below one GiB.
 pub fn gib(b: u64) -> String {
-    format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+    if b >= 1 << 30 {
+        format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+    }
 }
 
 pub fn run(a: DecomposeBenchArgs) -> Result<()> {
