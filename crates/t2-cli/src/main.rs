@@ -4,9 +4,9 @@ mod adapt_cmd;
 mod bench;
 mod common;
 mod decompose_bench;
-mod gpu_svd;
 mod experts_cmd;
 mod generate_cmd;
+mod gpu_svd;
 mod serve_cmd;
 mod train_cmd;
 

@@ -230,7 +230,10 @@ pub struct CacheSummary {
 
 impl CacheSummary {
     pub fn max_rel_error(&self) -> f64 {
-        self.matrices.iter().map(|m| m.rel_error).fold(0.0, f64::max)
+        self.matrices
+            .iter()
+            .map(|m| m.rel_error)
+            .fold(0.0, f64::max)
     }
 }
 
@@ -413,7 +416,10 @@ impl Decomposition {
             ("model_sha256".into(), model_sha256.to_string()),
             ("targets".into(), opts.targets.to_string()),
             ("dtype".into(), opts.dtype.to_string()),
-            ("decomposition_hash".into(), decomposition_hash(model_sha256)),
+            (
+                "decomposition_hash".into(),
+                decomposition_hash(model_sha256),
+            ),
         ]);
         let writer = CacheWriter::create(path, meta, &layout, &names)?;
         let reports = Mutex::new(Vec::with_capacity(jobs.len()));
@@ -668,10 +674,10 @@ struct CacheWriter {
 }
 
 fn render_header(
-meta: &BTreeMap<String, String>,
-layout: &Layout,
-errors: &BTreeMap<String, f64>,
-checksum: &str,
+    meta: &BTreeMap<String, String>,
+    layout: &Layout,
+    errors: &BTreeMap<String, f64>,
+    checksum: &str,
 ) -> Vec<u8> {
     let mut meta: serde_json::Map<String, serde_json::Value> = meta
         .iter()
@@ -753,7 +759,11 @@ impl CacheWriter {
             path: self.path.clone(),
             reason: format!("{name} is not in the cache layout"),
         })?;
-        assert_eq!(end - start, bytes.len(), "{name}: size differs from the layout");
+        assert_eq!(
+            end - start,
+            bytes.len(),
+            "{name}: size differs from the layout"
+        );
         self.file
             .write_all_at(bytes, (8 + self.header_len + start) as u64)
             .map_err(|e| SvfError::Io {
@@ -866,7 +876,9 @@ impl SvdHost {
         Ok(Factors {
             u: t(self.u, &[self.out, self.r])?.to_dtype(dtype).map_err(e)?,
             sigma: t(self.s.clone(), &[self.r])?,
-            vt: t(self.vt, &[self.r, self.inp])?.to_dtype(dtype).map_err(e)?,
+            vt: t(self.vt, &[self.r, self.inp])?
+                .to_dtype(dtype)
+                .map_err(e)?,
             sigma_host: self.s,
             rel_error: self.rel_error,
         })
@@ -884,10 +896,7 @@ pub fn svd_host(
     store: CacheDtype,
 ) -> std::result::Result<SvdHost, String> {
     if data.len() != out * inp {
-        return Err(format!(
-            "{} numbers for a {out}x{inp} matrix",
-            data.len()
-        ));
+        return Err(format!("{} numbers for a {out}x{inp} matrix", data.len()));
     }
     let t0 = Instant::now();
     let m = faer::Mat::<f64>::from_fn(out, inp, |i, j| data[i * inp + j] as f64);
@@ -906,24 +915,7 @@ pub fn svd_host(
 
     // Error of what is stored, not of the f64 factors.
     let t1 = Instant::now();
-    let us = faer::Mat::<f64>::from_fn(out, r, |i, j| u32_[i * r + j] as f64 * s32[j] as f64);
-    let vt = faer::Mat::<f64>::from_fn(r, inp, |j, i| vt32[j * inp + i] as f64);
-    let (mut diff2, mut norm2) = (0f64, 0f64);
-    const BLOCK: usize = 1024;
-    for b0 in (0..out).step_by(BLOCK) {
-        let n = BLOCK.min(out - b0);
-        let rec = us.as_ref().subrows(b0, n) * vt.as_ref();
-        for j in 0..inp {
-            for i in 0..n {
-                let w = m[(b0 + i, j)];
-                let d = rec[(i, j)] - w;
-                diff2 += d * d;
-                norm2 += w * w;
-            }
-        }
-    }
-    let (diff, norm) = (diff2.sqrt(), norm2.sqrt());
-    let rel_error = if norm > 0.0 { diff / norm } else { diff };
+    let rel_error = reconstruction_error(|i, j| m[(i, j)], out, inp, &u32_, &s32, &vt32);
     Ok(SvdHost {
         out,
         inp,
@@ -996,11 +988,49 @@ impl Decomposition {
     }
 }
 
+/// ‖U·diag(σ)·Vᵀ − W‖_F / ‖W‖_F in f64, a block of 1024 rows of the product at a time; `w(i, j)` reads W,
+/// `u` is (out, r), `vt` (r, in), both row-major.
+pub fn reconstruction_error(
+    w: impl Fn(usize, usize) -> f64,
+    out: usize,
+    inp: usize,
+    u: &[f32],
+    s: &[f32],
+    vt: &[f32],
+) -> f64 {
+    let r = s.len();
+    let us = faer::Mat::<f64>::from_fn(out, r, |i, j| u[i * r + j] as f64 * s[j] as f64);
+    let vt = faer::Mat::<f64>::from_fn(r, inp, |j, i| vt[j * inp + i] as f64);
+    let (mut diff2, mut norm2) = (0f64, 0f64);
+    const BLOCK: usize = 1024;
+    for b0 in (0..out).step_by(BLOCK) {
+        let n = BLOCK.min(out - b0);
+        let rec = us.as_ref().subrows(b0, n) * vt.as_ref();
+        for j in 0..inp {
+            for i in 0..n {
+                let x = w(b0 + i, j);
+                let d = rec[(i, j)] - x;
+                diff2 += d * d;
+                norm2 += x * x;
+            }
+        }
+    }
+    let (diff, norm) = (diff2.sqrt(), norm2.sqrt());
+    if norm > 0.0 {
+        diff / norm
+    } else {
+        diff
+    }
+}
+
 /// The (out, in) shape of each projection kind of a model of this configuration.
 pub fn target_shapes(cfg: &t2_model::LlamaConfig) -> Vec<(t2_model::ProjKind, (usize, usize))> {
     use t2_model::ProjKind as K;
     let (hs, is) = (cfg.hidden_size, cfg.intermediate_size);
-    let (qd, kvd) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+    let (qd, kvd) = (
+        cfg.num_heads * cfg.head_dim,
+        cfg.num_kv_heads * cfg.head_dim,
+    );
     vec![
         (K::Q, (qd, hs)),
         (K::K, (kvd, hs)),
@@ -1016,5 +1046,7 @@ pub fn target_shapes(cfg: &t2_model::LlamaConfig) -> Vec<(t2_model::ProjKind, (u
 pub fn random_matrix(out: usize, inp: usize, seed: u64) -> Vec<f32> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    (0..out * inp).map(|_| rng.random_range(-1f32..1f32)).collect()
+    (0..out * inp)
+        .map(|_| rng.random_range(-1f32..1f32))
+        .collect()
 }

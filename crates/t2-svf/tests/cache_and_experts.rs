@@ -201,7 +201,12 @@ fn reconstruction_error(m: &Llama, d: &Decomposition) -> f64 {
         let us = f.u.broadcast_mul(&f.sigma.unsqueeze(0).unwrap()).unwrap();
         let rec = us.matmul(&f.vt).unwrap();
         let fro = |t: &candle_core::Tensor| {
-            t.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64
+            t.sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64
         };
         let err = (fro(&(&rec - w).unwrap()) / fro(w)).sqrt();
         worst = worst.max(err);
@@ -230,7 +235,11 @@ fn streaming_cache_matches_in_memory_decomposition() {
         assert_eq!(f.sigma_host, g.sigma_host, "{}", id.name());
         assert_eq!(max_abs_diff(&f.u, &g.u), 0.0, "{}", id.name());
         assert_eq!(max_abs_diff(&f.vt, &g.vt), 0.0, "{}", id.name());
-        assert!((f.rel_error - g.rel_error).abs() <= 1e-12 * f.rel_error, "{}", id.name());
+        assert!(
+            (f.rel_error - g.rel_error).abs() <= 1e-12 * f.rel_error,
+            "{}",
+            id.name()
+        );
     }
     // the in-memory save writes the same format, readable the same way
     let saved = dir.path().join("saved.safetensors");
@@ -259,7 +268,10 @@ fn bf16_cache_round_trips_within_tolerance_and_halves_the_file() {
     let recorded = d.max_rel_error();
     let recomputed = reconstruction_error(&m, &d);
     assert!(recorded > 1e-4 && recorded < 5e-3, "{recorded}");
-    assert!((recomputed - recorded).abs() < 1e-4, "{recomputed} vs {recorded}");
+    assert!(
+        (recomputed - recorded).abs() < 1e-4,
+        "{recomputed} vs {recorded}"
+    );
     // the f32 cache reconstructs to 1e-5
     let (f, _) =
         Decomposition::load_or_compute(&model_path, &m, SHA, TargetSet::All, false).unwrap();
@@ -269,8 +281,7 @@ fn bf16_cache_round_trips_within_tolerance_and_halves_the_file() {
         assert_eq!(g.sigma_host, d.factors[id].sigma_host);
     }
     let size = |p: &std::path::Path| std::fs::metadata(p).unwrap().len() as f64;
-    let ratio =
-        size(&bf16_path) / size(&Decomposition::cache_path(&model_path, TargetSet::All));
+    let ratio = size(&bf16_path) / size(&Decomposition::cache_path(&model_path, TargetSet::All));
     assert!(ratio > 0.45 && ratio < 0.6, "{ratio}");
     // warm start from the bf16 cache
     let (_, origin) =
