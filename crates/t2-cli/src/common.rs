@@ -145,30 +145,15 @@ pub fn open_engine(m: &ModelArgs, s: &SvfArgs, svf: bool) -> Result<Engine> {
     Ok(Engine::open(&engine_config(m, s, svf)?)?)
 }
 
-/// Bytes of the model's weight file(s) on disk.
-fn model_file_bytes(path: &Path) -> u64 {
-    if path.is_dir() {
-        std::fs::read_dir(path)
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
-                    .filter(|e| !e.file_name().to_string_lossy().starts_with("svd-"))
-                    .filter_map(|e| e.metadata().ok().map(|m| m.len()))
-                    .sum()
-            })
-            .unwrap_or(0)
-    } else {
-        std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
-    }
-}
-
-/// Decomposes streaming to the cache file (the model stays in its dtype; per worker one matrix is in f32
-/// and f64 at a time; the factors are written out, never all held), or validates an existing cache.
+/// Streams the decomposition from the checkpoint file(s) to the cache: the model is never loaded; per
+/// worker one matrix is read, converted to f32 and decomposed at a time, its factors written out at once.
+/// An existing cache is checked (weights hash, checksum, shapes, errors) without loading its factors.
 pub fn decompose(a: DecomposeArgs) -> Result<()> {
-    let t0 = Instant::now();
-    let loaded = a.model.load()?;
-    let load_s = t0.elapsed().as_secs_f64();
     let path = a.model.model_path();
+    let t0 = Instant::now();
+    let source = t2_svf::checkpoint::CheckpointMatrices::open(&path)?;
+    let open_s = t0.elapsed().as_secs_f64();
+    let sha = source.weights_sha256.clone();
     let opts = CacheOptions {
         targets: a.targets,
         dtype: a.cache_dtype,
@@ -181,78 +166,61 @@ pub fn decompose(a: DecomposeArgs) -> Result<()> {
     let t1 = Instant::now();
     let mut warm = None;
     if cache.exists() {
-        match Decomposition::load(&cache, &loaded.model, &loaded.weights_sha256) {
-            Ok(d) if d.targets.covers(a.targets) => warm = Some(d),
+        match Decomposition::verify(&cache, &source, &sha) {
+            Ok(s) if s.targets.covers(a.targets) => warm = Some(s),
             Ok(_) => {}
             Err(e) => println!("rejected the old cache: {e}"),
         }
     }
+    let was_warm = warm.is_some();
+    let summary = match warm {
+        Some(s) => s,
+        None => Decomposition::compute_to_file(&source, &sha, &opts, &cache, true)?,
+    };
+    let secs = t1.elapsed().as_secs_f64();
     println!(
         "{:<28} {:>11} {:>6} {:>14}",
         "matrix", "shape", "rank", "rel. error"
     );
-    let row = |name: String, (o, i): (usize, usize), rank: usize, err: f64| {
+    for m in &summary.matrices {
         println!(
             "{:<28} {:>11} {:>6} {:>14.3e}",
-            name,
-            format!("{o}x{i}"),
-            rank,
-            err
-        )
-    };
-    let (n, max_err, expert_size) = match &warm {
-        Some(d) => {
-            for (id, f) in &d.factors {
-                let shape = (f.u.dim(0)?, f.vt.dim(1)?);
-                row(id.name(), shape, f.rank(), f.rel_error);
-            }
-            (d.factors.len(), d.max_rel_error(), d.expert_size())
-        }
-        None => {
-            let s = Decomposition::compute_to_file(
-                &loaded.model,
-                &loaded.weights_sha256,
-                &opts,
-                &cache,
-                true,
-            )?;
-            for m in &s.matrices {
-                row(m.id.name(), m.shape, m.rank, m.rel_error);
-            }
-            let size = s.matrices.iter().map(|m| m.rank).sum();
-            (s.matrices.len(), s.max_rel_error(), size)
-        }
-    };
-    let secs = t1.elapsed().as_secs_f64();
+            m.id.name(),
+            format!("{}x{}", m.shape.0, m.shape.1),
+            m.rank,
+            m.rel_error
+        );
+    }
+    let expert_size: usize = summary.matrices.iter().map(|m| m.rank).sum();
     println!(
-        "{n} matrices ({}), max relative reconstruction error {max_err:.3e} (limit {:.0e} for {}), {expert_size} numbers per expert",
+        "{} matrices ({}), max relative reconstruction error {:.3e} (limit {:.0e} for {}), {expert_size} numbers per expert",
+        summary.matrices.len(),
         a.targets,
-        a.cache_dtype.max_rel_error(),
-        a.cache_dtype,
+        summary.max_rel_error(),
+        summary.dtype.max_rel_error(),
+        summary.dtype,
     );
-    let dense: u64 = loaded
-        .model
-        .linears()
-        .filter(|l| a.targets.contains(l.id.kind))
-        .map(|l| (l.weight.elem_count() * 2) as u64)
+    let dense: u64 = summary
+        .matrices
+        .iter()
+        .map(|m| (m.shape.0 * m.shape.1 * 2) as u64)
         .sum();
-    let cache_bytes = std::fs::metadata(&cache).map(|m| m.len()).unwrap_or(0);
     println!(
         "cache {} ({}): {}; model weights on disk {}, its {} target matrices in bf16 {}",
         cache.display(),
-        a.cache_dtype,
-        crate::decompose_bench::gib(cache_bytes),
-        crate::decompose_bench::gib(model_file_bytes(&path)),
+        summary.dtype,
+        crate::decompose_bench::gib(summary.bytes),
+        crate::decompose_bench::gib(source.file_bytes),
         a.targets,
         crate::decompose_bench::gib(dense),
     );
-    match warm {
-        Some(_) => println!(
-            "warm start: loaded {} in {secs:.2}s (model load {load_s:.2}s)",
+    match was_warm {
+        true => println!(
+            "warm start: checked {} in {secs:.2}s (checkpoint index {open_s:.2}s)",
             cache.display()
         ),
-        None => println!(
-            "decomposed in {secs:.2}s, saved to {} (model load {load_s:.2}s)",
+        false => println!(
+            "decomposed in {secs:.2}s, saved to {} (checkpoint index and hash {open_s:.2}s)",
             cache.display()
         ),
     }

@@ -147,7 +147,8 @@ mod imp {
         // Row-major W (out × in) is column-major Wᵀ (in × out): SVD of Wᵀ = U'·Σ·V'ᵀ, so W = V'·Σ·U'ᵀ.
         let (m, n) = (inp, out);
         let r = m.min(n);
-        let to_i = |x: usize| c_int::try_from(x).context("matrix too large for cuSOLVER's int sizes");
+        let to_i =
+            |x: usize| c_int::try_from(x).context("matrix too large for cuSOLVER's int sizes");
         let (mi, ni, ri) = (to_i(m)?, to_i(n)?, to_i(r)?);
         let _ = ri;
         let mut a = stream.clone_htod(data)?;
@@ -221,7 +222,10 @@ mod imp {
         };
         let info = stream.clone_dtoh(&info_dev)?;
         if info[0] != 0 {
-            bail!("cusolverDnSgesvdj reported info = {} for {out}x{inp}", info[0]);
+            bail!(
+                "cusolverDnSgesvdj reported info = {} for {out}x{inp}",
+                info[0]
+            );
         }
         // W's factors: U_W = V' (n × r, column-major = r × n row-major), Vᵀ_W = U'ᵀ (U' column-major m × r
         // is r × m row-major, which is Vᵀ_W).

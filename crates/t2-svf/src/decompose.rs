@@ -491,6 +491,162 @@ impl Decomposition {
 
     /// Loads a cache and checks it belongs to these weights, is intact, and reconstructs them.
     pub fn load(path: &Path, model: &Llama, model_sha256: &str) -> Result<Self> {
+        let checked = CheckedCache::open(path, model_sha256)?;
+        let bad = |reason: String| SvfError::BadCache {
+            path: path.into(),
+            reason,
+        };
+        let st = checked.tensors()?;
+        let (targets, errors) = (checked.targets, &checked.errors);
+        let device = model.device();
+        let dtype = model.dtype();
+        let mut factors = BTreeMap::new();
+        for lin in model.linears().filter(|l| targets.contains(l.id.kind)) {
+            let name = lin.id.name();
+            let view = |suffix: &str| {
+                st.tensor(&format!("{name}.{suffix}"))
+                    .map_err(|_| bad(format!("missing {name}.{suffix}")))
+            };
+            let stored = stored_dtype(&view("u")?, &view("vt")?).ok_or_else(|| {
+                bad(format!(
+                    "{name}: factors are neither both f32 nor both bf16"
+                ))
+            })?;
+            if view("s")?.dtype() != safetensors::Dtype::F32 {
+                return Err(bad(format!("{name}.s is not f32")));
+            }
+            let (u, sigma, vt) = (
+                view("u")?.load(&Device::Cpu)?,
+                view("s")?.load(&Device::Cpu)?,
+                view("vt")?.load(&Device::Cpu)?,
+            );
+            let (out, inp) = lin.weight.dims2()?;
+            let r = out.min(inp);
+            if u.dims() != [out, r] || sigma.dims() != [r] || vt.dims() != [r, inp] {
+                return Err(bad(format!("{name} has the wrong shape for this model")));
+            }
+            let rel_error = *errors
+                .get(&name)
+                .ok_or_else(|| bad(format!("no error recorded for {name}")))?;
+            let limit = stored.max_rel_error();
+            if rel_error.is_nan() || rel_error > limit {
+                return Err(bad(format!(
+                    "{name} reconstructs with relative error {rel_error:.2e} > {limit:.0e}"
+                )));
+            }
+            let sigma_host = sigma.to_vec1::<f32>()?;
+            factors.insert(
+                lin.id,
+                Factors {
+                    u: u.to_device(device)?.to_dtype(dtype)?,
+                    sigma: sigma.to_device(device)?,
+                    vt: vt.to_device(device)?.to_dtype(dtype)?,
+                    sigma_host,
+                    rel_error,
+                },
+            );
+        }
+        Ok(Self {
+            targets,
+            model_sha256: model_sha256.into(),
+            hash: checked.hash.clone(),
+            factors,
+        })
+    }
+
+    /// Checks a cache file against the matrices of `source` (weights hash, integrity, shapes, errors)
+    /// without loading its factors; reports it as [`Self::compute_to_file`] would.
+    pub fn verify(
+        path: &Path,
+        source: &dyn MatrixSource,
+        model_sha256: &str,
+    ) -> Result<CacheSummary> {
+        let checked = CheckedCache::open(path, model_sha256)?;
+        let bad = |reason: String| SvfError::BadCache {
+            path: path.into(),
+            reason,
+        };
+        let st = checked.tensors()?;
+        let mut matrices = Vec::new();
+        let mut dtype = CacheDtype::F32;
+        for (id, (out, inp)) in source.matrices() {
+            if !checked.targets.contains(id.kind) {
+                continue;
+            }
+            let name = id.name();
+            let r = out.min(inp);
+            let view = |suffix: &str| {
+                st.tensor(&format!("{name}.{suffix}"))
+                    .map_err(|_| bad(format!("missing {name}.{suffix}")))
+            };
+            let (u, sv, vt) = (view("u")?, view("s")?, view("vt")?);
+            if u.shape() != [out, r] || sv.shape() != [r] || vt.shape() != [r, inp] {
+                return Err(bad(format!("{name} has the wrong shape for this model")));
+            }
+            dtype = stored_dtype(&u, &vt).ok_or_else(|| bad(format!("{name}: bad dtype")))?;
+            let rel_error = *checked
+                .errors
+                .get(&name)
+                .ok_or_else(|| bad(format!("no error recorded for {name}")))?;
+            if rel_error.is_nan() || rel_error > dtype.max_rel_error() {
+                return Err(bad(format!(
+                    "{name} reconstructs with relative error {rel_error:.2e}"
+                )));
+            }
+            matrices.push(MatrixReport {
+                id,
+                shape: (out, inp),
+                rank: r,
+                rel_error,
+                svd_s: 0.0,
+                check_s: 0.0,
+            });
+        }
+        Ok(CacheSummary {
+            path: path.into(),
+            targets: checked.targets,
+            dtype,
+            matrices,
+            bytes: checked.mmap.len() as u64,
+        })
+    }
+
+    pub fn max_rel_error(&self) -> f64 {
+        self.factors
+            .values()
+            .map(|f| f.rel_error)
+            .fold(0.0, f64::max)
+    }
+
+    /// Numbers one expert holds for this decomposition (Σ rank).
+    pub fn expert_size(&self) -> usize {
+        self.factors.values().map(|f| f.rank()).sum()
+    }
+}
+
+fn stored_dtype(
+    u: &safetensors::tensor::TensorView,
+    vt: &safetensors::tensor::TensorView,
+) -> Option<CacheDtype> {
+    match (u.dtype(), vt.dtype()) {
+        (safetensors::Dtype::F32, safetensors::Dtype::F32) => Some(CacheDtype::F32),
+        (safetensors::Dtype::BF16, safetensors::Dtype::BF16) => Some(CacheDtype::Bf16),
+        _ => None,
+    }
+}
+
+/// A cache file mapped, its metadata read, and checked to be of a known format, made from these
+/// weights and intact.
+struct CheckedCache {
+    path: PathBuf,
+    mmap: memmap2::Mmap,
+    targets: TargetSet,
+    errors: BTreeMap<String, f64>,
+    hash: String,
+}
+
+impl CheckedCache {
+    fn open(path: &Path, model_sha256: &str) -> Result<Self> {
         let bad = |reason: String| SvfError::BadCache {
             path: path.into(),
             reason,
@@ -540,76 +696,22 @@ impl Decomposition {
         if hex::encode(sum.finalize()) != get("checksum")? {
             return Err(bad("checksum mismatch (the file is damaged)".into()));
         }
-        let device = model.device();
-        let dtype = model.dtype();
-        let mut factors = BTreeMap::new();
-        for lin in model.linears().filter(|l| targets.contains(l.id.kind)) {
-            let name = lin.id.name();
-            let view = |suffix: &str| {
-                st.tensor(&format!("{name}.{suffix}"))
-                    .map_err(|_| bad(format!("missing {name}.{suffix}")))
-            };
-            let stored = match (view("u")?.dtype(), view("vt")?.dtype()) {
-                (safetensors::Dtype::F32, safetensors::Dtype::F32) => CacheDtype::F32,
-                (safetensors::Dtype::BF16, safetensors::Dtype::BF16) => CacheDtype::Bf16,
-                _ => {
-                    return Err(bad(format!(
-                        "{name}: factors are neither both f32 nor both bf16"
-                    )))
-                }
-            };
-            if view("s")?.dtype() != safetensors::Dtype::F32 {
-                return Err(bad(format!("{name}.s is not f32")));
-            }
-            let (u, sigma, vt) = (
-                view("u")?.load(&Device::Cpu)?,
-                view("s")?.load(&Device::Cpu)?,
-                view("vt")?.load(&Device::Cpu)?,
-            );
-            let (out, inp) = lin.weight.dims2()?;
-            let r = out.min(inp);
-            if u.dims() != [out, r] || sigma.dims() != [r] || vt.dims() != [r, inp] {
-                return Err(bad(format!("{name} has the wrong shape for this model")));
-            }
-            let rel_error = *errors
-                .get(&name)
-                .ok_or_else(|| bad(format!("no error recorded for {name}")))?;
-            let limit = stored.max_rel_error();
-            if rel_error.is_nan() || rel_error > limit {
-                return Err(bad(format!(
-                    "{name} reconstructs with relative error {rel_error:.2e} > {limit:.0e}"
-                )));
-            }
-            let sigma_host = sigma.to_vec1::<f32>()?;
-            factors.insert(
-                lin.id,
-                Factors {
-                    u: u.to_device(device)?.to_dtype(dtype)?,
-                    sigma: sigma.to_device(device)?,
-                    vt: vt.to_device(device)?.to_dtype(dtype)?,
-                    sigma_host,
-                    rel_error,
-                },
-            );
-        }
+        let hash = get("decomposition_hash")?;
+        drop(st);
         Ok(Self {
+            path: path.into(),
+            mmap,
             targets,
-            model_sha256: model_sha256.into(),
-            hash: get("decomposition_hash")?,
-            factors,
+            errors,
+            hash,
         })
     }
 
-    pub fn max_rel_error(&self) -> f64 {
-        self.factors
-            .values()
-            .map(|f| f.rel_error)
-            .fold(0.0, f64::max)
-    }
-
-    /// Numbers one expert holds for this decomposition (Σ rank).
-    pub fn expert_size(&self) -> usize {
-        self.factors.values().map(|f| f.rank()).sum()
+    fn tensors(&self) -> Result<safetensors::SafeTensors<'_>> {
+        safetensors::SafeTensors::deserialize(&self.mmap).map_err(|e| SvfError::BadCache {
+            path: self.path.clone(),
+            reason: format!("unreadable ({e})"),
+        })
     }
 }
 

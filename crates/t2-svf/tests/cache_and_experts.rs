@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device};
 use t2_model::{random_llama, Llama, LlamaConfig};
-use t2_svf::decompose::{CacheDtype, CacheOptions, Origin};
+use t2_svf::decompose::{CacheDtype, CacheOptions, MatrixSource, Origin};
 use t2_svf::{Decomposition, Expert, ExpertMeta, ExpertStore, SvfError, TargetSet};
 
 const SHA: &str = "0123456789abcdef";
@@ -322,5 +322,55 @@ fn mlp_only_cache_holds_only_mlp_matrices() {
         )
         .unwrap();
         assert!(matches!(origin, Origin::Computed { .. }));
+    }
+}
+
+#[test]
+fn streaming_from_the_checkpoint_file_equals_streaming_from_the_resident_model() {
+    let m = model();
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    std::fs::create_dir(&ckpt).unwrap();
+    std::fs::write(ckpt.join("config.json"), "{}").unwrap();
+    let tensors: Vec<(String, candle_core::Tensor)> = m
+        .linears()
+        .map(|l| {
+            let part = if t2_model::ProjKind::MLP.contains(&l.id.kind) {
+                "mlp"
+            } else {
+                "self_attn"
+            };
+            (
+                format!(
+                    "model.layers.{}.{part}.{}.weight",
+                    l.id.layer,
+                    l.id.kind.name()
+                ),
+                l.weight.clone(),
+            )
+        })
+        .collect();
+    candle_core::safetensors::save(
+        &tensors.iter().cloned().collect(),
+        ckpt.join("model.safetensors"),
+    )
+    .unwrap();
+    let source = t2_svf::checkpoint::CheckpointMatrices::open(&ckpt).unwrap();
+    assert_eq!(source.matrices().len(), 2 * 7);
+    assert_eq!(
+        source.weights_sha256,
+        t2_model::load::weights_sha256(&ckpt).unwrap()
+    );
+    for dtype in [CacheDtype::F32, CacheDtype::Bf16] {
+        let opts = CacheOptions::new(TargetSet::All, dtype);
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        Decomposition::compute_to_file(&source, SHA, &opts, &a, false).unwrap();
+        Decomposition::compute_to_file(&m, SHA, &opts, &b, false).unwrap();
+        assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap());
+        // checked without loading the factors, and loadable for the resident model
+        let s = Decomposition::verify(&a, &source, SHA).unwrap();
+        assert_eq!((s.matrices.len(), s.dtype), (2 * 7, dtype));
+        assert!(Decomposition::verify(&a, &source, "other").is_err());
+        Decomposition::load(&a, &m, SHA).unwrap();
     }
 }
