@@ -3,8 +3,10 @@
 mod adapt_cmd;
 mod bench;
 mod common;
+mod decompose_bench;
 mod experts_cmd;
 mod generate_cmd;
+mod gpu_svd;
 mod selftest;
 mod serve_cmd;
 mod train_cmd;
@@ -35,6 +37,8 @@ enum Command {
     Generate(generate_cmd::GenerateArgs),
     /// Decompose (SVD) the model's target matrices and cache the result beside the model.
     Decompose(common::DecomposeArgs),
+    /// Time the SVD of one random matrix of each target shape of a model (CPU or GPU) and extrapolate.
+    DecomposeBench(decompose_bench::DecomposeBenchArgs),
     /// List or inspect the experts of the model.
     #[command(subcommand)]
     Experts(experts_cmd::ExpertsCmd),
@@ -80,6 +84,7 @@ fn main() {
         Command::Serve(a) => serve_cmd::run(a),
         Command::Generate(a) => generate_cmd::run(a),
         Command::Decompose(a) => common::decompose(a),
+        Command::DecomposeBench(a) => decompose_bench::run(a),
         Command::Experts(c) => experts_cmd::run(c),
         Command::Bench(a) => bench::run(a),
         Command::Selftest(a) => selftest::run(a),

@@ -661,6 +661,50 @@ fn load_hf(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
     })
 }
 
+/// The weight files of a checkpoint (the `.gguf` itself, or the safetensors an HF folder uses), found
+/// without reading any tensor.
+pub fn weight_files(path: &Path) -> Result<(ModelSource, Vec<PathBuf>)> {
+    let source = ModelSource::detect(path)?;
+    let files = match &source {
+        ModelSource::Gguf(p) => vec![p.clone()],
+        ModelSource::HfDir(dir) => {
+            let bad = |reason: String| ModelError::BadCheckpoint {
+                path: dir.clone(),
+                reason,
+            };
+            let index_path = dir.join("model.safetensors.index.json");
+            let index = if index_path.is_file() {
+                let text = std::fs::read_to_string(&index_path).map_err(|e| ModelError::Io {
+                    path: index_path.clone(),
+                    source: e,
+                })?;
+                Some(
+                    serde_json::from_str(&text)
+                        .map_err(|e| bad(format!("model.safetensors.index.json: {e}")))?,
+                )
+            } else {
+                None
+            };
+            hf_weight_files(dir, index).map_err(bad)?
+        }
+    };
+    Ok((source, files))
+}
+
+/// The sha256 [`LoadedModel::weights_sha256`] has for this checkpoint, without loading it.
+pub fn weights_sha256(path: &Path) -> Result<String> {
+    match weight_files(path)? {
+        (ModelSource::Gguf(p), _) => sha256_file(&p),
+        (ModelSource::HfDir(_), files) => {
+            let mut hasher = Sha256::new();
+            for f in &files {
+                hasher.update(sha256_file(f)?.as_bytes());
+            }
+            Ok(hex::encode(hasher.finalize()))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

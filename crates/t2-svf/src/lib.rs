@@ -5,6 +5,7 @@
 //! s = σ⊙z·(Σσ/Σ(σ⊙z)) ([`mix`]). [`SvfProjector`] multiplies each batch row with its own mix, either with
 //! merged weights W' = (U⊙s)·Vᵀ when the whole batch shares one mix, or factored as ((x·V)⊙s)·Uᵀ.
 
+pub mod checkpoint;
 pub mod decompose;
 pub mod error;
 pub mod expert;

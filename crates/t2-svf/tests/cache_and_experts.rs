@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device};
 use t2_model::{random_llama, Llama, LlamaConfig};
-use t2_svf::decompose::Origin;
+use t2_svf::decompose::{CacheDtype, CacheOptions, MatrixSource, Origin};
 use t2_svf::{Decomposition, Expert, ExpertMeta, ExpertStore, SvfError, TargetSet};
 
 const SHA: &str = "0123456789abcdef";
@@ -178,4 +178,199 @@ fn invalid_experts_are_rejected_with_clear_errors() {
         .unwrap()
         .to_string()
         .contains("unreadable"));
+}
+
+fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// ‖U·diag(σ)·Vᵀ − W‖_F / ‖W‖_F recomputed from loaded factors (in f32).
+fn reconstruction_error(m: &Llama, d: &Decomposition) -> f64 {
+    let mut worst = 0f64;
+    for (id, f) in &d.factors {
+        let w = &m.linear(*id).unwrap().weight;
+        let us = f.u.broadcast_mul(&f.sigma.unsqueeze(0).unwrap()).unwrap();
+        let rec = us.matmul(&f.vt).unwrap();
+        let fro = |t: &candle_core::Tensor| {
+            t.sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64
+        };
+        let err = (fro(&(&rec - w).unwrap()) / fro(w)).sqrt();
+        worst = worst.max(err);
+    }
+    worst
+}
+
+#[test]
+fn streaming_cache_matches_in_memory_decomposition() {
+    let m = model();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stream.safetensors");
+    let opts = CacheOptions {
+        workers: Some(3),
+        ..CacheOptions::new(TargetSet::All, CacheDtype::F32)
+    };
+    let summary = Decomposition::compute_to_file(&m, SHA, &opts, &path, false).unwrap();
+    assert_eq!(summary.matrices.len(), 2 * 7);
+    assert_eq!(summary.bytes, std::fs::metadata(&path).unwrap().len());
+    let streamed = Decomposition::load(&path, &m, SHA).unwrap();
+    let memory = Decomposition::compute(&m, SHA, TargetSet::All, false).unwrap();
+    assert_eq!(streamed.hash, memory.hash);
+    assert_eq!(streamed.factors.len(), memory.factors.len());
+    for (id, f) in &memory.factors {
+        let g = &streamed.factors[id];
+        assert_eq!(f.sigma_host, g.sigma_host, "{}", id.name());
+        assert_eq!(max_abs_diff(&f.u, &g.u), 0.0, "{}", id.name());
+        assert_eq!(max_abs_diff(&f.vt, &g.vt), 0.0, "{}", id.name());
+        assert!(
+            (f.rel_error - g.rel_error).abs() <= 1e-12 * f.rel_error,
+            "{}",
+            id.name()
+        );
+    }
+    // the in-memory save writes the same format, readable the same way
+    let saved = dir.path().join("saved.safetensors");
+    memory.save(&saved).unwrap();
+    let again = Decomposition::load(&saved, &m, SHA).unwrap();
+    assert_eq!(again.factors.len(), memory.factors.len());
+}
+
+#[test]
+fn bf16_cache_round_trips_within_tolerance_and_halves_the_file() {
+    let m = model();
+    let dir = tempfile::tempdir().unwrap();
+    let model_path = dir.path().join("tiny.gguf");
+    let opts = CacheOptions::new(TargetSet::All, CacheDtype::Bf16);
+    let (d, origin) =
+        Decomposition::load_or_compute_with(&model_path, &m, SHA, &opts, false).unwrap();
+    let bf16_path = Decomposition::cache_path_for(&model_path, TargetSet::All, CacheDtype::Bf16);
+    assert_eq!(
+        origin,
+        Origin::Computed {
+            saved_to: bf16_path.clone(),
+            rejected: None
+        }
+    );
+    // Recorded (f64) and recomputed (f32) reconstruction errors: bf16 rounding of U and Vᵀ, well under 1e-2.
+    let recorded = d.max_rel_error();
+    let recomputed = reconstruction_error(&m, &d);
+    assert!(recorded > 1e-4 && recorded < 5e-3, "{recorded}");
+    assert!(
+        (recomputed - recorded).abs() < 1e-4,
+        "{recomputed} vs {recorded}"
+    );
+    // the f32 cache reconstructs to 1e-5
+    let (f, _) =
+        Decomposition::load_or_compute(&model_path, &m, SHA, TargetSet::All, false).unwrap();
+    assert!(reconstruction_error(&m, &f) < 1e-5);
+    // σ is kept in f32: identical in both
+    for (id, g) in &f.factors {
+        assert_eq!(g.sigma_host, d.factors[id].sigma_host);
+    }
+    let size = |p: &std::path::Path| std::fs::metadata(p).unwrap().len() as f64;
+    let ratio = size(&bf16_path) / size(&Decomposition::cache_path(&model_path, TargetSet::All));
+    assert!(ratio > 0.45 && ratio < 0.6, "{ratio}");
+    // warm start from the bf16 cache
+    let (_, origin) =
+        Decomposition::load_or_compute_with(&model_path, &m, SHA, &opts, false).unwrap();
+    assert_eq!(origin, Origin::Loaded(bf16_path));
+}
+
+#[test]
+fn mlp_only_cache_holds_only_mlp_matrices() {
+    let m = model();
+    for dtype in [CacheDtype::F32, CacheDtype::Bf16] {
+        // a folder each: an f32 cache would serve a bf16 request
+        let dir = tempfile::tempdir().unwrap();
+        let model_path = dir.path().join("tiny.gguf");
+        let opts = CacheOptions::new(TargetSet::Mlp, dtype);
+        let (d, _) =
+            Decomposition::load_or_compute_with(&model_path, &m, SHA, &opts, false).unwrap();
+        assert_eq!(d.targets, TargetSet::Mlp);
+        assert_eq!(d.factors.len(), 2 * 3);
+        assert!(d.factors.keys().all(|id| TargetSet::Mlp.contains(id.kind)));
+        let path = Decomposition::cache_path_for(&model_path, TargetSet::Mlp, dtype);
+        let bytes = std::fs::read(&path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let names = st.names();
+        assert_eq!(names.len(), 2 * 3 * 3);
+        for n in names {
+            let matrix = n.rsplit_once('.').unwrap().0;
+            let id = t2_model::ProjId::parse(matrix).unwrap();
+            assert!(TargetSet::Mlp.contains(id.kind), "{n}");
+        }
+        // an mlp cache cannot serve all targets: a wider request decomposes anew
+        let (_, origin) = Decomposition::load_or_compute_with(
+            &model_path,
+            &m,
+            SHA,
+            &CacheOptions::new(TargetSet::All, dtype),
+            false,
+        )
+        .unwrap();
+        assert!(matches!(origin, Origin::Computed { .. }));
+    }
+}
+
+#[test]
+fn streaming_from_the_checkpoint_file_equals_streaming_from_the_resident_model() {
+    let m = model();
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    std::fs::create_dir(&ckpt).unwrap();
+    std::fs::write(ckpt.join("config.json"), "{}").unwrap();
+    let tensors: Vec<(String, candle_core::Tensor)> = m
+        .linears()
+        .map(|l| {
+            let part = if t2_model::ProjKind::MLP.contains(&l.id.kind) {
+                "mlp"
+            } else {
+                "self_attn"
+            };
+            (
+                format!(
+                    "model.layers.{}.{part}.{}.weight",
+                    l.id.layer,
+                    l.id.kind.name()
+                ),
+                l.weight.clone(),
+            )
+        })
+        .collect();
+    candle_core::safetensors::save(
+        &tensors.iter().cloned().collect(),
+        ckpt.join("model.safetensors"),
+    )
+    .unwrap();
+    let source = t2_svf::checkpoint::CheckpointMatrices::open(&ckpt).unwrap();
+    assert_eq!(source.matrices().len(), 2 * 7);
+    assert_eq!(
+        source.weights_sha256,
+        t2_model::load::weights_sha256(&ckpt).unwrap()
+    );
+    for dtype in [CacheDtype::F32, CacheDtype::Bf16] {
+        let opts = CacheOptions::new(TargetSet::All, dtype);
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        Decomposition::compute_to_file(&source, SHA, &opts, &a, false).unwrap();
+        Decomposition::compute_to_file(&m, SHA, &opts, &b, false).unwrap();
+        assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap());
+        // checked without loading the factors, and loadable for the resident model
+        let s = Decomposition::verify(&a, &source, SHA).unwrap();
+        assert_eq!((s.matrices.len(), s.dtype), (2 * 7, dtype));
+        assert!(Decomposition::verify(&a, &source, "other").is_err());
+        Decomposition::load(&a, &m, SHA).unwrap();
+    }
 }
