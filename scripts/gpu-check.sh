@@ -12,7 +12,7 @@
 #   DEVICE=cuda        where to run (cpu runs the same sections, for checking this script)
 #   SHAPES="llama-3.2-1b llama-3-8b"   random shapes for t2 bench
 #   SERVE_SHAPE=llama-3.2-1b            random shape behind the serving measurement
-#   SKIP="ncu serve ..."                sections to leave out (selftest launches bench serve decomp)
+#   SKIP="launches serve ..."           sections to leave out (selftest launches bench-SHAPE serve decomp)
 set -uo pipefail
 BIN=$(realpath "$1")
 MODEL=$(realpath "$2")
@@ -49,28 +49,14 @@ cat "$OUT/versions.txt"
 
 export BIN WRAP
 export -f t2
-section selftest 120 t2 selftest --device "$DEVICE" --model "$MODEL" --json "$OUT/selftest.json"
+section selftest 90 t2 selftest --device "$DEVICE" --model "$MODEL" --json "$OUT/selftest.json"
 
-# Kernel launches per step: ncu lists every launch in order; everything from the first attention kernel
-# on belongs to forward passes (prefill, then decode steps), whose number the bench fixes.
-launches() {
-    command -v ncu >/dev/null || { echo "no ncu on this machine"; return 1; }
-    ncu --csv --page raw --metrics gpu__time_duration.sum ${WRAP:+bash "$WRAP"} "$BIN" bench --device "$DEVICE" \
-        --random smollm2-135m --targets mlp --modes base --batches 1 --prompt-len 8 --decode-steps 4 \
-        >"$OUT/ncu.csv" || return 1
-    python3 "$HERE/gpu-launches.py" "$OUT/ncu.csv" --forwards 8 --layers 30 --json "$OUT/launches.json"
-}
-export BIN MODEL OUT DEVICE HERE WRAP
-export -f t2 launches
-section launches 90 launches
-
+limit_for() { [[ $1 == llama-3-8b ]] && echo 110 || echo 90; }
 for shape in $SHAPES; do
-    section "bench-$shape" 150 t2 bench --device "$DEVICE" --random "$shape" --targets mlp \
-        --modes base,merged,mixes --mixes 64 --batches 1,8,64 --prompt-len 128 --decode-steps 32 \
-        --json "$OUT/bench-$shape.json"
+    section "bench-$shape" "$(limit_for "$shape")" t2 bench --device "$DEVICE" --random "$shape" \
+        --targets mlp --modes base,merged,mixes --mixes 65 --batches 1,8,64 --prompt-len 128 \
+        --decode-steps 32 --json "$OUT/bench-$shape.json"
 done
-section bench-smollm2-135m 60 t2 bench --device "$DEVICE" --random smollm2-135m --targets mlp \
-    --modes base --batches 1 --prompt-len 8 --decode-steps 64 --json "$OUT/bench-smollm2-135m.json"
 
 serve() {
     local port=18080
@@ -97,8 +83,25 @@ PY
     grep -i "device memory" "$OUT/serve-server.log"
 }
 export BIN MODEL OUT DEVICE SERVE_SHAPE HERE WRAP
-export -f t2 launches serve
-section serve 150 serve
+export -f t2 serve
+section serve 110 serve
+
+# Kernel launches per forward pass: ncu lists launches in order (the first 2,500: setup, then about three
+# forwards of a SmolLM2-shaped random model); scripts/gpu-launches.py counts from the first attention kernel.
+launches() {
+    command -v ncu >/dev/null || { echo "no ncu on this machine"; return 1; }
+    ncu --csv --page raw --metrics gpu__time_duration.sum --launch-count 2500 ${WRAP:+bash "$WRAP"} "$BIN" \
+        bench --device "$DEVICE" --random smollm2-135m --targets mlp --modes base --batches 1 \
+        --prompt-len 8 --decode-steps 8 >"$OUT/ncu.csv" || return 1
+    python3 "$HERE/gpu-launches.py" "$OUT/ncu.csv" --layers 30 --json "$OUT/launches.json"
+}
+export -f launches
+section launches 75 launches
+# The same model unprofiled: its batch-1 decode step time ÷ launches per step is the host time per launch.
+section bench-smollm2-135m 40 t2 bench --device "$DEVICE" --random smollm2-135m --targets mlp \
+    --modes base --batches 1 --prompt-len 8 --decode-steps 64 --json "$OUT/bench-smollm2-135m.json"
+
+section decomp 75 t2 decompose-bench --shape llama-3-8b --device "$DEVICE" --json "$OUT/decomp-gpu.json"
 
 tar -C "$OUT" -czf "$OUT/../gpu-check.tar.gz" . && mv "$OUT/../gpu-check.tar.gz" "$OUT/"
 echo "=== done: $(ls "$OUT" | tr '\n' ' ')"

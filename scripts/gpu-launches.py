@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Kernel launches per forward pass from an `ncu --csv --page raw` listing (scripts/gpu-check.sh makes it).
 
-Everything from the first attention launch on belongs to the bench's forward passes, whose number the bench
-fixes (--forwards); setup (weights, factors, tables) comes before and is left out. Prints launches per
-forward, the GPU time they take, and the most frequent kernels.
+Everything from the first attention launch on belongs to the bench's forward passes; setup (weights, factors,
+tables) comes before and is left out. The attention kernel runs once per layer per forward, so the forwards
+in the listing are its launches ÷ --layers (a listing cut short by --launch-count ends inside one, which
+makes the figure approximate to a fraction of a forward). Prints launches per forward, the GPU time they
+take, and the most frequent kernels.
 
-    python3 scripts/gpu-launches.py ncu.csv --forwards 8 --layers 30 --json launches.json
+    python3 scripts/gpu-launches.py ncu.csv --layers 30 --json launches.json
 """
 import argparse
 import collections
@@ -18,7 +20,6 @@ import sys
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("csv")
-    p.add_argument("--forwards", type=int, required=True, help="forward passes the profiled run made")
     p.add_argument("--layers", type=int, required=True, help="decoder layers of the profiled model")
     p.add_argument("--json")
     a = p.parse_args()
@@ -45,18 +46,18 @@ def main() -> int:
             return 0.0
 
     gpu_ns = sum(ns(r) for r in data[first:])
-    per_forward = len(fwd) / a.forwards
+    forwards = attn / a.layers
+    per_forward = len(fwd) / forwards
     top = collections.Counter(fwd).most_common(25)
     out = {
         "launches_total": len(names),
         "launches_in_forwards": len(fwd),
-        "forwards": a.forwards,
+        "forwards": forwards,
         "attention_launches": attn,
-        "attention_launches_expected": a.forwards * a.layers,
         "launches_per_forward": per_forward,
         "launches_per_layer": per_forward / a.layers,
-        "gpu_us_per_forward": gpu_ns / 1e3 / a.forwards,
-        "top_kernels_per_forward": [(n, c / a.forwards) for n, c in top],
+        "gpu_us_per_forward": gpu_ns / 1e3 / forwards,
+        "top_kernels_per_forward": [(n, c / forwards) for n, c in top],
     }
     print(json.dumps(out, indent=1))
     if a.json:

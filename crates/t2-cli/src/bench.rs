@@ -36,7 +36,8 @@ pub struct BenchArgs {
     /// Decode steps measured per configuration
     #[arg(long, default_value_t = 32)]
     pub decode_steps: usize,
-    /// Different mixes the `mixes` mode spreads over a batch (each row i uses mix i mod N)
+    /// Mixes registered; the first is the `merged` mode's, the other N-1 are spread over the `mixes` mode's
+    /// rows (row i uses mix 1 + i mod (N-1)), so a batch of b rows holds min(b, N-1) different mixes
     #[arg(long, default_value_t = 8)]
     pub mixes: usize,
     /// Write the results as JSON here too
