@@ -5,6 +5,8 @@ WORKDIR /src
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-pip unzip && rm -rf /var/lib/apt/lists/*
 COPY Cargo.toml Cargo.lock ./
 COPY crates crates
+# t2 selftest embeds the llama.cpp reference prompts.
+COPY tests/fixtures/reference tests/fixtures/reference
 RUN cargo build --release --locked -p t2
 COPY scripts scripts
 RUN bash scripts/fetch-model.sh && ./target/release/t2 decompose >/dev/null

@@ -12,6 +12,8 @@ ENV PATH=/root/.cargo/bin:$PATH CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP}
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY crates crates
+# t2 selftest embeds the llama.cpp reference prompts.
+COPY tests/fixtures/reference tests/fixtures/reference
 RUN cargo build --release --locked -p t2 --features cuda
 COPY scripts scripts
 # No GPU during the build: the decomposition runs on the CPU (the binary falls back to it) and is cached.
