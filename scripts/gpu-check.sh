@@ -49,9 +49,9 @@ cat "$OUT/versions.txt"
 
 export BIN WRAP
 export -f t2
-section selftest 90 t2 selftest --device "$DEVICE" --model "$MODEL" --json "$OUT/selftest.json"
+section selftest 80 t2 selftest --device "$DEVICE" --model "$MODEL" --json "$OUT/selftest.json"
 
-limit_for() { [[ $1 == llama-3-8b ]] && echo 110 || echo 90; }
+limit_for() { [[ $1 == llama-3-8b ]] && echo 100 || echo 80; }
 for shape in $SHAPES; do
     section "bench-$shape" "$(limit_for "$shape")" t2 bench --device "$DEVICE" --random "$shape" \
         --targets mlp --modes base,merged,mixes --mixes 65 --batches 1,8,64 --prompt-len 128 \
@@ -84,7 +84,7 @@ PY
 }
 export BIN MODEL OUT DEVICE SERVE_SHAPE HERE WRAP
 export -f t2 serve
-section serve 110 serve
+section serve 100 serve
 
 # Kernel launches per forward pass: ncu lists launches in order (the first 2,500: setup, then about three
 # forwards of a SmolLM2-shaped random model); scripts/gpu-launches.py counts from the first attention kernel.
@@ -96,12 +96,12 @@ launches() {
     python3 "$HERE/gpu-launches.py" "$OUT/ncu.csv" --layers 30 --json "$OUT/launches.json"
 }
 export -f launches
-section launches 75 launches
+section launches 60 launches
 # The same model unprofiled: its batch-1 decode step time ÷ launches per step is the host time per launch.
-section bench-smollm2-135m 40 t2 bench --device "$DEVICE" --random smollm2-135m --targets mlp \
+section bench-smollm2-135m 35 t2 bench --device "$DEVICE" --random smollm2-135m --targets mlp \
     --modes base --batches 1 --prompt-len 8 --decode-steps 64 --json "$OUT/bench-smollm2-135m.json"
 
-section decomp 75 t2 decompose-bench --shape llama-3-8b --device "$DEVICE" --json "$OUT/decomp-gpu.json"
+section decomp 60 t2 decompose-bench --shape llama-3-8b --device "$DEVICE" --json "$OUT/decomp-gpu.json"
 
 tar -C "$OUT" -czf "$OUT/../gpu-check.tar.gz" . && mv "$OUT/../gpu-check.tar.gz" "$OUT/"
 echo "=== done: $(ls "$OUT" | tr '\n' ' ')"
