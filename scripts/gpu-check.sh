@@ -37,6 +37,7 @@ section() {
     local rc=$?
     echo "=== $name: rc=$rc in $((SECONDS - t0))s"
     tail -n 25 "$OUT/$name.log"
+    return $rc
 }
 
 {
@@ -49,7 +50,12 @@ cat "$OUT/versions.txt"
 
 export BIN WRAP
 export -f t2
-section selftest 80 t2 selftest --device "$DEVICE" --model "$MODEL" --json "$OUT/selftest.json"
+if ! section selftest 80 t2 selftest --device "$DEVICE" --model "$MODEL" --json "$OUT/selftest.json"; then
+    # Tell a fused kernel's fault from the rest: without them, do the checks pass? Then measure without.
+    export T2_CUDA_UNFUSED=1
+    section selftest-unfused 80 t2 selftest --device "$DEVICE" --model "$MODEL" \
+        --json "$OUT/selftest-unfused.json" || unset T2_CUDA_UNFUSED
+fi
 
 limit_for() { [[ $1 == llama-3-8b ]] && echo 100 || echo 80; }
 for shape in $SHAPES; do
