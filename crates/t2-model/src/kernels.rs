@@ -515,6 +515,37 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// The fused CPU kernels give exactly candle's separate ops' bits, at batch sizes on both sides of the
+    /// switch to the thread pool, so swapping them in changes no result anywhere.
+    #[test]
+    fn fused_add_norm_and_silu_mul_are_bit_identical_to_the_separate_ops() {
+        let dev = Device::Cpu;
+        for rows in [1, 7, 33, 100] {
+            let x = Tensor::randn(0f32, 1f32, (rows, 96), &dev).unwrap();
+            let r = Tensor::randn(0f32, 1f32, (rows, 96), &dev).unwrap();
+            let w = Tensor::randn(1f32, 0.2f32, 96, &dev).unwrap();
+            let (sum, normed) = add_rms_norm(&x, &r, &w, 1e-5)
+                .unwrap()
+                .expect("f32 applies");
+            let want_sum = (&x + &r).unwrap();
+            let want = candle_nn::ops::rms_norm(&want_sum, &w, 1e-5).unwrap();
+            let bits = |t: &Tensor| -> Vec<u32> {
+                let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                v.iter().map(|x| x.to_bits()).collect()
+            };
+            assert_eq!(bits(&sum), bits(&want_sum), "sum, {rows} rows");
+            assert_eq!(bits(&normed), bits(&want), "norm, {rows} rows");
+            let g = Tensor::randn(0f32, 3f32, (rows, 700), &dev).unwrap();
+            let u = Tensor::randn(0f32, 1f32, (rows, 700), &dev).unwrap();
+            let got = silu_mul(&g, &u).unwrap().expect("f32 applies");
+            let want = (candle_nn::ops::silu(&g).unwrap() * &u).unwrap();
+            assert_eq!(bits(&got), bits(&want), "silu·up, {rows} rows");
+        }
+        // Other dtypes are left to the separate ops.
+        let h = Tensor::zeros((2, 8), DType::BF16, &dev).unwrap();
+        assert!(silu_mul(&h, &h).unwrap().is_none());
+    }
+
     fn check(dtype: DType, m: usize, tol: f32) {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 1f32, (m, 77), &dev).unwrap();
@@ -563,4 +594,102 @@ mod tests {
             assert_eq!(&alone, row, "row {i}");
         }
     }
+}
+
+/// The contiguous f32 data of a CPU tensor, or None.
+fn cpu_f32(t: &Tensor) -> Option<Vec<f32>> {
+    let (st, l) = t.storage_and_layout();
+    let (a, b) = l.contiguous_offsets()?;
+    match &*st {
+        Storage::Cpu(CpuStorage::F32(v)) => Some(v[a..b].to_vec()),
+        _ => None,
+    }
+}
+
+/// Runs `f` on the contiguous f32 slices of CPU tensors `x` and `y`, or returns None.
+fn with_f32_pair<R>(x: &Tensor, y: &Tensor, f: impl FnOnce(&[f32], &[f32]) -> R) -> Option<R> {
+    let (xs, xl) = x.storage_and_layout();
+    let (ys, yl) = y.storage_and_layout();
+    let ((xa, xb), (ya, yb)) = (xl.contiguous_offsets()?, yl.contiguous_offsets()?);
+    match (&*xs, &*ys) {
+        (Storage::Cpu(CpuStorage::F32(xv)), Storage::Cpu(CpuStorage::F32(yv))) => {
+            Some(f(&xv[xa..xb], &yv[ya..yb]))
+        }
+        _ => None,
+    }
+}
+
+/// (x + r, rmsnorm(x + r)·w) for f32 CPU tensors (rows, d) in one pass and one allocation, with the same
+/// arithmetic, in the same order, as candle's add and rms_norm (so results are bit-identical); None for
+/// other dtypes or layouts, which take the separate ops.
+pub fn add_rms_norm(
+    x: &Tensor,
+    r: &Tensor,
+    w: &Tensor,
+    eps: f32,
+) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+    if !x.device().is_cpu() || x.dims() != r.dims() || x.rank() != 2 {
+        return Ok(None);
+    }
+    let (rows, d) = x.dims2()?;
+    let Some(w) = cpu_f32(w).filter(|w| w.len() == d) else {
+        return Ok(None);
+    };
+    let out = with_f32_pair(x, r, |xv, rv| {
+        let mut out = vec![0f32; 2 * rows * d];
+        let (sum, normed) = out.split_at_mut(rows * d);
+        let row = |(((s, o), xr), rr): (((&mut [f32], &mut [f32]), &[f32]), &[f32])| {
+            for ((s, &a), &b) in s.iter_mut().zip(xr).zip(rr) {
+                *s = a + b;
+            }
+            let sum2 = s.iter().map(|&v| v * v).sum::<f32>();
+            let m = (sum2 / d as f32 + eps).sqrt();
+            for ((o, &v), &a) in o.iter_mut().zip(s.iter()).zip(&w) {
+                *o = v / m * a;
+            }
+        };
+        // As candle's rms_norm: small batches on this thread, large ones across the pool.
+        if rows <= 32 {
+            sum.chunks_mut(d)
+                .zip(normed.chunks_mut(d))
+                .zip(xv.chunks(d))
+                .zip(rv.chunks(d))
+                .for_each(|(((s, o), xr), rr)| row((((s, o), xr), rr)));
+        } else {
+            sum.par_chunks_mut(d)
+                .zip(normed.par_chunks_mut(d))
+                .zip(xv.par_chunks(d))
+                .zip(rv.par_chunks(d))
+                .for_each(|(((s, o), xr), rr)| row((((s, o), xr), rr)));
+        }
+        out
+    });
+    let Some(out) = out else { return Ok(None) };
+    let out = Tensor::from_vec(out, (2, rows, d), x.device())?;
+    Ok(Some((out.get(0)?, out.get(1)?)))
+}
+
+/// silu(g)·u for f32 CPU tensors in one pass, with candle's arithmetic (bit-identical to silu then mul);
+/// None for other dtypes or layouts.
+pub fn silu_mul(g: &Tensor, u: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    if !g.device().is_cpu() || g.dims() != u.dims() {
+        return Ok(None);
+    }
+    let out = with_f32_pair(g, u, |gv, uv| {
+        let mut out = vec![0f32; gv.len()];
+        let f = |((o, &g), &u): ((&mut f32, &f32), &f32)| *o = g / (1. + (-g).exp()) * u;
+        if gv.len() < 1 << 16 {
+            out.iter_mut().zip(gv).zip(uv).for_each(f);
+        } else {
+            out.par_iter_mut()
+                .zip(gv.par_iter())
+                .zip(uv.par_iter())
+                .for_each(f);
+        }
+        out
+    });
+    Ok(match out {
+        Some(out) => Some(Tensor::from_vec(out, g.shape(), g.device())?),
+        None => None,
+    })
 }

@@ -737,15 +737,22 @@ impl Llama {
         if gate.device().is_cuda() && crate::cuda::fused() {
             return self.project(&mlp.down, &crate::cuda::silu_mul(&gate, &up)?, p, rows);
         }
+        if let Some(act) = crate::kernels::silu_mul(&gate, &up)? {
+            return self.project(&mlp.down, &act, p, rows);
+        }
         self.project(&mlp.down, &(candle_nn::ops::silu(&gate)? * up)?, p, rows)
     }
 }
 
-/// (x + r, norm(x + r)): the residual stream and the next sublayer's input, in one launch on a GPU.
+/// (x + r, norm(x + r)): the residual stream and the next sublayer's input, in one pass (one launch on a
+/// GPU, one allocation on the CPU).
 fn add_norm(x: &Tensor, r: &Tensor, norm: &RmsNorm) -> candle_core::Result<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() && crate::cuda::fused() {
         return crate::cuda::add_rms_norm(x, r, &norm.weight, norm.eps);
+    }
+    if let Some(pair) = crate::kernels::add_rms_norm(x, r, &norm.weight, norm.eps)? {
+        return Ok(pair);
     }
     let x = (x + r)?;
     let h = norm.forward(&x)?;
