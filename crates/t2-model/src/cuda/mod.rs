@@ -47,6 +47,28 @@ macro_rules! with_dtype {
     };
 }
 
+/// `name` and a `cpu_fwd` that refuses, for three-input ops that exist only on CUDA (the CPU path has its
+/// own code for the same step).
+macro_rules! cuda_only_op3 {
+    ($name:literal) => {
+        fn name(&self) -> &'static str {
+            $name
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!(concat!($name, " runs on CUDA only"))
+        }
+    };
+}
+
 /// Writes `src` (rows, kv_heads, head_dim) into `pool` (one layer's K or V) at the pool rows in `slots`
 /// (per row, the row of kv head 0; see kv.rs for the layout). Applied as `pool.inplace_op3(src, slots)`.
 pub struct KvWrite;
@@ -133,21 +155,7 @@ pub struct PagedAttention<'a> {
 }
 
 impl candle_core::CustomOp3 for PagedAttention<'_> {
-    fn name(&self) -> &'static str {
-        "t2-paged-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("t2-paged-attention runs on CUDA; the CPU path has its own kernels")
-    }
+    cuda_only_op3!("t2-paged-attention");
 
     fn cuda_fwd(
         &self,
@@ -302,21 +310,7 @@ struct AddRmsNorm {
 }
 
 impl candle_core::CustomOp3 for AddRmsNorm {
-    fn name(&self) -> &'static str {
-        "t2-add-rms-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("t2-add-rms-norm runs on CUDA")
-    }
+    cuda_only_op3!("t2-add-rms-norm");
 
     fn cuda_fwd(
         &self,
@@ -443,21 +437,7 @@ pub struct RopeStore<'a> {
 }
 
 impl candle_core::CustomOp3 for RopeStore<'_> {
-    fn name(&self) -> &'static str {
-        "t2-rope-store"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("t2-rope-store runs on CUDA")
-    }
+    cuda_only_op3!("t2-rope-store");
 
     fn cuda_fwd(
         &self,
