@@ -4,6 +4,7 @@
 //! at build time, and enabling cudarc's `cusolver` feature would make every cuda build need libcusolver
 //! on the build machine. Here only this command needs it, and where it is missing it says so.
 
+#[cfg(not(feature = "cuda"))]
 use anyhow::Result;
 
 /// Seconds for one thin SVD of a random row-major (out × in) matrix on GPU `ordinal` (upload excluded,
