@@ -150,8 +150,7 @@ mod imp {
         let r = m.min(n);
         let to_i =
             |x: usize| c_int::try_from(x).context("matrix too large for cuSOLVER's int sizes");
-        let (mi, ni, ri) = (to_i(m)?, to_i(n)?, to_i(r)?);
-        let _ = ri;
+        let (mi, ni) = (to_i(m)?, to_i(n)?);
         let mut a = stream.clone_htod(data)?;
         let mut s = stream.alloc_zeros::<f32>(r)?;
         let mut u = stream.alloc_zeros::<f32>(m * r)?;
