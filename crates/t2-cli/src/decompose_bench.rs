@@ -38,6 +38,9 @@ struct ShapeTiming {
     out: usize,
     inp: usize,
     svd_s: f64,
+    /// CPU seconds the process used for this shape (SVD and check; all threads): on a shared machine the
+    /// wall time depends on what else runs, this much less.
+    cpu_s: Option<f64>,
     /// Reconstruction check on the CPU (0 on the GPU path, whose error is checked on the host, untimed).
     check_s: f64,
     rel_error: f64,
@@ -185,14 +188,15 @@ pub fn run(a: DecomposeBenchArgs) -> Result<()> {
         a.shape, a.device, report.engine
     );
     println!(
-        "{:<16} {:>12} {:>10} {:>10} {:>12}",
-        "kinds", "shape", "svd s", "check s", "rel. error"
+        "{:<16} {:>12} {:>10} {:>10} {:>10} {:>12}",
+        "kinds", "shape", "svd s", "check s", "cpu s", "rel. error"
     );
     for (i, ((out, inp), kinds)) in distinct.iter().enumerate() {
         if !kinds.iter().any(|k| wanted.contains(k)) {
             continue;
         }
         let data = random_matrix(*out, *inp, a.seed + i as u64);
+        let cpu0 = process_cpu_s();
         let t = match gpu {
             None => {
                 let h = svd_host(&data, *out, *inp, CacheDtype::F32)
@@ -209,15 +213,17 @@ pub fn run(a: DecomposeBenchArgs) -> Result<()> {
             out: *out,
             inp: *inp,
             svd_s: t.0,
+            cpu_s: cpu0.zip(process_cpu_s()).map(|(a, b)| b - a),
             check_s: t.1,
             rel_error: t.2,
         };
         println!(
-            "{:<16} {:>12} {:>10.2} {:>10.2} {:>12.2e}",
+            "{:<16} {:>12} {:>10.2} {:>10.2} {:>10.1} {:>12.2e}",
             row.kinds.join(","),
             format!("{out}x{inp}"),
             row.svd_s,
             row.check_s,
+            row.cpu_s.unwrap_or(f64::NAN),
             row.rel_error
         );
         report.timings.push(row);
@@ -260,6 +266,16 @@ pub fn run(a: DecomposeBenchArgs) -> Result<()> {
         std::fs::write(p, serde_json::to_string_pretty(&report)?)?;
     }
     Ok(())
+}
+
+/// User + system CPU seconds of this process so far (Linux; None elsewhere).
+fn process_cpu_s() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // fields after the parenthesised command name; utime and stime are the 14th and 15th overall
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
 
 fn extrapolate(report: &mut Report, shapes: &[(ProjKind, (usize, usize))]) {

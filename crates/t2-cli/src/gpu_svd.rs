@@ -4,6 +4,7 @@
 //! at build time, and enabling cudarc's `cusolver` feature would make every cuda build need libcusolver
 //! on the build machine. Here only this command needs it, and where it is missing it says so.
 
+#[cfg(not(feature = "cuda"))]
 use anyhow::Result;
 
 /// Seconds for one thin SVD of a random row-major (out × in) matrix on GPU `ordinal` (upload excluded,
@@ -149,8 +150,7 @@ mod imp {
         let r = m.min(n);
         let to_i =
             |x: usize| c_int::try_from(x).context("matrix too large for cuSOLVER's int sizes");
-        let (mi, ni, ri) = (to_i(m)?, to_i(n)?, to_i(r)?);
-        let _ = ri;
+        let (mi, ni) = (to_i(m)?, to_i(n)?);
         let mut a = stream.clone_htod(data)?;
         let mut s = stream.alloc_zeros::<f32>(r)?;
         let mut u = stream.alloc_zeros::<f32>(m * r)?;

@@ -5,8 +5,9 @@
 //! The cache is written as a stream ([`Decomposition::compute_to_file`]): one matrix at a time per worker
 //! is converted to f32, decomposed, and its factors written at their place in the file before the worker
 //! takes the next one. Peak memory is the resident model (if any) plus, per worker, one matrix in f32 and
-//! f64 with its f64 factors (≈ 1.6 GB for a 14336×4096 matrix); never the whole model in f32, never all the
-//! factors.
+//! f64 with its f64 factors and faer's workspace, then the check's copies (≈ 50 bytes per element: 2.9 GB
+//! measured for a 14336×4096 matrix); never the whole model in f32, never all the factors. The default
+//! number of workers keeps that under half the available memory.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -118,7 +119,8 @@ impl FromStr for CacheDtype {
 pub struct CacheOptions {
     pub targets: TargetSet,
     pub dtype: CacheDtype,
-    /// Matrices decomposed at once [default: the machine's cores]; each holds one matrix's working set.
+    /// Matrices decomposed at once [default: the machine's cores, fewer where their working sets would
+    /// not fit in half the available memory]; each holds one matrix's working set.
     pub workers: Option<usize>,
 }
 
@@ -423,7 +425,9 @@ impl Decomposition {
         ]);
         let writer = CacheWriter::create(path, meta, &layout, &names)?;
         let reports = Mutex::new(Vec::with_capacity(jobs.len()));
-        run_workers(jobs.len(), opts.workers, progress, |i| {
+        let largest = jobs.iter().map(|(_, (o, i))| o * i).max().unwrap_or(0);
+        let workers = opts.workers.or_else(|| memory_bound_workers(largest));
+        run_workers(jobs.len(), workers, progress, |i| {
             let (id, (out, inp)) = jobs[i];
             let name = id.name();
             let fail = |reason: String| SvfError::Decompose {
@@ -715,6 +719,28 @@ impl CheckedCache {
     }
 }
 
+/// Bytes one worker holds per element of the matrix it decomposes (f32 and f64 copies, f64 factors, faer's
+/// workspace, the check's copies): 2.9 GB measured for 14336×4096.
+const WORKING_BYTES_PER_ELEMENT: usize = 50;
+
+/// As many workers as there are cores, but no more than half the available memory holds (Linux; no
+/// bound elsewhere).
+fn memory_bound_workers(largest_elements: usize) -> Option<usize> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: usize = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    let per_worker = (largest_elements * WORKING_BYTES_PER_ELEMENT).max(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    Some((kb * 1024 / 2 / per_worker).clamp(1, cores))
+}
+
 /// Runs `job(0..n)` on `workers` threads (default: the machine's cores), with a progress bar; the first
 /// error stops the others from taking new jobs and is returned.
 fn run_workers(
@@ -990,7 +1016,7 @@ impl SvdHost {
 /// Thin SVD of one row-major (out × in) matrix in f64 (faer, all cores); factors rounded to `store` and
 /// their reconstruction error measured in f64, a block of rows at a time. Working set for a 14336×4096
 /// matrix: W in f64 (0.47 GB) and its f64 factors (0.6 GB), then the stored factors and the check's
-/// f64 copies of them (≈ 0.9 GB).
+/// f64 copies of them (2.9 GB peak measured in all).
 pub fn svd_host(
     data: &[f32],
     out: usize,
