@@ -510,6 +510,104 @@ mod avx2 {
     }
 }
 
+/// The contiguous f32 data of a CPU tensor, or None.
+fn cpu_f32(t: &Tensor) -> Option<Vec<f32>> {
+    let (st, l) = t.storage_and_layout();
+    let (a, b) = l.contiguous_offsets()?;
+    match &*st {
+        Storage::Cpu(CpuStorage::F32(v)) => Some(v[a..b].to_vec()),
+        _ => None,
+    }
+}
+
+/// Runs `f` on the contiguous f32 slices of CPU tensors `x` and `y`, or returns None.
+fn with_f32_pair<R>(x: &Tensor, y: &Tensor, f: impl FnOnce(&[f32], &[f32]) -> R) -> Option<R> {
+    let (xs, xl) = x.storage_and_layout();
+    let (ys, yl) = y.storage_and_layout();
+    let ((xa, xb), (ya, yb)) = (xl.contiguous_offsets()?, yl.contiguous_offsets()?);
+    match (&*xs, &*ys) {
+        (Storage::Cpu(CpuStorage::F32(xv)), Storage::Cpu(CpuStorage::F32(yv))) => {
+            Some(f(&xv[xa..xb], &yv[ya..yb]))
+        }
+        _ => None,
+    }
+}
+
+/// (x + r, rmsnorm(x + r)·w) for f32 CPU tensors (rows, d) in one pass and one allocation, with the same
+/// arithmetic, in the same order, as candle's add and rms_norm (so results are bit-identical); None for
+/// other dtypes or layouts, which take the separate ops.
+pub fn add_rms_norm(
+    x: &Tensor,
+    r: &Tensor,
+    w: &Tensor,
+    eps: f32,
+) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+    if !x.device().is_cpu() || x.dims() != r.dims() || x.rank() != 2 {
+        return Ok(None);
+    }
+    let (rows, d) = x.dims2()?;
+    let Some(w) = cpu_f32(w).filter(|w| w.len() == d) else {
+        return Ok(None);
+    };
+    let out = with_f32_pair(x, r, |xv, rv| {
+        let mut out = vec![0f32; 2 * rows * d];
+        let (sum, normed) = out.split_at_mut(rows * d);
+        let row = |s: &mut [f32], o: &mut [f32], xr: &[f32], rr: &[f32]| {
+            for ((s, &a), &b) in s.iter_mut().zip(xr).zip(rr) {
+                *s = a + b;
+            }
+            let sum2 = s.iter().map(|&v| v * v).sum::<f32>();
+            let m = (sum2 / d as f32 + eps).sqrt();
+            for ((o, &v), &a) in o.iter_mut().zip(s.iter()).zip(&w) {
+                *o = v / m * a;
+            }
+        };
+        // As candle's rms_norm: small batches on this thread, large ones across the pool.
+        if rows <= 32 {
+            sum.chunks_mut(d)
+                .zip(normed.chunks_mut(d))
+                .zip(xv.chunks(d))
+                .zip(rv.chunks(d))
+                .for_each(|(((s, o), xr), rr)| row(s, o, xr, rr));
+        } else {
+            sum.par_chunks_mut(d)
+                .zip(normed.par_chunks_mut(d))
+                .zip(xv.par_chunks(d))
+                .zip(rv.par_chunks(d))
+                .for_each(|(((s, o), xr), rr)| row(s, o, xr, rr));
+        }
+        out
+    });
+    let Some(out) = out else { return Ok(None) };
+    let out = Tensor::from_vec(out, (2, rows, d), x.device())?;
+    Ok(Some((out.get(0)?, out.get(1)?)))
+}
+
+/// silu(g)·u for f32 CPU tensors in one pass, with candle's arithmetic (bit-identical to silu then mul);
+/// None for other dtypes or layouts.
+pub fn silu_mul(g: &Tensor, u: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    if !g.device().is_cpu() || g.dims() != u.dims() {
+        return Ok(None);
+    }
+    let out = with_f32_pair(g, u, |gv, uv| {
+        let mut out = vec![0f32; gv.len()];
+        let f = |((o, &g), &u): ((&mut f32, &f32), &f32)| *o = g / (1. + (-g).exp()) * u;
+        if gv.len() < 1 << 16 {
+            out.iter_mut().zip(gv).zip(uv).for_each(f);
+        } else {
+            out.par_iter_mut()
+                .zip(gv.par_iter())
+                .zip(uv.par_iter())
+                .for_each(f);
+        }
+        out
+    });
+    Ok(match out {
+        Some(out) => Some(Tensor::from_vec(out, g.shape(), g.device())?),
+        None => None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -594,102 +692,4 @@ mod tests {
             assert_eq!(&alone, row, "row {i}");
         }
     }
-}
-
-/// The contiguous f32 data of a CPU tensor, or None.
-fn cpu_f32(t: &Tensor) -> Option<Vec<f32>> {
-    let (st, l) = t.storage_and_layout();
-    let (a, b) = l.contiguous_offsets()?;
-    match &*st {
-        Storage::Cpu(CpuStorage::F32(v)) => Some(v[a..b].to_vec()),
-        _ => None,
-    }
-}
-
-/// Runs `f` on the contiguous f32 slices of CPU tensors `x` and `y`, or returns None.
-fn with_f32_pair<R>(x: &Tensor, y: &Tensor, f: impl FnOnce(&[f32], &[f32]) -> R) -> Option<R> {
-    let (xs, xl) = x.storage_and_layout();
-    let (ys, yl) = y.storage_and_layout();
-    let ((xa, xb), (ya, yb)) = (xl.contiguous_offsets()?, yl.contiguous_offsets()?);
-    match (&*xs, &*ys) {
-        (Storage::Cpu(CpuStorage::F32(xv)), Storage::Cpu(CpuStorage::F32(yv))) => {
-            Some(f(&xv[xa..xb], &yv[ya..yb]))
-        }
-        _ => None,
-    }
-}
-
-/// (x + r, rmsnorm(x + r)·w) for f32 CPU tensors (rows, d) in one pass and one allocation, with the same
-/// arithmetic, in the same order, as candle's add and rms_norm (so results are bit-identical); None for
-/// other dtypes or layouts, which take the separate ops.
-pub fn add_rms_norm(
-    x: &Tensor,
-    r: &Tensor,
-    w: &Tensor,
-    eps: f32,
-) -> candle_core::Result<Option<(Tensor, Tensor)>> {
-    if !x.device().is_cpu() || x.dims() != r.dims() || x.rank() != 2 {
-        return Ok(None);
-    }
-    let (rows, d) = x.dims2()?;
-    let Some(w) = cpu_f32(w).filter(|w| w.len() == d) else {
-        return Ok(None);
-    };
-    let out = with_f32_pair(x, r, |xv, rv| {
-        let mut out = vec![0f32; 2 * rows * d];
-        let (sum, normed) = out.split_at_mut(rows * d);
-        let row = |(((s, o), xr), rr): (((&mut [f32], &mut [f32]), &[f32]), &[f32])| {
-            for ((s, &a), &b) in s.iter_mut().zip(xr).zip(rr) {
-                *s = a + b;
-            }
-            let sum2 = s.iter().map(|&v| v * v).sum::<f32>();
-            let m = (sum2 / d as f32 + eps).sqrt();
-            for ((o, &v), &a) in o.iter_mut().zip(s.iter()).zip(&w) {
-                *o = v / m * a;
-            }
-        };
-        // As candle's rms_norm: small batches on this thread, large ones across the pool.
-        if rows <= 32 {
-            sum.chunks_mut(d)
-                .zip(normed.chunks_mut(d))
-                .zip(xv.chunks(d))
-                .zip(rv.chunks(d))
-                .for_each(|(((s, o), xr), rr)| row((((s, o), xr), rr)));
-        } else {
-            sum.par_chunks_mut(d)
-                .zip(normed.par_chunks_mut(d))
-                .zip(xv.par_chunks(d))
-                .zip(rv.par_chunks(d))
-                .for_each(|(((s, o), xr), rr)| row((((s, o), xr), rr)));
-        }
-        out
-    });
-    let Some(out) = out else { return Ok(None) };
-    let out = Tensor::from_vec(out, (2, rows, d), x.device())?;
-    Ok(Some((out.get(0)?, out.get(1)?)))
-}
-
-/// silu(g)·u for f32 CPU tensors in one pass, with candle's arithmetic (bit-identical to silu then mul);
-/// None for other dtypes or layouts.
-pub fn silu_mul(g: &Tensor, u: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    if !g.device().is_cpu() || g.dims() != u.dims() {
-        return Ok(None);
-    }
-    let out = with_f32_pair(g, u, |gv, uv| {
-        let mut out = vec![0f32; gv.len()];
-        let f = |((o, &g), &u): ((&mut f32, &f32), &f32)| *o = g / (1. + (-g).exp()) * u;
-        if gv.len() < 1 << 16 {
-            out.iter_mut().zip(gv).zip(uv).for_each(f);
-        } else {
-            out.par_iter_mut()
-                .zip(gv.par_iter())
-                .zip(uv.par_iter())
-                .for_each(f);
-        }
-        out
-    });
-    Ok(match out {
-        Some(out) => Some(Tensor::from_vec(out, g.shape(), g.device())?),
-        None => None,
-    })
 }
