@@ -365,6 +365,50 @@ fn result(
     }
 }
 
+/// One adaptation's run over one task's multiple-choice items, scored item by item.
+struct Scored<'a> {
+    task: &'a Task,
+    cfg: &'a EvalConfig,
+    label: &'a str,
+    mode: EvalMode,
+    started: Instant,
+}
+
+impl Scored<'_> {
+    /// Scores `n` items 16 at a time (`right_of` says, for a range of items, which were answered right),
+    /// with a progress bar, into the run's result.
+    fn chunked(
+        self,
+        n: usize,
+        progress: bool,
+        mut right_of: impl FnMut(std::ops::Range<usize>) -> Result<Vec<bool>>,
+    ) -> Result<EvalResult> {
+        let bar = if progress {
+            indicatif::ProgressBar::new(n as u64)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        let mut right = Vec::with_capacity(n);
+        for start in (0..n).step_by(16) {
+            let range = start..(start + 16).min(n);
+            bar.inc(range.len() as u64);
+            right.extend(right_of(range)?);
+        }
+        bar.finish_and_clear();
+        let mut r = result(
+            self.task,
+            self.cfg,
+            self.label,
+            self.mode,
+            n,
+            right.iter().filter(|&&r| r).count(),
+            self.started.elapsed().as_secs_f64(),
+        );
+        r.per_item = per_item(right.into_iter());
+        Ok(r)
+    }
+}
+
 fn per_item(right: impl Iterator<Item = bool>) -> String {
     right.map(|r| if r { '1' } else { '0' }).collect()
 }
@@ -390,33 +434,25 @@ pub fn evaluate_loglik(
             let started = Instant::now();
             let lease = engine.lease(a)?;
             let mix = lease.id();
-            let bar = if progress {
-                indicatif::ProgressBar::new(items.len() as u64)
-            } else {
-                indicatif::ProgressBar::hidden()
-            };
-            let mut right = Vec::with_capacity(items.len());
-            for chunk in items.chunks(16) {
-                let picks = pick_by_loglik(engine, &task.info.area, chunk, mix)?;
-                for (it, pick) in chunk.iter().zip(picks) {
-                    if let Answer::Choice { correct: c, .. } = it.answer {
-                        right.push(pick == c);
-                    }
-                }
-                bar.inc(chunk.len() as u64);
-            }
-            bar.finish_and_clear();
-            let mut r = result(
-                &task,
+            let run = Scored {
+                task: &task,
                 cfg,
                 label,
-                EvalMode::LogLikelihood,
-                items.len(),
-                right.iter().filter(|&&r| r).count(),
-                started.elapsed().as_secs_f64(),
-            );
-            r.per_item = per_item(right.into_iter());
-            results.push(r);
+                mode: EvalMode::LogLikelihood,
+                started,
+            };
+            results.push(run.chunked(items.len(), progress, |range| {
+                let chunk = &items[range];
+                let picks = pick_by_loglik(engine, &task.info.area, chunk, mix)?;
+                Ok(chunk
+                    .iter()
+                    .zip(picks)
+                    .filter_map(|(it, pick)| match it.answer {
+                        Answer::Choice { correct: c, .. } => Some(pick == c),
+                        _ => None,
+                    })
+                    .collect())
+            })?);
         }
     }
     Ok(results)
@@ -439,29 +475,22 @@ pub fn evaluate_label(
         for (label, a) in &cfg.adaptations {
             let started = Instant::now();
             let lease = engine.lease(a)?;
-            let bar = if progress {
-                indicatif::ProgressBar::new(items.len() as u64)
-            } else {
-                indicatif::ProgressBar::hidden()
-            };
-            let mut right = Vec::with_capacity(items.len());
-            for chunk in labelled.chunks(16) {
-                let picks = crate::label::pick_by_label(engine, chunk, lease.id())?;
-                right.extend(chunk.iter().zip(picks).map(|(it, p)| p == it.correct));
-                bar.inc(chunk.len() as u64);
-            }
-            bar.finish_and_clear();
-            let mut r = result(
-                &task,
+            let run = Scored {
+                task: &task,
                 cfg,
                 label,
-                EvalMode::Label,
-                items.len(),
-                right.iter().filter(|&&r| r).count(),
-                started.elapsed().as_secs_f64(),
-            );
-            r.per_item = per_item(right.into_iter());
-            results.push(r);
+                mode: EvalMode::Label,
+                started,
+            };
+            results.push(run.chunked(items.len(), progress, |range| {
+                let chunk = &labelled[range];
+                let picks = crate::label::pick_by_label(engine, chunk, lease.id())?;
+                Ok(chunk
+                    .iter()
+                    .zip(picks)
+                    .map(|(it, p)| p == it.correct)
+                    .collect())
+            })?);
         }
     }
     Ok(results)

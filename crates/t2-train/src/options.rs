@@ -67,14 +67,7 @@ impl Trainer {
             loss_sum += loss.to_scalar::<f32>()? as f64;
             accumulate(&mut grads, &loss.backward()?, &logits)?;
         }
-        Ok(StepOut {
-            train_acc: right as f64 / n,
-            loss: loss_sum,
-            kl: 0.0,
-            grads,
-            rollout_seconds: 0.0,
-            update_seconds: started.elapsed().as_secs_f64(),
-        })
+        Ok(StepOut::picked(right as f64 / n, loss_sum, grads, started))
     }
 
     /// Validation accuracy of the option policy: its greedy picks, without gradients.
@@ -85,11 +78,7 @@ impl Trainer {
         cfg: &TrainConfig,
         p: &BTreeMap<ProjId, Vec<f32>>,
     ) -> Result<f64> {
-        let policy = Policy::new(
-            &self.engine().loaded.model,
-            &self.engine().svf.as_ref().expect("checked").decomp,
-            4096,
-        )?;
+        let policy = self.scoring_policy()?;
         let logits = SvfLogits::from_host(p.clone())?;
         let scored = self.option_items(area, items)?;
         let right = count_right(&policy, &logits, &scored, items_per_chunk(cfg))?;

@@ -131,6 +131,25 @@ pub(crate) struct StepOut {
     pub(crate) update_seconds: f64,
 }
 
+impl StepOut {
+    /// A step of a policy that picks among candidates (labels, options): no rollouts and no KL term.
+    pub(crate) fn picked(
+        train_acc: f64,
+        loss: f64,
+        grads: BTreeMap<ProjId, Vec<f32>>,
+        started: Instant,
+    ) -> Self {
+        Self {
+            train_acc,
+            loss,
+            kl: 0.0,
+            grads,
+            rollout_seconds: 0.0,
+            update_seconds: started.elapsed().as_secs_f64(),
+        }
+    }
+}
+
 /// z = sigmoid(p): the expert the logits stand for.
 pub(crate) fn z_of(p: &BTreeMap<ProjId, Vec<f32>>) -> BTreeMap<ProjId, Vec<f32>> {
     p.iter()

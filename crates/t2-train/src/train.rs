@@ -258,6 +258,12 @@ impl Trainer {
         })
     }
 
+    /// A policy that scores prompts of any length (the label and option policies' validation).
+    pub(crate) fn scoring_policy(&self) -> Result<Policy<'_>> {
+        let decomp = &self.engine().svf.as_ref().expect("checked").decomp;
+        Ok(Policy::new(&self.engine().loaded.model, decomp, 4096)?)
+    }
+
     fn validate(
         &self,
         area: &str,
