@@ -76,12 +76,7 @@ impl Engine {
         }
         let loaded = LoadedModel::load(&cfg.model_path, &cfg.device, cfg.dtype)?;
         if !cfg.svf {
-            return Ok(Self {
-                loaded,
-                svf: None,
-                experts: None,
-                decomposition_origin: None,
-            });
+            return Ok(Self::without_svf(loaded));
         }
         let (decomp, origin) = Decomposition::load_or_compute(
             &cfg.model_path,
@@ -172,6 +167,16 @@ impl Engine {
     }
 
     /// The chat template applied to `messages`, tokenized.
+    /// The base model alone: no decomposition, experts or mixes.
+    fn without_svf(loaded: LoadedModel) -> Self {
+        Self {
+            loaded,
+            svf: None,
+            experts: None,
+            decomposition_origin: None,
+        }
+    }
+
     fn open_random(cfg: &EngineConfig, name: &str, shape: &t2_model::LlamaConfig) -> Result<Self> {
         let mut loaded = LoadedModel::load(&cfg.model_path, &Device::Cpu, DType::F32)?;
         let shape = t2_model::LlamaConfig {
@@ -182,12 +187,7 @@ impl Engine {
         loaded.model_id = format!("random-{name}");
         loaded.weights_sha256 = "random".into();
         if !cfg.svf {
-            return Ok(Self {
-                loaded,
-                svf: None,
-                experts: None,
-                decomposition_origin: None,
-            });
+            return Ok(Self::without_svf(loaded));
         }
         let decomp = Decomposition::random(&loaded.model, cfg.targets, 11)?;
         // Random experts fit only this process's random decomposition: they live in a scratch store.

@@ -23,17 +23,6 @@ pub struct GpuRunner {
     pool: KvPool,
     samplers: HashMap<SeqId, Sampler>,
     merges: Arc<AtomicU64>,
-    /// Host↔device copies and steps so far, for the benchmark's per-step figure.
-    pub copies: CopyCount,
-}
-
-/// Copies the runner makes between host and device (the step's one upload is counted by the model; these
-/// are the downloads).
-#[derive(Debug, Default, Clone, Copy)]
-pub struct CopyCount {
-    pub steps: u64,
-    pub token_downloads: u64,
-    pub logit_downloads: u64,
 }
 
 impl GpuRunner {
@@ -45,7 +34,6 @@ impl GpuRunner {
             pool,
             samplers: HashMap::new(),
             merges,
-            copies: CopyCount::default(),
         })
     }
 
@@ -78,7 +66,6 @@ impl ModelRunner for GpuRunner {
             }
         }
         let logits = forward(&self.engine, &self.pool, &mut self.samplers, plan)?;
-        self.copies.steps += 1;
         let greedy = self.device_greedy(plan);
         let mut chosen = HashMap::new();
         if !greedy.is_empty() {
@@ -89,14 +76,8 @@ impl ModelRunner for GpuRunner {
             let tokens = Tensor::stack(&rows, 0)?
                 .argmax(D::Minus1)?
                 .to_vec1::<u32>()?;
-            self.copies.token_downloads += 1;
             chosen.extend(greedy.into_iter().zip(tokens));
         }
-        self.copies.logit_downloads += logits
-            .iter()
-            .enumerate()
-            .filter(|(i, l)| l.is_some() && !chosen.contains_key(i))
-            .count() as u64;
         outputs(plan, logits, &mut self.samplers, &chosen)
     }
 }
