@@ -56,6 +56,17 @@ struct Row {
     bytes_per_step: f64,
     /// Single-stream decode as a fraction of the bandwidth cap (bytes per step × steps/s ÷ bandwidth).
     bandwidth_fraction: f64,
+    /// Shares of decode time: projections (GEMM), attention (RoPE, KV write, attention), sampling (the
+    /// argmax over the vocabulary), other (embedding, norms, activations, bookkeeping).
+    decode_split: StepSplit,
+}
+
+#[derive(Serialize, Clone, Copy)]
+struct StepSplit {
+    gemm: f64,
+    attention: f64,
+    sampling: f64,
+    other: f64,
 }
 
 #[derive(Serialize)]
@@ -102,12 +113,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     LlamaConfig::NAMED
                 );
             };
-            (
-                random_llama(&cfg, dtype, &device, 7)?,
-                format!("random {shape}"),
-                None,
-                String::new(),
-            )
+            let mut model = random_llama(&cfg, dtype, &device, 7)?;
+            model.set_base_weights(a.model.base_weights())?;
+            (model, format!("random {shape}"), None, String::new())
         }
         None => {
             let path = a.model.model_path();
@@ -119,9 +127,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
         true => measure_bandwidth(),
         false => measure_device_bandwidth(&device)?,
     };
+    let dtype_name = match model.is_quantized() {
+        true => "q8_0".to_string(),
+        false => format!("{dtype:?}"),
+    };
+    // What a base decode step streams: the 8-bit copies when the base runs on them.
+    let base_bytes = match model.is_quantized() {
+        true => model.packed_weight_bytes().unwrap_or(model.weight_bytes()),
+        false => model.weight_bytes(),
+    };
     eprintln!(
-        "{name}: {:.0} MB of weights, {dtype:?} on {device:?}; measured read bandwidth {:.1} GB/s",
-        model.weight_bytes() as f64 / 1e6,
+        "{name}: {:.0} MB of weights read per step, {dtype_name} on {device:?}; measured read bandwidth {:.1} GB/s",
+        base_bytes as f64 / 1e6,
         bandwidth / 1e9
     );
     let packed_read_ratio = model
@@ -183,10 +200,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     // different mixes, none merged: always the factored path
                     _ => (0..b).map(|i| ids[1 + i % (a.mixes - 1)]).collect(),
                 };
-                let (prefill, decode) =
+                let (prefill, decode, decode_split) =
                     measure(&model, &svf, &mixes, a.prompt_len, a.decode_steps)?;
-                let bytes =
-                    model.weight_bytes() as f64 + if mode == "mixes" { extra as f64 } else { 0.0 };
+                let bytes = base_bytes as f64 + if mode == "mixes" { extra as f64 } else { 0.0 };
                 let row = Row {
                     targets: targets.to_string(),
                     mode: mode.clone(),
@@ -195,10 +211,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     decode_tok_s: decode,
                     bytes_per_step: bytes,
                     bandwidth_fraction: bytes * (decode / b as f64) / bandwidth,
+                    decode_split,
                 };
+                let s = decode_split;
                 eprintln!(
-                    "  {:<4} {:<7} b={:<3} prefill {:>8.1} tok/s  decode {:>8.1} tok/s",
-                    row.targets, row.mode, b, prefill, decode
+                    "  {:<4} {:<7} b={:<3} prefill {:>8.1} tok/s  decode {:>8.1} tok/s  (decode: GEMM {:.0}%, attention {:.0}%, sampling {:.0}%, other {:.0}%)",
+                    row.targets, row.mode, b, prefill, decode,
+                    s.gemm * 100.0, s.attention * 100.0, s.sampling * 100.0, s.other * 100.0
                 );
                 rows.push(row);
             }
@@ -206,7 +225,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let report = Report {
         model: name,
-        dtype: format!("{dtype:?}"),
+        dtype: dtype_name,
         device: format!("{device:?}"),
         threads: candle_core::utils::get_num_threads(),
         bandwidth_gb_s: bandwidth / 1e9,
@@ -230,7 +249,7 @@ fn measure(
     mixes: &[u32],
     prompt_len: usize,
     steps: usize,
-) -> Result<(f64, f64)> {
+) -> Result<(f64, f64, StepSplit)> {
     let vocab = model.cfg.vocab_size as u32;
     let prompts: Vec<Vec<u32>> = (0..mixes.len())
         .map(|s| {
@@ -239,7 +258,7 @@ fn measure(
                 .collect()
         })
         .collect();
-    let run = |steps: usize| -> Result<(f64, f64)> {
+    let run = |steps: usize| -> Result<(f64, f64, StepSplit)> {
         let (pool, mut caches) = model.pool_for(&vec![prompt_len + steps; mixes.len()])?;
         let t0 = Instant::now();
         let mut step: Vec<SeqStep> = caches
@@ -255,6 +274,7 @@ fn measure(
             .collect();
         let mut last = next_tokens(model.forward(&mut step, svf, &pool)?)?;
         let prefill = (mixes.len() * prompt_len) as f64 / t0.elapsed().as_secs_f64();
+        t2_model::profile::enable(true);
         let t1 = Instant::now();
         for _ in 0..steps {
             let toks: Vec<[u32; 1]> = last.iter().map(|&t| [t]).collect();
@@ -269,12 +289,21 @@ fn measure(
                     want: WantLogits::Last,
                 })
                 .collect();
-            last = next_tokens(model.forward(&mut step, svf, &pool)?)?;
+            let logits = model.forward(&mut step, svf, &pool)?;
+            let _sampling = t2_model::profile::span(t2_model::profile::Phase::Sampling);
+            last = next_tokens(logits)?;
         }
-        Ok((
-            prefill,
-            (mixes.len() * steps) as f64 / t1.elapsed().as_secs_f64(),
-        ))
+        let total = t1.elapsed().as_secs_f64();
+        let [gemm, attention, sampling] =
+            t2_model::profile::totals().map(|d| d.as_secs_f64() / total);
+        t2_model::profile::enable(false);
+        let split = StepSplit {
+            gemm,
+            attention,
+            sampling,
+            other: (1.0 - gemm - attention - sampling).max(0.0),
+        };
+        Ok((prefill, (mixes.len() * steps) as f64 / total, split))
     };
     run(2)?; // warm-up: first-touch allocations, thread pools
     run(steps)
@@ -390,8 +419,8 @@ fn print_table(r: &Report) {
                 .join(", ")
         );
     }
-    println!("| targets | mode | batch | prefill tok/s | decode tok/s | vs base | MB/step | bw fraction |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| targets | mode | batch | prefill tok/s | decode tok/s | vs base | MB/step | bw fraction | decode: GEMM / attention / sampling / other |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for row in &r.rows {
         let base = r
             .rows
@@ -400,7 +429,7 @@ fn print_table(r: &Report) {
             .map(|b| row.decode_tok_s / b.decode_tok_s)
             .unwrap_or(f64::NAN);
         println!(
-            "| {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.0} | {:.2} |",
+            "| {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.0} | {:.2} | {:.0}% / {:.0}% / {:.0}% / {:.0}% |",
             row.targets,
             row.mode,
             row.batch,
@@ -408,7 +437,11 @@ fn print_table(r: &Report) {
             row.decode_tok_s,
             base,
             row.bytes_per_step / 1e6,
-            row.bandwidth_fraction
+            row.bandwidth_fraction,
+            row.decode_split.gemm * 100.0,
+            row.decode_split.attention * 100.0,
+            row.decode_split.sampling * 100.0,
+            row.decode_split.other * 100.0
         );
     }
 }

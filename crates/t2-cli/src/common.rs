@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::Args;
 use t2_engine::{Engine, EngineConfig};
-use t2_model::LoadedModel;
+use t2_model::{BaseWeights, LoadedModel};
 use t2_svf::decompose::{CacheDtype, CacheOptions};
 use t2_svf::{Decomposition, TargetSet};
 
@@ -21,7 +21,8 @@ pub struct ModelArgs {
     /// cpu, cuda or cuda:N [default: a GPU when built with cuda and one is present, else cpu]
     #[arg(long)]
     pub device: Option<String>,
-    /// Weight and activation precision: f32, f16 or bf16 [default: f32 on CPU, bf16 on GPU]
+    /// Weight and activation precision: f32, f16, bf16, or q8_0 (CPU: base weights in 8 bits with block
+    /// scales, everything else f32) [default: f32 on CPU, bf16 on GPU]
     #[arg(long)]
     pub dtype: Option<String>,
 }
@@ -88,14 +89,26 @@ impl ModelArgs {
             Some("f32") => Ok(DType::F32),
             Some("f16") => Ok(DType::F16),
             Some("bf16") => Ok(DType::BF16),
-            Some(other) => bail!("unknown dtype '{other}' (expected f32, f16 or bf16)"),
+            Some("q8_0") if device.is_cpu() => Ok(DType::F32),
+            Some("q8_0") => bail!("--dtype q8_0 runs on the CPU only (use bf16 or f16 on a GPU)"),
+            Some(other) => bail!("unknown dtype '{other}' (expected f32, f16, bf16 or q8_0)"),
+        }
+    }
+
+    /// How the base weights are held: 8-bit for `--dtype q8_0`, else in the dtype.
+    pub fn base_weights(&self) -> BaseWeights {
+        match self.dtype.as_deref() {
+            Some("q8_0") => BaseWeights::Q8,
+            _ => BaseWeights::Dense,
         }
     }
 
     pub fn load(&self) -> Result<LoadedModel> {
         let device = self.device()?;
         let dtype = self.dtype(&device)?;
-        Ok(LoadedModel::load(&self.model_path(), &device, dtype)?)
+        let mut l = LoadedModel::load(&self.model_path(), &device, dtype)?;
+        l.model.set_base_weights(self.base_weights())?;
+        Ok(l)
     }
 }
 
@@ -144,6 +157,7 @@ pub fn engine_config(m: &ModelArgs, s: &SvfArgs, svf: bool) -> Result<EngineConf
         model_path: m.model_path(),
         device,
         dtype,
+        base_weights: m.base_weights(),
         targets: s.targets,
         experts_dir: s.experts_dir.clone(),
         svf,

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
-use t2_model::{ChatMessage, DenseProjector, LoadedModel, ModelError, Projector};
+use t2_model::{BaseWeights, ChatMessage, DenseProjector, LoadedModel, ModelError, Projector};
 use t2_svf::decompose::Origin;
 use t2_svf::{
     Adaptation, Decomposition, ExpertStore, MixKey, MixLease, SvfError, SvfProjector, TargetSet,
@@ -31,6 +31,8 @@ pub struct EngineConfig {
     pub model_path: PathBuf,
     pub device: Device,
     pub dtype: DType,
+    /// Base weights in the model's dtype, or 8-bit on the CPU (`--dtype q8_0`).
+    pub base_weights: BaseWeights,
     pub targets: TargetSet,
     pub experts_dir: PathBuf,
     /// Load (or build) the decomposition and experts; without it only the base model runs.
@@ -51,6 +53,7 @@ impl EngineConfig {
             model_path,
             device: Device::Cpu,
             dtype: DType::F32,
+            base_weights: BaseWeights::Dense,
             targets: TargetSet::All,
             experts_dir: PathBuf::from("experts"),
             svf: true,
@@ -74,7 +77,8 @@ impl Engine {
         if let Some((name, shape)) = &cfg.random_shape {
             return Self::open_random(cfg, name, shape);
         }
-        let loaded = LoadedModel::load(&cfg.model_path, &cfg.device, cfg.dtype)?;
+        let mut loaded = LoadedModel::load(&cfg.model_path, &cfg.device, cfg.dtype)?;
+        loaded.model.set_base_weights(cfg.base_weights)?;
         if !cfg.svf {
             return Ok(Self::without_svf(loaded));
         }
@@ -184,6 +188,7 @@ impl Engine {
             ..shape.clone()
         };
         loaded.model = t2_model::random_llama(&shape, cfg.dtype, &cfg.device, 7)?;
+        loaded.model.set_base_weights(cfg.base_weights)?;
         loaded.model_id = format!("random-{name}");
         loaded.weights_sha256 = "random".into();
         if !cfg.svf {

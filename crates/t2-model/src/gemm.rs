@@ -26,6 +26,7 @@ pub const NR: usize = 16;
 /// Fixed, like everything else that shapes the loops: it does not change any sum's order anyway (see the
 /// module note).
 const KC: usize = 4096;
+const _: () = assert!(KC % QB == 0, "a k block must hold whole Q8 blocks");
 /// Rows of x per block: MC rows of x stay in L2 while every panel of a thread passes over them.
 const MC: usize = 72;
 
@@ -36,19 +37,37 @@ const MC: usize = 72;
 struct Line([u32; NR]);
 
 /// How the weights are stored; the kernels widen halves to f32 as they load them (exact), so the sums are
-/// the same f32 FMA chains in every format.
+/// the same f32 FMA chains in every format. `Q8` holds 8-bit integers with one f32 scale per [`QB`]
+/// weights of a row (the Q8_0 scheme): a block's products are summed, then scaled once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Elem {
     F32,
     F16,
     BF16,
+    Q8,
 }
 
+/// Weights of a row that share one scale in the `Q8` format.
+pub const QB: usize = 32;
+/// Bytes of one `Q8` block of a panel: QB k-columns of 16 int8 weights, then the 16 rows' f32 scales
+/// (nine whole lines, so every block starts 64-byte aligned).
+const Q8_BLOCK: usize = QB * NR + NR * 4;
+
 impl Elem {
-    fn bytes(self) -> usize {
+    /// Bytes of one panel of a W with k columns.
+    fn panel_bytes(self, k: usize) -> usize {
         match self {
-            Elem::F32 => 4,
-            Elem::F16 | Elem::BF16 => 2,
+            Elem::F32 => k * NR * 4,
+            Elem::F16 | Elem::BF16 => k * NR * 2,
+            Elem::Q8 => k.div_ceil(QB) * Q8_BLOCK,
+        }
+    }
+
+    /// Byte offset of column k0 within a panel (for Q8, k0 is a multiple of QB).
+    fn column_offset(self, k0: usize) -> usize {
+        match self {
+            Elem::Q8 => k0 / QB * Q8_BLOCK,
+            _ => self.panel_bytes(k0),
         }
     }
 }
@@ -106,11 +125,14 @@ impl Isa {
 
     /// (rows per tile, panels per tile): as many accumulators as the registers hold with room for the
     /// weight vectors and a broadcast (AVX-512: 12×2 of 32 zmm; AVX2: 6×2 of 16 ymm).
-    fn tile(self) -> (usize, usize) {
-        match self {
-            Isa::Avx512 => (12, 2),
-            Isa::Avx2 => (6, 1),
-            Isa::Scalar => (4, 1),
+    /// Q8 keeps a block's partial sums beside the running ones, so its tiles have half the rows.
+    fn tile(self, elem: Elem) -> (usize, usize) {
+        match (self, elem) {
+            (Isa::Avx512, Elem::Q8) => (6, 2),
+            (Isa::Avx512, _) => (12, 2),
+            (Isa::Avx2, Elem::Q8) => (3, 1),
+            (Isa::Avx2, _) => (6, 1),
+            (Isa::Scalar, _) => (4, 1),
         }
     }
 }
@@ -137,8 +159,7 @@ impl PackedWeight {
             return None;
         }
         let panel = k * NR;
-        let mut lines =
-            vec![Line([0; NR]); (n.div_ceil(NR) * panel * T::ELEM.bytes()).div_ceil(64)];
+        let mut lines = vec![Line([0; NR]); (n.div_ceil(NR) * T::ELEM.panel_bytes(k)).div_ceil(64)];
         // SAFETY: every bit pattern is a valid T (f32, f16, bf16), the lines are at least this long and
         // 64-byte aligned.
         let all = unsafe {
@@ -160,6 +181,67 @@ impl PackedWeight {
             elem: T::ELEM,
             lines,
         })
+    }
+
+    /// Packs a row-major W (n, k) of f32 as 8-bit integers, one scale per [`QB`] weights of a row
+    /// (max |w| ↦ 127, rounded to nearest). None for an empty matrix.
+    pub fn pack_q8(w: &[f32], n: usize, k: usize) -> Option<Self> {
+        if n == 0 || k == 0 || w.len() < n * k {
+            return None;
+        }
+        let panel = Elem::Q8.panel_bytes(k);
+        let mut lines = vec![Line([0; NR]); n.div_ceil(NR) * panel / 64];
+        // SAFETY: the lines are plain bytes, n.div_ceil(NR) · panel of them.
+        let all = unsafe {
+            std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut u8, n.div_ceil(NR) * panel)
+        };
+        all.par_chunks_mut(panel)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                for (b, block) in panel.chunks_exact_mut(Q8_BLOCK).enumerate() {
+                    let (ints, scales) = block.split_at_mut(QB * NR);
+                    for j in 0..NR.min(n - p * NR) {
+                        let row = &w[(p * NR + j) * k..(p * NR + j + 1) * k];
+                        let part = &row[b * QB..((b + 1) * QB).min(k)];
+                        let amax = part.iter().fold(0f32, |a, v| a.max(v.abs()));
+                        let scale = amax / 127.0;
+                        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+                        for (kk, &v) in part.iter().enumerate() {
+                            ints[kk * NR + j] = (v * inv).round().clamp(-127.0, 127.0) as i8 as u8;
+                        }
+                        scales[j * 4..j * 4 + 4].copy_from_slice(&scale.to_ne_bytes());
+                    }
+                }
+            });
+        Some(Self {
+            n,
+            k,
+            elem: Elem::Q8,
+            lines,
+        })
+    }
+
+    /// The values a `Q8` weight holds, row-major (n, k): what its products compute with.
+    pub fn dequantize_q8(&self) -> Option<Vec<f32>> {
+        if self.elem != Elem::Q8 {
+            return None;
+        }
+        let (n, k) = (self.n, self.k);
+        let panel = Elem::Q8.panel_bytes(k);
+        // SAFETY: as in `pack_q8`.
+        let all = unsafe {
+            std::slice::from_raw_parts(self.lines.as_ptr() as *const u8, self.lines.len() * 64)
+        };
+        let mut w = vec![0f32; n * k];
+        for j in 0..n {
+            let (p, l) = (j / NR, j % NR);
+            for kk in 0..k {
+                let block = &all[p * panel + kk / QB * Q8_BLOCK..][..Q8_BLOCK];
+                let s = f32::from_ne_bytes(block[QB * NR + l * 4..][..4].try_into().unwrap());
+                w[j * k + kk] = block[kk % QB * NR + l] as i8 as f32 * s;
+            }
+        }
+        Some(w)
     }
 
     /// How the weights are stored.
@@ -196,14 +278,17 @@ impl PackedWeight {
         if m == 0 {
             return;
         }
-        let (mr, pw) = isa.tile();
+        let (mr, pw) = isa.tile(self.elem);
         let panels = n.div_ceil(NR);
         // ~4 bands per thread balances uneven cores without paying much per-task overhead; a band is a
         // whole number of tiles wide.
-        let threads = rayon::current_num_threads().max(1);
-        let band = panels.div_ceil(threads * 4).max(pw).next_multiple_of(pw);
+        let pool = crate::pool::Pool::global();
+        let band = panels
+            .div_ceil(pool.threads() * 4)
+            .max(pw)
+            .next_multiple_of(pw);
         let out = SyncPtr(out.as_mut_ptr());
-        (0..panels.div_ceil(band)).into_par_iter().for_each(|b| {
+        pool.run(panels.div_ceil(band), &|b| {
             let (p0, p1) = (b * band, ((b + 1) * band).min(panels));
             // A tile that overhangs W's last row goes through here and only its real columns are kept.
             let mut spill = [0f32; 12 * 2 * NR];
@@ -259,12 +344,12 @@ impl PackedWeight {
             }
             (spill.as_mut_ptr(), width)
         };
-        let e = self.elem.bytes();
+        let panel = self.elem.panel_bytes(k);
         let t = Tile {
             x: x.as_ptr().add(i * k + k0),
             ldx: k,
-            w: (self.lines.as_ptr() as *const u8).add((p * k + k0) * NR * e),
-            panel: k * NR * e,
+            w: (self.lines.as_ptr() as *const u8).add(p * panel + self.elem.column_offset(k0)),
+            panel,
             kc,
             c,
             ldc,
@@ -274,6 +359,7 @@ impl PackedWeight {
             Elem::F32 => dispatch::<F32>(isa, rows, pp, t),
             Elem::F16 => dispatch::<F16>(isa, rows, pp, t),
             Elem::BF16 => dispatch::<BF16>(isa, rows, pp, t),
+            Elem::Q8 => dispatch_q8(isa, rows, pp, t),
         }
         if !direct {
             for r in 0..rows {
@@ -341,6 +427,54 @@ unsafe fn dispatch<const E: u8>(isa: Isa, rows: usize, pp: usize, t: Tile) {
     }
 }
 
+unsafe fn dispatch_q8(isa: Isa, rows: usize, pp: usize, t: Tile) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => {
+            macro_rules! rows512 {
+                ($($r:literal)*) => {
+                    match (rows, pp) {
+                        $(($r, 1) => x86::k512q8::<$r, 1>(t),
+                          ($r, _) => x86::k512q8::<$r, 2>(t),)*
+                        _ => unreachable!("tile rows"),
+                    }
+                };
+            }
+            rows512!(1 2 3 4 5 6)
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => match rows {
+            1 => x86::k256q8::<1>(t),
+            2 => x86::k256q8::<2>(t),
+            3 => x86::k256q8::<3>(t),
+            _ => unreachable!("tile rows"),
+        },
+        _ => scalar_q8(rows, pp, t),
+    }
+}
+
+/// The Q8 chains one at a time: per block, a chain of products from 0, then one fused scale-and-add.
+unsafe fn scalar_q8(rows: usize, pp: usize, t: Tile) {
+    for r in 0..rows {
+        for j in 0..pp * NR {
+            let (q, l) = (j / NR, j % NR);
+            let c = t.c.add(r * t.ldc + j);
+            let mut acc = if t.first { 0.0 } else { *c };
+            for b in 0..t.kc.div_ceil(QB) {
+                let block = t.w.add(q * t.panel + b * Q8_BLOCK);
+                let mut part = 0f32;
+                for kk in 0..QB.min(t.kc - b * QB) {
+                    let w = *(block.add(kk * NR + l) as *const i8) as f32;
+                    part = (*t.x.add(r * t.ldx + b * QB + kk)).mul_add(w, part);
+                }
+                let s = *(block.add(QB * NR) as *const f32).add(l);
+                acc = part.mul_add(s, acc);
+            }
+            *c = acc;
+        }
+    }
+}
+
 /// The same chains one at a time (`mul_add` is a fused multiply-add, as in the vector kernels).
 unsafe fn scalar<const E: u8>(rows: usize, pp: usize, t: Tile) {
     for r in 0..rows {
@@ -364,7 +498,7 @@ unsafe fn scalar<const E: u8>(rows: usize, pp: usize, t: Tile) {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Tile, F16, F32, NR};
+    use super::{Tile, F16, F32, NR, Q8_BLOCK, QB};
     use std::arch::x86_64::*;
 
     /// 16 weights of format E at byte `p` (64-byte aligned for f32, 32 for halves), widened to f32.
@@ -447,6 +581,91 @@ mod x86 {
                 let xb = _mm256_broadcast_ss(&*t.x.add(r * t.ldx + kk));
                 acc[r][0] = _mm256_fmadd_ps(xb, w0, acc[r][0]);
                 acc[r][1] = _mm256_fmadd_ps(xb, w1, acc[r][1]);
+            }
+        }
+        for r in 0..MR {
+            for h in 0..2 {
+                _mm256_storeu_ps(t.c.add(r * t.ldc + h * 8), acc[r][h]);
+            }
+        }
+    }
+
+    /// MR rows × P panels of 16 over Q8 blocks: a block's products go into their own accumulators from 0,
+    /// which are then scaled into the running sums (the same chains as `scalar_q8`).
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::needless_range_loop)]
+    pub unsafe fn k512q8<const MR: usize, const P: usize>(t: Tile) {
+        let mut acc = [[_mm512_setzero_ps(); P]; MR];
+        if !t.first {
+            for r in 0..MR {
+                for q in 0..P {
+                    acc[r][q] = _mm512_loadu_ps(t.c.add(r * t.ldc + q * NR));
+                }
+            }
+        }
+        for b in 0..t.kc.div_ceil(QB) {
+            let block = t.w.add(b * Q8_BLOCK);
+            let mut part = [[_mm512_setzero_ps(); P]; MR];
+            for kk in 0..QB.min(t.kc - b * QB) {
+                let mut w = [_mm512_setzero_ps(); P];
+                for q in 0..P {
+                    let ints = _mm_load_si128(block.add(q * t.panel + kk * NR) as *const __m128i);
+                    w[q] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(ints));
+                }
+                for r in 0..MR {
+                    let xb = _mm512_set1_ps(*t.x.add(r * t.ldx + b * QB + kk));
+                    for q in 0..P {
+                        part[r][q] = _mm512_fmadd_ps(xb, w[q], part[r][q]);
+                    }
+                }
+            }
+            for q in 0..P {
+                let s = _mm512_load_ps(block.add(q * t.panel + QB * NR) as *const f32);
+                for r in 0..MR {
+                    acc[r][q] = _mm512_fmadd_ps(part[r][q], s, acc[r][q]);
+                }
+            }
+        }
+        for r in 0..MR {
+            for q in 0..P {
+                _mm512_storeu_ps(t.c.add(r * t.ldc + q * NR), acc[r][q]);
+            }
+        }
+    }
+
+    /// MR rows × one panel of 16 over Q8 blocks (two ymm per row for the running and the block sums).
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::needless_range_loop)]
+    pub unsafe fn k256q8<const MR: usize>(t: Tile) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+        if !t.first {
+            for r in 0..MR {
+                for h in 0..2 {
+                    acc[r][h] = _mm256_loadu_ps(t.c.add(r * t.ldc + h * 8));
+                }
+            }
+        }
+        for b in 0..t.kc.div_ceil(QB) {
+            let block = t.w.add(b * Q8_BLOCK);
+            let mut part = [[_mm256_setzero_ps(); 2]; MR];
+            for kk in 0..QB.min(t.kc - b * QB) {
+                let at = block.add(kk * NR);
+                let w0 =
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(at as *const __m128i)));
+                let w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                    at.add(8) as *const __m128i
+                )));
+                for r in 0..MR {
+                    let xb = _mm256_broadcast_ss(&*t.x.add(r * t.ldx + b * QB + kk));
+                    part[r][0] = _mm256_fmadd_ps(xb, w0, part[r][0]);
+                    part[r][1] = _mm256_fmadd_ps(xb, w1, part[r][1]);
+                }
+            }
+            let s = block.add(QB * NR) as *const f32;
+            let (s0, s1) = (_mm256_load_ps(s), _mm256_load_ps(s.add(8)));
+            for r in 0..MR {
+                acc[r][0] = _mm256_fmadd_ps(part[r][0], s0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(part[r][1], s1, acc[r][1]);
             }
         }
         for r in 0..MR {
@@ -565,7 +784,35 @@ mod tests {
                 PackedWeight::pack(&bf16, n, k).unwrap(),
                 bf16.iter().map(|v| v.to_f32()).collect(),
             ),
+            {
+                let q8 = PackedWeight::pack_q8(w, n, k).unwrap();
+                let held = q8.dequantize_q8().unwrap();
+                (Elem::Q8, q8, held)
+            },
         ]
+    }
+
+    #[test]
+    fn q8_holds_each_weight_within_half_a_step_of_its_block_scale() {
+        let (n, k) = (21, 3 * QB + 5);
+        let w = data(n * k, 9);
+        let held = PackedWeight::pack_q8(&w, n, k)
+            .unwrap()
+            .dequantize_q8()
+            .unwrap();
+        for j in 0..n {
+            for b in 0..k.div_ceil(QB) {
+                let r = j * k + b * QB..j * k + ((b + 1) * QB).min(k);
+                let step = w[r.clone()].iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+                for i in r {
+                    assert!(
+                        (w[i] - held[i]).abs() <= step * 0.5001,
+                        "row {j} col {}",
+                        i - j * k
+                    );
+                }
+            }
+        }
     }
 
     #[test]

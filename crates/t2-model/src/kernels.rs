@@ -29,6 +29,23 @@ pub fn pack(w: &Tensor) -> Option<PackedWeight> {
     }
 }
 
+/// A copy of a weight (n, k) on CPU in 8-bit integers with block scales ([`PackedWeight::pack_q8`]), or
+/// None where the packed kernel does not apply.
+pub fn pack_q8(w: &Tensor) -> Option<PackedWeight> {
+    if !w.device().is_cpu() {
+        return None;
+    }
+    let (n, k) = w.dims2().ok()?;
+    let v = w
+        .to_dtype(DType::F32)
+        .ok()?
+        .flatten_all()
+        .ok()?
+        .to_vec1::<f32>()
+        .ok()?;
+    PackedWeight::pack_q8(&v, n, k)
+}
+
 /// x (m, k) · W (n, k)ᵀ → (m, n), through `packed` (W's packed copy) where it applies.
 pub fn linear_packed(
     x: &Tensor,
@@ -200,17 +217,23 @@ pub fn decode_attention_batch(
     let (kv, vv) = (&kv[k0..], &vv[v0..]);
     let scale = 1.0 / (d as f32).sqrt();
     let mut out = vec![0f32; n * heads * d];
-    out.par_chunks_mut(d).enumerate().for_each_init(
-        || vec![0f32; seqs.iter().map(|c| c.len).max().unwrap_or(0)],
-        |scores, (i, o)| {
+    let pool = crate::pool::Pool::global();
+    let pairs = n * heads;
+    // (sequence, head) pairs in a few runs per thread, each with its own score buffer.
+    let per_task = pairs.div_ceil(pool.threads() * 4);
+    let longest = seqs.iter().map(|c| c.len).max().unwrap_or(0);
+    pool.for_chunks_mut(&mut out, per_task * d, |t, run| {
+        let mut scores = vec![0f32; longest];
+        for (j, o) in run.chunks_mut(d).enumerate() {
+            let i = t * per_task + j;
             let (seq, h) = (i / heads, i % heads);
             let s = &seqs[seq];
             let kvh = h / group;
             let at = |p: usize| ((s.blocks[p / bs] as usize * kv_heads + kvh) * bs + p % bs) * d;
             let qh = &qv[q0 + i * d..q0 + (i + 1) * d];
-            attend_head(qh, kv, vv, s.len, at, scale, scores, o);
-        },
-    );
+            attend_head(qh, kv, vv, s.len, at, scale, &mut scores, o);
+        }
+    });
     drop((qs, ks, vs));
     Ok(Some(Tensor::from_vec(out, (n, heads * d), q.device())?))
 }

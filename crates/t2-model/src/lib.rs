@@ -16,6 +16,8 @@ pub mod kernels;
 pub mod kv;
 pub mod llama;
 pub mod load;
+pub mod pool;
+pub mod profile;
 pub mod sampling;
 pub mod tokenizer;
 
@@ -24,8 +26,8 @@ pub use config::{LlamaConfig, RopeScaling, RopeStyle};
 pub use error::{ModelError, Result};
 pub use kv::{KvPool, SeqKv, BLOCK_SIZE};
 pub use llama::{
-    random_llama, DenseProjector, Linear, Llama, ProjId, ProjKind, Projector, RowMixes, SeqStep,
-    WantLogits,
+    random_llama, BaseWeights, DenseProjector, Linear, Llama, ProjId, ProjKind, Projector,
+    RowMixes, SeqStep, WantLogits,
 };
 pub use load::{LoadedModel, ModelSource};
 pub use sampling::{ConstraintCell, Sampler, SamplingParams, TokenConstraint, TokenLogprob};

@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use crate::config::{LlamaConfig, RopeStyle};
 use crate::gemm::PackedWeight;
 use crate::kv::{KvPool, SeqKv};
+use crate::profile::{self, Phase};
 
 /// Which projection of a layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -92,6 +93,15 @@ impl Linear {
     pub fn dense(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         crate::kernels::linear_packed(x, &self.weight, self.packed.as_deref())
     }
+}
+
+/// How the base weights are held for the CPU's packed kernels: in the model's dtype, or as 8-bit integers
+/// with block scales (`--dtype q8_0`: activations, KV and SVF factors stay f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BaseWeights {
+    #[default]
+    Dense,
+    Q8,
 }
 
 /// The mix id of every packed row of a batch step. `uniform` is set when all rows share one mix, which lets
@@ -328,6 +338,49 @@ impl Llama {
         self.dtype
     }
 
+    /// Makes every projection and the output head run its base rows on 8-bit weights (Q8_0-style block
+    /// scales; see [`PackedWeight::pack_q8`]) instead of the dense ones. Only the packed copies change: the
+    /// dense weights stay for the SVF factors and merges, which is why rows with a mix are unaffected.
+    /// An error on a device without the packed kernel.
+    pub fn quantize_base(&mut self) -> candle_core::Result<()> {
+        self.set_base_weights(BaseWeights::Q8)
+    }
+
+    /// Holds the base weights as `format` says ([`BaseWeights::Dense`] leaves the model as it is).
+    pub fn set_base_weights(&mut self, format: BaseWeights) -> candle_core::Result<()> {
+        if format == BaseWeights::Dense {
+            return Ok(());
+        }
+        let q8 = |w: &Tensor| {
+            crate::kernels::pack_q8(w).ok_or_else(|| {
+                candle_core::Error::Msg("8-bit base weights need the model on the CPU".into())
+            })
+        };
+        for b in &mut self.blocks {
+            let (a, m) = (&mut b.attn, &mut b.mlp);
+            for lin in [
+                &mut a.q,
+                &mut a.k,
+                &mut a.v,
+                &mut a.o,
+                &mut m.gate,
+                &mut m.up,
+                &mut m.down,
+            ] {
+                lin.packed = Some(Arc::new(q8(&lin.weight)?));
+            }
+        }
+        self.lm_head_packed = Some(q8(&self.lm_head)?);
+        Ok(())
+    }
+
+    /// Whether the base rows run on 8-bit weights ([`Self::quantize_base`]).
+    pub fn is_quantized(&self) -> bool {
+        self.lm_head_packed
+            .as_ref()
+            .is_some_and(|p| p.elem() == crate::gemm::Elem::Q8)
+    }
+
     pub fn device(&self) -> &Device {
         &self.device
     }
@@ -514,9 +567,11 @@ impl Llama {
             return Ok(steps.iter().map(|_| None).collect());
         }
         let picked = h.index_select(&wanted_ids, 0)?;
-        let logits =
+        let logits = {
+            let _gemm = profile::span(Phase::Gemm);
             crate::kernels::linear_packed(&picked, &self.lm_head, self.lm_head_packed.as_ref())?
-                .to_dtype(DType::F32)?;
+                .to_dtype(DType::F32)?
+        };
         let mut out = Vec::with_capacity(steps.len());
         let mut at = 0;
         for (s, &(_, t, _)) in steps.iter().zip(&spans) {
@@ -542,6 +597,7 @@ impl Llama {
         p: &dyn Projector,
         rows: &RowMixes,
     ) -> candle_core::Result<Tensor> {
+        let _gemm = profile::span(Phase::Gemm);
         let y = p.project(lin, x, rows)?;
         match &lin.bias {
             Some(b) => y.broadcast_add(b),
@@ -574,6 +630,8 @@ impl Llama {
         p: &dyn Projector,
         rows: &RowMixes,
     ) -> candle_core::Result<Tensor> {
+        // The projections inside count as GEMM (their spans are taken out of this one).
+        let _attention = profile::span(Phase::Attention);
         let cfg = &self.cfg;
         let n = h.dim(0)?;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
