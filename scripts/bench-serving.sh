@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side serving benchmark on this machine: llama.cpp's llama-server (F32, F16, Q4_1 copies of the
-# default model) vs t2 serve (f32: base model, and 4 different mixes in flight), driven identically by
+# default model) vs t2 serve (f32: base model, and 4 different mixes in flight; `t2-q8`: the base model with
+# --dtype q8_0, beside llama-server on the Q4_1 file and on a Q8_0 copy), driven identically by
 # scripts/loadgen.py (streaming, 128 tokens, ignore_eos, temperature 0) at concurrency 1, 4, 16, 64.
 # Usage: LLAMA_SERVER=~/lab/llama.cpp/bin/llama-server LLAMA_MODELS=~/lab/models bash scripts/bench-serving.sh
 # (the dense ggufs come from ../shared/peer/dequant_gguf.py). Results: bench-out/serving/*.json and tables.
@@ -13,7 +14,7 @@ LLAMA_SERVER=${LLAMA_SERVER:-$HOME/lab/llama.cpp/bin/llama-server}
 LLAMA_MODELS=${LLAMA_MODELS:-$HOME/lab/models}
 LEVELS=${LEVELS:-"1:4 4:8 16:32 64:64"}   # concurrency:requests
 MAX_TOKENS=${MAX_TOKENS:-128}
-ONLY=${ONLY:-"llama-f32 llama-f16 llama-q4_1 t2-base t2-mixes"}
+ONLY=${ONLY:-"llama-f32 llama-f16 llama-q4_1 llama-q8_0 t2-base t2-mixes t2-q8"}
 REPEATS=${REPEATS:-3}
 OUT=bench-out/serving
 PORT=18181
@@ -49,6 +50,7 @@ for what in $ONLY; do
             llama-f32) m=$LLAMA_MODELS/smollm2-f32.gguf ;;
             llama-f16) m=$LLAMA_MODELS/smollm2-f16.gguf ;;
             llama-q4_1) m=models/SmolLM2-135M-Instruct.Q4_1.gguf ;;
+            llama-q8_0) m=$LLAMA_MODELS/smollm2-q8_0.gguf ;; # scripts/gguf-q8_0.py
         esac
         "$LLAMA_SERVER" -m "$m" --port $PORT -np 64 -c 32768 -t 2 --log-disable >/dev/null 2>&1 &
         pid=$!
@@ -61,13 +63,16 @@ for what in $ONLY; do
         for i in 1 2 3 4; do
             "$T2_BIN" experts synth --experts-dir "$experts" --targets mlp --name "e$i" --seed "$i" >/dev/null
         done
-        "$T2_BIN" serve --port $PORT --experts-dir "$experts" --targets mlp --max-batch 64 >/dev/null 2>&1 &
+        dtype=f32
+        [ "$what" = t2-q8 ] && dtype=q8_0
+        "$T2_BIN" serve --port $PORT --experts-dir "$experts" --targets mlp --max-batch 64 --dtype $dtype \
+            >/dev/null 2>&1 &
         pid=$!
         wait_ready "http://127.0.0.1:$PORT" /ready
-        if [ "$what" = t2-base ]; then
-            run_levels "$what"
-        else
+        if [ "$what" = t2-mixes ]; then
             run_levels "$what" --mixes 'e1=1;e2=1;e3=1;e4=1'
+        else
+            run_levels "$what"
         fi
         stop $pid
         rm -rf "$experts"
@@ -88,7 +93,8 @@ for name, by_c in runs.items():
     for c, lvs in by_c.items():
         med = lambda k: statistics.median(lv[k] for lv in lvs)
         rows.setdefault(name, {})[c] = {"output_tok_per_s": med("output_tok_per_s"), "ttft_p50_s": med("ttft_p50_s"),
-                                        "ttft_p95_s": med("ttft_p95_s"), "errors": sum(lv["errors"] for lv in lvs)}
+                                        "ttft_p95_s": med("ttft_p95_s"), "itl_p50_s": med("itl_p50_s"),
+                                        "itl_p99_s": med("itl_p99_s"), "errors": sum(lv["errors"] for lv in lvs)}
 print(f"medians over {max(len(l) for r in runs.values() for l in r.values())} interleaved repeats")
 levels = sorted({c for r in rows.values() for c in r})
 print("| server | " + " | ".join(f"c={c} tok/s | TTFT p50/p95 ms" for c in levels) + " |")
@@ -103,5 +109,12 @@ for name, r in rows.items():
         err = f" ({lv['errors']} errors)" if lv["errors"] else ""
         cells += [f"{lv['output_tok_per_s']:.1f}{err}",
                   f"{lv['ttft_p50_s'] * 1e3:.0f} / {lv['ttft_p95_s'] * 1e3:.0f}"]
+    print(f"| {name} | " + " | ".join(cells) + " |")
+print()
+print("inter-token latency p50 / p99 (ms)")
+print("| server | " + " | ".join(f"c={c}" for c in levels) + " |")
+print("|---|" + "---|" * len(levels))
+for name, r in rows.items():
+    cells = [f"{r[c]['itl_p50_s'] * 1e3:.1f} / {r[c]['itl_p99_s'] * 1e3:.1f}" if c in r else "" for c in levels]
     print(f"| {name} | " + " | ".join(cells) + " |")
 PY

@@ -359,6 +359,7 @@ def summarize(concurrency: int, results: list[RequestResult], wall: float) -> di
         "ttft_p95_s": percentile(ttfts, 0.95),
         "itl_p50_s": percentile(itls, 0.5),
         "itl_p95_s": percentile(itls, 0.95),
+        "itl_p99_s": percentile(itls, 0.99),
         "stream_tok_per_s_mean": statistics.fmean(per_stream) if per_stream else None,
         "e2e_p50_s": percentile([r.e2e_s for r in ok], 0.5),
         "finish_reasons": {reason: sum(1 for r in ok if r.finish_reason == reason)

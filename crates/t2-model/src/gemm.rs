@@ -26,7 +26,7 @@ pub const NR: usize = 16;
 /// Fixed, like everything else that shapes the loops: it does not change any sum's order anyway (see the
 /// module note).
 const KC: usize = 4096;
-const _: () = assert!(KC % QB == 0, "a k block must hold whole Q8 blocks");
+const _: () = assert!(KC.is_multiple_of(QB), "a k block must hold whole Q8 blocks");
 /// Rows of x per block: MC rows of x stay in L2 while every panel of a thread passes over them.
 const MC: usize = 72;
 

@@ -159,7 +159,7 @@ fn worker(s: &Shared) {
         let p = s.job.load(SeqCst);
         if seq == last || p.is_null() {
             spins = spins.wrapping_add(1);
-            if spins % 256 == 0 {
+            if spins.is_multiple_of(256) {
                 if idle_since.elapsed() > SPIN {
                     sleep(s, last);
                     idle_since = Instant::now();
