@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side serving benchmark on this machine: llama.cpp's llama-server (F32, F16, Q4_1 copies of the
 # default model) vs t2 serve (f32: base model, and 4 different mixes in flight; `t2-q8`: the base model with
-# --dtype q8_0, beside llama-server on the Q4_1 file and on a Q8_0 copy), driven identically by
+# --dtype q8_0, beside llama-server on the Q4_1 file and on a Q8_0 copy; `t2-bf16`: bf16 weights), driven identically by
 # scripts/loadgen.py (streaming, 128 tokens, ignore_eos, temperature 0) at concurrency 1, 4, 16, 64.
 # Usage: LLAMA_SERVER=~/lab/llama.cpp/bin/llama-server LLAMA_MODELS=~/lab/models bash scripts/bench-serving.sh
 # (the dense ggufs come from ../shared/peer/dequant_gguf.py). Results: bench-out/serving/*.json and tables.
@@ -14,7 +14,7 @@ LLAMA_SERVER=${LLAMA_SERVER:-$HOME/lab/llama.cpp/bin/llama-server}
 LLAMA_MODELS=${LLAMA_MODELS:-$HOME/lab/models}
 LEVELS=${LEVELS:-"1:4 4:8 16:32 64:64"}   # concurrency:requests
 MAX_TOKENS=${MAX_TOKENS:-128}
-ONLY=${ONLY:-"llama-f32 llama-f16 llama-q4_1 llama-q8_0 t2-base t2-mixes t2-q8"}
+ONLY=${ONLY:-"llama-f32 llama-f16 llama-q4_1 llama-q8_0 t2-base t2-mixes t2-bf16 t2-q8"}
 REPEATS=${REPEATS:-3}
 OUT=bench-out/serving
 PORT=18181
@@ -65,6 +65,7 @@ for what in $ONLY; do
         done
         dtype=f32
         [ "$what" = t2-q8 ] && dtype=q8_0
+        [ "$what" = t2-bf16 ] && dtype=bf16
         "$T2_BIN" serve --port $PORT --experts-dir "$experts" --targets mlp --max-batch 64 --dtype $dtype \
             >/dev/null 2>&1 &
         pid=$!

@@ -106,9 +106,13 @@ def describe_override(override: dict) -> str:
 
 
 def build_body(args, index: int, overrides: list[dict], max_tokens: int) -> dict:
-    # A distinct prompt per request, so that a server's prompt cache cannot make later requests cheaper.
+    # A distinct prompt per request, so that a server's prompt cache cannot make later requests cheaper
+    # (except for a shared --system message, when that is what is measured).
+    messages = [{"role": "user", "content": f"(request {index}) {args.prompt}"}]
+    if args.system:
+        messages.insert(0, {"role": "system", "content": args.system})
     body = {
-        "messages": [{"role": "user", "content": f"(request {index}) {args.prompt}"}],
+        "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
@@ -403,6 +407,7 @@ def parse_args(argv=None):
                                         "'math=0.7,code=0.3' (adaptation mix), '{...}' (adaptation JSON), "
                                         "or a model name such as 'SmolLM2-135M-Instruct:math'")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="user message (prefixed per request)")
+    parser.add_argument("--system", help="a system message shared by every request (prefix caching)")
     parser.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                         help="do not send ignore_eos: true (outputs may then end early)")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured requests before the levels (default 1)")

@@ -9,7 +9,7 @@ use anyhow::{bail, Result};
 use candle_core::Tensor;
 use clap::Args;
 use serde::Serialize;
-use t2_model::{random_llama, Llama, LlamaConfig, SeqStep, WantLogits};
+use t2_model::{random_llama, BaseWeights, Llama, LlamaConfig, SeqStep, WantLogits};
 use t2_svf::{Decomposition, SvfProjector, TargetSet, BASE_MIX};
 
 use crate::common::ModelArgs;
@@ -114,7 +114,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 );
             };
             let mut model = random_llama(&cfg, dtype, &device, 7)?;
-            model.set_base_weights(a.model.base_weights())?;
+            model.set_base_weights(a.model.base_weights(&device))?;
             (model, format!("random {shape}"), None, String::new())
         }
         None => {
@@ -127,14 +127,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
         true => measure_bandwidth(),
         false => measure_device_bandwidth(&device)?,
     };
-    let dtype_name = match model.is_quantized() {
-        true => "q8_0".to_string(),
-        false => format!("{dtype:?}"),
+    // The base weights' storage, where it differs from the activations' dtype (f16/bf16/q8_0 on CPU).
+    let stored = model
+        .base_elem()
+        .filter(|e| format!("{e:?}") != format!("{dtype:?}"));
+    let dtype_name = match stored {
+        Some(e) => format!("{e:?} weights, {dtype:?} activations"),
+        None => format!("{dtype:?}"),
     };
-    // What a base decode step streams: the 8-bit copies when the base runs on them.
-    let base_bytes = match model.is_quantized() {
-        true => model.packed_weight_bytes().unwrap_or(model.weight_bytes()),
-        false => model.weight_bytes(),
+    // What a base decode step streams: the packed copies when they are not the model's dtype.
+    let base_bytes = match stored {
+        Some(_) => model.packed_weight_bytes().unwrap_or(model.weight_bytes()),
+        None => model.weight_bytes(),
     };
     eprintln!(
         "{name}: {:.0} MB of weights read per step, {dtype_name} on {device:?}; measured read bandwidth {:.1} GB/s",
@@ -168,8 +172,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
             Some(p) => Decomposition::load_or_compute(p, &model, &sha, targets, true)?.0,
             None => Decomposition::random(&model, targets, 11)?,
         };
-        let extra = decomp.extra_bytes_factored(&model);
-        let svf = SvfProjector::new(decomp, a.mixes + 2, 1)?;
+        // Factors beyond the dense weights, in the dtype they are streamed in (half beside half weights).
+        let extra = match a.model.base_weights(&device) {
+            BaseWeights::F16 | BaseWeights::BF16 => decomp.extra_bytes_factored(&model) / 2,
+            _ => decomp.extra_bytes_factored(&model),
+        };
+        let mut svf = SvfProjector::new(decomp, a.mixes + 2, 1)?;
+        match a.model.base_weights(&device) {
+            BaseWeights::F16 => svf.store_factors_as(candle_core::DType::F16)?,
+            BaseWeights::BF16 => svf.store_factors_as(candle_core::DType::BF16)?,
+            BaseWeights::Dense | BaseWeights::Q8 => {}
+        }
         let mut leases = Vec::new();
         for k in 0..a.mixes {
             let z: BTreeMap<_, _> = svf

@@ -21,8 +21,9 @@ pub struct ModelArgs {
     /// cpu, cuda or cuda:N [default: a GPU when built with cuda and one is present, else cpu]
     #[arg(long)]
     pub device: Option<String>,
-    /// Weight and activation precision: f32, f16, bf16, or q8_0 (CPU: base weights in 8 bits with block
-    /// scales, everything else f32) [default: f32 on CPU, bf16 on GPU]
+    /// Precision: f32, f16, bf16, or q8_0. On CPU it is the base weights' storage (q8_0: 8 bits with a
+    /// scale per 32) and activations stay f32; on a GPU, weights and activations [default: f32 on CPU,
+    /// bf16 on GPU]
     #[arg(long)]
     pub dtype: Option<String>,
 }
@@ -87,18 +88,22 @@ impl ModelArgs {
             None if device.is_cpu() => Ok(DType::F32),
             None => Ok(DType::BF16),
             Some("f32") => Ok(DType::F32),
+            // On CPU, half precision is the weights' storage; activations stay f32 (see BaseWeights).
+            Some("f16" | "bf16" | "q8_0") if device.is_cpu() => Ok(DType::F32),
             Some("f16") => Ok(DType::F16),
             Some("bf16") => Ok(DType::BF16),
-            Some("q8_0") if device.is_cpu() => Ok(DType::F32),
             Some("q8_0") => bail!("--dtype q8_0 runs on the CPU only (use bf16 or f16 on a GPU)"),
             Some(other) => bail!("unknown dtype '{other}' (expected f32, f16, bf16 or q8_0)"),
         }
     }
 
-    /// How the base weights are held: 8-bit for `--dtype q8_0`, else in the dtype.
-    pub fn base_weights(&self) -> BaseWeights {
-        match self.dtype.as_deref() {
-            Some("q8_0") => BaseWeights::Q8,
+    /// How the base weights are held: on CPU, 8-bit for `--dtype q8_0` and half for f16/bf16 (beside f32
+    /// activations); else in the dtype.
+    pub fn base_weights(&self, device: &Device) -> BaseWeights {
+        match (self.dtype.as_deref(), device.is_cpu()) {
+            (Some("q8_0"), _) => BaseWeights::Q8,
+            (Some("f16"), true) => BaseWeights::F16,
+            (Some("bf16"), true) => BaseWeights::BF16,
             _ => BaseWeights::Dense,
         }
     }
@@ -107,7 +112,7 @@ impl ModelArgs {
         let device = self.device()?;
         let dtype = self.dtype(&device)?;
         let mut l = LoadedModel::load(&self.model_path(), &device, dtype)?;
-        l.model.set_base_weights(self.base_weights())?;
+        l.model.set_base_weights(self.base_weights(&device))?;
         Ok(l)
     }
 }
@@ -153,11 +158,12 @@ fn untracked(device: Device) -> candle_core::Result<Device> {
 pub fn engine_config(m: &ModelArgs, s: &SvfArgs, svf: bool) -> Result<EngineConfig> {
     let device = m.device()?;
     let dtype = m.dtype(&device)?;
+    let base_weights = m.base_weights(&device);
     Ok(EngineConfig {
         model_path: m.model_path(),
         device,
         dtype,
-        base_weights: m.base_weights(),
+        base_weights,
         targets: s.targets,
         experts_dir: s.experts_dir.clone(),
         svf,

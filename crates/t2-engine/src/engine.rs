@@ -90,7 +90,12 @@ impl Engine {
             cfg.progress,
         )?;
         let experts = ExpertStore::open(&cfg.experts_dir, &loaded.model_id, &decomp)?;
-        let svf = SvfProjector::new(decomp, cfg.mix_capacity, cfg.merged_capacity)?;
+        let mut svf = SvfProjector::new(decomp, cfg.mix_capacity, cfg.merged_capacity)?;
+        match cfg.base_weights {
+            BaseWeights::F16 => svf.store_factors_as(DType::F16)?,
+            BaseWeights::BF16 => svf.store_factors_as(DType::BF16)?,
+            BaseWeights::Dense | BaseWeights::Q8 => {}
+        }
         Ok(Self {
             loaded,
             svf: Some(svf),

@@ -158,7 +158,7 @@ fn attend_head(
     }
 }
 
-/// One sequence's KV for [`decode_attention_batch`]: its blocks in position order and how many positions
+/// One sequence's KV for [`attention_rows`]: its blocks in position order and how many positions
 /// to attend over (the new token's included).
 pub struct BlockKv<'a> {
     pub blocks: &'a [u32],
@@ -172,12 +172,13 @@ fn f32_data(t: &Tensor) -> Option<(impl std::ops::Deref<Target = Storage> + '_, 
     matches!(&*s, Storage::Cpu(CpuStorage::F32(_))).then_some((s, start))
 }
 
-/// The decode attention of many sequences at once (one new token each): q is (seqs, heads, head_dim)
-/// f32, contiguous; the layer's pool K and V are (blocks·kv_heads·block_size, head_dim), head-major within a
-/// block (see `crate::kv`); returns (seqs, heads·head_dim).
+/// The attention of many new rows at once, each over its own sequence's first `len` positions (a decode
+/// row, or one row of a prompt chunk, whose causal prefix ends at itself): q is (rows, heads, head_dim)
+/// f32, contiguous, with `seqs[i]` row i's KV; the layer's pool K and V are (blocks·kv_heads·block_size,
+/// head_dim), head-major within a block (see `crate::kv`); returns (rows, heads·head_dim).
 /// One call per layer instead of a dozen tensor ops per sequence, with (sequence, head) pairs spread over
 /// the cores. None where this CPU/f32 path does not apply.
-pub fn decode_attention_batch(
+pub fn attention_rows(
     q: &Tensor,
     k_pool: &Tensor,
     v_pool: &Tensor,

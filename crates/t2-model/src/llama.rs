@@ -95,12 +95,16 @@ impl Linear {
     }
 }
 
-/// How the base weights are held for the CPU's packed kernels: in the model's dtype, or as 8-bit integers
-/// with block scales (`--dtype q8_0`: activations, KV and SVF factors stay f32).
+/// How the base weights are held for the CPU's packed kernels: in the model's dtype, in half precision, or
+/// as 8-bit integers with block scales. In the last three, activations, the KV cache and the SVF factors
+/// stay in the model's dtype (f32 on CPU), as llama.cpp runs its F16 and quantized files: a decode step
+/// streams half or a quarter of the bytes, and every f32 kernel still applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BaseWeights {
     #[default]
     Dense,
+    F16,
+    BF16,
     Q8,
 }
 
@@ -348,12 +352,21 @@ impl Llama {
 
     /// Holds the base weights as `format` says ([`BaseWeights::Dense`] leaves the model as it is).
     pub fn set_base_weights(&mut self, format: BaseWeights) -> candle_core::Result<()> {
-        if format == BaseWeights::Dense {
-            return Ok(());
-        }
+        let half = match format {
+            BaseWeights::Dense => return Ok(()),
+            BaseWeights::F16 => Some(DType::F16),
+            BaseWeights::BF16 => Some(DType::BF16),
+            BaseWeights::Q8 => None,
+        };
         let q8 = |w: &Tensor| {
-            crate::kernels::pack_q8(w).ok_or_else(|| {
-                candle_core::Error::Msg("8-bit base weights need the model on the CPU".into())
+            let packed = match half {
+                Some(dt) => crate::kernels::pack(&w.to_dtype(dt)?),
+                None => crate::kernels::pack_q8(w),
+            };
+            packed.ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "{format:?} base weights need the model on the CPU"
+                ))
             })
         };
         for b in &mut self.blocks {
@@ -376,9 +389,12 @@ impl Llama {
 
     /// Whether the base rows run on 8-bit weights ([`Self::quantize_base`]).
     pub fn is_quantized(&self) -> bool {
-        self.lm_head_packed
-            .as_ref()
-            .is_some_and(|p| p.elem() == crate::gemm::Elem::Q8)
+        self.base_elem() == Some(crate::gemm::Elem::Q8)
+    }
+
+    /// The storage of the packed base weights the CPU kernels read (None: not packed).
+    pub fn base_elem(&self) -> Option<crate::gemm::Elem> {
+        self.lm_head_packed.as_ref().map(|p| p.elem())
     }
 
     pub fn device(&self) -> &Device {
@@ -705,22 +721,23 @@ impl Llama {
             }
         }
         let q = q.contiguous()?;
-        if steps.iter().all(|s| s.tokens.len() == 1) {
+        // Every new row attends over its own prefix, one (row, head) pair per task: decode rows and short
+        // prompt chunks in one pass. Long chunks are cheaper as the per-sequence matrix products below.
+        if steps
+            .iter()
+            .all(|s| s.tokens.len() <= ROW_ATTENTION_MAX_TOKENS)
+        {
             let seqs: Vec<_> = steps
                 .iter()
                 .zip(spans)
-                .map(|(s, &(_, _, start))| crate::kernels::BlockKv {
-                    blocks: &s.kv.blocks,
-                    len: start + 1,
+                .flat_map(|(s, &(_, t, start))| {
+                    (0..t).map(move |j| crate::kernels::BlockKv {
+                        blocks: &s.kv.blocks,
+                        len: start + j + 1,
+                    })
                 })
                 .collect();
-            let out = crate::kernels::decode_attention_batch(
-                &q,
-                k_pool,
-                v_pool,
-                &seqs,
-                cfg.group_size(),
-            )?;
+            let out = crate::kernels::attention_rows(&q, k_pool, v_pool, &seqs, cfg.group_size())?;
             if let Some(out) = out {
                 return self.project(&attn.o, &out, p, rows);
             }
@@ -801,6 +818,9 @@ impl Llama {
         self.project(&mlp.down, &(candle_nn::ops::silu(&gate)? * up)?, p, rows)
     }
 }
+
+/// A sequence's new tokens up to which attention runs row by row (see `Llama::attention`).
+const ROW_ATTENTION_MAX_TOKENS: usize = 128;
 
 /// (x + r, norm(x + r)): the residual stream and the next sublayer's input, in one pass (one launch on a
 /// GPU, one allocation on the CPU).

@@ -69,6 +69,16 @@ impl SvfProjector {
         })
     }
 
+    /// Re-packs the factors Vᵀ and U in half precision (the CPU's `--dtype f16|bf16`, whose base weights are
+    /// half too), so a row with a mix streams half the factor bytes; the products still sum in f32.
+    pub fn store_factors_as(&mut self, half: candle_core::DType) -> Result<()> {
+        for (id, f) in &self.decomp.factors {
+            let p = [pack(&f.vt.to_dtype(half)?), pack(&f.u.to_dtype(half)?)];
+            self.packed.insert(*id, p);
+        }
+        Ok(())
+    }
+
     /// A lease on the mix `key`, registered from `z` if it is not in the table yet (see
     /// [`MixTable::lease`]).
     pub fn lease(
