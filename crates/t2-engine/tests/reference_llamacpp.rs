@@ -109,6 +109,43 @@ fn greedy_tokens_match_llama_cpp() {
     }
 }
 
+/// The logits at every position of a fixture case where llama.cpp generated a token, from one prefill of
+/// the prompt and llama.cpp's generated tokens.
+fn teacher_forced(
+    model: &t2_model::Llama,
+    p: &dyn t2_model::Projector,
+    case: &Value,
+) -> Vec<Vec<f32>> {
+    let prompt = ids(&case["prompt_tokens"]);
+    let gen = ids(&case["generated_tokens"]);
+    let mut seq = prompt.clone();
+    seq.extend_from_slice(&gen[..gen.len() - 1]);
+    let (pool, mut kv) = model.pool_for(&[seq.len()]).unwrap();
+    let logits = model
+        .forward(
+            &mut [SeqStep {
+                kv: &mut kv[0],
+                tokens: &seq,
+                mix: BASE_MIX,
+                want: WantLogits::All,
+            }],
+            p,
+            &pool,
+        )
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    (0..gen.len())
+        .map(|pos| {
+            logits
+                .get(prompt.len() - 1 + pos)
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        })
+        .collect()
+}
+
 /// Log-probabilities of llama.cpp's top-10 at every generated position, recomputed by t2 in one prefill
 /// of prompt + generated tokens.
 #[test]
@@ -118,32 +155,15 @@ fn logprobs_match_llama_cpp() {
     let f = fixture();
     let mut worst = 0f32;
     for c in f["chat_cases"].as_array().unwrap() {
-        let prompt = ids(&c["prompt_tokens"]);
-        let gen = ids(&c["generated_tokens"]);
-        let mut seq = prompt.clone();
-        seq.extend_from_slice(&gen[..gen.len() - 1]);
-        let (pool, mut kv) = model.pool_for(&[seq.len()]).unwrap();
-        let logits = model
-            .forward(
-                &mut [SeqStep {
-                    kv: &mut kv[0],
-                    tokens: &seq,
-                    mix: BASE_MIX,
-                    want: WantLogits::All,
-                }],
-                e.projector(),
-                &pool,
-            )
+        let rows = teacher_forced(model, e.projector(), c);
+        for ((pos, top), row) in c["top_logprobs"]
+            .as_array()
             .unwrap()
-            .remove(0)
-            .unwrap();
-        for (pos, top) in c["top_logprobs"].as_array().unwrap().iter().enumerate() {
-            let row: Vec<f32> = logits
-                .get(prompt.len() - 1 + pos)
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let lp = t2_model::sampling::logprob_of(&row, 0, 0);
+            .iter()
+            .enumerate()
+            .zip(&rows)
+        {
+            let lp = t2_model::sampling::logprob_of(row, 0, 0);
             let lse = row[0] - lp.logprob;
             for pair in top.as_array().unwrap() {
                 let (tok, want) = (
@@ -188,39 +208,22 @@ fn q8_base_weights_stay_close_to_the_f32_reference() {
     .unwrap();
     l.model.set_base_weights(t2_model::BaseWeights::Q8).unwrap();
     assert!(l.model.is_quantized());
-    let model = &l.model;
     let f = fixture();
     let (mut agree, mut positions, mut drift_sum, mut drifts, mut worst) = (0, 0, 0f64, 0, 0f32);
     for c in f["chat_cases"].as_array().unwrap() {
-        let prompt = ids(&c["prompt_tokens"]);
         let gen = ids(&c["generated_tokens"]);
-        let mut seq = prompt.clone();
-        seq.extend_from_slice(&gen[..gen.len() - 1]);
-        let (pool, mut kv) = model.pool_for(&[seq.len()]).unwrap();
-        let logits = model
-            .forward(
-                &mut [SeqStep {
-                    kv: &mut kv[0],
-                    tokens: &seq,
-                    mix: BASE_MIX,
-                    want: WantLogits::All,
-                }],
-                &t2_model::DenseProjector,
-                &pool,
-            )
+        let rows = teacher_forced(&l.model, &t2_model::DenseProjector, c);
+        for ((pos, top), row) in c["top_logprobs"]
+            .as_array()
             .unwrap()
-            .remove(0)
-            .unwrap();
-        for (pos, top) in c["top_logprobs"].as_array().unwrap().iter().enumerate() {
-            let row: Vec<f32> = logits
-                .get(prompt.len() - 1 + pos)
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            .iter()
+            .enumerate()
+            .zip(&rows)
+        {
             let argmax = (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b });
             positions += 1;
             agree += usize::from(argmax as u32 == gen[pos]);
-            let lse = row[0] - t2_model::sampling::logprob_of(&row, 0, 0).logprob;
+            let lse = row[0] - t2_model::sampling::logprob_of(row, 0, 0).logprob;
             for pair in top.as_array().unwrap() {
                 let (tok, want) = (
                     pair[0].as_u64().unwrap() as usize,

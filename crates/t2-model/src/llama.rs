@@ -198,6 +198,22 @@ pub struct Block {
     pub mlp: Mlp,
 }
 
+impl Block {
+    /// The block's seven projections, in the order of [`Llama::linears`].
+    fn linears_mut(&mut self) -> [&mut Linear; 7] {
+        let (a, m) = (&mut self.attn, &mut self.mlp);
+        [
+            &mut a.q,
+            &mut a.k,
+            &mut a.v,
+            &mut a.o,
+            &mut m.gate,
+            &mut m.up,
+            &mut m.down,
+        ]
+    }
+}
+
 /// Which logits a sequence wants back from a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WantLogits {
@@ -307,17 +323,7 @@ impl Llama {
         // Packed once here, never per call: the GEMM reads weights only in its own layout.
         let mut blocks = blocks;
         for b in &mut blocks {
-            let m = &mut b.mlp;
-            let a = &mut b.attn;
-            for lin in [
-                &mut a.q,
-                &mut a.k,
-                &mut a.v,
-                &mut a.o,
-                &mut m.gate,
-                &mut m.up,
-                &mut m.down,
-            ] {
+            for lin in b.linears_mut() {
                 if lin.packed.is_none() {
                     lin.packed = crate::kernels::pack(&lin.weight).map(Arc::new);
                 }
@@ -370,16 +376,7 @@ impl Llama {
             })
         };
         for b in &mut self.blocks {
-            let (a, m) = (&mut b.attn, &mut b.mlp);
-            for lin in [
-                &mut a.q,
-                &mut a.k,
-                &mut a.v,
-                &mut a.o,
-                &mut m.gate,
-                &mut m.up,
-                &mut m.down,
-            ] {
+            for lin in b.linears_mut() {
                 lin.packed = Some(Arc::new(q8(&lin.weight)?));
             }
         }
