@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use candle_core::Tensor;
@@ -24,7 +24,10 @@ pub struct CpuRunner {
     engine: Arc<Engine>,
     pool: KvPool,
     samplers: HashMap<SeqId, Sampler>,
-    merging: Option<(MixId, JoinHandle<()>)>,
+    merging: Option<JoinHandle<()>>,
+    /// The next mix to merge, and whether a merge thread is running (it takes the next mix when it is done,
+    /// so a merge asked for during another one is not lost when no step follows).
+    merge_queue: Arc<Mutex<(Option<MixId>, bool)>>,
     /// Merges completed, for the metrics.
     merges: Arc<AtomicU64>,
 }
@@ -38,6 +41,7 @@ impl CpuRunner {
             pool,
             samplers: HashMap::new(),
             merging: None,
+            merge_queue: Arc::default(),
             merges,
         })
     }
@@ -48,20 +52,31 @@ impl CpuRunner {
         let Some(svf) = &self.engine.svf else {
             return;
         };
-        if let Some((_, h)) = &self.merging {
-            if !h.is_finished() {
-                return;
-            }
-            let (_, h) = self.merging.take().expect("present");
-            let _ = h.join();
-        }
         if svf.is_merged(mix) {
             return;
         }
-        let (engine, merges) = (self.engine.clone(), self.merges.clone());
+        let mut q = self.merge_queue.lock().unwrap_or_else(|e| e.into_inner());
+        q.0 = Some(mix);
+        if q.1 {
+            return; // the running merge thread takes it next
+        }
+        q.1 = true;
+        drop(q);
+        let (engine, merges, queue) = (
+            self.engine.clone(),
+            self.merges.clone(),
+            self.merge_queue.clone(),
+        );
         let handle = std::thread::Builder::new()
             .name("t2-merge".into())
-            .spawn(move || {
+            .spawn(move || loop {
+                let next = {
+                    let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
+                    let next = q.0.take();
+                    q.1 = next.is_some();
+                    next
+                };
+                let Some(mix) = next else { return };
                 let svf = engine.svf.as_ref().expect("checked");
                 match svf.merge(mix) {
                     Ok(()) => {
@@ -71,15 +86,21 @@ impl CpuRunner {
                 }
             });
         match handle {
-            Ok(h) => self.merging = Some((mix, h)),
-            Err(e) => tracing::warn!(error = %e, "could not start a merge thread"),
+            Ok(h) => {
+                // A finished earlier thread needs no join; the newest is joined on drop.
+                self.merging = Some(h);
+            }
+            Err(e) => {
+                self.merge_queue.lock().unwrap_or_else(|e| e.into_inner()).1 = false;
+                tracing::warn!(error = %e, "could not start a merge thread");
+            }
         }
     }
 }
 
 impl Drop for CpuRunner {
     fn drop(&mut self) {
-        if let Some((_, h)) = self.merging.take() {
+        if let Some(h) = self.merging.take() {
             let _ = h.join();
         }
     }
