@@ -52,6 +52,8 @@ impl Generator {
         let cfg = SchedulerConfig {
             max_batch,
             max_batched_tokens: 1024,
+            // Nobody watches a rollout's tokens arrive: prefill takes the whole step.
+            max_prefill_while_decoding: 1024,
             max_queue: max_batch * 2,
             kv_budget_tokens: 256 * 1024,
             // Rollout mixes change every step: merged weights would be built and thrown away.

@@ -52,6 +52,10 @@ pub struct ServeArgs {
     /// Input tokens per batch step at most (longer prompts are prefilled in chunks)
     #[arg(long, default_value_t = 512)]
     pub max_batched_tokens: usize,
+    /// Prompt tokens per batch step at most while other requests are decoding: each step delays every
+    /// running stream's next token, so smaller chunks keep inter-token latency down while prompts arrive
+    #[arg(long, default_value_t = 128)]
+    pub max_prefill_while_decoding: usize,
     /// Requests waiting for admission at most; more get 429
     #[arg(long, default_value_t = 64)]
     pub max_queue: usize,
@@ -122,6 +126,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     for (name, v) in [
         ("--max-batch", a.max_batch),
         ("--max-batched-tokens", a.max_batched_tokens),
+        ("--max-prefill-while-decoding", a.max_prefill_while_decoding),
         ("--max-queue", a.max_queue),
         ("--kv-memory-mb", a.kv_memory_mb.unwrap_or(1)),
         ("--max-n", a.max_n),
@@ -180,6 +185,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         scheduler: SchedulerConfig {
             max_batch: a.max_batch,
             max_batched_tokens: a.max_batched_tokens,
+            max_prefill_while_decoding: a.max_prefill_while_decoding,
             max_queue: a.max_queue,
             kv_budget_tokens: 0, // set from kv_memory_bytes once the model is loaded
             merge_after_steps: (a.merge_after_steps > 0).then_some(a.merge_after_steps),

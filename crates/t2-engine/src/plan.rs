@@ -63,11 +63,20 @@ pub enum RowOutput {
 }
 
 /// Splits a step's input-token budget between rows: every decoding row gets its one token, prompt chunks
-/// share the rest in admission order, and a prompt always gets some room so that a full decode batch
-/// cannot starve newcomers. Returns, per row, how many tokens it feeds (0: it sits this step out).
-pub fn split_budget(pending: &[Pending], max_batched_tokens: usize) -> Vec<usize> {
+/// share the rest in admission order, at most `prefill_while_decoding` of it when some row decodes, and a
+/// prompt always gets some room so that a full decode batch cannot starve newcomers. Returns, per row, how
+/// many tokens it feeds (0: it sits this step out).
+pub fn split_budget(
+    pending: &[Pending],
+    max_batched_tokens: usize,
+    prefill_while_decoding: usize,
+) -> Vec<usize> {
     let decoding = pending.iter().filter(|p| !p.prefilling).count();
-    let mut budget = max_batched_tokens.saturating_sub(decoding).max(16);
+    let mut budget = max_batched_tokens.saturating_sub(decoding);
+    if decoding > 0 {
+        budget = budget.min(prefill_while_decoding);
+    }
+    let mut budget = budget.max(16);
     pending
         .iter()
         .map(|p| {
@@ -110,15 +119,24 @@ mod tests {
     #[test]
     fn decode_rows_first_then_prompt_chunks_in_order() {
         let rows = [prompt(100), decoding(), prompt(50), decoding(), prompt(10)];
-        assert_eq!(split_budget(&rows, 64), vec![62, 1, 0, 1, 0]);
-        assert_eq!(split_budget(&rows, 512), vec![100, 1, 50, 1, 10]);
+        assert_eq!(split_budget(&rows, 64, 512), vec![62, 1, 0, 1, 0]);
+        assert_eq!(split_budget(&rows, 512, 512), vec![100, 1, 50, 1, 10]);
+    }
+
+    #[test]
+    fn prefill_beside_decode_rows_takes_smaller_chunks() {
+        let rows = [prompt(300), decoding(), prompt(50)];
+        assert_eq!(split_budget(&rows, 512, 128), vec![128, 1, 0]);
+        // With nothing decoding, nobody's token gap is at stake: the whole budget goes to prompts.
+        assert_eq!(split_budget(&rows[..1], 512, 128), vec![300]);
+        assert_eq!(split_budget(&[prompt(600)], 512, 128), vec![512]);
     }
 
     #[test]
     fn a_full_decode_batch_still_lets_a_prompt_in() {
         let mut rows = vec![decoding(); 40];
         rows.push(prompt(30));
-        let split = split_budget(&rows, 32);
+        let split = split_budget(&rows, 32, 512);
         assert_eq!(split[40], 16);
         assert!(split[..40].iter().all(|&n| n == 1));
     }

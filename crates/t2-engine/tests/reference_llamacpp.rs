@@ -146,6 +146,26 @@ fn teacher_forced(
         .collect()
 }
 
+/// llama.cpp's (token, log-probability) pairs at one position, without those below e^-20: such
+/// probabilities are noise in either implementation.
+fn top_pairs(top: &Value) -> impl Iterator<Item = (usize, f32)> + '_ {
+    top.as_array()
+        .unwrap()
+        .iter()
+        .map(|pair| {
+            (
+                pair[0].as_u64().unwrap() as usize,
+                pair[1].as_f64().unwrap() as f32,
+            )
+        })
+        .filter(|&(_, lp)| lp >= -20.0)
+}
+
+/// log Σ exp(row): a token's log-probability is its logit minus this.
+fn log_sum_exp(row: &[f32]) -> f32 {
+    row[0] - t2_model::sampling::logprob_of(row, 0, 0).logprob
+}
+
 /// Log-probabilities of llama.cpp's top-10 at every generated position, recomputed by t2 in one prefill
 /// of prompt + generated tokens.
 #[test]
@@ -163,16 +183,8 @@ fn logprobs_match_llama_cpp() {
             .enumerate()
             .zip(&rows)
         {
-            let lp = t2_model::sampling::logprob_of(row, 0, 0);
-            let lse = row[0] - lp.logprob;
-            for pair in top.as_array().unwrap() {
-                let (tok, want) = (
-                    pair[0].as_u64().unwrap() as usize,
-                    pair[1].as_f64().unwrap() as f32,
-                );
-                if want < -20.0 {
-                    continue; // probabilities below e^-20 are noise in either implementation
-                }
+            let lse = log_sum_exp(row);
+            for (tok, want) in top_pairs(top) {
                 let got = row[tok] - lse;
                 if std::env::var("T2_DEBUG_LOGPROBS").is_ok() && (got - want).abs() > 2e-3 {
                     eprintln!(
@@ -223,16 +235,9 @@ fn q8_base_weights_stay_close_to_the_f32_reference() {
             let argmax = (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b });
             positions += 1;
             agree += usize::from(argmax as u32 == gen[pos]);
-            let lse = row[0] - t2_model::sampling::logprob_of(row, 0, 0).logprob;
-            for pair in top.as_array().unwrap() {
-                let (tok, want) = (
-                    pair[0].as_u64().unwrap() as usize,
-                    pair[1].as_f64().unwrap(),
-                );
-                if want < -20.0 {
-                    continue;
-                }
-                let d = ((row[tok] - lse) as f64 - want).abs();
+            let lse = log_sum_exp(row);
+            for (tok, want) in top_pairs(top) {
+                let d = (row[tok] - lse - want).abs() as f64;
                 drift_sum += d;
                 drifts += 1;
                 worst = worst.max(d as f32);

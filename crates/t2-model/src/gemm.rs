@@ -396,20 +396,27 @@ const F32: u8 = 0;
 const F16: u8 = 1;
 const BF16: u8 = 2;
 
+/// Picks the AVX-512 kernel instantiation for a tile of `$rows` rows (one of the listed literals) and 1 or
+/// 2 panels: `$kernel!(rows, panels)` names the call.
+macro_rules! avx512_tile {
+    ($kernel:ident; $rows:expr, $pp:expr; $($r:literal)*) => {
+        match ($rows, $pp) {
+            $(($r, 1) => $kernel!($r, 1), ($r, _) => $kernel!($r, 2),)*
+            _ => unreachable!("tile rows"),
+        }
+    };
+}
+
 unsafe fn dispatch<const E: u8>(isa: Isa, rows: usize, pp: usize, t: Tile) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => {
-            macro_rules! rows512 {
-                ($($r:literal)*) => {
-                    match (rows, pp) {
-                        $(($r, 1) => x86::k512::<$r, 1, E>(t),
-                          ($r, _) => x86::k512::<$r, 2, E>(t),)*
-                        _ => unreachable!("tile rows"),
-                    }
+            macro_rules! k {
+                ($r:literal, $p:literal) => {
+                    x86::k512::<$r, $p, E>(t)
                 };
             }
-            rows512!(1 2 3 4 5 6 7 8 9 10 11 12)
+            avx512_tile!(k; rows, pp; 1 2 3 4 5 6 7 8 9 10 11 12)
         }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => {
@@ -431,16 +438,12 @@ unsafe fn dispatch_q8(isa: Isa, rows: usize, pp: usize, t: Tile) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => {
-            macro_rules! rows512 {
-                ($($r:literal)*) => {
-                    match (rows, pp) {
-                        $(($r, 1) => x86::k512q8::<$r, 1>(t),
-                          ($r, _) => x86::k512q8::<$r, 2>(t),)*
-                        _ => unreachable!("tile rows"),
-                    }
+            macro_rules! k {
+                ($r:literal, $p:literal) => {
+                    x86::k512q8::<$r, $p>(t)
                 };
             }
-            rows512!(1 2 3 4 5 6)
+            avx512_tile!(k; rows, pp; 1 2 3 4 5 6)
         }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => match rows {

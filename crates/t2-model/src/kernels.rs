@@ -1,4 +1,4 @@
-//! y = x·Wᵀ on CPU, and the attention of newly decoded tokens over their KV caches.
+//! y = x·Wᵀ on CPU, and the fused per-layer steps around it (residual add with norm, SwiGLU, the KV write).
 //!
 //! f32 weights packed at load go through the register-blocked GEMM of [`crate::gemm`] for every row count
 //! ([`linear_packed`]). Weights without a packed copy (f16/bf16, merged or factored SVF matrices) take a
@@ -15,6 +15,32 @@ use crate::gemm::PackedWeight;
 /// A packed copy of a weight (n, k) on CPU (f32, f16 or bf16, kept in its own format), or None where the
 /// packed kernel does not apply.
 pub fn pack(w: &Tensor) -> Option<PackedWeight> {
+    with_cpu_weight(w, |v, at, n, k| match v {
+        CpuStorage::F32(v) => PackedWeight::pack(&v[at], n, k),
+        CpuStorage::F16(v) => PackedWeight::pack(&v[at], n, k),
+        CpuStorage::BF16(v) => PackedWeight::pack(&v[at], n, k),
+        _ => None,
+    })
+}
+
+/// A copy of a weight (n, k) on CPU in 8-bit integers with block scales ([`PackedWeight::pack_q8`]), or
+/// None where the packed kernel does not apply.
+pub fn pack_q8(w: &Tensor) -> Option<PackedWeight> {
+    if w.dtype() != DType::F32 || !w.is_contiguous() {
+        return pack_q8(&w.to_dtype(DType::F32).ok()?.contiguous().ok()?);
+    }
+    with_cpu_weight(w, |v, at, n, k| match v {
+        CpuStorage::F32(v) => PackedWeight::pack_q8(&v[at], n, k),
+        _ => None,
+    })
+}
+
+/// Calls `f` with the CPU storage of the contiguous 2-D weight `w`, the range of its own elements and its
+/// dims: borrowed rather than copied, since packing reads a weight once.
+fn with_cpu_weight(
+    w: &Tensor,
+    f: impl FnOnce(&CpuStorage, std::ops::Range<usize>, usize, usize) -> Option<PackedWeight>,
+) -> Option<PackedWeight> {
     if !w.device().is_cpu() {
         return None;
     }
@@ -22,28 +48,9 @@ pub fn pack(w: &Tensor) -> Option<PackedWeight> {
     let (st, l) = w.storage_and_layout();
     let (a, b) = l.contiguous_offsets()?;
     match &*st {
-        Storage::Cpu(CpuStorage::F32(v)) => PackedWeight::pack(&v[a..b], n, k),
-        Storage::Cpu(CpuStorage::F16(v)) => PackedWeight::pack(&v[a..b], n, k),
-        Storage::Cpu(CpuStorage::BF16(v)) => PackedWeight::pack(&v[a..b], n, k),
+        Storage::Cpu(c) => f(c, a..b, n, k),
         _ => None,
     }
-}
-
-/// A copy of a weight (n, k) on CPU in 8-bit integers with block scales ([`PackedWeight::pack_q8`]), or
-/// None where the packed kernel does not apply.
-pub fn pack_q8(w: &Tensor) -> Option<PackedWeight> {
-    if !w.device().is_cpu() {
-        return None;
-    }
-    let (n, k) = w.dims2().ok()?;
-    let v = w
-        .to_dtype(DType::F32)
-        .ok()?
-        .flatten_all()
-        .ok()?
-        .to_vec1::<f32>()
-        .ok()?;
-    PackedWeight::pack_q8(&v, n, k)
 }
 
 /// x (m, k) · W (n, k)ᵀ → (m, n), through `packed` (W's packed copy) where it applies.
@@ -120,123 +127,6 @@ fn stream_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> 
         .t()?
         .contiguous()?;
     Ok(Some(y.to_dtype(x.dtype())?))
-}
-
-/// One query head against the first `len` cached positions of a sequence: o = softmax(k·q·scale)·v. `at(p)`
-/// is where position p's key (and value) starts in `k` (and `v`).
-#[allow(clippy::too_many_arguments)]
-fn attend_head(
-    qh: &[f32],
-    k: &[f32],
-    v: &[f32],
-    len: usize,
-    at: impl Fn(usize) -> usize,
-    scale: f32,
-    scores: &mut [f32],
-    o: &mut [f32],
-) {
-    let d = o.len();
-    let scores = &mut scores[..len];
-    let mut max = f32::NEG_INFINITY;
-    for (j, sc) in scores.iter_mut().enumerate() {
-        let a = at(j);
-        *sc = f32::dot(&k[a..a + d], qh) * scale;
-        max = max.max(*sc);
-    }
-    let mut sum = 0f32;
-    for sc in scores.iter_mut() {
-        *sc = (*sc - max).exp();
-        sum += *sc;
-    }
-    o.fill(0.0);
-    for (j, sc) in scores.iter().enumerate() {
-        let p = sc / sum;
-        let a = at(j);
-        o.iter_mut()
-            .zip(&v[a..a + d])
-            .for_each(|(x, y)| *x += p * y);
-    }
-}
-
-/// One sequence's KV for [`attention_rows`]: its blocks in position order and how many positions
-/// to attend over (the new token's included).
-pub struct BlockKv<'a> {
-    pub blocks: &'a [u32],
-    pub len: usize,
-}
-
-/// A contiguous f32 CPU tensor's storage guard and start offset, or None.
-fn f32_data(t: &Tensor) -> Option<(impl std::ops::Deref<Target = Storage> + '_, usize)> {
-    let (s, l) = t.storage_and_layout();
-    let (start, _) = l.contiguous_offsets()?;
-    matches!(&*s, Storage::Cpu(CpuStorage::F32(_))).then_some((s, start))
-}
-
-/// The attention of many new rows at once, each over its own sequence's first `len` positions (a decode
-/// row, or one row of a prompt chunk, whose causal prefix ends at itself): q is (rows, heads, head_dim)
-/// f32, contiguous, with `seqs[i]` row i's KV; the layer's pool K and V are (blocks·kv_heads·block_size,
-/// head_dim), head-major within a block (see `crate::kv`); returns (rows, heads·head_dim).
-/// One call per layer instead of a dozen tensor ops per sequence, with (sequence, head) pairs spread over
-/// the cores. None where this CPU/f32 path does not apply.
-pub fn attention_rows(
-    q: &Tensor,
-    k_pool: &Tensor,
-    v_pool: &Tensor,
-    seqs: &[BlockKv<'_>],
-    group: usize,
-) -> candle_core::Result<Option<Tensor>> {
-    if !q.device().is_cpu() || q.dtype() != DType::F32 || !q.is_contiguous() {
-        return Ok(None);
-    }
-    let (n, heads, d) = q.dims3()?;
-    let kv_heads = heads / group.max(1);
-    let rows = k_pool.dim(0)?;
-    let bs = crate::kv::BLOCK_SIZE;
-    let fits = |s: &BlockKv<'_>| {
-        s.len > 0
-            && s.len <= s.blocks.len() * bs
-            && s.blocks
-                .iter()
-                .all(|&b| (b as usize + 1) * kv_heads * bs <= rows)
-    };
-    if n != seqs.len() || k_pool.dim(1)? != d || !seqs.iter().all(fits) {
-        return Ok(None);
-    }
-    let (Some((qs, q0)), Some((ks, k0)), Some((vs, v0))) =
-        (f32_data(q), f32_data(k_pool), f32_data(v_pool))
-    else {
-        return Ok(None);
-    };
-    let (
-        Storage::Cpu(CpuStorage::F32(qv)),
-        Storage::Cpu(CpuStorage::F32(kv)),
-        Storage::Cpu(CpuStorage::F32(vv)),
-    ) = (&*qs, &*ks, &*vs)
-    else {
-        return Ok(None);
-    };
-    let (kv, vv) = (&kv[k0..], &vv[v0..]);
-    let scale = 1.0 / (d as f32).sqrt();
-    let mut out = vec![0f32; n * heads * d];
-    let pool = crate::pool::Pool::global();
-    let pairs = n * heads;
-    // (sequence, head) pairs in a few runs per thread, each with its own score buffer.
-    let per_task = pairs.div_ceil(pool.threads() * 4);
-    let longest = seqs.iter().map(|c| c.len).max().unwrap_or(0);
-    pool.for_chunks_mut(&mut out, per_task * d, |t, run| {
-        let mut scores = vec![0f32; longest];
-        for (j, o) in run.chunks_mut(d).enumerate() {
-            let i = t * per_task + j;
-            let (seq, h) = (i / heads, i % heads);
-            let s = &seqs[seq];
-            let kvh = h / group;
-            let at = |p: usize| ((s.blocks[p / bs] as usize * kv_heads + kvh) * bs + p % bs) * d;
-            let qh = &qv[q0 + i * d..q0 + (i + 1) * d];
-            attend_head(qh, kv, vv, s.len, at, scale, &mut scores, o);
-        }
-    });
-    drop((qs, ks, vs));
-    Ok(Some(Tensor::from_vec(out, (n, heads * d), q.device())?))
 }
 
 /// Writes a step's new K (or V) rows into a layer's pool in place: `src` is (rows, kv_heads, head_dim),

@@ -7,6 +7,7 @@
 
 pub mod chat;
 pub mod config;
+pub mod cpu_attention;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;

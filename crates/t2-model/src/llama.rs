@@ -348,15 +348,9 @@ impl Llama {
         self.dtype
     }
 
-    /// Makes every projection and the output head run its base rows on 8-bit weights (Q8_0-style block
-    /// scales; see [`PackedWeight::pack_q8`]) instead of the dense ones. Only the packed copies change: the
-    /// dense weights stay for the SVF factors and merges, which is why rows with a mix are unaffected.
-    /// An error on a device without the packed kernel.
-    pub fn quantize_base(&mut self) -> candle_core::Result<()> {
-        self.set_base_weights(BaseWeights::Q8)
-    }
-
-    /// Holds the base weights as `format` says ([`BaseWeights::Dense`] leaves the model as it is).
+    /// Holds the base weights as `format` says ([`BaseWeights::Dense`] leaves the model as it is). Only the
+    /// packed copies the base rows read change: the dense weights stay for the SVF factors and merges,
+    /// which is why rows with a mix are unaffected. An error on a device without the packed kernels.
     pub fn set_base_weights(&mut self, format: BaseWeights) -> candle_core::Result<()> {
         let half = match format {
             BaseWeights::Dense => return Ok(()),
@@ -364,7 +358,7 @@ impl Llama {
             BaseWeights::BF16 => Some(DType::BF16),
             BaseWeights::Q8 => None,
         };
-        let q8 = |w: &Tensor| {
+        let repack = |w: &Tensor| {
             let packed = match half {
                 Some(dt) => crate::kernels::pack(&w.to_dtype(dt)?),
                 None => crate::kernels::pack_q8(w),
@@ -377,14 +371,14 @@ impl Llama {
         };
         for b in &mut self.blocks {
             for lin in b.linears_mut() {
-                lin.packed = Some(Arc::new(q8(&lin.weight)?));
+                lin.packed = Some(Arc::new(repack(&lin.weight)?));
             }
         }
-        self.lm_head_packed = Some(q8(&self.lm_head)?);
+        self.lm_head_packed = Some(repack(&self.lm_head)?);
         Ok(())
     }
 
-    /// Whether the base rows run on 8-bit weights ([`Self::quantize_base`]).
+    /// Whether the base rows run on 8-bit weights ([`Self::set_base_weights`] with [`BaseWeights::Q8`]).
     pub fn is_quantized(&self) -> bool {
         self.base_elem() == Some(crate::gemm::Elem::Q8)
     }
@@ -728,13 +722,14 @@ impl Llama {
                 .iter()
                 .zip(spans)
                 .flat_map(|(s, &(_, t, start))| {
-                    (0..t).map(move |j| crate::kernels::BlockKv {
+                    (0..t).map(move |j| crate::cpu_attention::BlockKv {
                         blocks: &s.kv.blocks,
                         len: start + j + 1,
                     })
                 })
                 .collect();
-            let out = crate::kernels::attention_rows(&q, k_pool, v_pool, &seqs, cfg.group_size())?;
+            let out =
+                crate::cpu_attention::attention_rows(&q, k_pool, v_pool, &seqs, cfg.group_size())?;
             if let Some(out) = out {
                 return self.project(&attn.o, &out, p, rows);
             }

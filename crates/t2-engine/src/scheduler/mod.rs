@@ -36,6 +36,9 @@ pub struct SchedulerConfig {
     pub max_batch: usize,
     /// Input tokens per batch step at most (prefill is chunked to fit).
     pub max_batched_tokens: usize,
+    /// Prompt tokens a step takes at most while other rows are decoding: a step's length is every
+    /// running stream's gap between two tokens, so prefill beside decode rows comes in smaller chunks.
+    pub max_prefill_while_decoding: usize,
     /// Submissions waiting for admission at most; beyond it `submit` answers `QueueFull`.
     pub max_queue: usize,
     /// KV cache tokens reserved by running sequences at most (each reserves prompt + max_tokens).
@@ -52,6 +55,7 @@ impl Default for SchedulerConfig {
         Self {
             max_batch: 32,
             max_batched_tokens: 512,
+            max_prefill_while_decoding: 128,
             max_queue: 64,
             kv_budget_tokens: 64 * 1024,
             merge_after_steps: Some(512),

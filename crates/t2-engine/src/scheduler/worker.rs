@@ -393,7 +393,11 @@ impl Worker {
                 remaining: r.seq.prompt_len().saturating_sub(r.seq.kv.len()),
             })
             .collect();
-        let split = split_budget(&pending, self.cfg.max_batched_tokens);
+        let split = split_budget(
+            &pending,
+            self.cfg.max_batched_tokens,
+            self.cfg.max_prefill_while_decoding,
+        );
         let mut plan = StepPlan {
             ended: std::mem::take(&mut self.ended),
             merge: self.merge_decision(),
@@ -428,6 +432,9 @@ impl Worker {
         let mut finished = Vec::new();
         let mut decided = Vec::new();
         let mut forks = Vec::new();
+        // A sequence's last event goes out only once its KV is freed and the gauges say so: a client
+        // that reads the metrics the moment it is done must not see its request still holding KV.
+        let mut finals = Vec::new();
         for ((i, row), out) in stepping.into_iter().zip(&plan.rows).zip(outputs) {
             let r = &mut self.running[i];
             r.seq.fed(row.tokens.len());
@@ -440,7 +447,7 @@ impl Worker {
                 (RowOutput::Fed, _) => {}
                 (RowOutput::Scored { logprob, tokens }, Role::Answer(tx)) => {
                     if let Some(scored) = r.seq.on_score(logprob, tokens) {
-                        let _ = tx.try_send(SeqEvent::Scored(scored));
+                        finals.push((tx.clone(), SeqEvent::Scored(scored)));
                         finished.push(i);
                     }
                 }
@@ -451,8 +458,10 @@ impl Worker {
                     let event = r
                         .seq
                         .on_token(&self.engine.loaded.tokenizer, token, logprob)?;
-                    let done = event.finish.is_some();
-                    if tx.try_send(SeqEvent::Token(event)).is_err() || done {
+                    if event.finish.is_some() {
+                        finals.push((tx.clone(), SeqEvent::Token(event)));
+                        finished.push(i);
+                    } else if tx.try_send(SeqEvent::Token(event)).is_err() {
                         finished.push(i);
                     }
                 }
@@ -495,6 +504,12 @@ impl Worker {
                 role: Role::Answer(tx),
                 cache_key: None,
             });
+        }
+        if !finals.is_empty() {
+            self.publish();
+            for (tx, event) in finals {
+                let _ = tx.try_send(event);
+            }
         }
         Ok(())
     }
