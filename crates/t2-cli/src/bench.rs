@@ -36,6 +36,10 @@ pub struct BenchArgs {
     /// Decode steps measured per configuration
     #[arg(long, default_value_t = 32)]
     pub decode_steps: usize,
+    /// Measurements per configuration (prefill, then the decode steps, each time into fresh KV); every
+    /// figure is their median, since a single 64-token prefill lasts about a tenth of a second
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
     /// Mixes registered; the first is the `merged` mode's, the other N-1 are spread over the `mixes` mode's
     /// rows (row i uses mix 1 + i mod (N-1)), so a batch of b rows holds min(b, N-1) different mixes
     #[arg(long, default_value_t = 8)]
@@ -100,8 +104,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
             bail!("unknown bench mode '{m}' (expected base, merged, mixes)");
         }
     }
-    if a.batches.contains(&0) || a.prompt_len == 0 || a.decode_steps == 0 || a.mixes < 2 {
-        bail!("batch sizes, --prompt-len and --decode-steps must be positive, --mixes at least 2");
+    if a.batches.contains(&0)
+        || a.prompt_len == 0
+        || a.decode_steps == 0
+        || a.repeats == 0
+        || a.mixes < 2
+    {
+        bail!("batch sizes, --prompt-len, --decode-steps and --repeats must be positive, --mixes at least 2");
     }
     let device = a.model.device()?;
     let dtype = a.model.dtype(&device)?;
@@ -213,8 +222,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     // different mixes, none merged: always the factored path
                     _ => (0..b).map(|i| ids[1 + i % (a.mixes - 1)]).collect(),
                 };
-                let (prefill, decode, decode_split) =
-                    measure(&model, &svf, &mixes, a.prompt_len, a.decode_steps)?;
+                let (prefill, decode, decode_split) = measure(
+                    &model,
+                    &svf,
+                    &mixes,
+                    a.prompt_len,
+                    a.decode_steps,
+                    a.repeats,
+                )?;
                 let bytes = base_bytes as f64 + if mode == "mixes" { extra as f64 } else { 0.0 };
                 let row = Row {
                     targets: targets.to_string(),
@@ -255,13 +270,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// Prefill `prompt_len` tokens for each sequence in one step, then decode `steps` tokens for all of them.
+/// Prefill `prompt_len` tokens for each sequence in one step, then decode `steps` tokens for all of them;
+/// `repeats` times, giving the median prefill and decode speeds (the split from the median decode run).
 fn measure(
     model: &Llama,
     svf: &SvfProjector,
     mixes: &[u32],
     prompt_len: usize,
     steps: usize,
+    repeats: usize,
 ) -> Result<(f64, f64, StepSplit)> {
     let vocab = model.cfg.vocab_size as u32;
     let prompts: Vec<Vec<u32>> = (0..mixes.len())
@@ -319,7 +336,14 @@ fn measure(
         Ok((prefill, (mixes.len() * steps) as f64 / total, split))
     };
     run(2)?; // warm-up: first-touch allocations, thread pools
-    run(steps)
+    let mut runs = (0..repeats)
+        .map(|_| run(steps))
+        .collect::<Result<Vec<_>>>()?;
+    let mut prefills: Vec<f64> = runs.iter().map(|r| r.0).collect();
+    prefills.sort_by(f64::total_cmp);
+    runs.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let (_, decode, split) = runs.swap_remove(runs.len() / 2);
+    Ok((prefills[prefills.len() / 2], decode, split))
 }
 
 /// Each row's argmax, taken where the logits are (on a GPU only the token ids come back).

@@ -173,6 +173,7 @@ impl Group<'_> {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::Group;
+    use crate::vmath::avx2::exp;
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx2,fma")]
@@ -187,36 +188,6 @@ mod avx2 {
         let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_max_ss(s, _mm_shuffle_ps(s, s, 1)))
-    }
-
-    /// e^x for x ≤ 0 (scores less their maximum), to about 2 ulp: x = n·ln 2 + r with |r| ≤ ln 2 / 2,
-    /// e^r by its degree-6 minimax polynomial (Cephes' expf), 2^n put into the exponent bits. Below -87
-    /// the result is clamped to e^-87 (1.6e-38), which no softmax sum can tell from 0.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn exp(x: __m256) -> __m256 {
-        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
-        let n = _mm256_floor_ps(_mm256_fmadd_ps(
-            x,
-            _mm256_set1_ps(std::f32::consts::LOG2_E),
-            _mm256_set1_ps(0.5),
-        ));
-        // ln 2 in two parts, so n·ln 2 is subtracted without rounding away r.
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
-            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-        }
-        let p = _mm256_fmadd_ps(
-            p,
-            _mm256_mul_ps(r, r),
-            _mm256_add_ps(r, _mm256_set1_ps(1.0)),
-        );
-        let pow2 = _mm256_slli_epi32(
-            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
-            23,
-        );
-        _mm256_mul_ps(p, _mm256_castsi256_ps(pow2))
     }
 
     #[target_feature(enable = "avx2,fma")]

@@ -304,8 +304,23 @@ impl PackedWeight {
                             let rows = mr.min(i1 - i);
                             // SAFETY: bands own disjoint columns of `out`; the tile's rows and columns are
                             // in bounds (checked against m and n above and in `run_tile`).
+                            // Where several row tiles pass over a panel pair, the first also pulls this
+                            // band's next pair toward L2, so the weights stream in while the others
+                            // compute: +5-10% at 16 and 64 rows over a step's distinct weights, measured
+                            // interleaved in one process. (A single tile per pair, as in decode, is the
+                            // stream itself, and measured slower with it.)
+                            let prefetch = i == i0 && i1 - i0 > mr && p + pp < p1;
                             unsafe {
-                                self.run_tile(isa, x, out, [i, rows], [p, pp], [k0, kc], &mut spill)
+                                self.run_tile(
+                                    isa,
+                                    x,
+                                    out,
+                                    [i, rows],
+                                    [p, pp],
+                                    [k0, kc],
+                                    prefetch,
+                                    &mut spill,
+                                )
                             };
                             i += rows;
                         }
@@ -326,6 +341,7 @@ impl PackedWeight {
         [i, rows]: [usize; 2],
         [p, pp]: [usize; 2],
         [k0, kc]: [usize; 2],
+        prefetch: bool,
         spill: &mut [f32; 12 * 2 * NR],
     ) {
         let (n, k) = (self.n, self.k);
@@ -354,6 +370,7 @@ impl PackedWeight {
             c,
             ldc,
             first,
+            prefetch,
         };
         match self.elem {
             Elem::F32 => dispatch::<F32>(isa, rows, pp, t),
@@ -378,7 +395,8 @@ unsafe impl Sync for SyncPtr {}
 
 /// What a micro-kernel works on: x rows at `x + r·ldx` (already at the block's first k), weight panel q at
 /// byte `w + q·panel` (already at the block's first k column), the y tile at `c + r·ldc`; `first`: the tile
-/// starts from 0 rather than from what `c` holds.
+/// starts from 0 rather than from what `c` holds; `prefetch`: the panels after the tile's are worth asking
+/// for (a hint: nothing is read from them).
 #[derive(Clone, Copy)]
 struct Tile {
     x: *const f32,
@@ -389,6 +407,7 @@ struct Tile {
     c: *mut f32,
     ldc: usize,
     first: bool,
+    prefetch: bool,
 }
 
 /// The storage formats as kernel parameters ([`Elem`] as a const generic).
@@ -549,6 +568,13 @@ mod x86 {
             let mut w = [_mm512_setzero_ps(); P];
             for q in 0..P {
                 w[q] = load16!(E, t.w.add(q * t.panel + kk * NR * eb));
+            }
+            // One 64-byte line of each next panel per f32 column (half a column's worth for halves).
+            if t.prefetch && (E == F32 || kk % 2 == 0) {
+                for q in 0..P {
+                    let at = t.w.wrapping_add((P + q) * t.panel + kk * NR * eb);
+                    _mm_prefetch::<_MM_HINT_T1>(at as *const i8);
+                }
             }
             for r in 0..MR {
                 let xb = _mm512_set1_ps(*t.x.add(r * t.ldx + kk));

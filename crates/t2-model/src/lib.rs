@@ -21,6 +21,7 @@ pub mod pool;
 pub mod profile;
 pub mod sampling;
 pub mod tokenizer;
+mod vmath;
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{LlamaConfig, RopeScaling, RopeStyle};

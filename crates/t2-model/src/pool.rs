@@ -130,6 +130,33 @@ impl Pool {
     }
 }
 
+impl Pool {
+    /// f(i, chunk i of `a`, chunk i of `b`) for the chunks of `len` elements of two equally long slices,
+    /// spread over the pool.
+    pub fn for_chunk_pairs_mut<T: Send>(
+        &self,
+        a: &mut [T],
+        b: &mut [T],
+        len: usize,
+        f: impl Fn(usize, &mut [T], &mut [T]) + Sync,
+    ) {
+        assert_eq!(a.len(), b.len(), "chunk pairs of unequal slices");
+        let (total, len) = (a.len(), len.max(1));
+        let (pa, pb) = (SendPtr(a.as_mut_ptr()), SendPtr(b.as_mut_ptr()));
+        self.run(total.div_ceil(len), &|i| {
+            let (start, n) = (i * len, len.min(total - i * len));
+            // SAFETY: as in `for_chunks_mut`, for each of the two slices.
+            let (ca, cb) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(pa.get().add(start), n),
+                    std::slice::from_raw_parts_mut(pb.get().add(start), n),
+                )
+            };
+            f(i, ca, cb)
+        });
+    }
+}
+
 struct SendPtr<T>(*mut T);
 impl<T> SendPtr<T> {
     fn get(&self) -> *mut T {
