@@ -126,7 +126,12 @@ impl Isa {
     /// (rows per tile, panels per tile): as many accumulators as the registers hold with room for the
     /// weight vectors and a broadcast (AVX-512: 12×2 of 32 zmm; AVX2: 6×2 of 16 ymm).
     /// Q8 keeps a block's partial sums beside the running ones, so its tiles have half the rows.
-    fn tile(self, elem: Elem) -> (usize, usize) {
+    /// One row (batch-1 decode) gets up to 4 panels: a single row has only its tile's P chains in flight
+    /// per k, and at P = 2 their FMA latency, not memory, bounded the half and Q8 formats.
+    fn tile(self, elem: Elem, m: usize) -> (usize, usize) {
+        if m == 1 && self != Isa::Scalar {
+            return (1, 4);
+        }
         match (self, elem) {
             (Isa::Avx512, Elem::Q8) => (6, 2),
             (Isa::Avx512, _) => (12, 2),
@@ -278,15 +283,17 @@ impl PackedWeight {
         if m == 0 {
             return;
         }
-        let (mr, pw) = isa.tile(self.elem);
+        let (mr, pw) = isa.tile(self.elem, m);
         let panels = n.div_ceil(NR);
-        // ~4 bands per thread balances uneven cores without paying much per-task overhead; a band is a
-        // whole number of tiles wide.
+        // ~4 bands per thread balances uneven cores without paying much per-task overhead. Within a band
+        // the tiles split its panels evenly (a band of 5 at up to 4 a tile: 3 + 2, not 4 + 1).
         let pool = crate::pool::Pool::global();
-        let band = panels
-            .div_ceil(pool.threads() * 4)
-            .max(pw)
-            .next_multiple_of(pw);
+        let band = panels.div_ceil(pool.threads() * 4);
+        let band = if m == 1 {
+            band.max(2)
+        } else {
+            band.max(pw).next_multiple_of(pw)
+        };
         let out = SyncPtr(out.as_mut_ptr());
         pool.run(panels.div_ceil(band), &|b| {
             let (p0, p1) = (b * band, ((b + 1) * band).min(panels));
@@ -298,7 +305,7 @@ impl PackedWeight {
                     let i1 = (i0 + MC).min(m);
                     let mut p = p0;
                     while p < p1 {
-                        let pp = pw.min(p1 - p);
+                        let pp = (p1 - p).div_ceil((p1 - p).div_ceil(pw));
                         let mut i = i0;
                         while i < i1 {
                             let rows = mr.min(i1 - i);
@@ -435,14 +442,21 @@ unsafe fn dispatch<const E: u8>(isa: Isa, rows: usize, pp: usize, t: Tile) {
                     x86::k512::<$r, $p, E>(t)
                 };
             }
-            avx512_tile!(k; rows, pp; 1 2 3 4 5 6 7 8 9 10 11 12)
+            match (rows, pp) {
+                (1, 3) => k!(1, 3),
+                (1, 4) => k!(1, 4),
+                _ => avx512_tile!(k; rows, pp; 1 2 3 4 5 6 7 8 9 10 11 12),
+            }
         }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => {
             macro_rules! rows256 {
                 ($($r:literal)*) => {
-                    match rows {
-                        $($r => x86::k256::<$r, E>(t),)*
+                    match (rows, pp) {
+                        (1, 2) => x86::k256::<1, 2, E>(t),
+                        (1, 3) => x86::k256::<1, 3, E>(t),
+                        (1, 4) => x86::k256::<1, 4, E>(t),
+                        $(($r, _) => x86::k256::<$r, 1, E>(t),)*
                         _ => unreachable!("tile rows"),
                     }
                 };
@@ -462,13 +476,20 @@ unsafe fn dispatch_q8(isa: Isa, rows: usize, pp: usize, t: Tile) {
                     x86::k512q8::<$r, $p>(t)
                 };
             }
-            avx512_tile!(k; rows, pp; 1 2 3 4 5 6)
+            match (rows, pp) {
+                (1, 3) => k!(1, 3),
+                (1, 4) => k!(1, 4),
+                _ => avx512_tile!(k; rows, pp; 1 2 3 4 5 6),
+            }
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => match rows {
-            1 => x86::k256q8::<1>(t),
-            2 => x86::k256q8::<2>(t),
-            3 => x86::k256q8::<3>(t),
+        Isa::Avx2 => match (rows, pp) {
+            (1, 2) => x86::k256q8::<1, 2>(t),
+            (1, 3) => x86::k256q8::<1, 3>(t),
+            (1, 4) => x86::k256q8::<1, 4>(t),
+            (1, _) => x86::k256q8::<1, 1>(t),
+            (2, _) => x86::k256q8::<2, 1>(t),
+            (3, _) => x86::k256q8::<3, 1>(t),
             _ => unreachable!("tile rows"),
         },
         _ => scalar_q8(rows, pp, t),
@@ -590,31 +611,38 @@ mod x86 {
         }
     }
 
-    /// MR rows × one panel of 16 (two ymm accumulators per row).
+    /// MR rows × P panels of 16 (two ymm accumulators per row and panel).
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::needless_range_loop)]
-    pub unsafe fn k256<const MR: usize, const E: u8>(t: Tile) {
+    pub unsafe fn k256<const MR: usize, const P: usize, const E: u8>(t: Tile) {
         let eb = if E == F32 { 4 } else { 2 };
-        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+        let mut acc = [[[_mm256_setzero_ps(); 2]; P]; MR];
         if !t.first {
             for r in 0..MR {
-                for h in 0..2 {
-                    acc[r][h] = _mm256_loadu_ps(t.c.add(r * t.ldc + h * 8));
+                for q in 0..P {
+                    for h in 0..2 {
+                        acc[r][q][h] = _mm256_loadu_ps(t.c.add(r * t.ldc + q * NR + h * 8));
+                    }
                 }
             }
         }
         for kk in 0..t.kc {
-            let w0 = load8!(E, t.w.add(kk * NR * eb));
-            let w1 = load8!(E, t.w.add((kk * NR + 8) * eb));
-            for r in 0..MR {
-                let xb = _mm256_broadcast_ss(&*t.x.add(r * t.ldx + kk));
-                acc[r][0] = _mm256_fmadd_ps(xb, w0, acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(xb, w1, acc[r][1]);
+            for q in 0..P {
+                let at = t.w.add(q * t.panel + kk * NR * eb);
+                let w0 = load8!(E, at);
+                let w1 = load8!(E, at.add(8 * eb));
+                for r in 0..MR {
+                    let xb = _mm256_broadcast_ss(&*t.x.add(r * t.ldx + kk));
+                    acc[r][q][0] = _mm256_fmadd_ps(xb, w0, acc[r][q][0]);
+                    acc[r][q][1] = _mm256_fmadd_ps(xb, w1, acc[r][q][1]);
+                }
             }
         }
         for r in 0..MR {
-            for h in 0..2 {
-                _mm256_storeu_ps(t.c.add(r * t.ldc + h * 8), acc[r][h]);
+            for q in 0..P {
+                for h in 0..2 {
+                    _mm256_storeu_ps(t.c.add(r * t.ldc + q * NR + h * 8), acc[r][q][h]);
+                }
             }
         }
     }
@@ -662,44 +690,54 @@ mod x86 {
         }
     }
 
-    /// MR rows × one panel of 16 over Q8 blocks (two ymm per row for the running and the block sums).
+    /// MR rows × P panels of 16 over Q8 blocks (per row and panel, two ymm for the running sums and two for
+    /// the block's).
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::needless_range_loop)]
-    pub unsafe fn k256q8<const MR: usize>(t: Tile) {
-        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+    pub unsafe fn k256q8<const MR: usize, const P: usize>(t: Tile) {
+        let mut acc = [[[_mm256_setzero_ps(); 2]; P]; MR];
         if !t.first {
             for r in 0..MR {
-                for h in 0..2 {
-                    acc[r][h] = _mm256_loadu_ps(t.c.add(r * t.ldc + h * 8));
+                for q in 0..P {
+                    for h in 0..2 {
+                        acc[r][q][h] = _mm256_loadu_ps(t.c.add(r * t.ldc + q * NR + h * 8));
+                    }
                 }
             }
         }
         for b in 0..t.kc.div_ceil(QB) {
             let block = t.w.add(b * Q8_BLOCK);
-            let mut part = [[_mm256_setzero_ps(); 2]; MR];
+            let mut part = [[[_mm256_setzero_ps(); 2]; P]; MR];
             for kk in 0..QB.min(t.kc - b * QB) {
-                let at = block.add(kk * NR);
-                let w0 =
-                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(at as *const __m128i)));
-                let w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
-                    at.add(8) as *const __m128i
-                )));
-                for r in 0..MR {
-                    let xb = _mm256_broadcast_ss(&*t.x.add(r * t.ldx + b * QB + kk));
-                    part[r][0] = _mm256_fmadd_ps(xb, w0, part[r][0]);
-                    part[r][1] = _mm256_fmadd_ps(xb, w1, part[r][1]);
+                for q in 0..P {
+                    let at = block.add(q * t.panel + kk * NR);
+                    let w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                        at as *const __m128i,
+                    )));
+                    let w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                        at.add(8) as *const __m128i
+                    )));
+                    for r in 0..MR {
+                        let xb = _mm256_broadcast_ss(&*t.x.add(r * t.ldx + b * QB + kk));
+                        part[r][q][0] = _mm256_fmadd_ps(xb, w0, part[r][q][0]);
+                        part[r][q][1] = _mm256_fmadd_ps(xb, w1, part[r][q][1]);
+                    }
                 }
             }
-            let s = block.add(QB * NR) as *const f32;
-            let (s0, s1) = (_mm256_load_ps(s), _mm256_load_ps(s.add(8)));
-            for r in 0..MR {
-                acc[r][0] = _mm256_fmadd_ps(part[r][0], s0, acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(part[r][1], s1, acc[r][1]);
+            for q in 0..P {
+                let s = block.add(q * t.panel + QB * NR) as *const f32;
+                let (s0, s1) = (_mm256_load_ps(s), _mm256_load_ps(s.add(8)));
+                for r in 0..MR {
+                    acc[r][q][0] = _mm256_fmadd_ps(part[r][q][0], s0, acc[r][q][0]);
+                    acc[r][q][1] = _mm256_fmadd_ps(part[r][q][1], s1, acc[r][q][1]);
+                }
             }
         }
         for r in 0..MR {
-            for h in 0..2 {
-                _mm256_storeu_ps(t.c.add(r * t.ldc + h * 8), acc[r][h]);
+            for q in 0..P {
+                for h in 0..2 {
+                    _mm256_storeu_ps(t.c.add(r * t.ldc + q * NR + h * 8), acc[r][q][h]);
+                }
             }
         }
     }
@@ -854,6 +892,8 @@ mod tests {
             (30, 16, 17),
             (75, 33, 256),
             (5, 20, KC + 37),
+            // One row over enough panels for 3- and 4-panel decode tiles.
+            (1, 16 * 53 + 3, 70),
         ] {
             let (x, w) = (data(m * k, 1), data(n * k, 2));
             for (elem, pw, held) in formats(&w, n, k) {
@@ -875,16 +915,18 @@ mod tests {
 
     #[test]
     fn a_rows_result_is_the_same_bits_in_any_batch_and_kernel() {
-        let (n, k) = (45, KC + 100);
-        let w = data(n * k, 3);
-        let m = 40; // > 3 row tiles of 12, and not a multiple of 12 or 6
-        let x = data(m * k, 4);
-        let isas = Isa::available();
-        for (elem, pw, _) in formats(&w, n, k) {
-            let mut batch = vec![0f32; m * n];
-            pw.matmul_with(isas[0], &x, m, &mut batch);
-            for isa in &isas {
-                rows_match(&pw, *isa, &x, &batch, m, format!("{elem:?} {isa:?}"));
+        // The second shape has enough panels for the wider one-row (decode) tiles.
+        for (n, k) in [(45, KC + 100), (16 * 53 + 3, 300)] {
+            let w = data(n * k, 3);
+            let m = 40; // > 3 row tiles of 12, and not a multiple of 12 or 6
+            let x = data(m * k, 4);
+            let isas = Isa::available();
+            for (elem, pw, _) in formats(&w, n, k) {
+                let mut batch = vec![0f32; m * n];
+                pw.matmul_with(isas[0], &x, m, &mut batch);
+                for isa in &isas {
+                    rows_match(&pw, *isa, &x, &batch, m, format!("{elem:?} {isa:?} n={n}"));
+                }
             }
         }
     }
