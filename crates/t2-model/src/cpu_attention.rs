@@ -230,8 +230,9 @@ mod avx2 {
                 *scores.get_unchecked_mut(h * len + p) = hsum(_mm256_add_ps(a0, a1)) * g.scale;
             }
         }
-        // Softmax weights, unnormalised: the sum divides the output once at the end.
-        let mut inv_sums = [0f32; 32];
+        // Per head: softmax weights, unnormalised (the sum divides the output once at the end), then the
+        // weighted values, 64 output lanes (8 registers) at a time.
+        let out = o.as_mut_ptr();
         for h in 0..heads {
             let s = scores.as_mut_ptr().add(h * len);
             let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
@@ -270,20 +271,7 @@ mod avx2 {
                     sum += w;
                 }
             }
-            if h < inv_sums.len() {
-                inv_sums[h] = 1.0 / sum;
-            }
-        }
-        // Weighted values, 64 output lanes (8 registers) at a time per head.
-        let out = o.as_mut_ptr();
-        for h in 0..heads {
-            let s = scores.as_ptr().add(h * len);
-            let inv = if h < inv_sums.len() {
-                inv_sums[h]
-            } else {
-                let sum: f32 = std::slice::from_raw_parts(s, len).iter().sum();
-                1.0 / sum
-            };
+            let inv = 1.0 / sum;
             let mut c0 = 0;
             while c0 < d {
                 let lanes = (d - c0).min(64) / 8;

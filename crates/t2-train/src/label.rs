@@ -7,12 +7,14 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use candle_core::Tensor;
+use t2_engine::{Adaptation, ZVectors};
 use t2_model::ProjId;
 use t2_tasks::TaskItem;
 
 use crate::config::TrainConfig;
+use crate::options::SCORED_TOGETHER;
 use crate::policy::{Policy, SvfLogits};
-use crate::step::{accumulate, StepOut};
+use crate::step::{accumulate, z_of, StepOut};
 use crate::train::Trainer;
 use crate::Result;
 
@@ -37,9 +39,10 @@ impl Trainer {
         let n = prompts.len() as f64;
         let mut grads: BTreeMap<ProjId, Vec<f32>> = BTreeMap::new();
         let (mut loss_sum, mut right) = (0.0f64, 0usize);
-        // The label policy's baseline needs every pick first: one forward without gradients.
+        // The label policy's baseline needs every pick first: one forward without gradients, on the serving
+        // engine (the same picks up to rounding).
         let baseline = if cfg.reward_baseline {
-            let right = count_right(policy, &logits, &labels, cfg.micro_batch)?;
+            let right = self.label_right(area, batch, p)?;
             (2.0 * right as f64 - n) / n
         } else {
             0.0
@@ -71,19 +74,40 @@ impl Trainer {
         Ok(StepOut::picked(right as f64 / n, loss_sum, grads, started))
     }
 
-    /// Validation accuracy of the label policy: its greedy picks, without gradients.
+    /// Validation accuracy of the label policy: its greedy picks, scored by the serving engine exactly as
+    /// `t2 eval --mode label` scores them.
     pub(crate) fn label_accuracy(
         &self,
         area: &str,
         items: &[TaskItem],
-        cfg: &TrainConfig,
         p: &BTreeMap<ProjId, Vec<f32>>,
     ) -> Result<f64> {
-        let policy = self.scoring_policy()?;
-        let logits = SvfLogits::from_host(p.clone())?;
-        let labels = self.label_prompts(area, items)?;
-        let right = count_right(&policy, &logits, &labels, cfg.micro_batch)?;
-        Ok(right as f64 / items.len() as f64)
+        Ok(self.label_right(area, items, p)? as f64 / items.len() as f64)
+    }
+
+    /// How many items the expert with logits `p` answers right under the label protocol.
+    fn label_right(
+        &self,
+        area: &str,
+        items: &[TaskItem],
+        p: &BTreeMap<ProjId, Vec<f32>>,
+    ) -> Result<usize> {
+        let engine = self.engine();
+        let lease = engine.lease(&Adaptation::Vectors(ZVectors::new(z_of(p))))?;
+        let mut right = 0;
+        for chunk in items.chunks(SCORED_TOGETHER) {
+            let labelled = chunk
+                .iter()
+                .map(|it| t2_adapt::label::label_item(engine, area, it))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let picks = t2_adapt::label::pick_by_label(engine, &labelled, lease.id())?;
+            right += labelled
+                .iter()
+                .zip(picks)
+                .filter(|(l, pick)| l.correct == *pick)
+                .count();
+        }
+        Ok(right)
     }
 
     /// Items as the label protocol reads them (`t2_adapt::label`, which `t2 eval --mode label` shares):
@@ -102,30 +126,6 @@ impl Trainer {
         }
         Ok(batch)
     }
-}
-
-/// How many prompts the label policy answers right (its greedy pick), without gradients.
-fn count_right(
-    policy: &Policy<'_>,
-    logits: &SvfLogits,
-    labels: &LabelBatch,
-    micro_batch: usize,
-) -> Result<usize> {
-    let mut right = 0;
-    for ((ps, ks), cs) in labels
-        .prompts
-        .chunks(micro_batch)
-        .zip(labels.candidates.chunks(micro_batch))
-        .zip(labels.correct.chunks(micro_batch))
-    {
-        let lp = policy
-            .candidate_logprobs_each(Some(logits), ps, ks)?
-            .to_vec2::<f32>()?;
-        for (row, &c) in lp.iter().zip(cs) {
-            right += usize::from(t2_tasks::verify::choice_by_scores(row) == c);
-        }
-    }
-    Ok(right)
 }
 
 /// Items as the label policy reads them.

@@ -258,12 +258,6 @@ impl Trainer {
         })
     }
 
-    /// A policy that scores prompts of any length (the label and option policies' validation).
-    pub(crate) fn scoring_policy(&self) -> Result<Policy<'_>> {
-        let decomp = &self.engine().svf.as_ref().expect("checked").decomp;
-        Ok(Policy::new(&self.engine().loaded.model, decomp, 4096)?)
-    }
-
     fn validate(
         &self,
         area: &str,
@@ -272,10 +266,10 @@ impl Trainer {
         p: &BTreeMap<ProjId, Vec<f32>>,
     ) -> Result<f64> {
         if cfg.label_policy {
-            return self.label_accuracy(area, items, cfg, p);
+            return self.label_accuracy(area, items, p);
         }
         if cfg.option_policy {
-            return self.option_accuracy(area, items, cfg, p);
+            return self.option_accuracy(area, items, p);
         }
         let adaptation = Adaptation::Vectors(ZVectors::new(z_of(p)));
         let answers = self.answerer.answer_and_verify(
