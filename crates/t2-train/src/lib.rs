@@ -15,7 +15,7 @@ pub mod train;
 use std::path::PathBuf;
 
 pub use config::{RunOptions, TrainConfig};
-pub use policy::{Policy, Scored, SvfLogits};
+pub use policy::{Branched, Policy, Scored, SvfLogits};
 pub use runlog::{read_log, LogRow};
 pub use train::{TrainSummary, Trainer};
 

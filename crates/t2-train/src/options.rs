@@ -12,14 +12,14 @@ use t2_model::ProjId;
 use t2_tasks::{Answer, TaskItem};
 
 use crate::config::TrainConfig;
-use crate::policy::{Policy, Scored, SvfLogits};
+use crate::policy::{Branched, Policy, SvfLogits};
 use crate::step::{accumulate, z_of, StepOut};
 use crate::train::Trainer;
 use crate::{Result, TrainError};
 
-/// One item: its options as scored sequences (the prompt, then the option), and the right option.
+/// One item: its prompt with the options as branches after it, and the right option.
 pub struct OptionItem {
-    pub seqs: Vec<Scored>,
+    pub options: Branched,
     pub correct: usize,
 }
 
@@ -114,22 +114,14 @@ impl Trainer {
                         it.id
                     )));
                 };
-                let (prompt, options) = t2_adapt::eval::loglik_tokens(self.engine(), area, it)?;
-                let seqs = options
-                    .into_iter()
-                    .map(|o| {
-                        if o.is_empty() {
-                            return Err(TrainError::Config(format!("{}: an empty option", it.id)));
-                        }
-                        let mut tokens = prompt.clone();
-                        tokens.extend(o);
-                        Ok(Scored {
-                            tokens,
-                            from: prompt.len(),
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                Ok(OptionItem { seqs, correct })
+                let (prompt, branches) = t2_adapt::eval::loglik_tokens(self.engine(), area, it)?;
+                if branches.iter().any(Vec::is_empty) {
+                    return Err(TrainError::Config(format!("{}: an empty option", it.id)));
+                }
+                Ok(OptionItem {
+                    options: Branched { prompt, branches },
+                    correct,
+                })
             })
             .collect()
     }
@@ -138,9 +130,9 @@ impl Trainer {
 /// Items the serving engine scores in one batch (validation and the baseline's picks).
 pub(crate) const SCORED_TOGETHER: usize = 32;
 
-/// Items per forward: the micro-batch counts sequences, and an item has about four.
+/// Items per forward: one row each (the prompt once, its options after it).
 fn items_per_chunk(cfg: &TrainConfig) -> usize {
-    (cfg.micro_batch / 4).max(1)
+    cfg.micro_batch
 }
 
 /// Each item's log π over its options: the options' summed token log-probabilities, renormalised, under
@@ -150,23 +142,15 @@ pub fn option_logprobs(
     logits: Option<&SvfLogits>,
     items: &[OptionItem],
 ) -> Result<Vec<Tensor>> {
-    let seqs: Vec<Scored> = items.iter().flat_map(|it| it.seqs.clone()).collect();
-    let out = policy.score(logits, &seqs, false)?;
-    let sums = out
-        .spans
-        .iter()
-        .map(|&(start, len)| out.token_logprobs.narrow(0, start, len)?.sum_all())
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let mut at = 0;
-    let mut each = Vec::with_capacity(items.len());
-    for it in items {
-        let k = it.seqs.len();
-        let s = Tensor::stack(&sums[at..at + k], 0)?;
-        at += k;
-        let m = s.max_keepdim(0)?.detach();
-        let shifted = s.broadcast_sub(&m)?;
-        let lse = shifted.exp()?.sum_keepdim(0)?.log()?;
-        each.push(shifted.broadcast_sub(&lse)?);
-    }
-    Ok(each)
+    let rows: Vec<Branched> = items.iter().map(|it| it.options.clone()).collect();
+    policy
+        .branch_logprobs(logits, &rows)?
+        .into_iter()
+        .map(|s| {
+            let m = s.max_keepdim(0)?.detach();
+            let shifted = s.broadcast_sub(&m)?;
+            let lse = shifted.exp()?.sum_keepdim(0)?.log()?;
+            Ok(shifted.broadcast_sub(&lse)?)
+        })
+        .collect()
 }

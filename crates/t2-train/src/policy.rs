@@ -106,6 +106,30 @@ pub struct Scored {
     pub from: usize,
 }
 
+/// A prompt and the continuations scored after it (a multiple-choice item's options), packed into one row:
+/// each continuation sees the prompt and its own earlier tokens, at the positions it would have alone, so
+/// the prompt is computed once rather than once per continuation.
+#[derive(Debug, Clone)]
+pub struct Branched {
+    pub prompt: Vec<u32>,
+    pub branches: Vec<Vec<u32>>,
+}
+
+impl Branched {
+    /// The row's tokens, each one's position, and which branch it is in (None: the prompt).
+    fn row(&self) -> (Vec<u32>, Vec<u32>, Vec<Option<usize>>) {
+        let mut tokens = self.prompt.clone();
+        let mut positions: Vec<u32> = (0..self.prompt.len() as u32).collect();
+        let mut branch = vec![None; self.prompt.len()];
+        for (j, b) in self.branches.iter().enumerate() {
+            tokens.extend(b);
+            positions.extend((0..b.len()).map(|m| (self.prompt.len() + m) as u32));
+            branch.extend(std::iter::repeat_n(Some(j), b.len()));
+        }
+        (tokens, positions, branch)
+    }
+}
+
 /// The scored positions of a batch: per-token log-probabilities (flat, sequence after sequence) and,
 /// when asked for, the full log-softmax rows (for the KL penalty).
 pub struct ScoredBatch {
@@ -179,7 +203,7 @@ impl<'a> Policy<'a> {
             Some(l) => Some(self.scales(l)?),
             None => None,
         };
-        let x = self.hidden(&scales, ids, b, t)?;
+        let x = self.hidden(&scales, ids, b, t, None)?;
         let n = rows.len();
         let rows = Tensor::from_vec(rows, n, dev)?;
         let h = x.index_select(&rows, 0)?;
@@ -195,13 +219,112 @@ impl<'a> Policy<'a> {
         })
     }
 
+    /// For each item, the summed log-probability of each of its branches after its prompt, as a
+    /// (branches,) tensor, under the model adapted by `logits` (the base model when `None`): what scoring
+    /// prompt + branch as a sequence of its own gives, from one row per item. Differentiable in the logits.
+    pub fn branch_logprobs(
+        &self,
+        logits: Option<&SvfLogits>,
+        items: &[Branched],
+    ) -> Result<Vec<Tensor>> {
+        let dev = self.model.device();
+        let b = items.len();
+        if b == 0
+            || items.iter().any(|it| {
+                it.prompt.is_empty()
+                    || it.branches.is_empty()
+                    || it.branches.iter().any(Vec::is_empty)
+            })
+        {
+            candle_core::bail!("nothing to score");
+        }
+        let longest = items
+            .iter()
+            .map(|it| it.prompt.len() + it.branches.iter().map(Vec::len).max().unwrap_or(0))
+            .max()
+            .unwrap_or(0);
+        if longest > self.cos.dim(0)? {
+            candle_core::bail!(
+                "a sequence of {longest} tokens is longer than the policy's {}",
+                self.cos.dim(0)?
+            );
+        }
+        let rows: Vec<_> = items.iter().map(Branched::row).collect();
+        let t = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
+        let mut ids = vec![0u32; b * t];
+        let mut positions = vec![0u32; b * t];
+        let mut mask = vec![-1e30f32; b * t * t];
+        let (mut from, mut targets) = (Vec::<u32>::new(), Vec::<u32>::new());
+        // Per item, each branch's first target.
+        let mut starts = Vec::with_capacity(b);
+        for (i, (it, (tokens, pos, branch))) in items.iter().zip(&rows).enumerate() {
+            let len = tokens.len();
+            ids[i * t..i * t + len].copy_from_slice(tokens);
+            positions[i * t..i * t + len].copy_from_slice(pos);
+            for q in 0..t {
+                for k in 0..=q {
+                    // The prompt sees its own past; a branch sees the prompt and its own past; padding
+                    // (after the row) sees everything before it, as under the plain causal mask.
+                    let sees = q >= len || branch[k].is_none() || branch[k] == branch[q];
+                    if sees {
+                        mask[(i * t + q) * t + k] = 0.0;
+                    }
+                }
+            }
+            let mut first = Vec::with_capacity(it.branches.len());
+            let mut at = it.prompt.len();
+            for br in &it.branches {
+                first.push(targets.len());
+                from.push((i * t + it.prompt.len() - 1) as u32);
+                for m in 1..br.len() {
+                    from.push((i * t + at + m - 1) as u32);
+                }
+                targets.extend(br);
+                at += br.len();
+            }
+            starts.push(first);
+        }
+        let scales = match logits {
+            Some(l) => Some(self.scales(l)?),
+            None => None,
+        };
+        let packed = (
+            Tensor::from_vec(positions, b * t, dev)?,
+            Tensor::from_vec(mask, (b, 1, t, t), dev)?,
+        );
+        let x = self.hidden(&scales, ids, b, t, Some(packed))?;
+        let n = from.len();
+        let h = x.index_select(&Tensor::from_vec(from, n, dev)?, 0)?;
+        let h = rms_norm(&h, &self.model.norm.weight, self.model.norm.eps)?;
+        let log_softmax = log_softmax_last(&const_linear(&h, &self.model.lm_head)?)?;
+        let token_logprobs = log_softmax
+            .gather(&Tensor::from_vec(targets, (n, 1), dev)?, 1)?
+            .squeeze(1)?;
+        items
+            .iter()
+            .zip(&starts)
+            .map(|(it, first)| {
+                let sums = it
+                    .branches
+                    .iter()
+                    .zip(first)
+                    .map(|(br, &f)| token_logprobs.narrow(0, f, br.len())?.sum_all())
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::stack(&sums, 0)
+            })
+            .collect()
+    }
+
     /// The last hidden states (before the final norm) of a right-padded (b, t) batch, as (b·t, hidden).
+    /// `packed`: each row's positions (b·t) and attention mask (b, 1, t, t), for rows that are not one
+    /// plain causal sequence (None: positions 0..t under the causal mask).
     fn hidden(
         &self,
         scales: &Option<BTreeMap<ProjId, Tensor>>,
         ids: Vec<u32>,
         b: usize,
         t: usize,
+        packed: Option<(Tensor, Tensor)>,
     ) -> Result<Tensor> {
         // Right padding: the causal mask already hides every pad from the real positions before it.
         let dev = self.model.device();
@@ -210,9 +333,23 @@ impl<'a> Policy<'a> {
         // Nothing upstream of the embeddings trains: detached, the backward pass stops here instead of
         // scattering a gradient into a copy of the whole embedding table.
         let mut x = self.model.embed.index_select(&ids, 0)?.detach();
-        let mask = causal_mask(t, dev)?;
-        let cos = self.cos.narrow(0, 0, t)?;
-        let sin = self.sin.narrow(0, 0, t)?;
+        let half = cfg.head_dim / 2;
+        let (mask, cos, sin) = match packed {
+            None => (
+                causal_mask(t, dev)?,
+                self.cos.narrow(0, 0, t)?.reshape((1, t, 1, half))?,
+                self.sin.narrow(0, 0, t)?.reshape((1, t, 1, half))?,
+            ),
+            Some((positions, mask)) => (
+                mask,
+                self.cos
+                    .index_select(&positions, 0)?
+                    .reshape((b, t, 1, half))?,
+                self.sin
+                    .index_select(&positions, 0)?
+                    .reshape((b, t, 1, half))?,
+            ),
+        };
         for block in &self.model.blocks {
             let h = rms_norm(&x, &block.attn_norm.weight, block.attn_norm.eps)?;
             let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
@@ -316,7 +453,7 @@ impl<'a> Policy<'a> {
             Some(l) => Some(self.scales(l)?),
             None => None,
         };
-        let x = self.hidden(&scales, ids, b, t)?;
+        let x = self.hidden(&scales, ids, b, t, None)?;
         let h = x.index_select(&Tensor::from_vec(rows, b, dev)?, 0)?;
         let h = rms_norm(&h, &self.model.norm.weight, self.model.norm.eps)?;
         let picked = self
@@ -381,26 +518,24 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
         .broadcast_mul(w)
 }
 
-/// x: (b, t, heads, d); cos, sin: (t, d/2).
+/// x: (b, t, heads, d); cos, sin: (1 or b, t, 1, d/2).
 fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, style: RopeStyle) -> Result<Tensor> {
     let (b, t, h, d) = x.dims4()?;
     let half = d / 2;
-    let cos = cos.reshape((1, t, 1, half))?;
-    let sin = sin.reshape((1, t, 1, half))?;
     match style {
         RopeStyle::Interleaved => {
             let pairs = x.reshape((b, t, h, half, 2))?;
             let x0 = pairs.narrow(4, 0, 1)?.squeeze(4)?;
             let x1 = pairs.narrow(4, 1, 1)?.squeeze(4)?;
-            let y0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
-            let y1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
+            let y0 = (x0.broadcast_mul(cos)? - x1.broadcast_mul(sin)?)?;
+            let y1 = (x0.broadcast_mul(sin)? + x1.broadcast_mul(cos)?)?;
             Tensor::stack(&[y0, y1], 4)?.reshape((b, t, h, d))
         }
         RopeStyle::Half => {
             let x0 = x.narrow(3, 0, half)?;
             let x1 = x.narrow(3, half, half)?;
-            let y0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
-            let y1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
+            let y0 = (x0.broadcast_mul(cos)? - x1.broadcast_mul(sin)?)?;
+            let y1 = (x0.broadcast_mul(sin)? + x1.broadcast_mul(cos)?)?;
             Tensor::cat(&[y0, y1], 3)
         }
     }

@@ -12,7 +12,7 @@ use t2_model::{ChatMessage, ProjId, SeqStep, WantLogits};
 use t2_svf::TargetSet;
 use t2_tasks::{Answer, TaskItem};
 use t2_train::options::{option_logprobs, OptionItem};
-use t2_train::policy::{Policy, Scored, SvfLogits};
+use t2_train::policy::{Branched, Policy, Scored, SvfLogits};
 
 fn engine() -> Engine {
     let model = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -352,13 +352,10 @@ fn option_policy_scores_whole_options_as_loglik_eval_does() {
                 unreachable!()
             };
             OptionItem {
-                seqs: options
-                    .into_iter()
-                    .map(|o| Scored {
-                        tokens: [prompt.clone(), o].concat(),
-                        from: prompt.len(),
-                    })
-                    .collect(),
+                options: Branched {
+                    prompt,
+                    branches: options,
+                },
                 correct,
             }
         })
@@ -375,12 +372,18 @@ fn option_policy_scores_whole_options_as_loglik_eval_does() {
         let picks = t2_adapt::eval::pick_by_loglik(&e, "reasoning", &items, mix).unwrap();
         for ((lp, it), pick) in train.iter().zip(&scored).zip(&picks) {
             let lp = lp.to_vec1::<f32>().unwrap();
-            assert_eq!(lp.len(), it.seqs.len(), "one probability per option");
+            let Branched { prompt, branches } = &it.options;
+            assert_eq!(lp.len(), branches.len(), "one probability per option");
             // Each option's whole text from the serving forward, renormalised over the item's options.
-            let sums: Vec<f32> = it
-                .seqs
+            let sums: Vec<f32> = branches
                 .iter()
-                .map(|s| serving_logprobs(&e, s, mix).iter().sum())
+                .map(|o| {
+                    let s = Scored {
+                        tokens: [prompt.clone(), o.clone()].concat(),
+                        from: prompt.len(),
+                    };
+                    serving_logprobs(&e, &s, mix).iter().sum()
+                })
                 .collect();
             let lse = t2_model::sampling::log_sum_exp(&sums);
             let want: Vec<f32> = sums.iter().map(|s| s - lse).collect();
@@ -392,6 +395,104 @@ fn option_policy_scores_whole_options_as_loglik_eval_does() {
             assert_eq!(t2_tasks::verify::choice_by_scores(&lp), *pick);
         }
     }
+}
+
+/// Branches packed after one prompt score what each prompt + branch scores as a sequence of its own, and
+/// give the same gradient: the packed row's positions and mask hide the other branches exactly.
+#[test]
+fn branched_rows_score_and_differentiate_as_separate_sequences() {
+    let e = engine();
+    let svf = e.svf.as_ref().unwrap();
+    let policy = Policy::new(&e.loaded.model, &svf.decomp, 512).unwrap();
+    let logits = SvfLogits::init(&svf.decomp, TargetSet::Mlp, 7, 0.0, 1.0).unwrap();
+    let tok = &e.loaded.tokenizer;
+    // Rows of different lengths (padding), branches of 1 to several tokens, some sharing their first.
+    let items: Vec<Branched> = [
+        (
+            "Which is a planet?",
+            vec![" Mars", " the Moon", " the Sun, our star"],
+        ),
+        ("2 + 2 =", vec![" 4", " four", " 5", " 22"]),
+    ]
+    .iter()
+    .map(|(q, opts)| Branched {
+        prompt: e.encode_chat(&[ChatMessage::new("user", q)]).unwrap(),
+        branches: opts.iter().map(|o| tok.encode(o).unwrap()).collect(),
+    })
+    .collect();
+    let packed = policy.branch_logprobs(Some(&logits), &items).unwrap();
+    let seqs: Vec<Scored> = items
+        .iter()
+        .flat_map(|it| {
+            it.branches.iter().map(|b| Scored {
+                tokens: [it.prompt.clone(), b.clone()].concat(),
+                from: it.prompt.len(),
+            })
+        })
+        .collect();
+    let alone = policy.score(Some(&logits), &seqs, false).unwrap();
+    let alone_sums: Vec<f32> = alone
+        .spans
+        .iter()
+        .map(|&(s, n)| {
+            alone
+                .token_logprobs
+                .narrow(0, s, n)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        })
+        .collect();
+    let packed_sums: Vec<f32> = packed
+        .iter()
+        .flat_map(|t| t.to_vec1::<f32>().unwrap())
+        .collect();
+    assert_eq!(packed_sums.len(), alone_sums.len());
+    let d = max_abs_diff(&packed_sums, &alone_sums);
+    assert!(d < 1e-3, "packed {packed_sums:?} vs alone {alone_sums:?}");
+    // Weighted so that every branch's gradient counts differently.
+    let weights: Vec<f32> = (0..packed_sums.len()).map(|i| 1.0 + i as f32).collect();
+    let w = candle_core::Tensor::new(weights.as_slice(), &Device::Cpu).unwrap();
+    let packed_total = (candle_core::Tensor::cat(&packed, 0).unwrap() * &w)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let sums = alone
+        .spans
+        .iter()
+        .map(|&(s, n)| {
+            alone
+                .token_logprobs
+                .narrow(0, s, n)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        })
+        .collect::<Vec<_>>();
+    let alone_total = (candle_core::Tensor::stack(&sums, 0).unwrap() * &w)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let (gp, ga) = (
+        packed_total.backward().unwrap(),
+        alone_total.backward().unwrap(),
+    );
+    let mut compared = 0;
+    for (id, var) in logits.vars() {
+        let a = ga.get(var.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        let p = gp.get(var.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        let d = max_abs_diff(&p, &a);
+        assert!(
+            d <= 2e-3 * scale,
+            "{}: gradients differ by {d} (scale {scale})",
+            id.name()
+        );
+        compared += 1;
+    }
+    assert!(compared > 0);
 }
 
 /// The training forward knows each architecture the loader does (Qwen2's biases, Qwen3's q/k norms, Llama
