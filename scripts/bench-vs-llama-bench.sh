@@ -14,31 +14,37 @@ REPEATS=${REPEATS:-3}
 OUT=bench-out/single-stream
 mkdir -p "$OUT"
 rm -f "$OUT"/*.json "$OUT"/*.log
-for r in $(seq 1 "$REPEATS"); do
+llama() { # precision, model file, round
+    "$LLAMA_BENCH" -m "$2" -t 2 -p 64 -n 32 -r 5 -o json > "$OUT/llama-$1-$3.json" 2>/dev/null
+}
+t2() { # dtype, round
+    b=1; m=base
+    [ "$1" = f32 ] && b=1,16 && m=base,mixes
+    [ "$1" = bf16 ] && m=base,mixes
+    "$T2_BIN" bench --dtype "$1" --targets mlp --modes $m --batches $b --decode-steps 32 --repeats 5 \
+        --json "$OUT/t2-$1-$2.json" > /dev/null 2> "$OUT/t2-$1-$2.log"
+}
+# Each t2 run right after the llama.cpp run it is compared with, so that both see the same drift of the
+# VM (whose speed wanders by ±30% over minutes); the ratios are then taken per round.
+for r in $(seq -w 1 "$REPEATS"); do
     echo "round $r of $REPEATS"
-    for t in f32 f16 q8_0; do
-        "$LLAMA_BENCH" -m "$LLAMA_MODELS/smollm2-$t.gguf" -t 2 -p 64 -n 32 -r 5 -o json > "$OUT/llama-$t-$r.json" 2>/dev/null
-    done
-    "$LLAMA_BENCH" -m models/SmolLM2-135M-Instruct.Q4_1.gguf -t 2 -p 64 -n 32 -r 5 -o json > "$OUT/llama-q4_1-$r.json" 2>/dev/null
-    for d in f32 f16 bf16 q8_0; do
-        b=1; m=base
-        [ $d = f32 ] && b=1,16 && m=base,mixes
-        [ $d = bf16 ] && m=base,mixes
-        "$T2_BIN" bench --dtype $d --targets mlp --modes $m --batches $b --decode-steps 32 --repeats 5 \
-            --json "$OUT/t2-$d-$r.json" > /dev/null 2> "$OUT/t2-$d-$r.log"
-    done
+    llama f32 "$LLAMA_MODELS/smollm2-f32.gguf" "$r"; t2 f32 "$r"
+    llama f16 "$LLAMA_MODELS/smollm2-f16.gguf" "$r"; t2 f16 "$r"; t2 bf16 "$r"
+    llama q8_0 "$LLAMA_MODELS/smollm2-q8_0.gguf" "$r"; t2 q8_0 "$r"
+    llama q4_1 models/SmolLM2-135M-Instruct.Q4_1.gguf "$r"
 done
 python3 - "$OUT" <<'PY'
 import glob, json, statistics, sys
 out = sys.argv[1]
 med = statistics.median
-llama = {}
+llama, llama_rounds = {}, {}
 for t in ["f32", "f16", "q8_0", "q4_1"]:
     pp, tg = [], []
     for f in sorted(glob.glob(f"{out}/llama-{t}-*.json")):
         for row in json.load(open(f)):
             (pp if row["n_prompt"] > 0 else tg).append(row["avg_ts"])
     llama[t] = (med(pp), med(tg))
+    llama_rounds[t] = list(zip(pp, tg))
     print(f"llama.cpp {t}: pp64 {med(pp):.1f} tg32 {med(tg):.1f}  (rounds: pp {[round(x) for x in pp]}, tg {[round(x, 1) for x in tg]})")
 peer = {"f32": "f32", "f16": "f16", "bf16": "f16", "q8_0": "q8_0"}
 for d in ["f32", "f16", "bf16", "q8_0"]:
@@ -55,10 +61,16 @@ for d in ["f32", "f16", "bf16", "q8_0"]:
         line = (f"  {mode} b={b}: prefill {pre:.1f} decode {dec:.1f} (rounds {[round(r['decode_tok_s'], 1) for r in rs]}), "
                 f"bw fraction {med([r['bandwidth_fraction'] for r in rs]):.2f}, {rs[0]['bytes_per_step'] / 1e6:.0f} MB/step, split % {split}")
         if mode == "base" and b == 1:
-            lp, lt = llama[peer[d]]
-            line += f"\n    vs llama.cpp {peer[d].upper()}: decode {dec / lt:.2f}x, prefill {pre / lp:.2f}x"
+            # Median of the per-round ratios (each t2 run beside its llama.cpp run), then the ratio of medians.
+            def ratios(peer_t):
+                pairs = list(zip(rs, llama_rounds[peer_t]))
+                dr = med([r["decode_tok_s"] / lt for r, (lp, lt) in pairs])
+                pr = med([r["prefill_tok_s"] / lp for r, (lp, lt) in pairs])
+                lp, lt = llama[peer_t]
+                return (f"decode {dr:.2f}x, prefill {pr:.2f}x (paired rounds; ratio of medians "
+                        f"{dec / lt:.2f}x, {pre / lp:.2f}x)")
+            line += f"\n    vs llama.cpp {peer[d].upper()}: {ratios(peer[d])}"
             if d == "q8_0":
-                lp, lt = llama["q4_1"]
-                line += f"; vs Q4_1: decode {dec / lt:.2f}x, prefill {pre / lp:.2f}x"
+                line += f"\n    vs llama.cpp Q4_1: {ratios('q4_1')}"
         print(line)
 PY
