@@ -95,6 +95,10 @@ pub struct TrainArgs {
     /// Subtract the batch's mean reward from each reward (a REINFORCE baseline; the paper has none)
     #[arg(long)]
     pub reward_baseline: bool,
+    /// With --rollouts options: ascend each item's exact expected reward over its options (every option
+    /// weighted by π) instead of the greedy pick's reward
+    #[arg(long)]
+    pub expected_reward: bool,
 }
 
 pub fn train(a: TrainArgs) -> Result<()> {
@@ -130,6 +134,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         label_policy,
         reward_baseline: a.reward_baseline,
         option_policy,
+        expected_reward: a.expected_reward,
     };
     cfg.check()?;
     let engine = Arc::new(open_engine(&a.model, &a.svf, true)?);

@@ -353,6 +353,19 @@ fn train_and_eval_refuse_bad_input() {
     ]
     .concat());
     assert_clean_failure(&o, "label policy needs a multiple-choice task");
+    let o = t2(&[
+        &[
+            "train",
+            "--task",
+            "arc_easy",
+            "--name",
+            "x",
+            "--expected-reward",
+        ][..],
+        &common,
+    ]
+    .concat());
+    assert_clean_failure(&o, "it needs --rollouts options");
     let o = t2(&[&["eval", "--task", "arith", "--split", "dev"][..], &common].concat());
     assert_clean_failure(&o, "unknown split 'dev'");
     let o = t2(&[

@@ -49,6 +49,12 @@ pub struct TrainConfig {
     /// apart. Left out of the serialised config when off, so that older runs still resume.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub option_policy: bool,
+    /// Option policy only: ascend each item's expected reward under π, Σₒ π(o)·r(o) with r = ±1, exact
+    /// over the item's few options (so every option moves by its probability), rather than the reward of
+    /// the greedy pick alone. No baseline is needed: the exact expectation has no sampling noise to reduce.
+    /// Left out of the serialised config when off.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub expected_reward: bool,
 }
 
 impl TrainConfig {
@@ -76,6 +82,7 @@ impl TrainConfig {
             label_policy: false,
             reward_baseline: false,
             option_policy: false,
+            expected_reward: false,
         }
     }
 
@@ -105,6 +112,11 @@ impl TrainConfig {
         }
         if self.label_policy && self.option_policy {
             return bad("choose one policy: labels or options");
+        }
+        if self.expected_reward && !self.option_policy {
+            return bad(
+                "the expected reward is computed over options: it needs --rollouts options",
+            );
         }
         t2_svf::expert::check_name(&self.name)?;
         Ok(())

@@ -25,7 +25,8 @@ pub struct OptionItem {
 
 impl Trainer {
     /// One step of the option policy: the greedy pick of each item is rewarded ±1 (less the batch's mean
-    /// with a baseline), and log π(pick) is ascended.
+    /// with a baseline), and log π(pick) is ascended; or, with `expected_reward`, each item's expected
+    /// reward Σₒ π(o)·r(o) = 2π(right) − 1 is.
     pub(crate) fn option_step(
         &self,
         cfg: &TrainConfig,
@@ -41,7 +42,7 @@ impl Trainer {
         let per_chunk = items_per_chunk(cfg);
         // The baseline needs every pick first: one pass without gradients, on the serving engine (several
         // times faster than the differentiable forward, and the same picks up to rounding).
-        let baseline = if cfg.reward_baseline {
+        let baseline = if cfg.reward_baseline && !cfg.expected_reward {
             let right = self.option_right(area, batch, p)?;
             (2.0 * right as f64 - n) / n
         } else {
@@ -58,8 +59,12 @@ impl Trainer {
                 let host = lp.to_vec1::<f32>()?;
                 let pick = t2_tasks::verify::choice_by_scores(&host);
                 right += usize::from(pick == it.correct);
-                let r = if pick == it.correct { 1.0 } else { -1.0 } - baseline;
-                let term = (lp.get(pick)? * (-r / n))?;
+                let term = if cfg.expected_reward {
+                    ((lp.get(it.correct)?.exp()? * 2.0)? - 1.0)?.affine(-1.0 / n, 0.0)?
+                } else {
+                    let r = if pick == it.correct { 1.0 } else { -1.0 } - baseline;
+                    (lp.get(pick)? * (-r / n))?
+                };
                 loss = Some(match loss {
                     Some(l) => (l + term)?,
                     None => term,
