@@ -85,7 +85,24 @@ struct Report {
     packed_read_ratio: Option<f64>,
     /// CPU only: the packed GEMM against the FMA peak.
     gemm: Option<GemmReport>,
+    /// What stays in memory, per target set.
+    resident: Vec<Resident>,
     rows: Vec<Row>,
+}
+
+/// Bytes resident for the model and one target set's factors.
+#[derive(Serialize)]
+struct Resident {
+    targets: String,
+    /// The model's weight tensors in its dtype (kept beside packed copies: the decomposition and training
+    /// read them).
+    weights: usize,
+    /// The packed copies the CPU kernels stream (the base rows' format: f32, half or Q8).
+    packed_weights: Option<usize>,
+    /// U, σ and Vᵀ as loaded.
+    factors: usize,
+    /// Their packed copies (f32, or half beside half weights).
+    packed_factors: usize,
 }
 
 /// The packed GEMM at this model's MLP up-projection shape, against the machine's FMA peak.
@@ -176,6 +193,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         );
     }
     let mut rows = Vec::new();
+    let mut resident = Vec::new();
     for &targets in &a.targets {
         let decomp = match &real_path {
             Some(p) => Decomposition::load_or_compute(p, &model, &sha, targets, true)?.0,
@@ -192,6 +210,24 @@ pub fn run(a: BenchArgs) -> Result<()> {
             BaseWeights::BF16 => svf.store_factors_as(candle_core::DType::BF16)?,
             BaseWeights::Dense | BaseWeights::Q8 => {}
         }
+        let (factors, packed_factors) = svf.factor_bytes();
+        let r = Resident {
+            targets: targets.to_string(),
+            weights: model.weight_bytes(),
+            packed_weights: model.packed_weight_bytes(),
+            factors,
+            packed_factors,
+        };
+        let mb = |b: usize| format!("{:.0} MB", b as f64 / 1e6);
+        eprintln!(
+            "resident ({}): weights {}, packed base copies {}, U/σ/Vᵀ {}, packed factors {}",
+            r.targets,
+            mb(r.weights),
+            r.packed_weights.map_or("none".into(), mb),
+            mb(r.factors),
+            mb(r.packed_factors)
+        );
+        resident.push(r);
         let mut leases = Vec::new();
         for k in 0..a.mixes {
             let z: BTreeMap<_, _> = svf
@@ -259,6 +295,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         bandwidth_gb_s: bandwidth / 1e9,
         packed_read_ratio,
         gemm,
+        resident,
         rows,
     };
     print_table(&report);

@@ -79,6 +79,28 @@ impl SvfProjector {
         Ok(())
     }
 
+    /// Bytes resident for the factors: (the decomposition's U, σ and Vᵀ as loaded, their packed copies that
+    /// the CPU kernels stream).
+    pub fn factor_bytes(&self) -> (usize, usize) {
+        let tensors = self
+            .decomp
+            .factors
+            .values()
+            .map(|f| {
+                [&f.u, &f.sigma, &f.vt]
+                    .iter()
+                    .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+                    .sum::<usize>()
+            })
+            .sum();
+        let packed = self
+            .packed
+            .values()
+            .flat_map(|pair| pair.iter().flatten().map(|p| p.bytes()))
+            .sum();
+        (tensors, packed)
+    }
+
     /// A lease on the mix `key`, registered from `z` if it is not in the table yet (see
     /// [`MixTable::lease`]).
     pub fn lease(
