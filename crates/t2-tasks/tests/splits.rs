@@ -1,6 +1,7 @@
 //! Guards the task splits that `scripts/fetch-data.sh` writes: ids unique, no test item leaking into a train
-//! or val split (by id or by normalised prompt), route built only from the matching splits, and every answer
-//! checkable. Fails (never skips) when the data is missing.
+//! or val split (by id or by normalised prompt), route built only from the matching splits (its `other`
+//! items and route_ood from no task), and every answer checkable. Fails (never skips) when the data is
+//! missing.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -71,6 +72,7 @@ fn splits_are_disjoint_and_answers_checkable() {
         "arc_challenge",
         "sst2",
         "route",
+        "route_ood",
     ] {
         assert!(
             names.contains(&expected),
@@ -122,8 +124,10 @@ fn splits_are_disjoint_and_answers_checkable() {
         }
     }
 
-    // route: test prompts are unseen by every train/val split; train/val prompts come from no test split
+    // route: test prompts are unseen by every train/val split; train/val prompts come from no test split;
+    // the labels of an area come from that area's tasks, "other" from no task at all
     let route = all.iter().find(|l| l.task.name() == "route").unwrap();
+    let ood = all.iter().find(|l| l.task.name() == "route_ood").unwrap();
     let mut train_val = HashSet::new();
     let mut tests = HashSet::new();
     for l in all.iter().filter(|l| l.task.name() != "route") {
@@ -135,32 +139,70 @@ fn splits_are_disjoint_and_answers_checkable() {
             }
         }
     }
-    for it in &route.splits["test"] {
-        assert!(
-            !train_val.contains(&norm(&it.prompt)),
-            "route test item {} appears in a train/val split",
-            it.id
-        );
-    }
-    for split in ["train", "val"] {
-        for it in route.splits.get(split).map(Vec::as_slice).unwrap_or(&[]) {
+    let route_train_val: HashSet<String> = ["train", "val"]
+        .iter()
+        .filter_map(|s| route.splits.get(s))
+        .flat_map(prompts)
+        .collect();
+    for (split, items) in &route.splits {
+        let mut per_label: BTreeMap<&str, usize> = BTreeMap::new();
+        for it in items {
+            let label = route_label(it);
+            *per_label.entry(label).or_default() += 1;
             let p = norm(&it.prompt);
-            assert!(
-                !tests.contains(&p),
-                "route {split} item {} comes from a test split",
-                it.id
-            );
-            assert!(
-                train_val.contains(&p),
-                "route {split} item {} is from no task's train/val split",
-                it.id
-            );
+            if *split == "test" {
+                assert!(
+                    !train_val.contains(&p),
+                    "route test item {} appears in a train/val split",
+                    it.id
+                );
+            } else {
+                assert!(
+                    !tests.contains(&p),
+                    "route {split} item {} comes from a test split",
+                    it.id
+                );
+            }
+            if label == "other" {
+                assert!(
+                    !train_val.contains(&p) && !tests.contains(&p),
+                    "route {split} item {} is labelled other but is some task's prompt",
+                    it.id
+                );
+            } else if *split != "test" {
+                assert!(
+                    train_val.contains(&p),
+                    "route {split} item {} is from no task's train/val split",
+                    it.id
+                );
+            }
         }
+        // balanced, and every label (other included) in every split
+        let n = items.len() / ROUTE_LABELS.len();
+        assert_eq!(
+            per_label,
+            ROUTE_LABELS.iter().map(|l| (*l, n)).collect(),
+            "route/{split}: labels unbalanced"
+        );
     }
     assert!(
         route.task.has_split(Split::Train),
         "route has no train split"
     );
+
+    // route_ood: a test set only, every item other, never seen by any train/val split (route's included)
+    assert_eq!(ood.task.info.area, "routing");
+    assert_eq!(ood.splits.keys().copied().collect::<Vec<_>>(), ["test"]);
+    assert!(ood.splits["test"].len() >= 300, "route_ood is too small");
+    for it in &ood.splits["test"] {
+        assert_eq!(route_label(it), "other", "{}: not labelled other", it.id);
+        let p = norm(&it.prompt);
+        assert!(
+            !route_train_val.contains(&p) && !train_val.contains(&p),
+            "route_ood item {} appears in a train/val split",
+            it.id
+        );
+    }
 
     // every skill area has something to train an expert on
     for area in ["math", "code", "reasoning", "classification"] {
@@ -170,6 +212,24 @@ fn splits_are_disjoint_and_answers_checkable() {
             "no task in area {area} has a train split"
         );
     }
+}
+
+/// The pass-1 labels in the order the server lists them (t2-engine's `routing::CATEGORIES`, "other" last):
+/// the router is trained on prompts that list its options, so the order must be the served one.
+const ROUTE_LABELS: [&str; 5] = ["code", "math", "reasoning", "classification", "other"];
+
+/// A routing item's label, after checking that its options are exactly [`ROUTE_LABELS`].
+fn route_label(it: &TaskItem) -> &str {
+    let Answer::Choice {
+        options,
+        correct,
+        lettered: false,
+    } = &it.answer
+    else {
+        panic!("{}: a routing item must be an unlettered choice", it.id);
+    };
+    assert_eq!(options, &ROUTE_LABELS, "{}: route options", it.id);
+    &options[*correct]
 }
 
 fn check_answer(it: &TaskItem) {
