@@ -690,7 +690,11 @@ def arc_item(task, nid, d):
     lines = [f"Question: {question}"]
     lines += [f"{'ABCDE'[i]}. {o}" for i, o in enumerate(options)]
     lines.append("Answer with the letter of the correct option.")
-    return item(f"{task}/{nid}", "\n".join(lines), choice_answer(options, int(d["gold"]), True))
+    it = item(f"{task}/{nid}", "\n".join(lines), choice_answer(options, int(d["gold"]), True))
+    # The question alone (ARC's own ranked-classification form): log-likelihood scoring asks it without the
+    # lettered list, so that each option's text is a natural reply rather than one against the instruction.
+    it["stem"] = question
+    return it
 
 
 def build_arc_easy(wheel):

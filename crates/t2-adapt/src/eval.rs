@@ -496,8 +496,8 @@ pub fn evaluate_label(
     Ok(results)
 }
 
-/// An item as log-likelihood scoring reads it: the prompt up to the reply, and each option's tokens as the
-/// reply's continuation. `t2 train --rollouts options` scores the same tokens.
+/// An item as log-likelihood scoring reads it: the prompt up to the reply (an item's stem, the question
+/// without its lettered options, when it has one), and each option's tokens as the reply's continuation. `t2 train --rollouts options` scores the same tokens.
 pub fn loglik_tokens(
     engine: &Engine,
     area: &str,
@@ -518,7 +518,9 @@ pub fn loglik_tokens(
     } else {
         let mut prompt = engine.encode_chat(&[ChatMessage::new(
             "user",
-            &crate::prompt::user_message(area, it),
+            it.stem
+                .as_deref()
+                .unwrap_or(&crate::prompt::user_message(area, it)),
         )])?;
         if let Some(p) = prefix {
             prompt.extend(tok.encode(p).map_err(|e| AdaptError::Engine(e.into()))?);

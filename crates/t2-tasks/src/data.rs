@@ -74,6 +74,10 @@ pub struct TaskItem {
     pub id: String,
     pub prompt: String,
     pub answer: Answer,
+    /// Multiple choice: the question without its listed options, which log-likelihood scoring asks
+    /// instead of `prompt` (each option's text is then the reply it scores).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stem: Option<String>,
 }
 
 /// `task.json`: what the task is and where its items came from.

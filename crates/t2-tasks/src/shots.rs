@@ -39,7 +39,12 @@ fn item(v: &Value, id: String) -> Result<TaskItem, String> {
         (Some(other), _) => return Err(format!("'verifier' must be a string, got {other}")),
     };
     check(&answer)?;
-    Ok(TaskItem { id, prompt, answer })
+    Ok(TaskItem {
+        id,
+        prompt,
+        answer,
+        stem: None,
+    })
 }
 
 fn short_answer(

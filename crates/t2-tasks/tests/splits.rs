@@ -102,6 +102,17 @@ fn splits_are_disjoint_and_answers_checkable() {
                 assert!(ids.insert(it.id.clone()), "{name}: duplicate id {}", it.id);
                 assert!(!it.prompt.trim().is_empty(), "{}: empty prompt", it.id);
                 check_answer(it);
+                // ARC's log-likelihood protocol asks the question alone: every item carries it, and it is
+                // the question its lettered prompt shows.
+                if name.starts_with("arc_") {
+                    let stem = it.stem.as_deref().unwrap_or_default();
+                    assert!(
+                        !stem.trim().is_empty()
+                            && it.prompt.starts_with(&format!("Question: {stem}\nA. ")),
+                        "{}: stem {stem:?} is not the prompt's question",
+                        it.id
+                    );
+                }
             }
         }
 

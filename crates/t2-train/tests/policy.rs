@@ -214,6 +214,7 @@ fn lettered_item(id: &str, question: &str, options: &[&str], correct: usize) -> 
             correct,
             lettered: true,
         },
+        stem: Some(question.into()),
     }
 }
 
