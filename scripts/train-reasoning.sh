@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
 # The reasoning expert with the option policy (issue 15): π over each ARC item's options, each scored by
-# the summed log-probability of its whole text as the reply and renormalised (the `t2 eval --mode loglik`
-# protocol, validation included), REINFORCE with the mean-reward baseline, best-of-validation on 200 val
-# items. (The label policy, π over the letters, was tried first: validation 0.26 -> 0.29 in 18 steps of 16,
-# within noise; its log is experts/<model>/eval/reasoning-label.log.csv.) Then one evaluation on the whole
-# arc_easy test split, base and expert under the same protocol, with McNemar's exact test on the items
-# where they disagree. Resumable: run it again and training picks up from its checkpoint (STEPS may be
-# raised on resume; the other settings are the run's identity).
-# Results: $RUN/ (checkpoint, log.csv, curve.svg, reasoning.safetensors) and $RUN/eval-test.{json,md}.
+# the summed log-probability of its whole text as the reply to the question alone (the item's stem) and
+# renormalised (the `t2 eval --mode loglik` protocol, validation included); each step ascends every item's
+# exact expected reward over its options (--expected-reward), best-of-validation on 200 val items.
+# Variants tried before (logs in experts/<model>/eval/ and eval/attempts/): the label policy, π over the letters (validation
+# 0.26 -> 0.29 in 18 steps of 16, within noise); the option policy on the lettered prompt (base at chance,
+# 27.5%), rewarding the greedy pick (6 steps, 0.275 -> 0.235) and with the expected reward (5 steps,
+# 0.275 -> 0.23). Then one evaluation on the whole arc_easy test split, base and expert under the same
+# protocol, with McNemar's exact test on the items where they disagree. Resumable: run it again and
+# training picks up from its checkpoint (STEPS may be raised on resume; the other settings are the run's
+# identity). Results: $RUN/ (checkpoint, log.csv, curve.svg, reasoning.safetensors) and
+# $RUN/eval-test.{json,md}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T2=${T2:-target/release/t2}
-RUN=${RUN:-runs/reasoning-options}
+RUN=${RUN:-runs/reasoning-stem}
 STEPS=${STEPS:-40}
 LR=${LR:-1e-2}
 mkdir -p "$RUN"
 nice -n 19 "$T2" train --task arc_easy --name reasoning --category reasoning --rollouts options \
-  --reward-baseline --lr "$LR" --batch 32 --steps "$STEPS" --eval-every 5 --val-limit 200 --seed 1 \
+  --expected-reward --lr "$LR" --batch 32 --steps "$STEPS" --eval-every 5 --val-limit 200 --seed 1 \
   --expert-targets mlp --out "$RUN" --no-install --resume
 # The test split once, for the expert best-of-validation kept.
 nice -n 19 "$T2" eval --task arc_easy --mode loglik --adaptation base \
