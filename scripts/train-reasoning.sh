@@ -10,11 +10,12 @@
 # protocol, with McNemar's exact test on the items where they disagree. Resumable: run it again and
 # training picks up from its checkpoint (STEPS may be raised on resume; the other settings are the run's
 # identity). Results: $RUN/ (checkpoint, log.csv, curve.svg, reasoning.safetensors) and
-# $RUN/eval-test.{json,md}.
+# $RUN/eval-test.{json,md}. $RUN is inside the repository: the run's small state (under 1 MB) is committed, so
+# that it resumes on the next machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T2=${T2:-target/release/t2}
-RUN=${RUN:-runs/reasoning-stem}
+RUN=${RUN:-experts/SmolLM2-135M-Instruct/training/reasoning-stem}
 STEPS=${STEPS:-40}
 LR=${LR:-1e-2}
 mkdir -p "$RUN"
