@@ -7,14 +7,12 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use candle_core::Tensor;
-use t2_engine::{Adaptation, ZVectors};
 use t2_model::ProjId;
 use t2_tasks::TaskItem;
 
 use crate::config::TrainConfig;
-use crate::options::SCORED_TOGETHER;
 use crate::policy::{Policy, SvfLogits};
-use crate::step::{accumulate, z_of, StepOut};
+use crate::step::{accumulate, StepOut};
 use crate::train::Trainer;
 use crate::Result;
 
@@ -74,40 +72,26 @@ impl Trainer {
         Ok(StepOut::picked(right as f64 / n, loss_sum, grads, started))
     }
 
-    /// Validation accuracy of the label policy: its greedy picks, scored by the serving engine exactly as
+    /// How many items the expert with logits `p` answers right under the label protocol, scored as
     /// `t2 eval --mode label` scores them.
-    pub(crate) fn label_accuracy(
-        &self,
-        area: &str,
-        items: &[TaskItem],
-        p: &BTreeMap<ProjId, Vec<f32>>,
-    ) -> Result<f64> {
-        Ok(self.label_right(area, items, p)? as f64 / items.len() as f64)
-    }
-
-    /// How many items the expert with logits `p` answers right under the label protocol.
-    fn label_right(
+    pub(crate) fn label_right(
         &self,
         area: &str,
         items: &[TaskItem],
         p: &BTreeMap<ProjId, Vec<f32>>,
     ) -> Result<usize> {
-        let engine = self.engine();
-        let lease = engine.lease(&Adaptation::Vectors(ZVectors::new(z_of(p))))?;
-        let mut right = 0;
-        for chunk in items.chunks(SCORED_TOGETHER) {
+        self.right_on_engine(items, p, |engine, chunk, mix| {
             let labelled = chunk
                 .iter()
                 .map(|it| t2_adapt::label::label_item(engine, area, it))
                 .collect::<std::result::Result<Vec<_>, _>>()?;
-            let picks = t2_adapt::label::pick_by_label(engine, &labelled, lease.id())?;
-            right += labelled
+            let picks = t2_adapt::label::pick_by_label(engine, &labelled, mix)?;
+            Ok(labelled
                 .iter()
                 .zip(picks)
-                .filter(|(l, pick)| l.correct == *pick)
-                .count();
-        }
-        Ok(right)
+                .map(|(l, pick)| l.correct == pick)
+                .collect())
+        })
     }
 
     /// Items as the label protocol reads them (`t2_adapt::label`, which `t2 eval --mode label` shares):

@@ -7,13 +7,12 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use candle_core::Tensor;
-use t2_engine::{Adaptation, ZVectors};
 use t2_model::ProjId;
 use t2_tasks::{Answer, TaskItem};
 
 use crate::config::TrainConfig;
 use crate::policy::{Branched, Policy, SvfLogits};
-use crate::step::{accumulate, z_of, StepOut};
+use crate::step::{accumulate, StepOut};
 use crate::train::Trainer;
 use crate::{Result, TrainError};
 
@@ -77,36 +76,22 @@ impl Trainer {
         Ok(StepOut::picked(right as f64 / n, loss_sum, grads, started))
     }
 
-    /// Validation accuracy of the option policy: its greedy picks, scored by the serving engine exactly as
-    /// `t2 eval --mode loglik` scores them.
-    pub(crate) fn option_accuracy(
-        &self,
-        area: &str,
-        items: &[TaskItem],
-        p: &BTreeMap<ProjId, Vec<f32>>,
-    ) -> Result<f64> {
-        Ok(self.option_right(area, items, p)? as f64 / items.len() as f64)
-    }
-
-    /// How many items the expert with logits `p` answers right under the log-likelihood protocol.
-    fn option_right(
+    /// How many items the expert with logits `p` answers right under the log-likelihood protocol, scored
+    /// as `t2 eval --mode loglik` scores them.
+    pub(crate) fn option_right(
         &self,
         area: &str,
         items: &[TaskItem],
         p: &BTreeMap<ProjId, Vec<f32>>,
     ) -> Result<usize> {
-        let engine = self.engine();
-        let lease = engine.lease(&Adaptation::Vectors(ZVectors::new(z_of(p))))?;
-        let mut right = 0;
-        for chunk in items.chunks(SCORED_TOGETHER) {
-            let picks = t2_adapt::eval::pick_by_loglik(engine, area, chunk, lease.id())?;
-            right += chunk
+        self.right_on_engine(items, p, |engine, chunk, mix| {
+            let picks = t2_adapt::eval::pick_by_loglik(engine, area, chunk, mix)?;
+            Ok(chunk
                 .iter()
                 .zip(picks)
-                .filter(|(it, pick)| matches!(it.answer, Answer::Choice { correct, .. } if correct == *pick))
-                .count();
-        }
-        Ok(right)
+                .map(|(it, pick)| matches!(it.answer, Answer::Choice { correct, .. } if correct == pick))
+                .collect())
+        })
     }
 
     fn option_items(&self, area: &str, items: &[TaskItem]) -> Result<Vec<OptionItem>> {
@@ -131,9 +116,6 @@ impl Trainer {
             .collect()
     }
 }
-
-/// Items the serving engine scores in one batch (validation and the baseline's picks).
-pub(crate) const SCORED_TOGETHER: usize = 32;
 
 /// Items per forward: one row each (the prompt once, its options after it).
 fn items_per_chunk(cfg: &TrainConfig) -> usize {

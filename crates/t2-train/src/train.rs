@@ -31,6 +31,9 @@ use crate::runlog::{read_log, write_curve, write_log, LogRow};
 use crate::step::{sample_batch, z_of, StepOut};
 use crate::{Result, TrainError};
 
+/// Items the serving engine scores in one batch (the choice policies' validation and baseline picks).
+const SCORED_TOGETHER: usize = 32;
+
 #[derive(Debug, Clone)]
 pub struct TrainSummary {
     pub steps: usize,
@@ -258,6 +261,27 @@ impl Trainer {
         })
     }
 
+    /// How many of `items` the expert with logits `p` answers right on the serving engine (the expert
+    /// leased as a mix), a chunk of items at a time: `right` says, for each item of a chunk, whether its
+    /// pick is right.
+    pub(crate) fn right_on_engine(
+        &self,
+        items: &[TaskItem],
+        p: &BTreeMap<ProjId, Vec<f32>>,
+        right: impl Fn(&Engine, &[TaskItem], u32) -> Result<Vec<bool>>,
+    ) -> Result<usize> {
+        let engine = self.engine();
+        let lease = engine.lease(&Adaptation::Vectors(ZVectors::new(z_of(p))))?;
+        let mut n = 0;
+        for chunk in items.chunks(SCORED_TOGETHER) {
+            n += right(engine, chunk, lease.id())?
+                .into_iter()
+                .filter(|r| *r)
+                .count();
+        }
+        Ok(n)
+    }
+
     fn validate(
         &self,
         area: &str,
@@ -266,10 +290,10 @@ impl Trainer {
         p: &BTreeMap<ProjId, Vec<f32>>,
     ) -> Result<f64> {
         if cfg.label_policy {
-            return self.label_accuracy(area, items, p);
+            return Ok(self.label_right(area, items, p)? as f64 / items.len() as f64);
         }
         if cfg.option_policy {
-            return self.option_accuracy(area, items, p);
+            return Ok(self.option_right(area, items, p)? as f64 / items.len() as f64);
         }
         let adaptation = Adaptation::Vectors(ZVectors::new(z_of(p)));
         let answers = self.answerer.answer_and_verify(

@@ -432,7 +432,7 @@ fn branched_rows_score_and_differentiate_as_separate_sequences() {
         })
         .collect();
     let alone = policy.score(Some(&logits), &seqs, false).unwrap();
-    let alone_sums: Vec<f32> = alone
+    let sums: Vec<candle_core::Tensor> = alone
         .spans
         .iter()
         .map(|&(s, n)| {
@@ -442,10 +442,9 @@ fn branched_rows_score_and_differentiate_as_separate_sequences() {
                 .unwrap()
                 .sum_all()
                 .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
         })
         .collect();
+    let alone_sums: Vec<f32> = sums.iter().map(|t| t.to_scalar::<f32>().unwrap()).collect();
     let packed_sums: Vec<f32> = packed
         .iter()
         .flat_map(|t| t.to_vec1::<f32>().unwrap())
@@ -460,18 +459,6 @@ fn branched_rows_score_and_differentiate_as_separate_sequences() {
         .unwrap()
         .sum_all()
         .unwrap();
-    let sums = alone
-        .spans
-        .iter()
-        .map(|&(s, n)| {
-            alone
-                .token_logprobs
-                .narrow(0, s, n)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-        })
-        .collect::<Vec<_>>();
     let alone_total = (candle_core::Tensor::stack(&sums, 0).unwrap() * &w)
         .unwrap()
         .sum_all()
