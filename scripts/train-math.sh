@@ -5,11 +5,12 @@
 # evaluation on the whole arith test split (500), base and expert under the same protocol (generate, 24
 # tokens, as the shipped tables), with McNemar's exact test on the items where they disagree. Resumable:
 # run it again and training picks up from its checkpoint (STEPS may be raised on resume).
-# Results: $RUN/ (checkpoint, log.csv, curve.svg, math.safetensors) and $RUN/eval-test.{json,md}.
+# Results: $RUN/ (checkpoint, log.csv, curve.svg, math.safetensors) and $RUN/eval-test.{json,md}; $RUN is in
+# the repository, so the run's small state is committed and resumes on the next machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T2=${T2:-target/release/t2}
-RUN=${RUN:-runs/math-long}
+RUN=${RUN:-experts/SmolLM2-135M-Instruct/training/math-long}
 STEPS=${STEPS:-60}
 LR=${LR:-1e-2}
 mkdir -p "$RUN"
