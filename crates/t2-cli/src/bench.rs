@@ -422,7 +422,7 @@ fn measure_bandwidth() -> f64 {
     for _ in 0..3 {
         let t0 = Instant::now();
         std::hint::black_box(
-            t2_model::kernels::linear_packed(&x, &w, p.as_ref()).expect("bandwidth probe"),
+            t2_model::kernels::linear_packed(&x, Some(&w), p.as_ref()).expect("bandwidth probe"),
         );
         best = best.max((rows * cols * 4) as f64 / t0.elapsed().as_secs_f64());
     }

@@ -18,6 +18,19 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+extern "C" {
+    // mimalloc's own, linked in with the allocator (libmimalloc-sys declares it only behind a feature).
+    fn mi_collect(force: bool);
+}
+
+/// Hands memory freed so far on this thread (and abandoned by finished threads) back to the OS now, not
+/// after mimalloc's purge delay, which a thread that stops allocating never reaches: loading frees the
+/// dense copies that serving does not need.
+pub(crate) fn return_freed_memory() {
+    // SAFETY: a plain call into the allocator in use, no pointers passed.
+    unsafe { mi_collect(true) }
+}
+
 #[derive(Parser)]
 #[command(
     name = "t2",

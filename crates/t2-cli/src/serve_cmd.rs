@@ -151,6 +151,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
     }
     let mut engine_cfg = engine_config(&a.model, &a.svf, true)?;
     engine_cfg.mix_capacity = a.mix_capacity;
+    // A server only multiplies: the packed copies serve every product, so it holds each weight once.
+    engine_cfg.release_dense = true;
     if let Some(shape) = &a.random {
         let Some(cfg) = t2_model::LlamaConfig::named(shape) else {
             bail!(
@@ -193,6 +195,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         },
         kv_memory_bytes: a.kv_memory_mb.unwrap_or(2048) << 20,
         kv_memory_from_device: a.kv_memory_mb.is_none(),
+        after_load: Some(crate::return_freed_memory),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -45,6 +45,9 @@ pub struct EngineConfig {
     /// `model_path` then gives only the tokenizer, template and vocabulary size, the decomposition is
     /// random, and four random experts (`random-0` … `random-3`) stand in for trained ones.
     pub random_shape: Option<(String, t2_model::LlamaConfig)>,
+    /// Drop the dense copies of weights and SVF factors that the CPU kernels hold packed, so a server
+    /// holds each once. Off for what reads them densely later (training, export, bench's decompositions).
+    pub release_dense: bool,
 }
 
 impl EngineConfig {
@@ -61,6 +64,7 @@ impl EngineConfig {
             merged_capacity: 2,
             progress: false,
             random_shape: None,
+            release_dense: false,
         }
     }
 }
@@ -70,6 +74,8 @@ pub struct Engine {
     pub svf: Option<SvfProjector>,
     pub experts: Option<ExpertStore>,
     pub decomposition_origin: Option<Origin>,
+    /// Bytes of dense copies dropped at open ([`EngineConfig::release_dense`]).
+    pub released_bytes: usize,
 }
 
 impl Engine {
@@ -80,7 +86,7 @@ impl Engine {
         let mut loaded = LoadedModel::load(&cfg.model_path, &cfg.device, cfg.dtype)?;
         loaded.model.set_base_weights(cfg.base_weights)?;
         if !cfg.svf {
-            return Ok(Self::without_svf(loaded));
+            return Ok(Self::without_svf(loaded).released_if(cfg.release_dense));
         }
         let (decomp, origin) = Decomposition::load_or_compute(
             &cfg.model_path,
@@ -101,7 +107,9 @@ impl Engine {
             svf: Some(svf),
             experts: Some(experts),
             decomposition_origin: Some(origin),
-        })
+            released_bytes: 0,
+        }
+        .released_if(cfg.release_dense))
     }
 
     pub fn from_parts(
@@ -114,6 +122,7 @@ impl Engine {
             svf,
             experts,
             decomposition_origin: None,
+            released_bytes: 0,
         }
     }
 
@@ -183,7 +192,18 @@ impl Engine {
             svf: None,
             experts: None,
             decomposition_origin: None,
+            released_bytes: 0,
         }
+    }
+
+    /// With `release`, drops the dense copies the packed kernels make redundant (the model's projections,
+    /// the SVF factors); elsewhere (a GPU) nothing is packed and nothing goes.
+    fn released_if(mut self, release: bool) -> Self {
+        if release {
+            self.released_bytes = self.loaded.model.release_dense()
+                + self.svf.as_mut().map_or(0, |s| s.release_dense());
+        }
+        self
     }
 
     fn open_random(cfg: &EngineConfig, name: &str, shape: &t2_model::LlamaConfig) -> Result<Self> {
@@ -197,7 +217,7 @@ impl Engine {
         loaded.model_id = format!("random-{name}");
         loaded.weights_sha256 = "random".into();
         if !cfg.svf {
-            return Ok(Self::without_svf(loaded));
+            return Ok(Self::without_svf(loaded).released_if(cfg.release_dense));
         }
         let decomp = Decomposition::random(&loaded.model, cfg.targets, 11)?;
         // Random experts fit only this process's random decomposition: they live in a scratch store.
@@ -222,7 +242,9 @@ impl Engine {
             svf: Some(svf),
             experts: Some(experts),
             decomposition_origin: None,
-        })
+            released_bytes: 0,
+        }
+        .released_if(cfg.release_dense))
     }
 
     pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {

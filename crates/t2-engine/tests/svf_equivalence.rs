@@ -258,3 +258,60 @@ fn incremental_decode_equals_full_recompute() {
         }
     }
 }
+
+#[test]
+fn releasing_dense_copies_changes_no_result() {
+    // What `t2 serve` does: the CPU kernels read packed copies, so the dense weights and factors go.
+    let e = common::engine();
+    let cfg = t2_engine::EngineConfig {
+        experts_dir: tempfile::tempdir().unwrap().keep(),
+        release_dense: true,
+        ..t2_engine::EngineConfig::new(common::model_path())
+    };
+    let r = Engine::open(&cfg).unwrap();
+    let m = &r.loaded.model;
+    let dense: usize = m.linears().map(|l| l.dims().0 * l.dims().1 * 4).sum();
+    let factors: usize = r
+        .svf
+        .as_ref()
+        .unwrap()
+        .decomp
+        .factors
+        .values()
+        .map(|f| (f.out + f.inp) * f.rank() * 4)
+        .sum();
+    assert_eq!(r.released_bytes, dense + factors);
+    assert!(m.linears().all(|l| l.weight().is_err()));
+    let f = r
+        .svf
+        .as_ref()
+        .unwrap()
+        .decomp
+        .factors
+        .values()
+        .next()
+        .unwrap();
+    assert!(f.u().is_err() && f.vt().is_err());
+
+    let p = prompt(e, "Write a haiku about rain.");
+    let z = random_z(e, 5, 0.3, 0.9);
+    let (he, hr) = (lease(e, z.clone()), lease(&r, z));
+    let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+    let both = |mix_e, mix_r| {
+        (
+            bits(last_logits(e, &p, mix_e)),
+            bits(last_logits(&r, &p, mix_r)),
+        )
+    };
+    let (a, b) = both(BASE_MIX, BASE_MIX);
+    assert_eq!(a, b, "base rows differ once the dense copies are gone");
+    let (a, b) = both(he.id(), hr.id());
+    assert_eq!(a, b, "factored rows differ once the dense factors are gone");
+    // Merged weights are now made from the packed factors' values. The shared engine is not merged here:
+    // other tests merge on it and its two merged slots could be evicted under this test.
+    let factored = last_logits(e, &p, he.id());
+    r.svf.as_ref().unwrap().merge(hr.id()).unwrap();
+    assert!(r.svf.as_ref().unwrap().is_merged(hr.id()));
+    let d = common::rel_diff(&last_logits(&r, &p, hr.id()), &factored);
+    assert!(d < TOL, "merged from packed factors vs factored: {d}");
+}

@@ -37,7 +37,9 @@ fn main() -> candle_core::Result<()> {
             let reps = (2e9 / (2.0 * (m * n * k) as f64)).clamp(3.0, 200.0) as usize;
             let flop = 2.0 * (m * n * k) as f64;
             let s_new = time(reps, || {
-                std::hint::black_box(t2_model::kernels::linear_packed(&x, &w, Some(&p)).unwrap());
+                std::hint::black_box(
+                    t2_model::kernels::linear_packed(&x, Some(&w), Some(&p)).unwrap(),
+                );
             });
             let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
             let mut buf = vec![0f32; m * n];

@@ -97,7 +97,7 @@ pub fn export_hf(m: &LoadedModel, dir: &Path) -> Result<()> {
                 ProjKind::K => Some(cfg.num_kv_heads),
                 _ => None,
             };
-            let mut w = f32(&lin.weight)?;
+            let mut w = f32(lin.weight()?)?;
             if let (Some(h), RopeStyle::Interleaved) = (heads, cfg.rope_style) {
                 w = unpermute_heads(&w, h)?;
             }

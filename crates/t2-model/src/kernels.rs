@@ -56,16 +56,27 @@ fn with_cpu_weight(
 /// x (m, k) · W (n, k)ᵀ → (m, n), through `packed` (W's packed copy) where it applies.
 pub fn linear_packed(
     x: &Tensor,
-    w: &Tensor,
+    w: Option<&Tensor>,
     packed: Option<&PackedWeight>,
 ) -> candle_core::Result<Tensor> {
+    // Without the dense copy (released once packed) only the packed kernel can run.
+    let fallback = |x: &Tensor| {
+        match w {
+        Some(w) => linear(x, w),
+        None => Err(candle_core::Error::Msg(format!(
+            "this weight is held only in the CPU's packed layout, which cannot multiply a {:?} {:?} input",
+            x.device().location(),
+            x.dims()
+        ))),
+    }
+    };
     let Some(p) = packed else {
-        return linear(x, w);
+        return fallback(x);
     };
     let (m, k) = x.dims2()?;
     let (n, pk) = p.dims();
     if k != pk || !x.device().is_cpu() {
-        return linear(x, w);
+        return fallback(x);
     }
     // The kernel multiplies in f32 (half-precision weights are widened as they load); half activations
     // are widened here and y narrowed back, as the streaming kernel does.
@@ -76,7 +87,7 @@ pub fn linear_packed(
         let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) = (&*st, l.contiguous_offsets())
         else {
             drop(st);
-            return linear(x, w);
+            return fallback(x);
         };
         p.matmul(&v[a..b], m, &mut out);
     }

@@ -77,21 +77,63 @@ impl ProjId {
     }
 }
 
-/// A dense projection y = x·Wᵀ (+ b). `weight` is (out, in).
+/// A dense projection y = x·Wᵀ (+ b), W of shape (out, in).
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub id: ProjId,
-    pub weight: Tensor,
+    /// None once released ([`Linear::release_dense`]): a server on the CPU then holds W only as `packed`.
+    weight: Option<Tensor>,
+    dims: (usize, usize),
     pub bias: Option<Tensor>,
-    /// `weight` in the GEMM's layout, made once when the model is built ([`Llama`] fills it in; None where
-    /// the packed kernel does not apply).
+    /// W in the GEMM's layout, made once when the model is built ([`Llama`] fills it in; None where the
+    /// packed kernel does not apply).
     pub packed: Option<Arc<PackedWeight>>,
 }
 
 impl Linear {
+    /// `weight` (out, in); a weight of another rank is kept for the loader's shape check to name, with
+    /// dims (0, 0).
+    pub fn new(id: ProjId, weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            dims: weight.dims2().unwrap_or_default(),
+            id,
+            weight: Some(weight),
+            bias,
+            packed: None,
+        }
+    }
+
+    /// W as a dense tensor: an error once released, since only the packed copy is left then.
+    pub fn weight(&self) -> candle_core::Result<&Tensor> {
+        self.weight.as_ref().ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "the dense copy of {} was released (this model holds its base weights only in the CPU's \
+                 packed layout)",
+                self.id.name()
+            ))
+        })
+    }
+
+    /// (out, in).
+    pub fn dims(&self) -> (usize, usize) {
+        self.dims
+    }
+
+    /// Drops the dense copy where the packed one serves every product; returns the bytes freed.
+    pub fn release_dense(&mut self) -> usize {
+        match (&self.packed, &self.weight) {
+            (Some(_), Some(w)) => {
+                let bytes = w.elem_count() * w.dtype().size_in_bytes();
+                self.weight = None;
+                bytes
+            }
+            _ => 0,
+        }
+    }
+
     /// x·Wᵀ with the base weights (no bias).
     pub fn dense(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        crate::kernels::linear_packed(x, &self.weight, self.packed.as_deref())
+        crate::kernels::linear_packed(x, self.weight.as_ref(), self.packed.as_deref())
     }
 }
 
@@ -324,8 +366,8 @@ impl Llama {
         let mut blocks = blocks;
         for b in &mut blocks {
             for lin in b.linears_mut() {
-                if lin.packed.is_none() {
-                    lin.packed = crate::kernels::pack(&lin.weight).map(Arc::new);
+                if let (None, Some(w)) = (&lin.packed, &lin.weight) {
+                    lin.packed = crate::kernels::pack(w).map(Arc::new);
                 }
             }
         }
@@ -371,11 +413,23 @@ impl Llama {
         };
         for b in &mut self.blocks {
             for lin in b.linears_mut() {
-                lin.packed = Some(Arc::new(repack(&lin.weight)?));
+                lin.packed = Some(Arc::new(repack(lin.weight()?)?));
             }
         }
         self.lm_head_packed = Some(repack(&self.lm_head)?);
         Ok(())
+    }
+
+    /// Drops the dense copy of every projection that has a packed one ([`Linear::release_dense`]), so a
+    /// server holds its base weights once; returns the bytes freed. What reads W densely afterwards
+    /// (a new decomposition, training, export) gets an error, not other weights. The output head stays:
+    /// it doubles as the token embedding when tied.
+    pub fn release_dense(&mut self) -> usize {
+        self.blocks
+            .iter_mut()
+            .flat_map(|b| b.linears_mut())
+            .map(Linear::release_dense)
+            .sum()
     }
 
     /// Whether the base rows run on 8-bit weights ([`Self::set_base_weights`] with [`BaseWeights::Q8`]).
@@ -425,7 +479,7 @@ impl Llama {
     /// Bytes of weights read per decoded token (every projection, norms, and the output head).
     pub fn weight_bytes(&self) -> usize {
         let elem = self.dtype.size_in_bytes();
-        let lin: usize = self.linears().map(|l| l.weight.elem_count()).sum();
+        let lin: usize = self.linears().map(|l| l.dims.0 * l.dims.1).sum();
         (lin + self.lm_head.elem_count() + self.cfg.hidden_size * (2 * self.cfg.num_layers + 1))
             * elem
     }
@@ -576,8 +630,12 @@ impl Llama {
         let picked = h.index_select(&wanted_ids, 0)?;
         let logits = {
             let _gemm = profile::span(Phase::Gemm);
-            crate::kernels::linear_packed(&picked, &self.lm_head, self.lm_head_packed.as_ref())?
-                .to_dtype(DType::F32)?
+            crate::kernels::linear_packed(
+                &picked,
+                Some(&self.lm_head),
+                self.lm_head_packed.as_ref(),
+            )?
+            .to_dtype(DType::F32)?
         };
         let mut out = Vec::with_capacity(steps.len());
         let mut at = 0;
@@ -898,12 +956,7 @@ pub fn random_llama(
                 true => Some(rand_t((1, shape.0), 0.5)?.squeeze(0)?),
                 false => None,
             };
-            Ok(Linear {
-                id: ProjId { layer, kind },
-                weight,
-                bias,
-                packed: None,
-            })
+            Ok(Linear::new(ProjId { layer, kind }, weight, bias))
         };
         blocks.push(Block {
             attn_norm: RmsNorm {

@@ -230,16 +230,15 @@ fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> 
             let bias_name = format!("blk.{layer}.{short}.bias");
             lin.insert(
                 kind,
-                Linear {
-                    id: ProjId { layer, kind },
-                    weight: tensor(&mut file, &format!("blk.{layer}.{short}.weight"))?,
-                    bias: if has(&bias_name) {
+                Linear::new(
+                    ProjId { layer, kind },
+                    tensor(&mut file, &format!("blk.{layer}.{short}.weight"))?,
+                    if has(&bias_name) {
                         Some(tensor(&mut file, &bias_name)?)
                     } else {
                         None
                     },
-                    packed: None,
-                },
+                ),
             );
         }
         let norm = |file: &mut std::fs::File, n: &str| -> Result<RmsNorm> {
@@ -404,7 +403,7 @@ fn check_shapes(
             (&b.mlp.up, [is, hs]),
             (&b.mlp.down, [hs, is]),
         ] {
-            expect(&l.weight, &shape, &l.id.name())?;
+            expect(l.weight().map_err(|e| e.to_string())?, &shape, &l.id.name())?;
             if let Some(bias) = &l.bias {
                 expect(bias, &shape[..1], &format!("{} bias", l.id.name()))?;
             }
@@ -543,12 +542,11 @@ fn load_hf(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
             };
             lin.insert(
                 kind,
-                Linear {
-                    id: ProjId { layer, kind },
-                    weight: take(&format!("{base}.weight"))?,
+                Linear::new(
+                    ProjId { layer, kind },
+                    take(&format!("{base}.weight"))?,
                     bias,
-                    packed: None,
-                },
+                ),
             );
         }
         let eps = cfg.rms_norm_eps as f32;

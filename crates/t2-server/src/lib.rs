@@ -155,6 +155,9 @@ async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -
 fn load(state: &AppState, engine_cfg: &EngineConfig) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let engine = Arc::new(Engine::open(engine_cfg)?);
+    if let Some(f) = state.cfg.after_load {
+        f();
+    }
     let mut sched_cfg = state.cfg.scheduler.clone();
     let per_token = t2_model::kv::bytes_per_token(&engine.loaded.model.cfg, engine_cfg.dtype);
     let kv_bytes = match t2_model::device_memory(&engine_cfg.device) {
@@ -174,6 +177,7 @@ fn load(state: &AppState, engine_cfg: &EngineConfig) -> anyhow::Result<()> {
             .as_ref()
             .map(|s| s.names().len())
             .unwrap_or(0),
+        released_mb = engine.released_bytes / 1_000_000,
         "model loaded in {:.1} s",
         t0.elapsed().as_secs_f64()
     );

@@ -36,6 +36,9 @@ pub struct ServerConfig {
     pub kv_memory_bytes: usize,
     /// On an accelerator, size the KV cache from the device's free memory instead (see `load`).
     pub kv_memory_from_device: bool,
+    /// Run on the loading thread once the model is resident: the binary's allocator may hold on to what
+    /// loading freed (the dense copies the engine released), and this hands it back to the OS.
+    pub after_load: Option<fn()>,
 }
 
 impl Default for ServerConfig {
@@ -56,6 +59,7 @@ impl Default for ServerConfig {
             scheduler: SchedulerConfig::default(),
             kv_memory_bytes: 2 << 30,
             kv_memory_from_device: false,
+            after_load: None,
         }
     }
 }

@@ -136,21 +136,71 @@ impl CacheOptions {
 
 /// The factors of one matrix W (out × in), r = min(out, in).
 pub struct Factors {
-    /// (out, r)
-    pub u: Tensor,
+    /// (out, r); None once released (a server then holds U only in the CPU's packed layout).
+    u: Option<Tensor>,
     /// (r,), descending, f32
     pub sigma: Tensor,
-    /// (r, in)
-    pub vt: Tensor,
+    /// (r, in); released with `u`.
+    vt: Option<Tensor>,
     /// σ on the host, for scale computations.
     pub sigma_host: Vec<f32>,
     pub rel_error: f64,
+    pub out: usize,
+    pub inp: usize,
 }
 
 impl Factors {
+    pub fn new(u: Tensor, sigma: Tensor, vt: Tensor, rel_error: f64) -> candle_core::Result<Self> {
+        let (out, r) = u.dims2()?;
+        let (_, inp) = vt.dims2()?;
+        let sigma_host = sigma.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        if sigma_host.len() != r || vt.dim(0)? != r {
+            candle_core::bail!(
+                "factors of inconsistent rank: U {:?}, σ {r}, Vᵀ {:?}",
+                u.dims(),
+                vt.dims()
+            );
+        }
+        Ok(Self {
+            u: Some(u),
+            sigma,
+            vt: Some(vt),
+            sigma_host,
+            rel_error,
+            out,
+            inp,
+        })
+    }
+
     pub fn rank(&self) -> usize {
         self.sigma_host.len()
     }
+
+    /// U (out, r): an error once released.
+    pub fn u(&self) -> candle_core::Result<&Tensor> {
+        self.u.as_ref().ok_or_else(released)
+    }
+
+    /// Vᵀ (r, in): an error once released.
+    pub fn vt(&self) -> candle_core::Result<&Tensor> {
+        self.vt.as_ref().ok_or_else(released)
+    }
+
+    /// Drops U and Vᵀ (the caller holds packed copies); returns the bytes freed.
+    pub fn release(&mut self) -> usize {
+        let bytes = |t: Option<Tensor>| t.map_or(0, |t| t.elem_count() * t.dtype().size_in_bytes());
+        bytes(self.u.take()) + bytes(self.vt.take())
+    }
+
+    pub fn is_released(&self) -> bool {
+        self.u.is_none()
+    }
+}
+
+fn released() -> candle_core::Error {
+    candle_core::Error::Msg(
+        "these SVF factors were released (only their packed copies are held)".into(),
+    )
 }
 
 pub struct Decomposition {
@@ -189,17 +239,15 @@ pub trait MatrixSource: Sync {
 
 impl MatrixSource for Llama {
     fn matrices(&self) -> Vec<(ProjId, (usize, usize))> {
-        self.linears()
-            .filter_map(|l| l.weight.dims2().ok().map(|s| (l.id, s)))
-            .collect()
+        self.linears().map(|l| (l.id, l.dims())).collect()
     }
 
     fn matrix_f32(&self, id: ProjId) -> std::result::Result<Vec<f32>, String> {
         let lin = self
             .linear(id)
             .ok_or_else(|| format!("no matrix {}", id.name()))?;
-        lin.weight
-            .to_device(&Device::Cpu)
+        lin.weight()
+            .and_then(|t| t.to_device(&Device::Cpu))
             .and_then(|t| t.to_dtype(DType::F32))
             .and_then(|t| t.flatten_all())
             .and_then(|t| t.to_vec1::<f32>())
@@ -470,9 +518,9 @@ impl Decomposition {
         let mut names = Vec::new();
         for (id, f) in &self.factors {
             let name = id.name();
-            layout.push((format!("{name}.u"), DType::F32, f.u.dims().to_vec()));
+            layout.push((format!("{name}.u"), DType::F32, vec![f.out, f.rank()]));
             layout.push((format!("{name}.s"), DType::F32, f.sigma.dims().to_vec()));
-            layout.push((format!("{name}.vt"), DType::F32, f.vt.dims().to_vec()));
+            layout.push((format!("{name}.vt"), DType::F32, vec![f.rank(), f.inp]));
             names.push(name);
         }
         let meta = BTreeMap::from([
@@ -485,7 +533,7 @@ impl Decomposition {
         let writer = CacheWriter::create(path, meta, &layout, &names)?;
         for (id, f) in &self.factors {
             let name = id.name();
-            for (suffix, t) in [("u", &f.u), ("s", &f.sigma), ("vt", &f.vt)] {
+            for (suffix, t) in [("u", f.u()?), ("s", &f.sigma), ("vt", f.vt()?)] {
                 writer.write(&format!("{name}.{suffix}"), &tensor_bytes(t)?)?;
             }
             writer.set_error(&name, f.rel_error);
@@ -524,7 +572,7 @@ impl Decomposition {
                 view("s")?.load(&Device::Cpu)?,
                 view("vt")?.load(&Device::Cpu)?,
             );
-            let (out, inp) = lin.weight.dims2()?;
+            let (out, inp) = lin.dims();
             let r = out.min(inp);
             if u.dims() != [out, r] || sigma.dims() != [r] || vt.dims() != [r, inp] {
                 return Err(bad(format!("{name} has the wrong shape for this model")));
@@ -538,16 +586,14 @@ impl Decomposition {
                     "{name} reconstructs with relative error {rel_error:.2e} > {limit:.0e}"
                 )));
             }
-            let sigma_host = sigma.to_vec1::<f32>()?;
             factors.insert(
                 lin.id,
-                Factors {
-                    u: u.to_device(device)?.to_dtype(dtype)?,
-                    sigma: sigma.to_device(device)?,
-                    vt: vt.to_device(device)?.to_dtype(dtype)?,
-                    sigma_host,
+                Factors::new(
+                    u.to_device(device)?.to_dtype(dtype)?,
+                    sigma.to_device(device)?,
+                    vt.to_device(device)?.to_dtype(dtype)?,
                     rel_error,
-                },
+                )?,
             );
         }
         Ok(Self {
@@ -1001,15 +1047,15 @@ impl SvdHost {
     fn into_factors(self, device: &Device, dtype: DType) -> std::result::Result<Factors, String> {
         let e = |e: candle_core::Error| e.to_string();
         let t = |v: Vec<f32>, shape: &[usize]| Tensor::from_vec(v, shape, device).map_err(e);
-        Ok(Factors {
-            u: t(self.u, &[self.out, self.r])?.to_dtype(dtype).map_err(e)?,
-            sigma: t(self.s.clone(), &[self.r])?,
-            vt: t(self.vt, &[self.r, self.inp])?
+        Factors::new(
+            t(self.u, &[self.out, self.r])?.to_dtype(dtype).map_err(e)?,
+            t(self.s, &[self.r])?,
+            t(self.vt, &[self.r, self.inp])?
                 .to_dtype(dtype)
                 .map_err(e)?,
-            sigma_host: self.s,
-            rel_error: self.rel_error,
-        })
+            self.rel_error,
+        )
+        .map_err(e)
     }
 }
 
@@ -1069,7 +1115,7 @@ impl Decomposition {
             .filter(|l| targets.contains(l.id.kind))
             .enumerate()
         {
-            let (out, inp) = lin.weight.dims2()?;
+            let (out, inp) = lin.dims();
             let r = out.min(inp);
             let s = seed.wrapping_add(k as u64);
             let u = (Tensor::rand(-1f32, 1f32, (out, r), device)? / (out as f64).sqrt())?
@@ -1080,16 +1126,7 @@ impl Decomposition {
                 .map(|i| 1.0 + (r - i) as f32 / r as f32 + (s % 7) as f32 * 1e-3)
                 .collect();
             let sigma = Tensor::from_slice(&sigma_host, r, device)?;
-            factors.insert(
-                lin.id,
-                Factors {
-                    u,
-                    sigma,
-                    vt,
-                    sigma_host,
-                    rel_error: f64::NAN,
-                },
-            );
+            factors.insert(lin.id, Factors::new(u, sigma, vt, f64::NAN)?);
         }
         Ok(Self {
             targets,
@@ -1108,9 +1145,9 @@ impl Decomposition {
             .map(|(id, f)| {
                 let dense = model
                     .linear(*id)
-                    .map(|l| l.weight.elem_count())
+                    .map(|l| l.dims().0 * l.dims().1)
                     .unwrap_or(0) as i64;
-                (f.u.elem_count() + f.vt.elem_count()) as i64 * elem - dense * elem
+                (f.out * f.rank() + f.rank() * f.inp) as i64 * elem - dense * elem
             })
             .sum()
     }

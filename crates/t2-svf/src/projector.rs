@@ -41,6 +41,8 @@ pub struct SvfProjector {
     packed: HashMap<ProjId, [Option<PackedWeight>; 2]>,
     table: RwLock<MixTable>,
     merged: Mutex<MergedCache>,
+    /// The factors' dtype as loaded (what merged weights are made in).
+    dtype: candle_core::DType,
 }
 
 impl SvfProjector {
@@ -48,18 +50,19 @@ impl SvfProjector {
     /// merged weights (each costs a copy of the target matrices).
     pub fn new(decomp: Decomposition, mix_capacity: usize, merged_capacity: usize) -> Result<Self> {
         let (dtype, device) = match decomp.factors.values().next() {
-            Some(f) => (f.u.dtype(), f.u.device().clone()),
+            Some(f) => (f.u()?.dtype(), f.u()?.device().clone()),
             None => (candle_core::DType::F32, candle_core::Device::Cpu),
         };
         let table = MixTable::new(&decomp, mix_capacity, dtype, &device)?;
         let packed = decomp
             .factors
             .iter()
-            .map(|(id, f)| (*id, [pack(&f.vt), pack(&f.u)]))
-            .collect();
+            .map(|(id, f)| Ok((*id, [pack(f.vt()?), pack(f.u()?)])))
+            .collect::<Result<_>>()?;
         Ok(Self {
             decomp,
             packed,
+            dtype,
             table: RwLock::new(table),
             merged: Mutex::new(MergedCache {
                 capacity: merged_capacity,
@@ -73,26 +76,32 @@ impl SvfProjector {
     /// half too), so a row with a mix streams half the factor bytes; the products still sum in f32.
     pub fn store_factors_as(&mut self, half: candle_core::DType) -> Result<()> {
         for (id, f) in &self.decomp.factors {
-            let p = [pack(&f.vt.to_dtype(half)?), pack(&f.u.to_dtype(half)?)];
+            let p = [
+                pack(&f.vt()?.to_dtype(half)?),
+                pack(&f.u()?.to_dtype(half)?),
+            ];
             self.packed.insert(*id, p);
         }
         Ok(())
     }
 
+    /// Drops U and Vᵀ of every matrix whose two factors are packed, so a server holds them once (merging
+    /// then reads the packed values); returns the bytes freed. Training reads the factors densely: it
+    /// runs on a projector that kept them.
+    pub fn release_dense(&mut self) -> usize {
+        let packed = &self.packed;
+        self.decomp
+            .factors
+            .iter_mut()
+            .filter(|(id, _)| matches!(packed.get(id), Some([Some(_), Some(_)])))
+            .map(|(_, f)| f.release())
+            .sum()
+    }
+
     /// Bytes resident for the factors: (the decomposition's U, σ and Vᵀ as loaded, their packed copies that
     /// the CPU kernels stream).
     pub fn factor_bytes(&self) -> (usize, usize) {
-        let tensors = self
-            .decomp
-            .factors
-            .values()
-            .map(|f| {
-                [&f.u, &f.sigma, &f.vt]
-                    .iter()
-                    .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-                    .sum::<usize>()
-            })
-            .sum();
+        let tensors = self.decomp.factors.values().map(factor_tensor_bytes).sum();
         let packed = self
             .packed
             .values()
@@ -171,20 +180,14 @@ impl SvfProjector {
     /// mix table, merged weights at full capacity).
     pub fn resident_bytes(&self) -> (usize, usize, usize) {
         let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-        let factors = self
-            .decomp
-            .factors
-            .values()
-            .map(|f| bytes(&f.u) + bytes(&f.vt) + bytes(&f.sigma))
-            .sum();
+        let (tensors, packed) = self.factor_bytes();
+        let factors = tensors + packed;
         let table = self.table.read().unwrap().stacked.values().map(bytes).sum();
         let one_merge: usize = self
             .decomp
             .factors
             .values()
-            .map(|f| {
-                f.u.dim(0).unwrap_or(0) * f.vt.dim(1).unwrap_or(0) * f.u.dtype().size_in_bytes()
-            })
+            .map(|f| f.out * f.inp * self.dtype.size_in_bytes())
             .sum();
         (
             factors,
@@ -221,17 +224,26 @@ impl SvfProjector {
         let mut weights = BTreeMap::new();
         for (pid, f) in &self.decomp.factors {
             let s = scales[pid].unsqueeze(0)?;
-            let weight = f.u.broadcast_mul(&s)?.matmul(&f.vt)?;
-            let packed = pack(&weight).map(std::sync::Arc::new);
-            weights.insert(
-                *pid,
-                Linear {
-                    id: *pid,
-                    weight,
-                    bias: None,
-                    packed,
-                },
-            );
+            let weight = match f.is_released() {
+                false => f.u()?.broadcast_mul(&s)?.matmul(f.vt()?)?,
+                // Only the packed copies are left: merge from the values they hold (the ones the
+                // factored path multiplies with, so merged and factored rows still agree).
+                true => {
+                    let [pv, pu] = &self.packed[pid];
+                    let (Some(pv), Some(pu)) = (pv, pu) else {
+                        unreachable!("factors are released only where both are packed")
+                    };
+                    let dev = s.device();
+                    let u = Tensor::from_vec(pu.values(), pu.dims(), dev)?;
+                    let vt = Tensor::from_vec(pv.values(), pv.dims(), dev)?;
+                    u.broadcast_mul(&s.to_dtype(candle_core::DType::F32)?)?
+                        .matmul(&vt)?
+                        .to_dtype(self.dtype)?
+                }
+            };
+            let mut lin = Linear::new(*pid, weight, None);
+            lin.packed = pack(lin.weight()?).map(std::sync::Arc::new);
+            weights.insert(*pid, lin);
         }
         // Keys are content, so the same key in the slot still means the same scales. The merged lock is
         // taken under the table's read lock, so the slot cannot be refilled (and unmerged) in between.
@@ -262,12 +274,12 @@ impl SvfProjector {
         let table = self.table.read().unwrap();
         let stacked = &table.stacked[&lin.id];
         let [pv, pu] = &self.packed[&lin.id];
-        let xv = linear_packed(x, &f.vt, pv.as_ref())?;
+        let xv = linear_packed(x, f.vt().ok(), pv.as_ref())?;
         let scaled = match rows.uniform {
             Some(m) => xv.broadcast_mul(&stacked.get(m as usize)?.unsqueeze(0)?)?,
             None => (xv * stacked.index_select(&rows.ids_tensor, 0)?)?,
         };
-        linear_packed(&scaled, &f.u, pu.as_ref())
+        linear_packed(&scaled, f.u().ok(), pu.as_ref())
     }
 }
 
@@ -290,4 +302,12 @@ impl Projector for SvfProjector {
         }
         self.factored(lin, x, rows)
     }
+}
+
+/// Bytes of a matrix's U, σ and Vᵀ tensors that are still held.
+fn factor_tensor_bytes(f: &crate::decompose::Factors) -> usize {
+    let bytes = |t: candle_core::Result<&Tensor>| {
+        t.map_or(0, |t| t.elem_count() * t.dtype().size_in_bytes())
+    };
+    bytes(f.u()) + bytes(Ok(&f.sigma)) + bytes(f.vt())
 }

@@ -197,9 +197,13 @@ fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
 fn reconstruction_error(m: &Llama, d: &Decomposition) -> f64 {
     let mut worst = 0f64;
     for (id, f) in &d.factors {
-        let w = &m.linear(*id).unwrap().weight;
-        let us = f.u.broadcast_mul(&f.sigma.unsqueeze(0).unwrap()).unwrap();
-        let rec = us.matmul(&f.vt).unwrap();
+        let w = m.linear(*id).unwrap().weight().unwrap();
+        let us = f
+            .u()
+            .unwrap()
+            .broadcast_mul(&f.sigma.unsqueeze(0).unwrap())
+            .unwrap();
+        let rec = us.matmul(f.vt().unwrap()).unwrap();
         let fro = |t: &candle_core::Tensor| {
             t.sqr()
                 .unwrap()
@@ -233,8 +237,18 @@ fn streaming_cache_matches_in_memory_decomposition() {
     for (id, f) in &memory.factors {
         let g = &streamed.factors[id];
         assert_eq!(f.sigma_host, g.sigma_host, "{}", id.name());
-        assert_eq!(max_abs_diff(&f.u, &g.u), 0.0, "{}", id.name());
-        assert_eq!(max_abs_diff(&f.vt, &g.vt), 0.0, "{}", id.name());
+        assert_eq!(
+            max_abs_diff(f.u().unwrap(), g.u().unwrap()),
+            0.0,
+            "{}",
+            id.name()
+        );
+        assert_eq!(
+            max_abs_diff(f.vt().unwrap(), g.vt().unwrap()),
+            0.0,
+            "{}",
+            id.name()
+        );
         assert!(
             (f.rel_error - g.rel_error).abs() <= 1e-12 * f.rel_error,
             "{}",
@@ -346,7 +360,7 @@ fn streaming_from_the_checkpoint_file_equals_streaming_from_the_resident_model()
                     l.id.layer,
                     l.id.kind.name()
                 ),
-                l.weight.clone(),
+                l.weight().unwrap().clone(),
             )
         })
         .collect();

@@ -492,9 +492,9 @@ impl<'a> Policy<'a> {
         let y = match scales.as_ref().and_then(|s| s.get(&lin.id)) {
             Some(s) => {
                 let f = &self.decomp.factors[&lin.id];
-                const_linear(&const_linear(x, &f.vt)?.broadcast_mul(s)?, &f.u)?
+                const_linear(&const_linear(x, f.vt()?)?.broadcast_mul(s)?, f.u()?)?
             }
-            None => const_linear(x, &lin.weight)?,
+            None => const_linear(x, lin.weight()?)?,
         };
         match &lin.bias {
             Some(bias) => y.broadcast_add(bias),
