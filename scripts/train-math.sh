@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The math expert with a budget beyond the shipped one's 5 steps of 16 (issue 15): the paper's free-generation
 # REINFORCE on arith (greedy rollouts of at most 24 tokens, +1/-1 by the number verifier) with the
-# mean-reward baseline, best-of-validation on the whole 200-item val split every 10 steps. Then one
-# evaluation on the whole arith test split (500), base and expert under the same protocol (generate, 24
-# tokens, as the shipped tables), with McNemar's exact test on the items where they disagree. Resumable:
+# mean-reward baseline, best-of-validation on the whole 200-item val split every 10 steps (rollouts and
+# validation answer in at most 24 tokens). Then one evaluation on the whole arith test split (500), base
+# and expert under the task's fixed protocol (generate, its default budget of 96 tokens, as every arith
+# table), with McNemar's exact test on the items where they disagree. Resumable:
 # run it again and training picks up from its checkpoint (STEPS may be raised on resume).
 # Results: $RUN/ (checkpoint, log.csv, curve.svg, math.safetensors) and $RUN/eval-test.{json,md}; $RUN is in
 # the repository, so the run's small state is committed and resumes on the next machine.
@@ -18,4 +19,4 @@ nice -n 19 "$T2" train --task arith --name math --category math --rollouts gener
   --lr "$LR" --batch 32 --steps "$STEPS" --eval-every 10 --val-limit 200 --seed 1 --max-new-tokens 24 \
   --expert-targets mlp --out "$RUN" --no-install --resume
 nice -n 19 "$T2" eval --task arith --adaptation base --adaptation "file:$RUN/math.safetensors" \
-  --max-new-tokens 24 --json "$RUN/eval-test.json" --markdown "$RUN/eval-test.md"
+  --json "$RUN/eval-test.json" --markdown "$RUN/eval-test.md"
