@@ -16,6 +16,7 @@ LEVELS=${LEVELS:-"1:4 4:8 16:32 64:64"}   # concurrency:requests
 MAX_TOKENS=${MAX_TOKENS:-128}
 ONLY=${ONLY:-"llama-f32 llama-f16 llama-q4_1 llama-q8_0 t2-base t2-mixes t2-bf16 t2-q8"}
 REPEATS=${REPEATS:-3}
+T2_ARGS=${T2_ARGS:-}   # extra `t2 serve` flags for every t2 server (A/B runs of a knob)
 OUT=bench-out/serving
 PORT=18181
 mkdir -p "$OUT"
@@ -67,7 +68,7 @@ for what in $ONLY; do
         [ "$what" = t2-q8 ] && dtype=q8_0
         [ "$what" = t2-bf16 ] && dtype=bf16
         "$T2_BIN" serve --port $PORT --experts-dir "$experts" --targets mlp --max-batch 64 --dtype $dtype \
-            >/dev/null 2>&1 &
+            $T2_ARGS >/dev/null 2>&1 &
         pid=$!
         wait_ready "http://127.0.0.1:$PORT" /ready
         if [ "$what" = t2-mixes ]; then

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use rand::SeedableRng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use t2_engine::{Adaptation, Mix};
 use t2_tasks::TaskItem;
 
@@ -30,6 +30,10 @@ pub struct CemConfig {
     pub max_new_tokens: usize,
     /// The experts α weighs, in order.
     pub experts: Vec<String>,
+    /// Score multiple-choice examples by each option's likelihood instead of generating an answer: the
+    /// paper's budget (32 × 50 × 10 shots = 16,000 answers) is affordable only this way. The tie-break is
+    /// then the mean log-probability of the right option among the options.
+    pub likelihood: bool,
 }
 
 impl CemConfig {
@@ -43,6 +47,7 @@ impl CemConfig {
             seed: 0,
             max_new_tokens: 64,
             experts,
+            likelihood: false,
         }
     }
 
@@ -83,7 +88,7 @@ impl CemConfig {
 }
 
 /// One evaluated α.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Candidate {
     pub alpha: Vec<f32>,
     /// Share of the examples answered right.
@@ -104,7 +109,7 @@ impl Candidate {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct IterationLog {
     pub iteration: usize,
     pub best: Candidate,
@@ -194,6 +199,106 @@ impl Answerer {
     }
 }
 
+/// Examples scored together in one likelihood pass (rows of every candidate mixed).
+const LIKELIHOOD_ROWS: usize = 64;
+
+impl Answerer {
+    /// Scores every multiple-choice example under every adaptation by option likelihood (as
+    /// `t2 eval --mode loglik`): right where the right option is the most likely. `loglik` is the mean
+    /// log-probability of the right option among the options, a tie-break finer than accuracy on a few
+    /// shots. Rows of all candidates share batches.
+    pub fn score_population(
+        &self,
+        area: &str,
+        items: &[TaskItem],
+        candidates: &[Adaptation],
+    ) -> Result<Vec<ShotResults>> {
+        let right: Vec<usize> = items
+            .iter()
+            .map(|it| match &it.answer {
+                t2_tasks::Answer::Choice {
+                    options, correct, ..
+                } if !options.is_empty() => Ok(*correct),
+                _ => Err(AdaptError::Config(format!(
+                    "likelihood scoring needs multiple-choice examples; '{}' is not one",
+                    it.id
+                ))),
+            })
+            .collect::<Result<_>>()?;
+        let engine = self.engine();
+        let leases = candidates
+            .iter()
+            .map(|a| engine.lease(a))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let (mut rows, mut mixes) = (Vec::new(), Vec::new());
+        for lease in &leases {
+            rows.extend_from_slice(items);
+            mixes.extend(std::iter::repeat_n(lease.id(), items.len()));
+        }
+        let mut scores = Vec::with_capacity(rows.len());
+        for (chunk, m) in rows
+            .chunks(LIKELIHOOD_ROWS)
+            .zip(mixes.chunks(LIKELIHOOD_ROWS))
+        {
+            scores.extend(crate::eval::option_scores(engine, area, chunk, m)?);
+        }
+        Ok(scores
+            .chunks(items.len())
+            .map(|per_item| {
+                let (correct, logp): (Vec<bool>, Vec<f64>) = per_item
+                    .iter()
+                    .zip(&right)
+                    .map(|(s, &r)| {
+                        let f: Vec<f32> = s.iter().map(|&x| x as f32).collect();
+                        let lse = t2_model::sampling::log_sum_exp(&f) as f64;
+                        (t2_tasks::verify::choice_by_scores(&f) == r, s[r] - lse)
+                    })
+                    .unzip();
+                ShotResults {
+                    correct,
+                    loglik: Some(logp.iter().sum::<f64>() / logp.len().max(1) as f64),
+                }
+            })
+            .collect())
+    }
+}
+
+/// Where a search stands after some iterations: all that the next iteration needs, so a long search
+/// (the paper's 50 iterations) can stop and go on later from its saved state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CemState {
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+    pub best: Option<Candidate>,
+    pub history: Vec<IterationLog>,
+    pub generations: usize,
+    /// Seconds spent in earlier runs of this search.
+    pub seconds: f64,
+}
+
+impl CemState {
+    /// The start: every α at 1/K, spread `init_std`.
+    pub fn start(cfg: &CemConfig) -> Self {
+        let k = cfg.experts.len();
+        Self {
+            mean: vec![1.0 / k.max(1) as f32; k],
+            std: vec![cfg.init_std; k],
+            best: None,
+            history: Vec::new(),
+            generations: 0,
+            seconds: 0.0,
+        }
+    }
+}
+
+/// The draws of iteration `i`, from a generator of its own: a resumed search draws what an unbroken one
+/// would have (iteration 0 is seeded with the seed itself).
+fn iteration_rng(seed: u64, i: usize) -> rand::rngs::StdRng {
+    rand::rngs::StdRng::seed_from_u64(
+        seed.wrapping_add((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+    )
+}
+
 /// Runs the search. `on_iteration` sees every iteration as it ends and may stop the search by returning
 /// false (cancellation); the outcome then holds what was found so far.
 pub fn search(
@@ -203,22 +308,39 @@ pub fn search(
     cfg: &CemConfig,
     mut on_iteration: impl FnMut(&IterationLog) -> bool,
 ) -> Result<CemOutcome> {
+    search_from(answerer, area, shots, cfg, CemState::start(cfg), |st| {
+        on_iteration(st.history.last().expect("called after an iteration"))
+    })
+}
+
+/// [`search`] from `state` (the start, or a saved state of the same search). `on_iteration` sees the
+/// state after every iteration, e.g. to save it.
+pub fn search_from(
+    answerer: &Answerer,
+    area: &str,
+    shots: &[TaskItem],
+    cfg: &CemConfig,
+    mut state: CemState,
+    mut on_iteration: impl FnMut(&CemState) -> bool,
+) -> Result<CemOutcome> {
     cfg.check()?;
     if shots.is_empty() {
         return Err(AdaptError::Config("no examples to adapt on".into()));
     }
-    let t0 = Instant::now();
     let k = cfg.experts.len();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
-    let mut mean = vec![1.0 / k as f32; k];
-    let mut std = vec![cfg.init_std; k];
-    let mut best: Option<Candidate> = None;
-    let mut history = Vec::new();
-    let mut generations = 0;
-    for iteration in 0..cfg.iterations {
-        let alphas = sample(&mut rng, &mean, &std, cfg.population);
+    if state.mean.len() != k || state.std.len() != k {
+        return Err(AdaptError::Config(format!(
+            "the saved search weighs {} experts, this one {k}",
+            state.mean.len()
+        )));
+    }
+    let t0 = Instant::now();
+    let earlier = state.seconds;
+    for iteration in state.history.len()..cfg.iterations {
+        let mut rng = iteration_rng(cfg.seed, iteration);
+        let alphas = sample(&mut rng, &state.mean, &state.std, cfg.population);
         let (pop, eval_time) = evaluate(answerer, area, shots, cfg, &alphas)?;
-        generations += alphas.len() * shots.len();
+        state.generations += alphas.len() * shots.len();
         let mut order: Vec<usize> = (0..pop.len()).collect();
         order.sort_by(|&a, &b| {
             if pop[a].better_than(&pop[b]) {
@@ -234,30 +356,33 @@ pub fn search(
             let m = elites.iter().map(|c| c.alpha[j]).sum::<f32>() / elites.len() as f32;
             let v =
                 elites.iter().map(|c| (c.alpha[j] - m).powi(2)).sum::<f32>() / elites.len() as f32;
-            mean[j] = m;
+            state.mean[j] = m;
             // A floor keeps a little exploration once the elites agree.
-            std[j] = v.sqrt().max(1e-3);
+            state.std[j] = v.sqrt().max(1e-3);
         }
         let top = pop[order[0]].clone();
-        if best.as_ref().is_none_or(|b| top.better_than(b)) {
-            best = Some(top.clone());
+        if state.best.as_ref().is_none_or(|b| top.better_than(b)) {
+            state.best = Some(top.clone());
         }
-        let log = IterationLog {
+        state.history.push(IterationLog {
             iteration,
             best: top,
-            best_so_far: best.clone().expect("set above"),
+            best_so_far: state.best.clone().expect("set above"),
             mean_accuracy: pop.iter().map(|c| c.accuracy).sum::<f64>() / pop.len() as f64,
-            mean: mean.clone(),
-            std: std.clone(),
+            mean: state.mean.clone(),
+            std: state.std.clone(),
             eval_seconds: eval_time.as_secs_f64(),
-        };
-        let go_on = on_iteration(&log);
-        history.push(log);
-        if !go_on {
+        });
+        state.seconds = earlier + t0.elapsed().as_secs_f64();
+        if !on_iteration(&state) {
             break;
         }
     }
-    let best = best.expect("at least one iteration ran");
+    let Some(best) = state.best else {
+        return Err(AdaptError::Config(
+            "no iteration ran (the saved search had already run every iteration asked for?)".into(),
+        ));
+    };
     let mix = match mix_of(&cfg.experts, &best.alpha) {
         // Every weight clamped to 0: the candidate ran as the base model, and is stored as such.
         m if m.is_base() => Mix::new(BTreeMap::new(), 1.0)?,
@@ -273,9 +398,9 @@ pub fn search(
     Ok(CemOutcome {
         mix,
         best,
-        history,
-        seconds: t0.elapsed().as_secs_f64(),
-        generations,
+        history: state.history,
+        seconds: earlier + t0.elapsed().as_secs_f64(),
+        generations: state.generations,
     })
 }
 
@@ -292,7 +417,10 @@ fn evaluate(
         .iter()
         .map(|a| Adaptation::Mix(mix_of(&cfg.experts, a)))
         .collect();
-    let results = answerer.evaluate_population(area, shots, &adaptations, cfg.max_new_tokens)?;
+    let results = match cfg.likelihood {
+        true => answerer.score_population(area, shots, &adaptations)?,
+        false => answerer.evaluate_population(area, shots, &adaptations, cfg.max_new_tokens)?,
+    };
     let pop = alphas
         .iter()
         .zip(results)
@@ -325,12 +453,11 @@ pub fn evaluate_sequentially(
 
 /// The population of the first iteration (same seed, same draws), for cost comparisons.
 pub fn first_population(cfg: &CemConfig) -> Vec<Vec<f32>> {
-    let k = cfg.experts.len();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+    let start = CemState::start(cfg);
     sample(
-        &mut rng,
-        &vec![1.0 / k as f32; k],
-        &vec![cfg.init_std; k],
+        &mut iteration_rng(cfg.seed, 0),
+        &start.mean,
+        &start.std,
         cfg.population,
     )
 }

@@ -546,6 +546,25 @@ pub fn pick_by_loglik(
     items: &[TaskItem],
     mix: u32,
 ) -> Result<Vec<usize>> {
+    let mixes = vec![mix; items.len()];
+    Ok(option_scores(engine, area, items, &mixes)?
+        .iter()
+        .map(|s| {
+            let f: Vec<f32> = s.iter().map(|&x| x as f32).collect();
+            t2_tasks::verify::choice_by_scores(&f)
+        })
+        .collect())
+}
+
+/// For each item, every option's summed log-probability as the assistant's reply, item i under mix
+/// `mixes[i]` (items with different mixes share the batch).
+pub fn option_scores(
+    engine: &Engine,
+    area: &str,
+    items: &[TaskItem],
+    mixes: &[u32],
+) -> Result<Vec<Vec<f64>>> {
+    assert_eq!(items.len(), mixes.len(), "one mix per item");
     let model = &engine.loaded.model;
     let mut prompts = Vec::with_capacity(items.len());
     let mut options = Vec::with_capacity(items.len());
@@ -564,10 +583,11 @@ pub fn pick_by_loglik(
     let mut steps: Vec<SeqStep<'_>> = caches
         .iter_mut()
         .zip(&prompts)
-        .map(|(kv, p)| SeqStep {
+        .enumerate()
+        .map(|(i, (kv, p))| SeqStep {
             kv,
             tokens: p,
-            mix,
+            mix: mixes[i],
             want: WantLogits::Last,
         })
         .collect();
@@ -589,7 +609,7 @@ pub fn pick_by_loglik(
                 steps.push(SeqStep {
                     kv: cache,
                     tokens: o,
-                    mix,
+                    mix: mixes[i],
                     want: WantLogits::All,
                 });
             }
@@ -609,13 +629,7 @@ pub fn pick_by_loglik(
             cache.len = prompts[i].len();
         }
     }
-    Ok(scores
-        .iter()
-        .map(|s| {
-            let f: Vec<f32> = s.iter().map(|&x| x as f32).collect();
-            t2_tasks::verify::choice_by_scores(&f)
-        })
-        .collect())
+    Ok(scores)
 }
 
 fn log_softmax(x: &[f32]) -> std::result::Result<Vec<f32>, candle_core::Error> {

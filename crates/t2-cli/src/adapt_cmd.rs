@@ -58,6 +58,14 @@ pub struct AdaptArgs {
     /// Sequences generated together
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
+    /// Score multiple-choice examples by each option's likelihood instead of generating answers (what
+    /// makes the paper's budget affordable)
+    #[arg(long)]
+    pub likelihood: bool,
+    /// Save the search's state here after every iteration, and go on from it when it exists (a search
+    /// with the same settings): a long search survives being stopped
+    #[arg(long)]
+    pub state: Option<PathBuf>,
 }
 
 /// The shots and a description of where they came from.
@@ -100,6 +108,17 @@ fn load_shots(a: &AdaptArgs) -> Result<(String, Vec<TaskItem>, String)> {
 pub fn run(a: AdaptArgs) -> Result<()> {
     t2_svf::expert::check_name(&a.name)?;
     let (area, shots, source) = load_shots(&a)?;
+    if a.likelihood {
+        let open = shots
+            .iter()
+            .find(|it| !matches!(it.answer, t2_tasks::Answer::Choice { .. }));
+        if let Some(it) = open {
+            bail!(
+                "likelihood scoring needs multiple-choice examples; '{}' is not one",
+                it.id
+            );
+        }
+    }
     let engine = Arc::new(open_engine(&a.model, &a.svf, true)?);
     let store = engine.experts.as_ref().context("SVF is off")?;
     if store.get(&a.name).is_ok() {
@@ -126,8 +145,13 @@ pub fn run(a: AdaptArgs) -> Result<()> {
             .max_new_tokens
             .unwrap_or_else(|| t2_adapt::eval::default_max_tokens(&shots)),
         experts,
+        likelihood: a.likelihood,
     };
     cfg.check()?;
+    let start = match &a.state {
+        Some(p) if p.exists() => load_state(p, &cfg, &shots)?,
+        _ => cem::CemState::start(&cfg),
+    };
     let answerer = Answerer::new(engine.clone(), a.batch)?;
     eprintln!(
         "few-shot search over {} ({} experts) on {} examples of {source}: {} iterations × {} candidates",
@@ -166,7 +190,21 @@ pub fn run(a: AdaptArgs) -> Result<()> {
             "same_accuracies": same,
         }));
     }
-    let outcome = cem::search(&answerer, &area, &shots, &cfg, |it| {
+    if !start.history.is_empty() {
+        eprintln!(
+            "going on from iteration {} of the saved search in {}",
+            start.history.len() + 1,
+            a.state.as_ref().expect("loaded from it").display()
+        );
+    }
+    let outcome = cem::search_from(&answerer, &area, &shots, &cfg, start, |st| {
+        if let Some(p) = &a.state {
+            if let Err(e) = save_state(p, &cfg, &shots, st) {
+                eprintln!("could not save the search state: {e:#}");
+                return false;
+            }
+        }
+        let it = st.history.last().expect("called after an iteration");
         eprintln!(
             "iteration {:>3}/{}: best {:.2}{} | best so far {:.2} | population mean {:.2} | α mean [{}] | {:.1} s",
             it.iteration + 1,
@@ -230,4 +268,38 @@ pub fn run(a: AdaptArgs) -> Result<()> {
         a.name
     );
     Ok(())
+}
+
+/// What a saved state must match to be gone on with: the settings and the shots.
+fn search_identity(cfg: &CemConfig, shots: &[TaskItem]) -> serde_json::Value {
+    let ids: Vec<&str> = shots.iter().map(|s| s.id.as_str()).collect();
+    serde_json::json!({ "config": cfg, "shots": ids })
+}
+
+fn save_state(path: &Path, cfg: &CemConfig, shots: &[TaskItem], st: &cem::CemState) -> Result<()> {
+    let doc = serde_json::json!({ "search": search_identity(cfg, shots), "state": st });
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_string(&doc)?)
+        .with_context(|| tmp.display().to_string())?;
+    // Renamed into place: a stop mid-write leaves the previous state whole.
+    std::fs::rename(&tmp, path).with_context(|| path.display().to_string())
+}
+
+fn load_state(path: &Path, cfg: &CemConfig, shots: &[TaskItem]) -> Result<cem::CemState> {
+    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    let mut doc: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a search state", path.display()))?;
+    // The iteration count may grow on resume; everything else must match.
+    let mut saved = doc["search"].take();
+    let mut now = search_identity(cfg, shots);
+    saved["config"]["iterations"] = serde_json::Value::Null;
+    now["config"]["iterations"] = serde_json::Value::Null;
+    if saved != now {
+        bail!(
+            "{} holds a search with other settings or shots; remove it or pass another --state",
+            path.display()
+        );
+    }
+    serde_json::from_value(doc["state"].take())
+        .with_context(|| format!("{}: not a search state", path.display()))
 }

@@ -54,7 +54,7 @@ pub struct ServeArgs {
     pub max_batched_tokens: usize,
     /// Prompt tokens per batch step at most while other requests are decoding: each step delays every
     /// running stream's next token, so smaller chunks keep inter-token latency down while prompts arrive
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 32)]
     pub max_prefill_while_decoding: usize,
     /// Requests waiting for admission at most; more get 429
     #[arg(long, default_value_t = 64)]

@@ -526,3 +526,123 @@ fn selftest_runs_every_check_and_refuses_a_device_it_lacks() {
         assert_clean_failure(&o, "built without the cuda feature");
     }
 }
+
+/// `t2 adapt --likelihood --state`: a search stopped after one iteration and run again for two goes on
+/// where it stopped and draws what an unbroken two-iteration search draws; a state of other settings and
+/// shots that cannot be scored by likelihood are refused.
+#[test]
+fn adapt_by_likelihood_resumes_a_stopped_search_as_if_unbroken() {
+    let m = model();
+    let dir = tempfile::tempdir().unwrap();
+    let shots = dir.path().join("capitals.jsonl");
+    std::fs::write(
+        &shots,
+        concat!(
+            r#"{"prompt": "What is the capital of France?", "verifier": "choice", "options": ["Paris", "Rome", "Oslo"], "answer": "Paris"}"#,
+            "\n",
+            r#"{"prompt": "What is the capital of Italy?", "verifier": "choice", "options": ["Madrid", "Rome"], "answer": 1}"#,
+            "\n",
+        ),
+    )
+    .unwrap();
+    let shipped = repo().join("experts");
+    let run = |iterations: &str, extra: &[&str]| {
+        let o = t2(&[
+            &[
+                "adapt",
+                "--model",
+                s(&m),
+                "--task",
+                s(&shots),
+                "--name",
+                "fs",
+            ][..],
+            &["--experts-dir", s(&shipped), "--shots", "2", "--likelihood"],
+            &[
+                "--population",
+                "4",
+                "--elites",
+                "2",
+                "--iterations",
+                iterations,
+            ],
+            &["--no-save"],
+            extra,
+        ]
+        .concat());
+        assert!(o.status.success(), "{}", stderr(&o));
+        o
+    };
+    let history = |p: &Path| -> Vec<serde_json::Value> {
+        let doc: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        doc["outcome"]["history"].as_array().unwrap().clone()
+    };
+    let (state, first, resumed, whole) = (
+        dir.path().join("search.json"),
+        dir.path().join("first.json"),
+        dir.path().join("resumed.json"),
+        dir.path().join("whole.json"),
+    );
+    run("1", &["--state", s(&state), "--json", s(&first)]);
+    assert_eq!(history(&first).len(), 1);
+    let o = run("2", &["--state", s(&state), "--json", s(&resumed)]);
+    assert!(
+        stderr(&o).contains("going on from iteration 2"),
+        "{}",
+        stderr(&o)
+    );
+    run("2", &["--json", s(&whole)]);
+    let (resumed, whole) = (history(&resumed), history(&whole));
+    assert_eq!(resumed.len(), 2);
+    for (r, w) in resumed.iter().zip(&whole) {
+        // Timings differ between runs; what was drawn and scored must not.
+        for key in ["best", "best_so_far", "mean", "std", "mean_accuracy"] {
+            assert_eq!(r[key], w[key], "iteration {}: {key}", r["iteration"]);
+        }
+    }
+    assert!(whole[0]["best"]["loglik"].as_f64().unwrap() < 0.0);
+
+    let o = t2(&[
+        &[
+            "adapt",
+            "--model",
+            s(&m),
+            "--task",
+            s(&shots),
+            "--name",
+            "fs",
+        ][..],
+        &["--experts-dir", s(&shipped), "--shots", "2", "--likelihood"],
+        &["--population", "6", "--elites", "2", "--iterations", "2"],
+        &["--no-save", "--state", s(&state)],
+    ]
+    .concat());
+    assert_clean_failure(&o, "holds a search with other settings or shots");
+    let numbers = dir.path().join("numbers.jsonl");
+    let n = r#"{"prompt": "What is 2+2?", "verifier": "number", "answer": 4}"#;
+    std::fs::write(&numbers, format!("{n}\n{n}\n")).unwrap();
+    let o = t2(&[
+        &[
+            "adapt",
+            "--model",
+            s(&m),
+            "--task",
+            s(&numbers),
+            "--name",
+            "fs",
+        ][..],
+        &["--experts-dir", s(&shipped), "--shots", "2", "--likelihood"],
+        &[
+            "--population",
+            "4",
+            "--elites",
+            "2",
+            "--iterations",
+            "1",
+            "--no-save",
+        ],
+    ]
+    .concat());
+    assert_clean_failure(&o, "likelihood scoring needs multiple-choice examples");
+}

@@ -55,7 +55,7 @@ impl Default for SchedulerConfig {
         Self {
             max_batch: 32,
             max_batched_tokens: 512,
-            max_prefill_while_decoding: 64,
+            max_prefill_while_decoding: 32,
             max_queue: 64,
             kv_budget_tokens: 64 * 1024,
             merge_after_steps: Some(512),
