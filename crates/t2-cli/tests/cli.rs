@@ -546,30 +546,32 @@ fn adapt_by_likelihood_resumes_a_stopped_search_as_if_unbroken() {
     )
     .unwrap();
     let shipped = repo().join("experts");
-    let run = |iterations: &str, extra: &[&str]| {
-        let o = t2(&[
-            &[
-                "adapt",
-                "--model",
-                s(&m),
-                "--task",
-                s(&shots),
-                "--name",
-                "fs",
-            ][..],
+    // `t2 adapt` of these shots by likelihood with the shipped experts, then `extra`.
+    let adapt = |task: &Path, extra: &[&str]| {
+        t2(&[
+            &["adapt", "--model", s(&m), "--task", s(task), "--name", "fs"][..],
             &["--experts-dir", s(&shipped), "--shots", "2", "--likelihood"],
-            &[
-                "--population",
-                "4",
-                "--elites",
-                "2",
-                "--iterations",
-                iterations,
-            ],
-            &["--no-save"],
             extra,
         ]
-        .concat());
+        .concat())
+    };
+    let run = |iterations: &str, extra: &[&str]| {
+        let o = adapt(
+            &shots,
+            &[
+                &[
+                    "--population",
+                    "4",
+                    "--elites",
+                    "2",
+                    "--iterations",
+                    iterations,
+                    "--no-save",
+                ],
+                extra,
+            ]
+            .concat(),
+        );
         assert!(o.status.success(), "{}", stderr(&o));
         o
     };
@@ -603,36 +605,26 @@ fn adapt_by_likelihood_resumes_a_stopped_search_as_if_unbroken() {
     }
     assert!(whole[0]["best"]["loglik"].as_f64().unwrap() < 0.0);
 
-    let o = t2(&[
+    let o = adapt(
+        &shots,
         &[
-            "adapt",
-            "--model",
-            s(&m),
-            "--task",
-            s(&shots),
-            "--name",
-            "fs",
-        ][..],
-        &["--experts-dir", s(&shipped), "--shots", "2", "--likelihood"],
-        &["--population", "6", "--elites", "2", "--iterations", "2"],
-        &["--no-save", "--state", s(&state)],
-    ]
-    .concat());
+            "--population",
+            "6",
+            "--elites",
+            "2",
+            "--iterations",
+            "2",
+            "--no-save",
+            "--state",
+            s(&state),
+        ],
+    );
     assert_clean_failure(&o, "holds a search with other settings or shots");
     let numbers = dir.path().join("numbers.jsonl");
     let n = r#"{"prompt": "What is 2+2?", "verifier": "number", "answer": 4}"#;
     std::fs::write(&numbers, format!("{n}\n{n}\n")).unwrap();
-    let o = t2(&[
-        &[
-            "adapt",
-            "--model",
-            s(&m),
-            "--task",
-            s(&numbers),
-            "--name",
-            "fs",
-        ][..],
-        &["--experts-dir", s(&shipped), "--shots", "2", "--likelihood"],
+    let o = adapt(
+        &numbers,
         &[
             "--population",
             "4",
@@ -642,7 +634,6 @@ fn adapt_by_likelihood_resumes_a_stopped_search_as_if_unbroken() {
             "1",
             "--no-save",
         ],
-    ]
-    .concat());
+    );
     assert_clean_failure(&o, "likelihood scoring needs multiple-choice examples");
 }

@@ -271,27 +271,11 @@ fn releasing_dense_copies_changes_no_result() {
     let r = Engine::open(&cfg).unwrap();
     let m = &r.loaded.model;
     let dense: usize = m.linears().map(|l| l.dims().0 * l.dims().1 * 4).sum();
-    let factors: usize = r
-        .svf
-        .as_ref()
-        .unwrap()
-        .decomp
-        .factors
-        .values()
-        .map(|f| (f.out + f.inp) * f.rank() * 4)
-        .sum();
+    let all = &r.svf.as_ref().unwrap().decomp.factors;
+    let factors: usize = all.values().map(|f| (f.out + f.inp) * f.rank() * 4).sum();
     assert_eq!(r.released_bytes, dense + factors);
     assert!(m.linears().all(|l| l.weight().is_err()));
-    let f = r
-        .svf
-        .as_ref()
-        .unwrap()
-        .decomp
-        .factors
-        .values()
-        .next()
-        .unwrap();
-    assert!(f.u().is_err() && f.vt().is_err());
+    assert!(all.values().all(|f| f.u().is_err() && f.vt().is_err()));
 
     let p = prompt(e, "Write a haiku about rain.");
     let z = random_z(e, 5, 0.3, 0.9);
