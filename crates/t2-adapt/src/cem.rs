@@ -199,6 +199,23 @@ impl Answerer {
     }
 }
 
+/// Each example's right option, or an error naming the first that is not multiple choice: what
+/// likelihood scoring needs (callers check before loading anything).
+pub fn right_options(items: &[TaskItem]) -> Result<Vec<usize>> {
+    items
+        .iter()
+        .map(|it| match &it.answer {
+            t2_tasks::Answer::Choice {
+                options, correct, ..
+            } if !options.is_empty() => Ok(*correct),
+            _ => Err(AdaptError::Config(format!(
+                "likelihood scoring needs multiple-choice examples; '{}' is not one",
+                it.id
+            ))),
+        })
+        .collect()
+}
+
 /// Examples scored together in one likelihood pass (rows of every candidate mixed).
 const LIKELIHOOD_ROWS: usize = 64;
 
@@ -213,18 +230,7 @@ impl Answerer {
         items: &[TaskItem],
         candidates: &[Adaptation],
     ) -> Result<Vec<ShotResults>> {
-        let right: Vec<usize> = items
-            .iter()
-            .map(|it| match &it.answer {
-                t2_tasks::Answer::Choice {
-                    options, correct, ..
-                } if !options.is_empty() => Ok(*correct),
-                _ => Err(AdaptError::Config(format!(
-                    "likelihood scoring needs multiple-choice examples; '{}' is not one",
-                    it.id
-                ))),
-            })
-            .collect::<Result<_>>()?;
+        let right = right_options(items)?;
         let engine = self.engine();
         let leases = candidates
             .iter()

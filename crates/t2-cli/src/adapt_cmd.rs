@@ -109,15 +109,7 @@ pub fn run(a: AdaptArgs) -> Result<()> {
     t2_svf::expert::check_name(&a.name)?;
     let (area, shots, source) = load_shots(&a)?;
     if a.likelihood {
-        let open = shots
-            .iter()
-            .find(|it| !matches!(it.answer, t2_tasks::Answer::Choice { .. }));
-        if let Some(it) = open {
-            bail!(
-                "likelihood scoring needs multiple-choice examples; '{}' is not one",
-                it.id
-            );
-        }
+        cem::right_options(&shots)?;
     }
     let engine = Arc::new(open_engine(&a.model, &a.svf, true)?);
     let store = engine.experts.as_ref().context("SVF is off")?;
