@@ -44,6 +44,19 @@ pub enum ExpertsCmd {
         #[command(flatten)]
         svf: SvfArgs,
     },
+    /// Add a trained expert file (e.g. a training run's output) to the store, checked against the model
+    /// and its decomposition; its provenance (training command, steps, validation) goes into the manifest
+    Install {
+        /// The expert's .safetensors file
+        file: std::path::PathBuf,
+        /// Store it under this name [default: the name inside the file]
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        svf: SvfArgs,
+    },
     /// Per-matrix statistics of one expert's z vectors
     Inspect {
         name: String,
@@ -134,6 +147,33 @@ pub fn run(cmd: ExpertsCmd) -> Result<()> {
                 provenance: [("made_by".to_string(), "t2 experts save-mix".to_string())].into(),
             })?;
             println!("stored mix '{name}' in {}", store.dir.display());
+            Ok(())
+        }
+        ExpertsCmd::Install {
+            file,
+            name,
+            model,
+            svf,
+        } => {
+            let mut expert = Expert::load(&file)?;
+            if let Some(name) = name {
+                expert.meta.name = name;
+            }
+            let name = expert.meta.name.clone();
+            let mut engine = open_engine(&model, &svf, true)?;
+            let decomp = &engine
+                .svf
+                .as_ref()
+                .expect("svf engine has a decomposition")
+                .decomp;
+            let store = engine.experts.as_mut().expect("svf engine has a store");
+            // `add` validates against the model and decomposition before anything is written.
+            store.add(expert, decomp)?;
+            println!(
+                "installed '{name}' from {} into {}",
+                file.display(),
+                store.dir.display()
+            );
             Ok(())
         }
         ExpertsCmd::Inspect { name, model, svf } => {

@@ -269,7 +269,63 @@ fn experts_unknown_foreign_and_nan_are_refused_and_a_constant_expert_is_the_base
             &e.meta.name,
         ]);
         assert_clean_failure(&o, needle);
+        // the same files offered to `experts install` are refused, and the store is left as it was
+        let file = dir.join("x.safetensors");
+        let o = t2(&[
+            "experts",
+            "install",
+            s(&file),
+            "--model",
+            s(&m),
+            "--experts-dir",
+            &experts,
+        ]);
+        assert_clean_failure(&o, needle);
     }
+    let manifest =
+        || std::fs::read_to_string(root.path().join("SmolLM2-135M-Instruct/manifest.json"));
+    let before = manifest().unwrap();
+    assert!(
+        !before.contains("nan") && !before.contains("foreign"),
+        "{before}"
+    );
+
+    // a trained run's file goes in under a new name, provenance and all, and answers as it did
+    let (other, _) = store_with(vec![]);
+    let mut trained = Expert::random(meta(&d, "trained"), &d, 7, 0.3);
+    trained.meta.provenance = [("best_step".to_string(), "40".to_string())].into();
+    let file = other.path().join("run.safetensors");
+    trained.save(&file).unwrap();
+    let o = t2(&[
+        "experts",
+        "install",
+        s(&file),
+        "--name",
+        "installed",
+        "--model",
+        s(&m),
+        "--experts-dir",
+        &experts,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let after = manifest().unwrap();
+    assert!(
+        after.contains("\"installed\"") && after.contains("best_step"),
+        "{after}"
+    );
+    let store = ExpertStore::open(root.path(), "SmolLM2-135M-Instruct", &d).unwrap();
+    assert_eq!(store.get("installed").unwrap().z, trained.z);
+    assert!(store.get("flat").is_ok(), "the store's other experts stay");
+    let o = t2(&[
+        "experts",
+        "install",
+        s(&other.path().join("missing.safetensors")),
+        "--model",
+        s(&m),
+        "--experts-dir",
+        &experts,
+    ]);
+    assert_clean_failure(&o, "missing.safetensors");
 }
 
 #[test]
