@@ -87,6 +87,10 @@ pub struct EvalResult {
     /// Which items were right, in item order ('1' right, '0' wrong): what paired tests need.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub per_item: String,
+    /// Route mode: pass 1's label for each item, in item order. With each label's answers (the expert
+    /// alone on the same items) it gives the routed answers of the whole split without a second pass.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
 }
 
 /// The answer length that fits each kind of task: a number, a label or letter, a small function.
@@ -272,25 +276,23 @@ pub fn evaluate_routing(
     let mut results = Vec::new();
     for name in &cfg.tasks {
         let (task, items) = load_items(cfg, name)?;
-        if task.info.area != "routing" {
-            return Err(AdaptError::Config(format!(
-                "route mode needs a routing task (requests labelled with their category); '{name}' is \
-                 a {} task",
-                task.info.area
-            )));
-        }
+        // A routing task labels each request; any other task's requests all belong to its area, which
+        // is how pass 1 is measured on the areas' own test splits.
+        let routing_task = task.info.area == "routing";
         for (label, strategy, policy) in &cfg.routes {
             let started = Instant::now();
             let mut jobs = Vec::new();
             let mut truth = Vec::new();
             for it in &items {
-                let Answer::Choice {
-                    options, correct, ..
-                } = &it.answer
-                else {
-                    return Err(AdaptError::Config(format!("{} has no label", it.id)));
-                };
-                truth.push(options[*correct].clone());
+                truth.push(match &it.answer {
+                    Answer::Choice {
+                        options, correct, ..
+                    } if routing_task => options[*correct].clone(),
+                    _ if routing_task => {
+                        return Err(AdaptError::Config(format!("{} has no label", it.id)))
+                    }
+                    _ => task.info.area.clone(),
+                });
                 // Pass 2 is cut to one token: only the decision is measured.
                 jobs.push(Job {
                     prompt: gen.chat_prompt(&it.prompt)?,
@@ -310,6 +312,7 @@ pub fn evaluate_routing(
             bar.finish_and_clear();
             let mut confusion: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
             let mut correct = 0;
+            let mut labels = Vec::with_capacity(items.len());
             for (t, r) in truth.iter().zip(&rollouts) {
                 let predicted = r
                     .decision
@@ -317,6 +320,7 @@ pub fn evaluate_routing(
                     .map(|d| d.label.clone())
                     .unwrap_or_else(|| "none".into());
                 correct += usize::from(&predicted == t);
+                labels.push(predicted.clone());
                 *confusion
                     .entry(t.clone())
                     .or_default()
@@ -333,6 +337,8 @@ pub fn evaluate_routing(
                 started.elapsed().as_secs_f64(),
             );
             r.confusion = Some(confusion);
+            r.per_item = per_item(truth.iter().zip(&labels).map(|(t, l)| t == l));
+            r.labels = labels;
             results.push(r);
         }
     }
@@ -362,6 +368,7 @@ fn result(
         routed: None,
         confusion: None,
         per_item: String::new(),
+        labels: Vec::new(),
     }
 }
 
@@ -836,6 +843,7 @@ mod tests {
                 routed: None,
                 confusion: None,
                 per_item: per_item.into(),
+                labels: Vec::new(),
             }
         };
         let results = [mk("base", "110010"), mk("x", "011011")];

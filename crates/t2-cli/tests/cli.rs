@@ -439,6 +439,44 @@ fn train_and_eval_refuse_bad_input() {
     .concat());
     assert_clean_failure(&o, "needs a multiple-choice task");
 
+    // Route mode on an area's own task: pass 1's label of every item, right where it names the area.
+    let scratch = tempfile::tempdir().unwrap();
+    let json = scratch.path().join("route.json");
+    let shipped = repo().join("experts");
+    let o = t2(&[
+        &["eval", "--task", "sst2", "--mode", "route", "--limit", "3"][..],
+        &[
+            "--adaptation",
+            "route:classifier",
+            "--adaptation",
+            "route:prompt",
+        ],
+        &["--experts-dir", s(&shipped), "--json", s(&json)],
+        &common,
+    ]
+    .concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 2);
+    for r in rows.as_array().unwrap() {
+        let labels = r["labels"].as_array().unwrap();
+        let per_item = r["per_item"].as_str().unwrap();
+        assert_eq!((labels.len(), per_item.len()), (3, 3), "{r}");
+        for (label, right) in labels.iter().zip(per_item.chars()) {
+            let label = label.as_str().unwrap();
+            assert!(
+                ["classification", "code", "math", "reasoning", "other"].contains(&label),
+                "{r}"
+            );
+            assert_eq!(label == "classification", right == '1', "{r}");
+        }
+        assert_eq!(
+            r["correct"].as_u64().unwrap() as usize,
+            per_item.matches('1').count()
+        );
+    }
+
     // A damaged checkpoint is refused on resume, never half-used.
     let out = tempfile::tempdir().unwrap();
     std::fs::write(
