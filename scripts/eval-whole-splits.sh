@@ -41,6 +41,6 @@ done
   echo
   echo "| task | adaptation | mode | n | base only right | only it right | p (two-sided) |"
   echo "|---|---|---|---|---|---|---|"
-  for task in $TASKS; do [ -s "$DIR/$task.md" ] && awk '/^Paired/ { p = 1; next } p && /^\| [a-z_]+ \| / && !/^\| task/' "$DIR/$task.md"; done
+  for task in $TASKS; do [ -s "$DIR/$task.md" ] && awk '/^Paired/ { p = 1; next } p && /^\| [a-z0-9_]+ \| / && !/^\| task/' "$DIR/$task.md"; done
 } >"$DIR/README.md"
 cat "$DIR/README.md"
