@@ -47,6 +47,18 @@ pub struct Generator {
     max_outstanding: Option<usize>,
 }
 
+/// KV memory an offline generator may hold. The prefix cache keeps every finished prompt's blocks until
+/// the budget is full, so the budget is what the process grows to: counted in tokens alone (256 Ki), it
+/// came to 12 GB on the default model and an evaluation beside other jobs was killed for memory.
+const KV_BUDGET_BYTES: usize = 2 << 30;
+
+fn kv_budget_tokens(engine: &Engine) -> usize {
+    let model = &engine.loaded.model;
+    let per_token = t2_model::kv::bytes_per_token(&model.cfg, model.dtype()).max(1);
+    // Never so small that a batch of task prompts and answers (64 of about 500 positions) waits on it.
+    (KV_BUDGET_BYTES / per_token).clamp(32 * 1024, 256 * 1024)
+}
+
 impl Generator {
     pub fn new(engine: Arc<Engine>, max_batch: usize) -> Self {
         let cfg = SchedulerConfig {
@@ -55,7 +67,7 @@ impl Generator {
             // Nobody watches a rollout's tokens arrive: prefill takes the whole step.
             max_prefill_while_decoding: 1024,
             max_queue: max_batch * 2,
-            kv_budget_tokens: 256 * 1024,
+            kv_budget_tokens: kv_budget_tokens(&engine),
             // Rollout mixes change every step: merged weights would be built and thrown away.
             merge_after_steps: None,
             // Task prompts share their instructions, and loglik scoring its question across options.
