@@ -6,6 +6,12 @@
 //! verified accuracy (ties broken by the mean log-likelihood of the reference answers, scored in the same
 //! batch from each answer's prompt KV), and refits mean and spread to the elites. The best candidate
 //! ever seen is the result.
+//!
+//! Ten shots rank candidates coarsely: on sst2 most of a converged population answers all ten right,
+//! and the log-likelihood tie-break then chose a diluted mix that generated worse than the sentiment
+//! expert alone. Hence the sparsity prior (on by default): the first population holds the base model
+//! and each expert alone, and among candidates of equal accuracy fewer experts rank first, so a mix
+//! must answer more shots right than a simpler candidate to be chosen over it.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -34,6 +40,9 @@ pub struct CemConfig {
     /// paper's budget (32 × 50 × 10 shots = 16,000 answers) is affordable only this way. The tie-break is
     /// then the mean log-probability of the right option among the options.
     pub likelihood: bool,
+    /// Seed the first population with the base model and each expert alone, and rank fewer experts
+    /// first among candidates of equal accuracy (see the module's note).
+    pub sparsity_prior: bool,
 }
 
 impl CemConfig {
@@ -48,6 +57,7 @@ impl CemConfig {
             max_new_tokens: 64,
             experts,
             likelihood: false,
+            sparsity_prior: true,
         }
     }
 
@@ -98,14 +108,28 @@ pub struct Candidate {
 }
 
 impl Candidate {
-    /// Higher accuracy first; equal accuracy: higher log-likelihood.
-    fn better_than(&self, other: &Candidate) -> bool {
-        match self.accuracy.total_cmp(&other.accuracy) {
-            std::cmp::Ordering::Equal => {
-                self.loglik.unwrap_or(f64::NEG_INFINITY) > other.loglik.unwrap_or(f64::NEG_INFINITY)
-            }
-            o => o.is_gt(),
-        }
+    /// Experts the candidate weighs at all (what [`mix_of`] puts in its mix).
+    pub fn experts_used(&self) -> usize {
+        self.alpha.iter().filter(|&&a| a > 0.0).count()
+    }
+
+    /// Higher accuracy first; equal accuracy: fewer experts first under the sparsity prior, then higher
+    /// log-likelihood.
+    pub fn better_than(&self, other: &Candidate, sparsity_prior: bool) -> bool {
+        use std::cmp::Ordering::Equal;
+        let by_experts = match sparsity_prior {
+            true => other.experts_used().cmp(&self.experts_used()),
+            false => Equal,
+        };
+        let by_loglik = || {
+            let ll = |c: &Candidate| c.loglik.unwrap_or(f64::NEG_INFINITY);
+            ll(self).total_cmp(&ll(other))
+        };
+        self.accuracy
+            .total_cmp(&other.accuracy)
+            .then(by_experts)
+            .then_with(by_loglik)
+            .is_gt()
     }
 }
 
@@ -119,6 +143,10 @@ pub struct IterationLog {
     pub std: Vec<f32>,
     /// Generating and verifying the population's answers, and scoring the reference answers.
     pub eval_seconds: f64,
+    /// Every candidate of the iteration, in the order drawn: lets another selection rule be applied to
+    /// the same search afterwards (states saved before it was recorded have none).
+    #[serde(default)]
+    pub population: Vec<Candidate>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -344,14 +372,18 @@ pub fn search_from(
     let earlier = state.seconds;
     for iteration in state.history.len()..cfg.iterations {
         let mut rng = iteration_rng(cfg.seed, iteration);
-        let alphas = sample(&mut rng, &state.mean, &state.std, cfg.population);
+        let mut alphas = sample(&mut rng, &state.mean, &state.std, cfg.population);
+        if iteration == 0 && cfg.sparsity_prior {
+            seed_simple_candidates(&mut alphas);
+        }
         let (pop, eval_time) = evaluate(answerer, area, shots, cfg, &alphas)?;
         state.generations += alphas.len() * shots.len();
         let mut order: Vec<usize> = (0..pop.len()).collect();
+        let prior = cfg.sparsity_prior;
         order.sort_by(|&a, &b| {
-            if pop[a].better_than(&pop[b]) {
+            if pop[a].better_than(&pop[b], prior) {
                 std::cmp::Ordering::Less
-            } else if pop[b].better_than(&pop[a]) {
+            } else if pop[b].better_than(&pop[a], prior) {
                 std::cmp::Ordering::Greater
             } else {
                 a.cmp(&b)
@@ -367,7 +399,11 @@ pub fn search_from(
             state.std[j] = v.sqrt().max(1e-3);
         }
         let top = pop[order[0]].clone();
-        if state.best.as_ref().is_none_or(|b| top.better_than(b)) {
+        if state
+            .best
+            .as_ref()
+            .is_none_or(|b| top.better_than(b, prior))
+        {
             state.best = Some(top.clone());
         }
         state.history.push(IterationLog {
@@ -378,6 +414,7 @@ pub fn search_from(
             mean: state.mean.clone(),
             std: state.std.clone(),
             eval_seconds: eval_time.as_secs_f64(),
+            population: pop,
         });
         state.seconds = earlier + t0.elapsed().as_secs_f64();
         if !on_iteration(&state) {
@@ -460,12 +497,29 @@ pub fn evaluate_sequentially(
 /// The population of the first iteration (same seed, same draws), for cost comparisons.
 pub fn first_population(cfg: &CemConfig) -> Vec<Vec<f32>> {
     let start = CemState::start(cfg);
-    sample(
+    let mut alphas = sample(
         &mut iteration_rng(cfg.seed, 0),
         &start.mean,
         &start.std,
         cfg.population,
-    )
+    );
+    if cfg.sparsity_prior {
+        seed_simple_candidates(&mut alphas);
+    }
+    alphas
+}
+
+/// Replaces the first draws with the base model (no expert) and each expert alone at full weight, up to
+/// half the population, so the search knows from the start what the simplest candidates score.
+fn seed_simple_candidates(alphas: &mut [Vec<f32>]) {
+    let half = alphas.len() / 2;
+    let k = alphas.first().map_or(0, Vec::len);
+    for (i, a) in alphas.iter_mut().take(half.min(k + 1)).enumerate() {
+        a.iter_mut().for_each(|x| *x = 0.0);
+        if i > 0 {
+            a[i - 1] = 1.0;
+        }
+    }
 }
 
 /// `n` candidates α ~ N(mean, std²) per expert, clamped to [0, 1].
@@ -541,5 +595,72 @@ pub fn stored_mix(
             100.0 * outcome.best.accuracy
         ),
         provenance: p,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cand(alpha: &[f32], accuracy: f64, loglik: f64) -> Candidate {
+        Candidate {
+            alpha: alpha.to_vec(),
+            accuracy,
+            loglik: Some(loglik),
+        }
+    }
+
+    #[test]
+    fn equal_accuracy_ranks_fewer_experts_first_only_under_the_prior() {
+        let mix = cand(&[0.06, 0.0, 0.14, 0.84], 1.0, -0.327);
+        let alone = cand(&[0.0, 0.0, 0.0, 1.0], 1.0, -0.345);
+        let base = cand(&[0.0; 4], 0.9, -0.2);
+        assert_eq!((mix.experts_used(), alone.experts_used()), (3, 1));
+        assert!(alone.better_than(&mix, true));
+        assert!(!mix.better_than(&alone, true));
+        // Without the prior the likelihood decides the tie.
+        assert!(mix.better_than(&alone, false));
+        // Accuracy comes first either way: the base model's fewer experts do not beat a shot more.
+        for prior in [true, false] {
+            assert!(alone.better_than(&base, prior) && !base.better_than(&alone, prior));
+        }
+        // Same accuracy and experts: the likelihood decides.
+        let other = cand(&[0.0, 0.0, 0.0, 0.7], 1.0, -0.30);
+        assert!(other.better_than(&alone, true));
+    }
+
+    #[test]
+    fn the_prior_seeds_the_first_population_with_base_and_each_expert_alone() {
+        let experts: Vec<String> = ["code", "math", "reasoning", "sentiment"]
+            .map(String::from)
+            .to_vec();
+        let mut cfg = CemConfig::paper(experts);
+        let seeded = first_population(&cfg);
+        assert_eq!(seeded.len(), 32);
+        assert_eq!(seeded[0], vec![0.0; 4]);
+        for (i, a) in seeded[1..5].iter().enumerate() {
+            let mut want = vec![0.0; 4];
+            want[i] = 1.0;
+            assert_eq!(a, &want);
+        }
+        cfg.sparsity_prior = false;
+        let drawn = first_population(&cfg);
+        // The rest are the same draws; without the prior the first ones are draws too.
+        assert_eq!(seeded[5..], drawn[5..]);
+        assert!(drawn[..5].iter().zip(&seeded[..5]).all(|(d, s)| d != s));
+        assert!(drawn.iter().flatten().all(|x| (0.0..=1.0).contains(x)));
+        // A small population keeps half of it drawn.
+        cfg.sparsity_prior = true;
+        cfg.population = 4;
+        let small = first_population(&cfg);
+        assert_eq!(small[0], vec![0.0; 4]);
+        assert_eq!(small[1], vec![1.0, 0.0, 0.0, 0.0]);
+        assert_eq!(
+            small[2..],
+            first_population(&CemConfig {
+                sparsity_prior: false,
+                ..cfg
+            })[2..]
+        );
     }
 }

@@ -66,6 +66,10 @@ pub struct AdaptArgs {
     /// with the same settings): a long search survives being stopped
     #[arg(long)]
     pub state: Option<PathBuf>,
+    /// Drop the sparsity prior: no base and single-expert candidates in the first population, and ties
+    /// in accuracy broken by likelihood alone, not by fewer experts first
+    #[arg(long)]
+    pub no_sparsity_prior: bool,
 }
 
 /// The shots and a description of where they came from.
@@ -138,6 +142,7 @@ pub fn run(a: AdaptArgs) -> Result<()> {
             .unwrap_or_else(|| t2_adapt::eval::default_max_tokens(&shots)),
         experts,
         likelihood: a.likelihood,
+        sparsity_prior: !a.no_sparsity_prior,
     };
     cfg.check()?;
     let start = match &a.state {

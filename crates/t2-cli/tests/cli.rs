@@ -698,6 +698,33 @@ fn adapt_by_likelihood_resumes_a_stopped_search_as_if_unbroken() {
         }
     }
     assert!(whole[0]["best"]["loglik"].as_f64().unwrap() < 0.0);
+    // The sparsity prior's first population: the base model, then the first expert alone (half of a
+    // population of 4 is seeded); `--no-sparsity-prior` draws them all.
+    let alphas = |h: &serde_json::Value| -> Vec<Vec<f64>> {
+        h["population"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                c["alpha"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .collect()
+            })
+            .collect()
+    };
+    let first = alphas(&whole[0]);
+    assert_eq!(first.len(), 4);
+    assert!(first[0].iter().all(|&x| x == 0.0), "{first:?}");
+    assert_eq!(first[1][0], 1.0);
+    assert!(first[1][1..].iter().all(|&x| x == 0.0), "{first:?}");
+    let drawn = dir.path().join("drawn.json");
+    run("1", &["--no-sparsity-prior", "--json", s(&drawn)]);
+    let drawn = alphas(&history(&drawn)[0]);
+    assert_eq!(drawn[2..], first[2..]);
+    assert!(drawn[0] != first[0] && drawn[1] != first[1], "{drawn:?}");
 
     let o = adapt(
         &shots,
