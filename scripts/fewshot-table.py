@@ -46,9 +46,16 @@ def main() -> None:
         experts = [r for r in whole if r["adaptation"] != "base"]
         best = max(experts, key=lambda r: r["correct"])
         fewshot = json.load(open(fpath))
-        for r, kind in [(base, ""), (best, " (best expert)")] + [
-            (r, " (few-shot best)" if i == 0 else " (few-shot mean)") for i, r in enumerate(fewshot)
-        ]:
+        # Which selection each row is (scripts/fewshot-paper.sh's selections; one row may be several).
+        sel_path = os.path.join(fewshot_dir, f"{task}.selections.json")
+        kinds = {}
+        if os.path.exists(sel_path):
+            for kind, adaptation in json.load(open(sel_path)).items():
+                kinds.setdefault(adaptation, []).append(kind)
+        labelled = [(r, " (few-shot " + ", ".join(kinds.get(r["adaptation"], ["?"])) + ")") for r in fewshot]
+        if not kinds:
+            labelled = [(r, " (few-shot best)" if i == 0 else " (few-shot mean)") for i, r in enumerate(fewshot)]
+        for r, kind in [(base, ""), (best, " (best expert)")] + labelled:
             lo, hi = r["ci95"]
             cells = []
             for other in (base, best):
