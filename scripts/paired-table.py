@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from importlib import import_module  # noqa: E402
 
 mcnemar = import_module("fewshot-table").mcnemar
+stem = import_module("routing-whole-table").stem
 
 
 def expert_of(adaptation: str) -> str | None:
@@ -22,12 +23,6 @@ def expert_of(adaptation: str) -> str | None:
         names = [kv.split("=")[0] for kv in adaptation[4:].split(",")]
         return next((n for n in names if n != "base"), None)
     return None
-
-
-def stem(adaptation: str) -> str:
-    if adaptation.startswith("file:"):
-        return os.path.splitext(os.path.basename(adaptation[5:]))[0]
-    return adaptation
 
 
 def main() -> None:

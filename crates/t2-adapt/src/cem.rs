@@ -113,9 +113,9 @@ impl Candidate {
         self.alpha.iter().filter(|&&a| a > 0.0).count()
     }
 
-    /// Higher accuracy first; equal accuracy: fewer experts first under the sparsity prior, then higher
-    /// log-likelihood.
-    pub fn better_than(&self, other: &Candidate, sparsity_prior: bool) -> bool {
+    /// The ranking order: higher accuracy first; equal accuracy: fewer experts first under the sparsity
+    /// prior, then higher log-likelihood. `Greater` means `self` ranks above `other`.
+    pub fn rank(&self, other: &Candidate, sparsity_prior: bool) -> std::cmp::Ordering {
         use std::cmp::Ordering::Equal;
         let by_experts = match sparsity_prior {
             true => other.experts_used().cmp(&self.experts_used()),
@@ -129,7 +129,10 @@ impl Candidate {
             .total_cmp(&other.accuracy)
             .then(by_experts)
             .then_with(by_loglik)
-            .is_gt()
+    }
+
+    pub fn better_than(&self, other: &Candidate, sparsity_prior: bool) -> bool {
+        self.rank(other, sparsity_prior).is_gt()
     }
 }
 
@@ -371,24 +374,13 @@ pub fn search_from(
     let t0 = Instant::now();
     let earlier = state.seconds;
     for iteration in state.history.len()..cfg.iterations {
-        let mut rng = iteration_rng(cfg.seed, iteration);
-        let mut alphas = sample(&mut rng, &state.mean, &state.std, cfg.population);
-        if iteration == 0 && cfg.sparsity_prior {
-            seed_simple_candidates(&mut alphas);
-        }
+        let alphas = draw(cfg, &state, iteration);
         let (pop, eval_time) = evaluate(answerer, area, shots, cfg, &alphas)?;
         state.generations += alphas.len() * shots.len();
         let mut order: Vec<usize> = (0..pop.len()).collect();
         let prior = cfg.sparsity_prior;
-        order.sort_by(|&a, &b| {
-            if pop[a].better_than(&pop[b], prior) {
-                std::cmp::Ordering::Less
-            } else if pop[b].better_than(&pop[a], prior) {
-                std::cmp::Ordering::Greater
-            } else {
-                a.cmp(&b)
-            }
-        });
+        // Best first; candidates that rank equal keep the order drawn.
+        order.sort_by(|&a, &b| pop[b].rank(&pop[a], prior).then(a.cmp(&b)));
         let elites: Vec<&Candidate> = order[..cfg.elites].iter().map(|&i| &pop[i]).collect();
         for j in 0..k {
             let m = elites.iter().map(|c| c.alpha[j]).sum::<f32>() / elites.len() as f32;
@@ -496,14 +488,15 @@ pub fn evaluate_sequentially(
 
 /// The population of the first iteration (same seed, same draws), for cost comparisons.
 pub fn first_population(cfg: &CemConfig) -> Vec<Vec<f32>> {
-    let start = CemState::start(cfg);
-    let mut alphas = sample(
-        &mut iteration_rng(cfg.seed, 0),
-        &start.mean,
-        &start.std,
-        cfg.population,
-    );
-    if cfg.sparsity_prior {
+    draw(cfg, &CemState::start(cfg), 0)
+}
+
+/// The candidates of iteration `i` around the state's mean and spread (the first one seeded under the
+/// sparsity prior).
+fn draw(cfg: &CemConfig, state: &CemState, i: usize) -> Vec<Vec<f32>> {
+    let mut rng = iteration_rng(cfg.seed, i);
+    let mut alphas = sample(&mut rng, &state.mean, &state.std, cfg.population);
+    if i == 0 && cfg.sparsity_prior {
         seed_simple_candidates(&mut alphas);
     }
     alphas
