@@ -9,6 +9,7 @@
 # Results: $DIR/<task>.{json,md} and $DIR/README.md (all accuracy rows, then all paired tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/task-protocol.sh
 T2=${T2:-target/release/t2}
 MODEL_DIR=experts/SmolLM2-135M-Instruct
 DIR=${DIR:-$MODEL_DIR/eval/whole}
@@ -23,10 +24,7 @@ for task in $TASKS; do
     echo "== $task: done before ($DIR/$task.json)"
     continue
   fi
-  case $task in
-    arc_easy | arc_challenge) mode=loglik ;;
-    *) mode=generate ;;
-  esac
+  mode=$(task_mode "$task")
   echo "== $task ($mode)"
   nice -n 19 "$T2" eval --task "$task" --mode "$mode" "${ADAPT[@]}" \
     --json "$DIR/$task.json.tmp" --markdown "$DIR/$task.md"

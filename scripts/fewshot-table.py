@@ -71,13 +71,20 @@ def main() -> None:
             s = json.load(open(spath))
             o = s["outcome"]
             alpha = ", ".join(f"{e} {a:.2f}" for e, a in zip(s["config"]["experts"], o["best"]["alpha"]))
+            held = o.get("holdout")
+            chosen = "–"
+            if held:
+                c = held["contenders"][held["chosen"]]
+                chosen = (f"{c['label']}: {100 * c['holdout']['accuracy']:.0f}% of {held['examples']} "
+                          f"(search best {100 * held['contenders'][0]['holdout']['accuracy']:.0f}%)")
             searches.append(f"| {task} | {len(o['history'])} × {s['config']['population']} | "
-                            f"{o['generations']} | {100 * o['best']['accuracy']:.0f}% | {alpha} | "
+                            f"{o['generations']} | {100 * o['best']['accuracy']:.0f}% | {chosen} | {alpha} | "
                             f"{o['seconds'] / 60:.0f} min |")
     if searches:
-        print("\nThe searches (selection on the 10 shots only; α of the stored best candidate):\n")
-        print("| task | iterations × population | answers scored | shots right | α | wall time |")
-        print("|---|---|---|---|---|---|")
+        print("\nThe searches (selection on the 10 shots and the held-out examples only; α of the stored "
+              "candidate):\n")
+        print("| task | iterations × population | answers scored | shots right | held-out choice | α | wall time |")
+        print("|---|---|---|---|---|---|---|")
         print("\n".join(searches))
 
 

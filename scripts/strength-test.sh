@@ -7,6 +7,7 @@
 # $DIR/test/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/task-protocol.sh
 T2=${T2:-target/release/t2}
 MODEL_DIR=experts/SmolLM2-135M-Instruct
 DIR=${DIR:-$MODEL_DIR/eval/strength}
@@ -26,10 +27,7 @@ if [ ${#ADAPT[@]} -eq 0 ]; then
 fi
 for task in $TASKS; do
   [ -s "$DIR/test/$task.json" ] && { echo "== $task: done before"; continue; }
-  case $task in
-    arc_easy | arc_challenge) mode=loglik ;;
-    *) mode=generate ;;
-  esac
+  mode=$(task_mode "$task")
   echo "== $task ($mode): ${ADAPT[*]}"
   nice -n 19 "$T2" eval --task "$task" --mode "$mode" "${ADAPT[@]}" \
     --json "$DIR/test/$task.json.tmp" --markdown "$DIR/test/$task.md"

@@ -70,11 +70,29 @@ def test_job_searches_stores_a_profile_and_serves_it(client, base_url):
     assert reported["mix"] == pytest.approx({k: v for k, v in result["alpha"].items()})
 
 
+def test_job_with_holdout_chooses_its_result_on_unseen_examples(base_url):
+    body = {"name": "fewshot-held-e2e", "examples": EXAMPLES, "shots": 2, "holdout": 1, **TINY}
+    resp = post_json(base_url, "/v1/adaptations", body)
+    assert resp.status == 202, resp
+    done = wait_job(base_url, resp.json()["id"])
+    assert done["status"] == "succeeded", done
+    result = done["result"]
+    # The search scored only its 2 shots; the choice among its best, its mean, base and each expert
+    # alone was made on the third example.
+    assert result["generations"] == TINY["iterations"] * TINY["population"] * 2
+    contenders = {"search best", "search mean", "base"} | {f"{e} alone" for e in EXPERTS}
+    assert result["chosen_on_held_out"] in contenders, result
+    assert result["held_out_accuracy"] in (0.0, 1.0), result
+    prov = experts_listing(base_url)["fewshot-held-e2e"]["provenance"]
+    assert prov["held_out_examples"] == "1" and prov["chosen_on_held_out"] == result["chosen_on_held_out"], prov
+
+
 @pytest.mark.parametrize("body, message, param", [
     ({"name": "x", "examples": [EXAMPLES[0], {"prompt": "p", "verifier": "regex", "answer": "a"}]},
      "examples[1]: unknown verifier 'regex'", "examples"),
     ({"name": "x", "examples": [EXAMPLES[0]]}, "too few examples", "examples"),
     ({"name": "x", "examples": EXAMPLES, "shots": 5}, "only 3 examples", "shots"),
+    ({"name": "x", "examples": EXAMPLES, "shots": 2, "holdout": 2}, "more than the 3 examples", "holdout"),
     ({"name": "x", "examples": [EXAMPLES[0], "just text"]}, "JSON object", "examples"),
     ({"name": "x", "examples": [EXAMPLES[0], {"prompt": "p", "verifier": "choice", "options": ["a", "b"],
                                               "answer": "c"}]}, "not one of the 2 options", "examples"),

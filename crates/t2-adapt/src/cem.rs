@@ -11,7 +11,9 @@
 //! and the log-likelihood tie-break then chose a diluted mix that generated worse than the sentiment
 //! expert alone. Hence the sparsity prior (on by default): the first population holds the base model
 //! and each expert alone, and among candidates of equal accuracy fewer experts rank first, so a mix
-//! must answer more shots right than a simpler candidate to be chosen over it.
+//! must answer more shots right than a simpler candidate to be chosen over it. Where mixes overfit the
+//! shots instead of tying on them, [`crate::holdout`] makes the final choice on examples the search
+//! never saw.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -160,6 +162,8 @@ pub struct CemOutcome {
     pub seconds: f64,
     /// Answers generated in all.
     pub generations: usize,
+    /// The final choice on held-out examples, when one was made ([`CemOutcome::adopt`]).
+    pub holdout: Option<crate::holdout::HoldoutChoice>,
 }
 
 /// The mix a candidate stands for (no weight at all: the base model).
@@ -413,34 +417,34 @@ pub fn search_from(
             break;
         }
     }
+    // A saved search that had already run every iteration asked for gives its result again.
     let Some(best) = state.best else {
-        return Err(AdaptError::Config(
-            "no iteration ran (the saved search had already run every iteration asked for?)".into(),
-        ));
-    };
-    let mix = match mix_of(&cfg.experts, &best.alpha) {
-        // Every weight clamped to 0: the candidate ran as the base model, and is stored as such.
-        m if m.is_base() => Mix::new(BTreeMap::new(), 1.0)?,
-        _ => Mix::new(
-            cfg.experts
-                .iter()
-                .cloned()
-                .zip(best.alpha.iter().copied())
-                .collect(),
-            0.0,
-        )?,
+        return Err(AdaptError::Config("the search ran no iteration".into()));
     };
     Ok(CemOutcome {
-        mix,
+        mix: storable_mix(&cfg.experts, &best.alpha)?,
         best,
         history: state.history,
         seconds: earlier + t0.elapsed().as_secs_f64(),
         generations: state.generations,
+        holdout: None,
+    })
+}
+
+/// The mix a chosen α is stored as: every expert's weight kept (zeros too, so the stored mix shows what
+/// the search weighed), or the base model when every weight is 0.
+pub(crate) fn storable_mix(experts: &[String], alpha: &[f32]) -> Result<Mix> {
+    Ok(match mix_of(experts, alpha) {
+        m if m.is_base() => Mix::new(BTreeMap::new(), 1.0)?,
+        _ => Mix::new(
+            experts.iter().cloned().zip(alpha.iter().copied()).collect(),
+            0.0,
+        )?,
     })
 }
 
 /// Accuracy of each α on the shots, all candidates in one batched generation.
-fn evaluate(
+pub(crate) fn evaluate(
     answerer: &Answerer,
     area: &str,
     shots: &[TaskItem],
@@ -577,6 +581,14 @@ pub fn stored_mix(
     put("init_std", cfg.init_std.to_string());
     put("max_new_tokens", cfg.max_new_tokens.to_string());
     put("seconds", format!("{:.1}", outcome.seconds));
+    if let Some(h) = &outcome.holdout {
+        put("held_out_examples", h.examples.to_string());
+        put("chosen_on_held_out", h.chosen().label.clone());
+        put(
+            "held_out_score",
+            format!("{:.4}", h.chosen().holdout.accuracy),
+        );
+    }
     if !command.is_empty() {
         put("command", command.into());
     }

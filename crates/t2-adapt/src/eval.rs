@@ -133,16 +133,26 @@ pub fn load_items(cfg: &EvalConfig, name: &str) -> Result<(Task, Vec<TaskItem>)>
 /// `n` items chosen by a fixed seed, in file order: split files may be grouped (the routing task lists
 /// its sources one after another), so "the first n" would not be a fair sample.
 pub fn subset(items: Vec<TaskItem>, n: usize) -> Vec<TaskItem> {
-    use rand::seq::SliceRandom;
-    use rand::SeedableRng;
     if n >= items.len() {
         return items;
     }
+    subset_and_next(&items, n, 0).0
+}
+
+/// [`subset`]'s `n` items, and the `m` items its fixed-seed order draws next (none of the first): a
+/// sample and a disjoint second one, where the sample is what `subset(items, n)` gives.
+pub fn subset_and_next(items: &[TaskItem], n: usize, m: usize) -> (Vec<TaskItem>, Vec<TaskItem>) {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
     let mut idx: Vec<usize> = (0..items.len()).collect();
     idx.shuffle(&mut rand::rngs::StdRng::seed_from_u64(0x7461_736b));
-    let mut keep = idx[..n].to_vec();
-    keep.sort_unstable();
-    keep.into_iter().map(|i| items[i].clone()).collect()
+    let take = |range: &[usize]| {
+        let mut keep = range.to_vec();
+        keep.sort_unstable();
+        keep.into_iter().map(|i| items[i].clone()).collect()
+    };
+    let n = n.min(items.len());
+    (take(&idx[..n]), take(&idx[n..(n + m).min(items.len())]))
 }
 
 /// Generation mode: every task × adaptation in one stream of jobs.

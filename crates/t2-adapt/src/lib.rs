@@ -6,6 +6,7 @@
 pub mod answer;
 pub mod cem;
 pub mod eval;
+pub mod holdout;
 pub mod label;
 pub mod prompt;
 pub mod rollout;

@@ -70,10 +70,22 @@ pub struct AdaptArgs {
     /// in accuracy broken by likelihood alone, not by fewer experts first
     #[arg(long)]
     pub no_sparsity_prior: bool,
+    /// Hold this many more examples out of the search and choose the result on them among the search's
+    /// best, its final mean, the base model and each expert alone (fewer experts win a tie): a guard
+    /// against a mix that only fits the shots
+    #[arg(long, default_value_t = 0)]
+    pub holdout: usize,
 }
 
-/// The shots and a description of where they came from.
-fn load_shots(a: &AdaptArgs) -> Result<(String, Vec<TaskItem>, String)> {
+/// The examples of a search: its shots, the held-out ones, and where they came from.
+struct Examples {
+    area: String,
+    shots: Vec<TaskItem>,
+    held_out: Vec<TaskItem>,
+    source: String,
+}
+
+fn load_examples(a: &AdaptArgs) -> Result<Examples> {
     let path = Path::new(&a.task);
     let (area, items, source) = if path.is_file() {
         let items = t2_tasks::shots::read_examples(path).map_err(anyhow::Error::msg)?;
@@ -98,22 +110,34 @@ fn load_shots(a: &AdaptArgs) -> Result<(String, Vec<TaskItem>, String)> {
     if a.shots == 0 {
         bail!("--shots must be at least 1");
     }
-    if items.len() < a.shots {
+    if items.len() < a.shots + a.holdout {
         bail!(
-            "too few examples: {source} has {}, and --shots asks for {}",
+            "too few examples: {source} has {}, and --shots with --holdout asks for {}",
             items.len(),
-            a.shots
+            a.shots + a.holdout
         );
     }
-    let shots = t2_adapt::eval::subset(items, a.shots);
-    Ok((area, shots, source))
+    // The shots are what `--shots` alone draws, so a search saved without a hold-out goes on with one.
+    let (shots, held_out) = t2_adapt::eval::subset_and_next(&items, a.shots, a.holdout);
+    Ok(Examples {
+        area,
+        shots,
+        held_out,
+        source,
+    })
 }
 
 pub fn run(a: AdaptArgs) -> Result<()> {
     t2_svf::expert::check_name(&a.name)?;
-    let (area, shots, source) = load_shots(&a)?;
+    let Examples {
+        area,
+        shots,
+        held_out,
+        source,
+    } = load_examples(&a)?;
     if a.likelihood {
         cem::right_options(&shots)?;
+        cem::right_options(&held_out)?;
     }
     let engine = Arc::new(open_engine(&a.model, &a.svf, true)?);
     let store = engine.experts.as_ref().context("SVF is off")?;
@@ -194,7 +218,7 @@ pub fn run(a: AdaptArgs) -> Result<()> {
             a.state.as_ref().expect("loaded from it").display()
         );
     }
-    let outcome = cem::search_from(&answerer, &area, &shots, &cfg, start, |st| {
+    let mut outcome = cem::search_from(&answerer, &area, &shots, &cfg, start, |st| {
         if let Some(p) = &a.state {
             if let Err(e) = save_state(p, &cfg, &shots, st) {
                 eprintln!("could not save the search state: {e:#}");
@@ -222,6 +246,26 @@ pub fn run(a: AdaptArgs) -> Result<()> {
         );
         true
     })?;
+    if !held_out.is_empty() {
+        let choice =
+            t2_adapt::holdout::choose(&answerer, &area, &shots, &held_out, &cfg, &outcome)?;
+        println!(
+            "| contender | on the {} shots | on the {} held-out examples |\n|---|---|---|",
+            shots.len(),
+            held_out.len()
+        );
+        for (i, c) in choice.contenders.iter().enumerate() {
+            let mark = if i == choice.chosen { " (chosen)" } else { "" };
+            println!(
+                "| {}{mark} | {:.1}% | {:.1}% |",
+                c.label,
+                100.0 * c.shots.accuracy,
+                100.0 * c.holdout.accuracy
+            );
+        }
+        println!();
+        outcome.adopt(choice, &cfg.experts)?;
+    }
     println!("| expert | α |\n|---|---|");
     for (e, w) in &outcome.mix.weights() {
         println!("| {e} | {w:.3} |");

@@ -31,6 +31,10 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
 }
 
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
 /// Fails unless the command failed cleanly: non-zero exit, a single `error:` line, no panic.
 fn assert_clean_failure(o: &Output, needle: &str) {
     let err = stderr(o);
@@ -757,4 +761,103 @@ fn adapt_by_likelihood_resumes_a_stopped_search_as_if_unbroken() {
         ],
     );
     assert_clean_failure(&o, "likelihood scoring needs multiple-choice examples");
+}
+
+/// `t2 adapt --holdout`: the result is chosen on examples the search never saw, among the search's best,
+/// its mean, base and each expert alone, and is what the outcome reports; a saved search that already
+/// ran every iteration gives its result again (the choice can be made afterwards); too few examples for
+/// shots plus hold-out are refused.
+#[test]
+fn adapt_chooses_its_result_on_held_out_examples() {
+    let m = model();
+    let dir = tempfile::tempdir().unwrap();
+    let shots = dir.path().join("capitals.jsonl");
+    let line = |country: &str, options: &str, answer: &str| {
+        format!(
+            r#"{{"prompt": "What is the capital of {country}?", "verifier": "choice", "options": {options}, "answer": "{answer}"}}"#
+        )
+    };
+    let lines = [
+        line("France", r#"["Paris", "Rome", "Oslo"]"#, "Paris"),
+        line("Italy", r#"["Madrid", "Rome"]"#, "Rome"),
+        line("Norway", r#"["Oslo", "Berlin"]"#, "Oslo"),
+        line("Spain", r#"["Lisbon", "Madrid"]"#, "Madrid"),
+    ];
+    std::fs::write(&shots, lines.join("\n") + "\n").unwrap();
+    let shipped = repo().join("experts");
+    let state = dir.path().join("search.json");
+    let adapt = |extra: &[&str]| {
+        t2(&[
+            &[
+                "adapt",
+                "--model",
+                s(&m),
+                "--task",
+                s(&shots),
+                "--name",
+                "fs",
+            ][..],
+            &["--experts-dir", s(&shipped), "--likelihood", "--no-save"],
+            &["--population", "4", "--elites", "2", "--iterations", "1"],
+            &["--state", s(&state), "--shots", "2"],
+            extra,
+        ]
+        .concat())
+    };
+    let outcome = |p: &Path| -> serde_json::Value {
+        let doc: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        doc["outcome"].clone()
+    };
+    let (searched, again) = (
+        dir.path().join("searched.json"),
+        dir.path().join("again.json"),
+    );
+    let o = adapt(&["--holdout", "2", "--json", s(&searched)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("(chosen)"), "{}", stdout(&o));
+    let first = outcome(&searched);
+    let held = &first["holdout"];
+    assert_eq!(held["examples"], 2);
+    let labels: Vec<&str> = held["contenders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels[0], "search best", "{labels:?}");
+    // Base is a contender, under its own label or an earlier one that runs as base.
+    assert!(
+        held["contenders"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["shots"]["alpha"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|a| a.as_f64() == Some(0.0))),
+        "{held}"
+    );
+    let chosen = &held["contenders"][held["chosen"].as_u64().unwrap() as usize];
+    assert_eq!(first["best"], chosen["shots"], "{held}");
+    for c in held["contenders"].as_array().unwrap() {
+        let acc = c["holdout"]["accuracy"].as_f64().unwrap();
+        assert!(
+            acc <= chosen["holdout"]["accuracy"].as_f64().unwrap(),
+            "{held}"
+        );
+    }
+    // The finished search, asked again: no new iteration, the same choice.
+    let o = adapt(&["--holdout", "2", "--json", s(&again)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let again = outcome(&again);
+    assert_eq!(again["history"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        again["history"][0]["population"],
+        first["history"][0]["population"]
+    );
+    assert_eq!(again["holdout"]["chosen"], held["chosen"]);
+    let o = adapt(&["--holdout", "3"]);
+    assert_clean_failure(&o, "too few examples");
 }

@@ -48,6 +48,13 @@ pub struct AdaptationJobRequest {
     #[schema(minimum = 2, maximum = 9007199254740991_i64)]
     #[serde(default, deserialize_with = "crate::openai::safe_int::opt")]
     pub shots: Option<usize>,
+    /// Examples held out of the search, on which the result is chosen among the search's best, its
+    /// final mean, the base model and each expert alone (fewer experts win a tie): a guard against a mix
+    /// that only fits the shots (default 0: the search's best). Shots plus held-out examples must not
+    /// exceed the examples given.
+    #[schema(minimum = 0, maximum = 9007199254740991_i64)]
+    #[serde(default, deserialize_with = "crate::openai::safe_int::opt")]
+    pub holdout: Option<usize>,
     /// CEM iterations (default 50).
     #[schema(minimum = 1, maximum = 1000)]
     #[serde(default, deserialize_with = "crate::openai::safe_int::opt")]
@@ -105,6 +112,10 @@ pub struct JobResult {
     pub seconds: f64,
     /// Answers generated during the search.
     pub generations: usize,
+    /// Where a hold-out chose the result: the chosen contender ("search best", "search mean", "base" or
+    /// "<expert> alone") and its accuracy on the held-out examples.
+    pub chosen_on_held_out: Option<String>,
+    pub held_out_accuracy: Option<f64>,
 }
 
 /// An adaptation job as `GET /v1/adaptations/{id}` shows it.
@@ -137,6 +148,7 @@ struct Entry {
 struct Work {
     entry: Arc<Entry>,
     shots: Vec<TaskItem>,
+    held_out: Vec<TaskItem>,
     area: String,
     cfg: CemConfig,
 }
@@ -263,7 +275,7 @@ fn run_job(
     let generator = Generator::shared(scheduler.clone()).with_max_outstanding(MAX_OUTSTANDING);
     let answerer =
         Answerer::with_generator(engine.clone(), generator).map_err(|e| e.to_string())?;
-    let outcome = cem::search(&answerer, &w.area, &w.shots, &w.cfg, |it| {
+    let mut outcome = cem::search(&answerer, &w.area, &w.shots, &w.cfg, |it| {
         let mut job = w.entry.job.lock().expect("job lock");
         job.progress.iteration = it.iteration + 1;
         job.progress.best_accuracy = Some(it.best_so_far.accuracy);
@@ -271,6 +283,17 @@ fn run_job(
         !w.entry.cancel.load(Ordering::SeqCst)
     })
     .map_err(|e| e.to_string())?;
+    if w.entry.cancel.load(Ordering::SeqCst) {
+        return Ok(None);
+    }
+    if !w.held_out.is_empty() {
+        let choice =
+            t2_adapt::holdout::choose(&answerer, &w.area, &w.shots, &w.held_out, &w.cfg, &outcome)
+                .map_err(|e| e.to_string())?;
+        outcome
+            .adopt(choice, &w.cfg.experts)
+            .map_err(|e| e.to_string())?;
+    }
     if w.entry.cancel.load(Ordering::SeqCst) {
         return Ok(None);
     }
@@ -297,11 +320,19 @@ fn run_job(
         iterations: outcome.history.len(),
         seconds: outcome.seconds,
         generations: outcome.generations,
+        chosen_on_held_out: outcome.holdout.as_ref().map(|h| h.chosen().label.clone()),
+        held_out_accuracy: outcome
+            .holdout
+            .as_ref()
+            .map(|h| h.chosen().holdout.accuracy),
     }))
 }
 
 /// Checks the request fully before anything is queued: every error here is the client's.
-fn validate(engine: &Engine, r: &AdaptationJobRequest) -> ApiResult<(Vec<TaskItem>, CemConfig)> {
+/// What a valid request asks for: its shots, its held-out examples, the search's settings.
+type Validated = (Vec<TaskItem>, Vec<TaskItem>, CemConfig);
+
+fn validate(engine: &Engine, r: &AdaptationJobRequest) -> ApiResult<Validated> {
     let invalid = |m: String, p: &'static str| ApiError::invalid(m, p);
     // What the server holds decides first: with nothing to mix, no request could succeed (409, the
     // server's state, not the request, is what is wrong).
@@ -347,6 +378,16 @@ fn validate(engine: &Engine, r: &AdaptationJobRequest) -> ApiResult<(Vec<TaskIte
             "shots",
         ));
     }
+    let holdout = r.holdout.unwrap_or(0);
+    if shots.saturating_add(holdout) > items.len() {
+        return Err(invalid(
+            format!(
+                "shots ({shots}) and holdout ({holdout}) ask for more than the {} examples given",
+                items.len()
+            ),
+            "holdout",
+        ));
+    }
     let experts = match &r.experts {
         Some(list) => {
             for e in list {
@@ -364,7 +405,7 @@ fn validate(engine: &Engine, r: &AdaptationJobRequest) -> ApiResult<(Vec<TaskIte
             "experts",
         ));
     }
-    let shots = t2_adapt::eval::subset(items, shots);
+    let (shots, held_out) = t2_adapt::eval::subset_and_next(&items, shots, holdout);
     let mut cfg = CemConfig::paper(experts);
     cfg.iterations = r.iterations.unwrap_or(cfg.iterations);
     cfg.population = r.population.unwrap_or(cfg.population);
@@ -375,7 +416,7 @@ fn validate(engine: &Engine, r: &AdaptationJobRequest) -> ApiResult<(Vec<TaskIte
         .unwrap_or_else(|| t2_adapt::eval::default_max_tokens(&shots));
     cfg.check()
         .map_err(|e| invalid(e.to_string(), "iterations"))?;
-    Ok((shots, cfg))
+    Ok((shots, held_out, cfg))
 }
 
 /// Starts a few-shot adaptation job.
@@ -399,7 +440,7 @@ pub async fn create(
     ApiJson(req): ApiJson<AdaptationJobRequest>,
 ) -> ApiResult<impl IntoResponse> {
     let core = state.core()?;
-    let (shots, cfg) = validate(&core.engine, &req)?;
+    let (shots, held_out, cfg) = validate(&core.engine, &req)?;
     let r: u128 = rand::random();
     let id = format!("adapt-{:024x}", r & ((1u128 << 96) - 1));
     let entry = Arc::new(Entry {
@@ -432,6 +473,7 @@ pub async fn create(
     let work = Work {
         entry,
         shots,
+        held_out,
         area: "custom".into(),
         cfg,
     };

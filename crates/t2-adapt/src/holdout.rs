@@ -1,0 +1,207 @@
+//! The few-shot search's final choice, made on examples the search never saw.
+//!
+//! Ten shots overfit: on sst2 the search's best mix answered all ten right yet generated worse on the
+//! test split than the sentiment expert alone, which answered eight. So a few more examples are held out
+//! of the search, and the stored result is chosen on them among a handful of contenders: the search's
+//! best, its final mean, the base model and each expert alone. Fewer experts win a tie (under the
+//! sparsity prior), so a mix is kept only where it answers more unseen examples right than every simpler
+//! contender.
+
+use serde::Serialize;
+use t2_tasks::TaskItem;
+
+use crate::cem::{self, Candidate, CemConfig, CemOutcome};
+use crate::{AdaptError, Answerer, Result};
+
+/// One α the final choice weighs.
+#[derive(Debug, Clone, Serialize)]
+pub struct Contender {
+    /// Where it comes from: "search best", "search mean", "base" or "<expert> alone".
+    pub label: String,
+    /// Scored on the shots the search saw.
+    pub shots: Candidate,
+    /// Scored on the held-out examples.
+    pub holdout: Candidate,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HoldoutChoice {
+    pub examples: usize,
+    /// In the order ranked among equals: the first listed wins an exact tie.
+    pub contenders: Vec<Contender>,
+    /// Index into `contenders`.
+    pub chosen: usize,
+    pub seconds: f64,
+}
+
+impl HoldoutChoice {
+    pub fn chosen(&self) -> &Contender {
+        &self.contenders[self.chosen]
+    }
+}
+
+/// The contenders of a finished search: its best, its final mean, the base model, each expert alone;
+/// an α listed twice is kept once, under its first label.
+pub fn contenders(experts: &[String], outcome: &CemOutcome) -> Vec<(String, Vec<f32>)> {
+    let k = experts.len();
+    let mut list = vec![("search best".to_string(), outcome.best.alpha.clone())];
+    if let Some(last) = outcome.history.last() {
+        list.push(("search mean".into(), last.mean.clone()));
+    }
+    list.push(("base".into(), vec![0.0; k]));
+    for (j, e) in experts.iter().enumerate() {
+        let mut a = vec![0.0; k];
+        a[j] = 1.0;
+        list.push((format!("{e} alone"), a));
+    }
+    let mut seen: Vec<(String, Vec<f32>)> = Vec::with_capacity(list.len());
+    for (label, alpha) in list {
+        // Candidates that clamp to the same mix answer the same: compare what they run as.
+        let runs_as = cem::mix_of(experts, &alpha);
+        if !seen.iter().any(|(_, a)| cem::mix_of(experts, a) == runs_as) {
+            seen.push((label, alpha));
+        }
+    }
+    seen
+}
+
+/// Scores every contender on the shots and on the held-out examples (each set in one batch, under the
+/// search's protocol) and ranks them on the held-out examples.
+pub fn choose(
+    answerer: &Answerer,
+    area: &str,
+    shots: &[TaskItem],
+    held_out: &[TaskItem],
+    cfg: &CemConfig,
+    outcome: &CemOutcome,
+) -> Result<HoldoutChoice> {
+    if held_out.is_empty() {
+        return Err(AdaptError::Config(
+            "no held-out examples to choose on".into(),
+        ));
+    }
+    let t = std::time::Instant::now();
+    let list = contenders(&cfg.experts, outcome);
+    let alphas: Vec<Vec<f32>> = list.iter().map(|(_, a)| a.clone()).collect();
+    let (on_shots, _) = cem::evaluate(answerer, area, shots, cfg, &alphas)?;
+    let (on_held, _) = cem::evaluate(answerer, area, held_out, cfg, &alphas)?;
+    let contenders: Vec<Contender> = list
+        .into_iter()
+        .zip(on_shots.into_iter().zip(on_held))
+        .map(|((label, _), (shots, holdout))| Contender {
+            label,
+            shots,
+            holdout,
+        })
+        .collect();
+    Ok(HoldoutChoice {
+        examples: held_out.len(),
+        chosen: best_index(&contenders, cfg.sparsity_prior),
+        contenders,
+        seconds: t.elapsed().as_secs_f64(),
+    })
+}
+
+/// The contender ranking first on the held-out examples; the first listed wins an exact tie.
+fn best_index(contenders: &[Contender], sparsity_prior: bool) -> usize {
+    let mut best = 0;
+    for (i, c) in contenders.iter().enumerate().skip(1) {
+        if c.holdout
+            .better_than(&contenders[best].holdout, sparsity_prior)
+        {
+            best = i;
+        }
+    }
+    best
+}
+
+impl CemOutcome {
+    /// Takes the held-out choice as the result: what is stored and reported is the chosen contender, with
+    /// its accuracy on the shots the search saw.
+    pub fn adopt(&mut self, choice: HoldoutChoice, experts: &[String]) -> Result<()> {
+        let chosen = choice.chosen().shots.clone();
+        self.mix = cem::storable_mix(experts, &chosen.alpha)?;
+        self.best = chosen;
+        self.holdout = Some(choice);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cand(alpha: &[f32], accuracy: f64, loglik: f64) -> Candidate {
+        Candidate {
+            alpha: alpha.to_vec(),
+            accuracy,
+            loglik: Some(loglik),
+        }
+    }
+
+    fn contender(label: &str, alpha: &[f32], held_accuracy: f64, held_loglik: f64) -> Contender {
+        Contender {
+            label: label.into(),
+            shots: cand(alpha, 1.0, -0.1),
+            holdout: cand(alpha, held_accuracy, held_loglik),
+        }
+    }
+
+    fn outcome(best: &[f32], mean: &[f32]) -> CemOutcome {
+        CemOutcome {
+            mix: t2_engine::Mix::base(),
+            best: cand(best, 1.0, -0.1),
+            history: vec![cem::IterationLog {
+                iteration: 0,
+                best: cand(best, 1.0, -0.1),
+                best_so_far: cand(best, 1.0, -0.1),
+                mean_accuracy: 0.5,
+                mean: mean.to_vec(),
+                std: vec![0.1; mean.len()],
+                eval_seconds: 0.0,
+                population: vec![],
+            }],
+            seconds: 0.0,
+            generations: 0,
+            holdout: None,
+        }
+    }
+
+    #[test]
+    fn contenders_are_the_search_its_mean_base_and_each_expert_once() {
+        let experts = vec!["a".to_string(), "b".to_string()];
+        let labels = |o: &CemOutcome| -> Vec<String> {
+            contenders(&experts, o)
+                .into_iter()
+                .map(|(l, _)| l)
+                .collect()
+        };
+        assert_eq!(
+            labels(&outcome(&[0.3, 0.9], &[0.4, 0.8])),
+            ["search best", "search mean", "base", "a alone", "b alone"]
+        );
+        // The search chose b alone, and its mean clamps to nothing: each α is weighed once.
+        assert_eq!(
+            labels(&outcome(&[0.0, 1.0], &[-0.2, 0.0])),
+            ["search best", "search mean", "a alone"]
+        );
+    }
+
+    #[test]
+    fn a_mix_must_answer_more_held_out_examples_than_a_simpler_contender() {
+        let tied = [
+            contender("search best", &[0.2, 1.0], 0.8, -0.1),
+            contender("base", &[0.0, 0.0], 0.5, -0.9),
+            contender("b alone", &[0.0, 1.0], 0.8, -0.5),
+        ];
+        // Equal held-out accuracy: the expert alone, though the mix's likelihood is higher.
+        assert_eq!(best_index(&tied, true), 2);
+        assert_eq!(best_index(&tied, false), 0);
+        let ahead = [
+            contender("search best", &[0.2, 1.0], 0.85, -0.1),
+            tied[1].clone(),
+            tied[2].clone(),
+        ];
+        assert_eq!(best_index(&ahead, true), 0);
+    }
+}
