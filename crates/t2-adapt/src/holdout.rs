@@ -27,6 +27,8 @@ pub struct Contender {
 #[derive(Debug, Clone, Serialize)]
 pub struct HoldoutChoice {
     pub examples: usize,
+    /// The held-out examples' ids, so the choice can be checked item by item.
+    pub ids: Vec<String>,
     /// In the order ranked among equals: the first listed wins an exact tie.
     pub contenders: Vec<Contender>,
     /// Index into `contenders`.
@@ -96,6 +98,7 @@ pub fn choose(
         .collect();
     Ok(HoldoutChoice {
         examples: held_out.len(),
+        ids: held_out.iter().map(|it| it.id.clone()).collect(),
         chosen: best_index(&contenders, cfg.sparsity_prior),
         contenders,
         seconds: t.elapsed().as_secs_f64(),
