@@ -604,10 +604,11 @@ pub fn stored_mix(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn cand(alpha: &[f32], accuracy: f64, loglik: f64) -> Candidate {
+    /// A scored candidate (the hold-out's tests build theirs with it too).
+    pub(crate) fn cand(alpha: &[f32], accuracy: f64, loglik: f64) -> Candidate {
         Candidate {
             alpha: alpha.to_vec(),
             accuracy,

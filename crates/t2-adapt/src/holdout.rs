@@ -133,14 +133,7 @@ impl CemOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn cand(alpha: &[f32], accuracy: f64, loglik: f64) -> Candidate {
-        Candidate {
-            alpha: alpha.to_vec(),
-            accuracy,
-            loglik: Some(loglik),
-        }
-    }
+    use crate::cem::tests::cand;
 
     fn contender(label: &str, alpha: &[f32], held_accuracy: f64, held_loglik: f64) -> Contender {
         Contender {
