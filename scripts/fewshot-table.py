@@ -75,7 +75,7 @@ def main() -> None:
             chosen = "–"
             if held:
                 c = held["contenders"][held["chosen"]]
-                chosen = (f"{c['label']}: {100 * c['holdout']['accuracy']:.0f}% of {held['examples']} "
+                chosen = (f"{c['label']}: {100 * c['holdout']['accuracy']:.0f}% of {len(held['ids'])} "
                           f"(search best {100 * held['contenders'][0]['holdout']['accuracy']:.0f}%)")
             searches.append(f"| {task} | {len(o['history'])} × {s['config']['population']} | "
                             f"{o['generations']} | {100 * o['best']['accuracy']:.0f}% | {chosen} | {alpha} | "

@@ -162,7 +162,7 @@ pub struct CemOutcome {
     pub seconds: f64,
     /// Answers generated in all.
     pub generations: usize,
-    /// The final choice on held-out examples, when one was made ([`CemOutcome::adopt`]).
+    /// The final choice on held-out examples, when one was made ([`crate::holdout::apply`]).
     pub holdout: Option<crate::holdout::HoldoutChoice>,
 }
 
@@ -582,7 +582,7 @@ pub fn stored_mix(
     put("max_new_tokens", cfg.max_new_tokens.to_string());
     put("seconds", format!("{:.1}", outcome.seconds));
     if let Some(h) = &outcome.holdout {
-        put("held_out_examples", h.examples.to_string());
+        put("held_out_examples", h.ids.len().to_string());
         put("chosen_on_held_out", h.chosen().label.clone());
         put(
             "held_out_score",

@@ -26,7 +26,6 @@ pub struct Contender {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct HoldoutChoice {
-    pub examples: usize,
     /// The held-out examples' ids, so the choice can be checked item by item.
     pub ids: Vec<String>,
     /// In the order ranked among equals: the first listed wins an exact tie.
@@ -97,7 +96,6 @@ pub fn choose(
         })
         .collect();
     Ok(HoldoutChoice {
-        examples: held_out.len(),
         ids: held_out.iter().map(|it| it.id.clone()).collect(),
         chosen: best_index(&contenders, cfg.sparsity_prior),
         contenders,
@@ -118,16 +116,26 @@ fn best_index(contenders: &[Contender], sparsity_prior: bool) -> usize {
     best
 }
 
-impl CemOutcome {
-    /// Takes the held-out choice as the result: what is stored and reported is the chosen contender, with
-    /// its accuracy on the shots the search saw.
-    pub fn adopt(&mut self, choice: HoldoutChoice, experts: &[String]) -> Result<()> {
-        let chosen = choice.chosen().shots.clone();
-        self.mix = cem::storable_mix(experts, &chosen.alpha)?;
-        self.best = chosen;
-        self.holdout = Some(choice);
-        Ok(())
+/// Where there are held-out examples, [`choose`] on them and make the choice the outcome's result: what
+/// is stored and reported is then the chosen contender, with its accuracy on the shots the search saw.
+/// Without held-out examples the search's best stays the result.
+pub fn apply(
+    answerer: &Answerer,
+    area: &str,
+    shots: &[TaskItem],
+    held_out: &[TaskItem],
+    cfg: &CemConfig,
+    outcome: &mut CemOutcome,
+) -> Result<()> {
+    if held_out.is_empty() {
+        return Ok(());
     }
+    let choice = choose(answerer, area, shots, held_out, cfg, outcome)?;
+    let chosen = choice.chosen().shots.clone();
+    outcome.mix = cem::storable_mix(&cfg.experts, &chosen.alpha)?;
+    outcome.best = chosen;
+    outcome.holdout = Some(choice);
+    Ok(())
 }
 
 #[cfg(test)]

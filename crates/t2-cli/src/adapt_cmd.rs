@@ -246,9 +246,8 @@ pub fn run(a: AdaptArgs) -> Result<()> {
         );
         true
     })?;
-    if !held_out.is_empty() {
-        let choice =
-            t2_adapt::holdout::choose(&answerer, &area, &shots, &held_out, &cfg, &outcome)?;
+    t2_adapt::holdout::apply(&answerer, &area, &shots, &held_out, &cfg, &mut outcome)?;
+    if let Some(choice) = &outcome.holdout {
         println!(
             "| contender | on the {} shots | on the {} held-out examples |\n|---|---|---|",
             shots.len(),
@@ -264,7 +263,6 @@ pub fn run(a: AdaptArgs) -> Result<()> {
             );
         }
         println!();
-        outcome.adopt(choice, &cfg.experts)?;
     }
     println!("| expert | α |\n|---|---|");
     for (e, w) in &outcome.mix.weights() {

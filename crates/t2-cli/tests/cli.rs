@@ -818,7 +818,7 @@ fn adapt_chooses_its_result_on_held_out_examples() {
     assert!(stdout(&o).contains("(chosen)"), "{}", stdout(&o));
     let first = outcome(&searched);
     let held = &first["holdout"];
-    assert_eq!(held["examples"], 2);
+    assert_eq!(held["ids"].as_array().unwrap().len(), 2);
     let labels: Vec<&str> = held["contenders"]
         .as_array()
         .unwrap()

@@ -286,14 +286,15 @@ fn run_job(
     if w.entry.cancel.load(Ordering::SeqCst) {
         return Ok(None);
     }
-    if !w.held_out.is_empty() {
-        let choice =
-            t2_adapt::holdout::choose(&answerer, &w.area, &w.shots, &w.held_out, &w.cfg, &outcome)
-                .map_err(|e| e.to_string())?;
-        outcome
-            .adopt(choice, &w.cfg.experts)
-            .map_err(|e| e.to_string())?;
-    }
+    t2_adapt::holdout::apply(
+        &answerer,
+        &w.area,
+        &w.shots,
+        &w.held_out,
+        &w.cfg,
+        &mut outcome,
+    )
+    .map_err(|e| e.to_string())?;
     if w.entry.cancel.load(Ordering::SeqCst) {
         return Ok(None);
     }
