@@ -426,6 +426,22 @@ fn train_and_eval_refuse_bad_input() {
     ]
     .concat());
     assert_clean_failure(&o, "it needs --rollouts options");
+    let o = t2(&[
+        &[
+            "train",
+            "--task",
+            "arc_easy",
+            "--name",
+            "x",
+            "--rollouts",
+            "label",
+            "--kl",
+            "0.1",
+        ][..],
+        &common,
+    ]
+    .concat());
+    assert_clean_failure(&o, "KL penalty is not implemented for the label policy");
     let o = t2(&[&["eval", "--task", "arith", "--split", "dev"][..], &common].concat());
     assert_clean_failure(&o, "unknown split 'dev'");
     let o = t2(&[

@@ -113,6 +113,9 @@ impl TrainConfig {
         if self.label_policy && self.option_policy {
             return bad("choose one policy: labels or options");
         }
+        if self.kl > 0.0 && self.label_policy {
+            return bad("the KL penalty is not implemented for the label policy: use --rollouts options or generate");
+        }
         if self.expected_reward && !self.option_policy {
             return bad(
                 "the expected reward is computed over options: it needs --rollouts options",

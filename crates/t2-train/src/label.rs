@@ -69,7 +69,13 @@ impl Trainer {
             loss_sum += loss.to_scalar::<f32>()? as f64;
             accumulate(&mut grads, &loss.backward()?, &logits)?;
         }
-        Ok(StepOut::picked(right as f64 / n, loss_sum, grads, started))
+        Ok(StepOut::picked(
+            right as f64 / n,
+            loss_sum,
+            0.0,
+            grads,
+            started,
+        ))
     }
 
     /// How many items the expert with logits `p` answers right under the label protocol, scored as

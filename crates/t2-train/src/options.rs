@@ -1,7 +1,8 @@
 //! The option policy (multiple-choice tasks, `option_policy`): π over each item's options, each scored by
 //! the summed log-probability of its whole text as the reply and renormalised over the item's options,
 //! the tokens `t2 eval --mode loglik` scores (`t2_adapt::eval::loglik_tokens`). The greedy pick is
-//! rewarded ±1. ARC's option texts often share their first tokens, which the label policy cannot use.
+//! rewarded ±1, or each item's expected reward ascended; with `kl`, a KL penalty against the base model at
+//! the options' positions. ARC's option texts often share their first tokens, which the label policy cannot use.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -11,7 +12,7 @@ use t2_model::ProjId;
 use t2_tasks::{Answer, TaskItem};
 
 use crate::config::TrainConfig;
-use crate::policy::{Branched, Policy, SvfLogits};
+use crate::policy::{mean_kl, BranchScores, Branched, Policy, SvfLogits};
 use crate::step::{accumulate, StepOut};
 use crate::train::Trainer;
 use crate::{Result, TrainError};
@@ -48,13 +49,11 @@ impl Trainer {
             0.0
         };
         let mut grads: BTreeMap<ProjId, Vec<f32>> = BTreeMap::new();
-        let (mut loss_sum, mut right) = (0.0f64, 0usize);
+        let (mut loss_sum, mut kl_sum, mut right) = (0.0f64, 0.0f64, 0usize);
         for chunk in items.chunks(per_chunk) {
             let mut loss: Option<Tensor> = None;
-            for (lp, it) in option_logprobs(policy, Some(&logits), chunk)?
-                .into_iter()
-                .zip(chunk)
-            {
+            let scores = option_scores(policy, Some(&logits), chunk, cfg.kl > 0.0)?;
+            for (lp, it) in scores.sums.iter().zip(chunk) {
                 let host = lp.to_vec1::<f32>()?;
                 let pick = t2_tasks::verify::choice_by_scores(&host);
                 right += usize::from(pick == it.correct);
@@ -69,11 +68,23 @@ impl Trainer {
                     None => term,
                 });
             }
-            let loss = loss.expect("a chunk has items");
+            let mut loss = loss.expect("a chunk has items");
+            if let Some(lp) = &scores.log_softmax {
+                // Weighted like the reward term: this chunk's share of the step's items.
+                let kl_term = (option_kl(policy, lp, chunk)? * (chunk.len() as f64 / n))?;
+                kl_sum += kl_term.to_scalar::<f32>()? as f64;
+                loss = (loss + (kl_term * cfg.kl)?)?;
+            }
             loss_sum += loss.to_scalar::<f32>()? as f64;
             accumulate(&mut grads, &loss.backward()?, &logits)?;
         }
-        Ok(StepOut::picked(right as f64 / n, loss_sum, grads, started))
+        Ok(StepOut::picked(
+            right as f64 / n,
+            loss_sum,
+            kl_sum,
+            grads,
+            started,
+        ))
     }
 
     /// How many items the expert with logits `p` answers right under the log-likelihood protocol, scored
@@ -129,15 +140,40 @@ pub fn option_logprobs(
     logits: Option<&SvfLogits>,
     items: &[OptionItem],
 ) -> Result<Vec<Tensor>> {
+    Ok(option_scores(policy, logits, items, false)?.sums)
+}
+
+/// `option_logprobs` as `sums`, and when asked for, the log-softmax rows at every option token's position.
+pub fn option_scores(
+    policy: &Policy<'_>,
+    logits: Option<&SvfLogits>,
+    items: &[OptionItem],
+    want_log_softmax: bool,
+) -> Result<BranchScores> {
     let rows: Vec<Branched> = items.iter().map(|it| it.options.clone()).collect();
-    policy
-        .branch_logprobs(logits, &rows)?
+    let scores = policy.branch_scores(logits, &rows, want_log_softmax)?;
+    let sums = scores
+        .sums
         .into_iter()
         .map(|s| {
             let m = s.max_keepdim(0)?.detach();
             let shifted = s.broadcast_sub(&m)?;
             let lse = shifted.exp()?.sum_keepdim(0)?.log()?;
-            Ok(shifted.broadcast_sub(&lse)?)
+            shifted.broadcast_sub(&lse)
         })
-        .collect()
+        .collect::<candle_core::Result<_>>()?;
+    Ok(BranchScores {
+        sums,
+        log_softmax: scores.log_softmax,
+    })
+}
+
+/// The KL penalty of the option policy: KL(adapted ‖ base) of the next-token distribution at every option
+/// token's position, averaged over them. `lp` is the adapted model's log-softmax rows there (from
+/// `option_scores`); the base model's are computed here. The whole vocabulary counts, not only the
+/// options, so the penalty holds back drift in what the model would write, not only in how it ranks.
+pub fn option_kl(policy: &Policy<'_>, lp: &Tensor, items: &[OptionItem]) -> Result<Tensor> {
+    let rows: Vec<Branched> = items.iter().map(|it| it.options.clone()).collect();
+    let base = policy.branch_scores(None, &rows, true)?;
+    Ok(mean_kl(lp, base.log_softmax.as_ref().expect("asked for"))?)
 }

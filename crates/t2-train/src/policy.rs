@@ -138,6 +138,19 @@ pub struct ScoredBatch {
     pub log_softmax: Option<Tensor>,
 }
 
+/// What `Policy::branch_scores` gives: per item, its branches' summed log-probabilities; and the
+/// log-softmax rows of every scored position when asked for.
+pub struct BranchScores {
+    pub sums: Vec<Tensor>,
+    pub log_softmax: Option<Tensor>,
+}
+
+/// The mean over positions of KL(p ‖ q) = Σ_v p(v)·(log p(v) − log q(v)), from log-softmax rows of the
+/// same positions: the adapted model's `lp` (differentiable) against the base model's `lq` (held fixed).
+pub fn mean_kl(lp: &Tensor, lq: &Tensor) -> Result<Tensor> {
+    (lp.exp()? * (lp - lq.detach())?)?.sum(1)?.mean_all()
+}
+
 pub struct Policy<'a> {
     model: &'a Llama,
     decomp: &'a Decomposition,
@@ -227,6 +240,17 @@ impl<'a> Policy<'a> {
         logits: Option<&SvfLogits>,
         items: &[Branched],
     ) -> Result<Vec<Tensor>> {
+        Ok(self.branch_scores(logits, items, false)?.sums)
+    }
+
+    /// `branch_logprobs`, and when asked for, the full log-softmax rows at every branch token's position
+    /// (item after item, branch after branch), for the KL penalty.
+    pub fn branch_scores(
+        &self,
+        logits: Option<&SvfLogits>,
+        items: &[Branched],
+        want_log_softmax: bool,
+    ) -> Result<BranchScores> {
         let dev = self.model.device();
         let b = items.len();
         if b == 0
@@ -300,7 +324,7 @@ impl<'a> Policy<'a> {
         let token_logprobs = log_softmax
             .gather(&Tensor::from_vec(targets, (n, 1), dev)?, 1)?
             .squeeze(1)?;
-        items
+        let sums = items
             .iter()
             .zip(&starts)
             .map(|(it, first)| {
@@ -312,7 +336,11 @@ impl<'a> Policy<'a> {
                     .collect::<Result<Vec<_>>>()?;
                 Tensor::stack(&sums, 0)
             })
-            .collect()
+            .collect::<Result<_>>()?;
+        Ok(BranchScores {
+            sums,
+            log_softmax: want_log_softmax.then_some(log_softmax),
+        })
     }
 
     /// The last hidden states (before the final norm) of a right-padded (b, t) batch, as (b·t, hidden).

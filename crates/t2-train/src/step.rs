@@ -14,7 +14,7 @@ use t2_model::{ProjId, SamplingParams};
 use t2_tasks::TaskItem;
 
 use crate::config::TrainConfig;
-use crate::policy::{Policy, Scored, SvfLogits};
+use crate::policy::{mean_kl, Policy, Scored, SvfLogits};
 use crate::train::Trainer;
 use crate::{Result, TrainError};
 
@@ -98,11 +98,9 @@ impl Trainer {
             if cfg.kl > 0.0 {
                 let base = policy.score(None, &seqs, true)?;
                 let lp = out.log_softmax.as_ref().expect("asked for");
-                let lq = base.log_softmax.expect("asked for").detach();
-                // Mean over scored positions of Σ_v p(v)·(log p(v) − log q(v)), weighted like the reward term.
-                let per_row = (lp.exp()? * (lp - lq)?)?.sum(1)?;
-                let kl_term =
-                    (per_row.sum_all()? * (seqs.len() as f64 / n / per_row.dim(0)? as f64))?;
+                let lq = base.log_softmax.expect("asked for");
+                // Weighted like the reward term: this chunk's share of the step's sequences.
+                let kl_term = (mean_kl(lp, &lq)? * (seqs.len() as f64 / n))?;
                 kl_sum += kl_term.to_scalar::<f32>()? as f64;
                 loss = (loss + (kl_term * cfg.kl)?)?;
             }
@@ -132,17 +130,18 @@ pub(crate) struct StepOut {
 }
 
 impl StepOut {
-    /// A step of a policy that picks among candidates (labels, options): no rollouts and no KL term.
+    /// A step of a policy that picks among candidates (labels, options): no rollouts.
     pub(crate) fn picked(
         train_acc: f64,
         loss: f64,
+        kl: f64,
         grads: BTreeMap<ProjId, Vec<f32>>,
         started: Instant,
     ) -> Self {
         Self {
             train_acc,
             loss,
-            kl: 0.0,
+            kl,
             grads,
             rollout_seconds: 0.0,
             update_seconds: started.elapsed().as_secs_f64(),

@@ -11,7 +11,7 @@ use t2_engine::{Adaptation, Engine, EngineConfig, ZVectors};
 use t2_model::{ChatMessage, ProjId, SeqStep, WantLogits};
 use t2_svf::TargetSet;
 use t2_tasks::{Answer, TaskItem};
-use t2_train::options::{option_logprobs, OptionItem};
+use t2_train::options::{option_kl, option_logprobs, option_scores, OptionItem};
 use t2_train::policy::{Branched, Policy, Scored, SvfLogits};
 
 fn engine() -> Engine {
@@ -519,4 +519,81 @@ fn training_forward_matches_serving_on_every_family() {
             "{name}: training forward differs from serving by {d}"
         );
     }
+}
+
+/// The option policy's KL penalty is the mean, over every option token's position, of KL(adapted ‖ base)
+/// that scoring each prompt + option as a sequence of its own gives; and it vanishes where the expert is
+/// the base model (the paper's uniform start).
+#[test]
+fn option_kl_is_the_mean_kl_of_each_option_scored_alone() {
+    let e = engine();
+    let svf = e.svf.as_ref().unwrap();
+    let policy = Policy::new(&e.loaded.model, &svf.decomp, 512).unwrap();
+    let tok = &e.loaded.tokenizer;
+    let items: Vec<OptionItem> = [
+        ("Which is a planet?", vec![" Mars", " the Moon", " a comet"]),
+        ("2 + 2 =", vec![" 4", " four", " 5"]),
+    ]
+    .iter()
+    .map(|(q, opts)| OptionItem {
+        options: Branched {
+            prompt: e.encode_chat(&[ChatMessage::new("user", q)]).unwrap(),
+            branches: opts.iter().map(|o| tok.encode(o).unwrap()).collect(),
+        },
+        correct: 0,
+    })
+    .collect();
+    let seqs: Vec<Scored> = items
+        .iter()
+        .flat_map(|it| {
+            let Branched { prompt, branches } = &it.options;
+            branches.iter().map(|b| Scored {
+                tokens: [prompt.clone(), b.clone()].concat(),
+                from: prompt.len(),
+            })
+        })
+        .collect();
+    let base = policy
+        .score(None, &seqs, true)
+        .unwrap()
+        .log_softmax
+        .unwrap();
+    let base = base.to_vec2::<f32>().unwrap();
+    let kl_of = |logits: &SvfLogits| {
+        let scores = option_scores(&policy, Some(logits), &items, true).unwrap();
+        let packed = option_kl(&policy, scores.log_softmax.as_ref().unwrap(), &items)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let alone = policy.score(Some(logits), &seqs, true).unwrap();
+        let alone = alone.log_softmax.unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(alone.len(), base.len(), "one row per option token");
+        let by_hand = alone
+            .iter()
+            .zip(&base)
+            .map(|(p, q)| {
+                p.iter()
+                    .zip(q)
+                    .map(|(lp, lq)| (lp.exp() * (lp - lq)) as f64)
+                    .sum::<f64>()
+            })
+            .sum::<f64>()
+            / alone.len() as f64;
+        (packed as f64, by_hand)
+    };
+    let (packed, by_hand) =
+        kl_of(&SvfLogits::init(&svf.decomp, TargetSet::Mlp, 7, 0.0, 1.0).unwrap());
+    assert!(
+        packed > 1e-3,
+        "a perturbed expert drifts from base: KL {packed}"
+    );
+    assert!(
+        (packed - by_hand).abs() < 1e-3 * by_hand.max(1.0),
+        "packed {packed} vs each option alone {by_hand}"
+    );
+    let (at_start, _) = kl_of(&SvfLogits::init(&svf.decomp, TargetSet::Mlp, 7, 0.1, 0.0).unwrap());
+    assert!(
+        at_start < packed / 100.0,
+        "the uniform start is the base model: KL {at_start} vs {packed}"
+    );
 }
