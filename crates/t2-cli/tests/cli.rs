@@ -391,56 +391,16 @@ fn train_and_eval_refuse_bad_input() {
     ]);
     assert_clean_failure(&o, "run `bash scripts/fetch-data.sh` first");
     // Hyper-parameters and names are checked before any work.
-    let o = t2(&[
-        &["train", "--task", "arith", "--name", "x", "--lr=-1"][..],
-        &common,
-    ]
-    .concat());
+    let train = |args: &[&str]| t2(&[&["train", "--name", "x"][..], args, &common].concat());
+    let o = train(&["--task", "arith", "--lr=-1"]);
     assert_clean_failure(&o, "learning rate must be a positive number");
     let o = t2(&[&["train", "--task", "arith", "--name", "auto"][..], &common].concat());
     assert_clean_failure(&o, "reserved");
-    let o = t2(&[
-        &[
-            "train",
-            "--task",
-            "arith",
-            "--name",
-            "x",
-            "--rollouts",
-            "label",
-        ][..],
-        &common,
-    ]
-    .concat());
+    let o = train(&["--task", "arith", "--rollouts", "label"]);
     assert_clean_failure(&o, "label policy needs a multiple-choice task");
-    let o = t2(&[
-        &[
-            "train",
-            "--task",
-            "arc_easy",
-            "--name",
-            "x",
-            "--expected-reward",
-        ][..],
-        &common,
-    ]
-    .concat());
+    let o = train(&["--task", "arc_easy", "--expected-reward"]);
     assert_clean_failure(&o, "it needs --rollouts options");
-    let o = t2(&[
-        &[
-            "train",
-            "--task",
-            "arc_easy",
-            "--name",
-            "x",
-            "--rollouts",
-            "label",
-            "--kl",
-            "0.1",
-        ][..],
-        &common,
-    ]
-    .concat());
+    let o = train(&["--task", "arc_easy", "--rollouts", "label", "--kl", "0.1"]);
     assert_clean_failure(&o, "KL penalty is not implemented for the label policy");
     let o = t2(&[&["eval", "--task", "arith", "--split", "dev"][..], &common].concat());
     assert_clean_failure(&o, "unknown split 'dev'");
