@@ -1,8 +1,9 @@
 """Accuracy with its 95% interval per task × adaptation, as an SVG dot plot (no plotting library needed).
 
-Usage: accuracy-plot.py OUT.svg WHOLE_DIR [FEWSHOT_DIR] [ROUTING_TABLE_JSON]
+Usage: accuracy-plot.py OUT.svg WHOLE_DIR [FEWSHOT_DIR[:FEWSHOT_DIR...]] [ROUTING_TABLE_JSON]
 Reads WHOLE_DIR/<task>.json (scripts/eval-whole-splits.sh), and when given FEWSHOT_DIR/<task>.json with
-FEWSHOT_DIR/<task>.selections.json (scripts/fewshot-paper.sh). One block per task; a dashed line marks
+FEWSHOT_DIR/<task>.selections.json (scripts/fewshot-paper.sh), from the first listed folder that has them
+(a later run of a task, e.g. chosen on a larger hold-out, listed before the earlier one). One block per task; a dashed line marks
 base's accuracy and the shaded band its interval, so an adaptation whose dot leaves the band differs
 from base beyond its interval.
 """
@@ -27,25 +28,26 @@ def short(adaptation: str) -> str:
     return adaptation
 
 
-def rows_of(task: str, whole_dir: str, fewshot_dir: str | None) -> list[tuple[str, dict]]:
+def rows_of(task: str, whole_dir: str, fewshot_dirs: list[str]) -> list[tuple[str, dict]]:
     path = os.path.join(whole_dir, f"{task}.json")
     if not os.path.exists(path):
         return []
     rows = [(short(r["adaptation"]), r) for r in json.load(open(path))]
-    if fewshot_dir:
+    for fewshot_dir in fewshot_dirs:
         fpath, spath = (os.path.join(fewshot_dir, f"{task}{ext}") for ext in (".json", ".selections.json"))
         if os.path.exists(fpath) and os.path.exists(spath):
             results = {r["adaptation"]: r for r in json.load(open(fpath))}
             for kind, adaptation in json.load(open(spath)).items():
                 if adaptation in results:
                     rows.append((f"few-shot {kind}", results[adaptation]))
+            break
     return rows
 
 
 def main() -> None:
     out, whole_dir = sys.argv[1], sys.argv[2]
-    fewshot_dir = sys.argv[3] if len(sys.argv) > 3 else None
-    blocks = [(t, rows_of(t, whole_dir, fewshot_dir)) for t in TASKS]
+    fewshot_dirs = sys.argv[3].split(":") if len(sys.argv) > 3 else []
+    blocks = [(t, rows_of(t, whole_dir, fewshot_dirs)) for t in TASKS]
     blocks = [(t, r) for t, r in blocks if r]
     height = TOP + sum((len(r) + 2) * ROW for _, r in blocks) + 30
     width = LEFT + PLOT_W + 40
