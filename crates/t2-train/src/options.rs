@@ -143,7 +143,8 @@ pub fn option_logprobs(
     Ok(option_scores(policy, logits, items, false)?.sums)
 }
 
-/// `option_logprobs` as `sums`, and when asked for, the log-softmax rows at every option token's position.
+/// `option_logprobs` in the `sums` field (there, each item's renormalised log π, not the raw branch sums
+/// `Policy::branch_scores` gives), and when asked for, the log-softmax rows at every option token's position.
 pub fn option_scores(
     policy: &Policy<'_>,
     logits: Option<&SvfLogits>,
