@@ -52,6 +52,10 @@ pub enum ExpertsCmd {
         /// Store it under this name [default: the name inside the file]
         #[arg(long)]
         name: Option<String>,
+        /// Install it turned down to strength t in (0, 1]: z becomes t·z + (1 - t), the mix
+        /// `name=t,base=1-t` stored as one expert (the strength is kept in its provenance)
+        #[arg(long, default_value_t = 1.0)]
+        strength: f32,
         #[command(flatten)]
         model: ModelArgs,
         #[command(flatten)]
@@ -152,10 +156,14 @@ pub fn run(cmd: ExpertsCmd) -> Result<()> {
         ExpertsCmd::Install {
             file,
             name,
+            strength,
             model,
             svf,
         } => {
-            let mut expert = Expert::load(&file)?;
+            if !(strength.is_finite() && strength > 0.0 && strength <= 1.0) {
+                bail!("--strength must be in (0, 1], got {strength}");
+            }
+            let mut expert = Expert::load(&file)?.at_strength(strength)?;
             if let Some(name) = name {
                 expert.meta.name = name;
             }
@@ -169,8 +177,13 @@ pub fn run(cmd: ExpertsCmd) -> Result<()> {
             let store = engine.experts.as_mut().expect("svf engine has a store");
             // `add` validates against the model and decomposition before anything is written.
             store.add(expert, decomp)?;
+            let at = if strength == 1.0 {
+                String::new()
+            } else {
+                format!(" at strength {strength}")
+            };
             println!(
-                "installed '{name}' from {} into {}",
+                "installed '{name}'{at} from {} into {}",
                 file.display(),
                 store.dir.display()
             );

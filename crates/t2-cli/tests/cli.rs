@@ -317,8 +317,35 @@ fn experts_unknown_foreign_and_nan_are_refused_and_a_constant_expert_is_the_base
         after.contains("\"installed\"") && after.contains("best_step"),
         "{after}"
     );
+    // the same file turned down to a strength validation chose, stored as an expert of its own
+    let install_at = |strength: &str| {
+        t2(&[
+            "experts",
+            "install",
+            s(&file),
+            "--name",
+            "halfway",
+            "--strength",
+            strength,
+            "--model",
+            s(&m),
+            "--experts-dir",
+            &experts,
+        ])
+    };
+    for bad in ["0", "1.5", "nan"] {
+        assert_clean_failure(&install_at(bad), "--strength");
+    }
+    let o = install_at("0.5");
+    assert!(o.status.success(), "{}", stderr(&o));
     let store = ExpertStore::open(root.path(), "SmolLM2-135M-Instruct", &d).unwrap();
     assert_eq!(store.get("installed").unwrap().z, trained.z);
+    let halfway = store.get("halfway").unwrap();
+    for (id, z) in &trained.z {
+        let want: Vec<f32> = z.iter().map(|x| 0.5 * x + 0.5).collect();
+        assert_eq!(halfway.z[id], want, "{}", id.name());
+    }
+    assert_eq!(halfway.meta.provenance["best_step"], "40");
     assert!(store.get("flat").is_ok(), "the store's other experts stay");
     let o = t2(&[
         "experts",

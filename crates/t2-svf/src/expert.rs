@@ -67,6 +67,27 @@ impl Expert {
         Self { meta, z }
     }
 
+    /// The expert turned down to strength `t`: z ← t·z + (1 − t), the same vector as the mix
+    /// `name=t,base=1-t` (and computed in the same order, so bit for bit), stored as one expert so that
+    /// routing and `:name` serve the strength validation chose. `t = 1` is the expert itself.
+    pub fn at_strength(mut self, t: f32) -> Result<Self> {
+        if !(t.is_finite() && t > 0.0 && t <= 1.0) {
+            return Err(SvfError::BadMix(format!(
+                "strength must be in (0, 1], got {t}"
+            )));
+        }
+        if t == 1.0 {
+            return Ok(self);
+        }
+        for v in self.z.values_mut() {
+            v.iter_mut().for_each(|x| *x = t * *x + (1.0 - t));
+        }
+        self.meta
+            .provenance
+            .insert("strength".into(), format!("{t}"));
+        Ok(self)
+    }
+
     /// Checks the expert fits `decomp` (and `model_id`): every problem becomes one clear error.
     pub fn validate(&self, decomp: &Decomposition, model_id: &str) -> Result<()> {
         let bad = |reason: String| SvfError::BadExpert {
@@ -513,8 +534,7 @@ impl ExpertStore {
     }
 
     /// Stores (or replaces) a named mix; every expert it names must exist, and a mix may not shadow an
-    /// expert's name.
-    /// The manifest on disk is re-read first, so that mixes another process stored meanwhile are kept.
+    /// expert's name. Mixes other processes stored meanwhile are kept, and become visible here.
     pub fn save_mix(&self, mix: StoredMix) -> Result<()> {
         check_name(&mix.name)?;
         if mix.mix.is_base() && mix.mix.base_share() == 0.0 {
@@ -524,30 +544,27 @@ impl ExpertStore {
             )));
         }
         let _w = self.writer.lock().expect("expert store writer");
-        if self.read().experts.contains_key(&mix.name) {
+        // Weights are finite by construction of `Mix`.
+        self.check(&mix.mix)?;
+        self.create_dir()?;
+        let _lock = self.lock_manifest()?;
+        let mut disk = self.disk_manifest()?;
+        if self.read().experts.contains_key(&mix.name)
+            || disk.experts.iter().any(|e| e.name == mix.name)
+        {
             return Err(SvfError::BadMix(format!(
                 "'{}' is already an expert's name",
                 mix.name
             )));
         }
-        // Weights are finite by construction of `Mix`.
-        self.check(&mix.mix)?;
-        self.create_dir()?;
-        let on_disk = std::fs::read_to_string(self.dir.join(MANIFEST))
-            .ok()
-            .and_then(|t| serde_json::from_str::<Manifest>(&t).ok())
-            .map(|m| m.mixes)
-            .unwrap_or_default();
-        let mut manifest = self.read().manifest.clone();
-        for m in on_disk {
-            if !manifest.mixes.iter().any(|x| x.name == m.name) {
-                manifest.mixes.push(m);
-            }
-        }
-        manifest.mixes.retain(|m| m.name != mix.name);
-        manifest.mixes.push(mix);
-        self.write_manifest(&manifest)?;
-        self.contents.write().expect("expert store lock").manifest = manifest;
+        disk.mixes.retain(|m| m.name != mix.name);
+        disk.mixes.push(mix);
+        self.write_manifest(&disk)?;
+        self.contents
+            .write()
+            .expect("expert store lock")
+            .manifest
+            .mixes = disk.mixes;
         Ok(())
     }
 
@@ -574,29 +591,33 @@ impl ExpertStore {
         let name = expert.meta.name.clone();
         let digest = z_digest(&expert.z);
         let _w = self.writer.lock().expect("expert store writer");
-        let mut manifest = self.read().manifest.clone();
-        if manifest.mixes.iter().any(|m| m.name == name) {
+        self.create_dir()?;
+        let _lock = self.lock_manifest()?;
+        let mut disk = self.disk_manifest()?;
+        if self.read().manifest.mixes.iter().any(|m| m.name == name)
+            || disk.mixes.iter().any(|m| m.name == name)
+        {
             return Err(SvfError::Conflict(format!(
                 "'{name}' is already a stored mix's name"
             )));
         }
-        self.create_dir()?;
         let path = self.dir.join(&file);
-        let old_file = manifest
+        let old_file = disk
             .experts
             .iter()
             .find(|e| e.name == name)
             .map(|e| e.file.clone());
         expert.save(&path)?;
-        manifest.experts.retain(|e| e.name != name);
-        manifest.experts.push(ManifestEntry {
+        let entry = ManifestEntry {
             name: name.clone(),
             file: file.clone(),
             category: expert.meta.category.clone(),
             description: expert.meta.description.clone(),
             provenance: expert.meta.provenance.clone(),
-        });
-        if let Err(e) = self.write_manifest(&manifest) {
+        };
+        disk.experts.retain(|e| e.name != name);
+        disk.experts.push(entry.clone());
+        if let Err(e) = self.write_manifest(&disk) {
             // The manifest still lists the old version (or nothing): the new file is an orphan.
             if old_file.as_deref() != Some(file.as_str()) {
                 let _ = std::fs::remove_file(&path);
@@ -605,7 +626,10 @@ impl ExpertStore {
         }
         let replaced = {
             let mut c = self.contents.write().expect("expert store lock");
-            c.manifest = manifest;
+            // This process serves the experts it loaded: it learns of this one, and of the stored mixes.
+            c.manifest.experts.retain(|e| e.name != name);
+            c.manifest.experts.push(entry);
+            c.manifest.mixes = disk.mixes;
             c.experts.insert(
                 name,
                 Loaded {
@@ -629,21 +653,24 @@ impl ExpertStore {
     pub fn remove(&self, name: &str, busy: impl FnOnce(&str) -> Option<String>) -> Result<String> {
         check_name(name)?;
         let _w = self.writer.lock().expect("expert store writer");
+        let _lock = self.lock_manifest()?;
+        let mut disk = self.disk_manifest()?;
         let mut c = self.contents.write().expect("expert store lock");
         let Some(loaded) = c.experts.get(name).cloned() else {
             return Err(Self::unknown(&c, name));
         };
-        let mixes: Vec<&str> = c
+        let mixes: std::collections::BTreeSet<&str> = c
             .manifest
             .mixes
             .iter()
+            .chain(&disk.mixes)
             .filter(|m| m.mix.alpha().contains_key(name))
             .map(|m| m.name.as_str())
             .collect();
         if !mixes.is_empty() {
             return Err(SvfError::Conflict(format!(
                 "expert '{name}' is part of the stored mix(es) {}",
-                mixes.join(", ")
+                mixes.into_iter().collect::<Vec<_>>().join(", ")
             )));
         }
         let pinned = self.pinned(name);
@@ -657,15 +684,16 @@ impl ExpertStore {
                 "expert '{name}' is in use: {why}"
             )));
         }
-        let mut manifest = c.manifest.clone();
-        let file = manifest
+        // The file this process loaded; another process may have replaced it since.
+        let file = disk
             .experts
             .iter()
             .find(|e| e.name == name)
             .map(|e| e.file.clone());
-        manifest.experts.retain(|e| e.name != name);
-        self.write_manifest(&manifest)?;
-        c.manifest = manifest;
+        disk.experts.retain(|e| e.name != name);
+        self.write_manifest(&disk)?;
+        c.manifest.experts.retain(|e| e.name != name);
+        c.manifest.mixes = disk.mixes;
         c.experts.remove(name);
         drop(c);
         if let Some(f) = file {
@@ -707,6 +735,42 @@ impl ExpertStore {
             path: self.dir.clone(),
             source: e,
         })
+    }
+
+    /// Every change is a read-modify-write of the manifest on disk, and other processes (a server, `t2
+    /// adapt`, `t2 experts install`) change it too: this lock, held across the read and the rename, keeps
+    /// one process's change from erasing another's. It is released when the returned file closes.
+    fn lock_manifest(&self) -> Result<std::fs::File> {
+        let path = self.dir.join(".manifest.lock");
+        let io = |e| SvfError::Io {
+            path: path.clone(),
+            source: e,
+        };
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io)?;
+        file.lock().map_err(io)?;
+        Ok(file)
+    }
+
+    /// The manifest as it is on disk now (no file: no experts yet). A manifest that cannot be read is an
+    /// error rather than an empty store, so that a change never overwrites what it could not read.
+    fn disk_manifest(&self) -> Result<Manifest> {
+        let path = self.dir.join(MANIFEST);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| SvfError::BadExpert {
+                name: path.display().to_string(),
+                reason: format!("bad manifest: {e}"),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Manifest {
+                model_id: self.model_id.clone(),
+                ..Default::default()
+            }),
+            Err(e) => Err(SvfError::Io { path, source: e }),
+        }
     }
 
     fn write_manifest(&self, manifest: &Manifest) -> Result<()> {
@@ -775,11 +839,13 @@ mod tests {
         Expert::random(meta, d, seed, 0.3)
     }
 
-    /// Every file of the store's folder with its bytes: "as it was" means byte for byte.
+    /// Every file of the store's folder with its bytes: "as it was" means byte for byte. The writers'
+    /// lock file holds nothing.
     fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         std::fs::read_dir(dir)
             .map(|rd| {
                 rd.filter_map(|e| e.ok())
+                    .filter(|e| e.file_name() != ".manifest.lock")
                     .map(|e| {
                         (
                             e.file_name().to_string_lossy().to_string(),
@@ -861,6 +927,82 @@ mod tests {
             .unwrap()
             .names()
             .is_empty());
+    }
+
+    #[test]
+    fn an_expert_at_strength_t_is_the_mix_with_base_share_one_minus_t() {
+        let d = decomp();
+        let e = expert(&d, "math", 4);
+        let mix = crate::mix::parse_mix("math=0.75,base=0.25").unwrap();
+        let want = mix.z(&d, |_| Ok(&e)).unwrap();
+        let turned = e.clone().at_strength(0.75).unwrap();
+        assert_eq!(turned.z, want, "not the mix's vector bit for bit");
+        assert_ne!(turned.z, e.z);
+        assert_eq!(turned.meta.provenance["strength"], "0.75");
+        assert_eq!(e.clone().at_strength(1.0).unwrap().z, e.z);
+        for bad in [0.0, -0.5, 1.5, f32::NAN] {
+            assert!(e.clone().at_strength(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    /// Two stores on one folder stand for two processes (a server and `t2 adapt`, say): a change by one
+    /// must not erase what the other wrote after the first opened the store.
+    #[test]
+    fn a_store_keeps_changes_another_process_made_since_it_opened() {
+        let d = decomp();
+        let root = tempfile::tempdir().unwrap();
+        let first = ExpertStore::open(root.path(), "tiny", &d).unwrap();
+        first.upload(expert(&d, "math", 1), &d).unwrap();
+        first.upload(expert(&d, "code", 2), &d).unwrap();
+        let mix = |name: &str, spec: &str| StoredMix {
+            name: name.into(),
+            mix: crate::mix::parse_mix(spec).unwrap(),
+            ..Default::default()
+        };
+        first.save_mix(mix("chosen", "math=1")).unwrap();
+        let second = ExpertStore::open(root.path(), "tiny", &d).unwrap();
+        // `second` re-chooses the mix; `first`, which still holds the old choice, then stores another.
+        second.save_mix(mix("chosen", "code=1")).unwrap();
+        first.save_mix(mix("other", "math=0.5,code=0.5")).unwrap();
+        first.upload(expert(&d, "extra", 3), &d).unwrap();
+        second.upload(expert(&d, "late", 4), &d).unwrap();
+        first.remove("extra", |_| None).unwrap();
+        let reopened = ExpertStore::open(root.path(), "tiny", &d).unwrap();
+        assert_eq!(
+            reopened.mix("chosen").unwrap().mix,
+            crate::mix::parse_mix("code=1").unwrap(),
+            "the later choice was lost"
+        );
+        assert!(reopened.mix("other").is_some());
+        assert_eq!(reopened.names(), ["code", "late", "math"]);
+        // Each store sees the mixes the other stored; a name taken on disk is refused in both.
+        assert_eq!(
+            first.mix("chosen").unwrap().mix,
+            reopened.mix("chosen").unwrap().mix
+        );
+        assert!(second.upload(expert(&d, "other", 5), &d).is_err());
+        assert!(first.save_mix(mix("late", "math=1")).is_err());
+
+        // Writers in threads, each through its own store, never lose one another's mixes.
+        let stores: Vec<ExpertStore> = (0..4)
+            .map(|_| ExpertStore::open(root.path(), "tiny", &d).unwrap())
+            .collect();
+        std::thread::scope(|s| {
+            for (i, store) in stores.iter().enumerate() {
+                s.spawn(move || {
+                    for j in 0..10 {
+                        store.save_mix(mix(&format!("m{i}-{j}"), "math=1")).unwrap();
+                    }
+                });
+            }
+        });
+        let all = ExpertStore::open(root.path(), "tiny", &d).unwrap().mixes();
+        assert_eq!(
+            all.len(),
+            2 + 40,
+            "{:?}",
+            all.iter().map(|m| &m.name).collect::<Vec<_>>()
+        );
     }
 
     #[test]

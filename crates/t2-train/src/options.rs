@@ -151,7 +151,7 @@ pub fn option_scores(
     items: &[OptionItem],
     want_log_softmax: bool,
 ) -> Result<BranchScores> {
-    let rows: Vec<Branched> = items.iter().map(|it| it.options.clone()).collect();
+    let rows: Vec<&Branched> = items.iter().map(|it| &it.options).collect();
     let scores = policy.branch_scores(logits, &rows, want_log_softmax)?;
     let sums = scores
         .sums
@@ -174,7 +174,7 @@ pub fn option_scores(
 /// `option_scores`); the base model's are computed here. The whole vocabulary counts, not only the
 /// options, so the penalty holds back drift in what the model would write, not only in how it ranks.
 pub fn option_kl(policy: &Policy<'_>, lp: &Tensor, items: &[OptionItem]) -> Result<Tensor> {
-    let rows: Vec<Branched> = items.iter().map(|it| it.options.clone()).collect();
+    let rows: Vec<&Branched> = items.iter().map(|it| &it.options).collect();
     let base = policy.branch_scores(None, &rows, true)?;
     Ok(mean_kl(lp, base.log_softmax.as_ref().expect("asked for"))?)
 }

@@ -8,6 +8,7 @@
 //! z = sigmoid(p), so the only trainable numbers are the logits p. A test checks these log-probabilities
 //! against the serving forward.
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, Var, D};
@@ -235,22 +236,24 @@ impl<'a> Policy<'a> {
     /// For each item, the summed log-probability of each of its branches after its prompt, as a
     /// (branches,) tensor, under the model adapted by `logits` (the base model when `None`): what scoring
     /// prompt + branch as a sequence of its own gives, from one row per item. Differentiable in the logits.
-    pub fn branch_logprobs(
+    pub fn branch_logprobs<B: Borrow<Branched>>(
         &self,
         logits: Option<&SvfLogits>,
-        items: &[Branched],
+        items: &[B],
     ) -> Result<Vec<Tensor>> {
         Ok(self.branch_scores(logits, items, false)?.sums)
     }
 
     /// `branch_logprobs`, and when asked for, the full log-softmax rows at every branch token's position
     /// (item after item, branch after branch), for the KL penalty.
-    pub fn branch_scores(
+    pub fn branch_scores<B: Borrow<Branched>>(
         &self,
         logits: Option<&SvfLogits>,
-        items: &[Branched],
+        items: &[B],
         want_log_softmax: bool,
     ) -> Result<BranchScores> {
+        // Callers hold their items inside larger records: borrowing spares copying every token list.
+        let items: Vec<&Branched> = items.iter().map(Borrow::borrow).collect();
         let dev = self.model.device();
         let b = items.len();
         if b == 0
@@ -273,7 +276,7 @@ impl<'a> Policy<'a> {
                 self.cos.dim(0)?
             );
         }
-        let rows: Vec<_> = items.iter().map(Branched::row).collect();
+        let rows: Vec<_> = items.iter().map(|it| it.row()).collect();
         let t = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
         let mut ids = vec![0u32; b * t];
         let mut positions = vec![0u32; b * t];
