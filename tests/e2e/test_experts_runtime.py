@@ -73,9 +73,9 @@ def manifest_path(store_root):
 
 
 def store_state(store_root) -> dict[str, bytes]:
-    """Every file of the store's folder with its bytes."""
+    """Every file of the store's folder with its bytes (but the writers' lock file, which holds nothing)."""
     folder = store_root / BASE_MODEL
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != ".manifest.lock"}
 
 
 def upload(server, data: bytes, key: str | None = ADMIN) -> Response:
