@@ -19,8 +19,10 @@ ROW, LEFT, PLOT_W, TOP = 18, 260, 420, 40
 
 def short(adaptation: str) -> str:
     if adaptation.startswith("file:"):
-        name = os.path.basename(adaptation[5:]).removesuffix(".safetensors")
-        return name
+        # A training run's output: named with its run, so that it is not taken for the stored expert.
+        path = adaptation[5:]
+        name = os.path.basename(path).removesuffix(".safetensors")
+        return f"{name} ({os.path.basename(os.path.dirname(path))})"
     if adaptation.startswith("mix:"):
         return "mix " + ", ".join(
             f"{kv.split('=')[0]} {float(kv.split('=')[1]):.2f}" for kv in adaptation[4:].split(",")

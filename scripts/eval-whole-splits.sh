@@ -13,7 +13,8 @@ source scripts/task-protocol.sh
 T2=${T2:-target/release/t2}
 MODEL_DIR=experts/SmolLM2-135M-Instruct
 DIR=${DIR:-$MODEL_DIR/eval/whole}
-MATH=${MATH:-file:$MODEL_DIR/training/math-long/math.safetensors}
+# The shipped math (math-kl at strength 0.75 since 2026-12-07; the rows before came from math-long).
+MATH=${MATH:-math}
 REASONING=${REASONING:-file:$MODEL_DIR/training/reasoning-stem/reasoning.safetensors}
 TASKS=${TASKS:-"sst2 arith arc_easy arc_challenge pyfunc"}
 mkdir -p "$DIR"
