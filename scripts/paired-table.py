@@ -3,8 +3,8 @@
 Usage: paired-table.py NEW_DIR WHOLE_DIR TASK...
 NEW_DIR/<task>.json holds the new rows (e.g. `mix:math=0.75,base=0.25`); WHOLE_DIR/<task>.json holds base
 and every shipped expert on the same items (scripts/eval-whole-splits.sh). Prints a Markdown table:
-accuracy with its 95% interval, then McNemar's exact two-sided test against base and against the expert
-the mix scales (its first non-base weight).
+accuracy with its 95% interval, then McNemar's exact two-sided test against base and against the shipped
+expert the row scales (a mix's first non-base weight) or would replace (a training run's file of that name).
 """
 
 import json
@@ -19,6 +19,10 @@ stem = import_module("routing-whole-table").stem
 
 
 def expert_of(adaptation: str) -> str | None:
+    """The shipped expert a new row is compared with: the one a mix scales, or the one a trained file
+    (`file:.../reasoning.safetensors`) would replace."""
+    if adaptation.startswith("file:"):
+        return stem(adaptation)
     if adaptation.startswith("mix:"):
         names = [kv.split("=")[0] for kv in adaptation[4:].split(",")]
         return next((n for n in names if n != "base"), None)
@@ -28,7 +32,7 @@ def expert_of(adaptation: str) -> str | None:
 def main() -> None:
     new_dir, whole_dir, tasks = sys.argv[1], sys.argv[2], sys.argv[3:]
     print("| task | adaptation | n | accuracy | 95% CI | vs base (base only / it only, p) "
-          "| vs the expert at full strength (expert only / it only, p) |")
+          "| vs the shipped expert it scales or would replace (expert only / it only, p) |")
     print("|---|---|---|---|---|---|---|")
     for task in tasks:
         npath, wpath = os.path.join(new_dir, f"{task}.json"), os.path.join(whole_dir, f"{task}.json")
