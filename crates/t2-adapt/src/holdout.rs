@@ -84,7 +84,7 @@ pub fn choose(
     let t = std::time::Instant::now();
     let list = contenders(&cfg.experts, outcome);
     let alphas: Vec<Vec<f32>> = list.iter().map(|(_, a)| a.clone()).collect();
-    let (on_shots, _) = cem::evaluate(answerer, area, shots, cfg, &alphas)?;
+    let on_shots = shot_scores(answerer, area, shots, cfg, outcome, &alphas)?;
     let (on_held, _) = cem::evaluate(answerer, area, held_out, cfg, &alphas)?;
     let contenders: Vec<Contender> = list
         .into_iter()
@@ -101,6 +101,50 @@ pub fn choose(
         contenders,
         seconds: t.elapsed().as_secs_f64(),
     })
+}
+
+/// Each contender's score on the shots: the search's own where it scored the same mix (it keeps every
+/// candidate it drew, and its first population holds base and each expert alone), the rest scored now.
+fn shot_scores(
+    answerer: &Answerer,
+    area: &str,
+    shots: &[TaskItem],
+    cfg: &CemConfig,
+    outcome: &CemOutcome,
+    alphas: &[Vec<f32>],
+) -> Result<Vec<Candidate>> {
+    let scored: Vec<&Candidate> = std::iter::once(&outcome.best)
+        .chain(outcome.history.iter().flat_map(|h| &h.population))
+        .collect();
+    let known: Vec<Option<Candidate>> = alphas
+        .iter()
+        .map(|a| {
+            let runs_as = cem::mix_of(&cfg.experts, a);
+            scored
+                .iter()
+                .find(|c| cem::mix_of(&cfg.experts, &c.alpha) == runs_as)
+                .map(|c| Candidate {
+                    alpha: a.clone(),
+                    ..(*c).clone()
+                })
+        })
+        .collect();
+    let missing: Vec<Vec<f32>> = alphas
+        .iter()
+        .zip(&known)
+        .filter(|(_, k)| k.is_none())
+        .map(|(a, _)| a.clone())
+        .collect();
+    let mut fresh = if missing.is_empty() {
+        Vec::new()
+    } else {
+        cem::evaluate(answerer, area, shots, cfg, &missing)?.0
+    }
+    .into_iter();
+    Ok(known
+        .into_iter()
+        .map(|k| k.unwrap_or_else(|| fresh.next().expect("one fresh score per missing contender")))
+        .collect())
 }
 
 /// The contender ranking first on the held-out examples; the first listed wins an exact tie.

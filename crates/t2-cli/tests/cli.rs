@@ -844,6 +844,18 @@ fn adapt_chooses_its_result_on_held_out_examples() {
     );
     let chosen = &held["contenders"][held["chosen"].as_u64().unwrap() as usize];
     assert_eq!(first["best"], chosen["shots"], "{held}");
+    // A contender the search drew keeps the search's score on the shots; the others are scored anew.
+    let population = first["history"][0]["population"].as_array().unwrap();
+    for c in held["contenders"].as_array().unwrap() {
+        let shots = &c["shots"];
+        assert!(
+            (0.0..=1.0).contains(&shots["accuracy"].as_f64().unwrap()),
+            "{c}"
+        );
+        if let Some(drawn) = population.iter().find(|p| p["alpha"] == shots["alpha"]) {
+            assert_eq!(drawn, shots, "{held}");
+        }
+    }
     for c in held["contenders"].as_array().unwrap() {
         let acc = c["holdout"]["accuracy"].as_f64().unwrap();
         assert!(
