@@ -21,6 +21,9 @@ DIR=${DIR:?DIR: where the results go}
 : "${T2_EXPERTS:?T2_EXPERTS: a scratch store holding the runs being gated as math and reasoning}"
 STRENGTHS=${STRENGTHS:-"0.75 0.5"}
 GATE_N=${GATE_N:-400}
+# The experts gated (store names): math, reasoning or both.
+EXPERTS=${EXPERTS:-"math reasoning"}
+has() { [[ " $EXPERTS " == *" $1 "* ]]; }
 mkdir -p "$DIR"
 at() { # expert strength -> adaptation
   python3 -c 'import sys; e, t = sys.argv[1], float(sys.argv[2]); print(f"mix:{e}={t:g},base={1 - t:g}")' "$1" "$2"
@@ -48,16 +51,17 @@ run() { # name task split limit mode expert...
     --json "$DIR/$name.json.tmp" --markdown "$DIR/$name.md"
   mv "$DIR/$name.json.tmp" "$DIR/$name.json"
 }
-run arith arith val all generate math
-run arc_easy arc_easy val all loglik reasoning
-run pyfunc-gate pyfunc train "$GATE_N" generate math reasoning
-python3 - "$DIR" "$STRENGTHS" <<'PYEOF' | tee "$DIR/choice.md"
+has math && run arith arith val all generate math
+has reasoning && run arc_easy arc_easy val all loglik reasoning
+# shellcheck disable=SC2086
+run pyfunc-gate pyfunc train "$GATE_N" generate $EXPERTS
+python3 - "$DIR" "$STRENGTHS" "$EXPERTS" <<'PYEOF' | tee "$DIR/choice.md"
 import json, os, sys
 sys.path.insert(0, "scripts")
 from importlib import import_module
 mcnemar = import_module("fewshot-table").mcnemar
 d, strengths = sys.argv[1], [float(t) for t in sys.argv[2].split()]
-own = {"math": "arith", "reasoning": "arc_easy"}
+own = {e: t for e, t in {"math": "arith", "reasoning": "arc_easy"}.items() if e in sys.argv[3].split()}
 def key(adaptation):
     """One spelling per adaptation: a mix's weights sorted by expert, rounded."""
     if not adaptation.startswith("mix:"):
@@ -65,7 +69,7 @@ def key(adaptation):
     w = sorted((kv.split("=")[0], round(float(kv.split("=")[1]), 4)) for kv in adaptation[4:].split(","))
     return "mix:" + ",".join(f"{k}={v:g}" for k, v in w)
 res = {t: {key(r["adaptation"]): r for r in json.load(open(os.path.join(d, f"{t}.json")))}
-       for t in ("arith", "arc_easy", "pyfunc-gate")}
+       for t in list(own.values()) + ["pyfunc-gate"]}
 def name(e, t):
     return e if t == 1.0 else key(f"mix:{e}={t:g},base={1 - t:g}")
 gate = res["pyfunc-gate"]

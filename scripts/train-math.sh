@@ -23,5 +23,9 @@ mkdir -p "$RUN"
 nice -n 19 "$T2" train --task arith --name math --category math --rollouts generate --reward-baseline \
   --lr "$LR" --kl "$KL" --batch 32 --steps "$STEPS" --eval-every 10 --val-limit 200 --seed 1 --max-new-tokens 24 \
   --expert-targets mlp --out "$RUN" --no-install --resume
-nice -n 19 "$T2" eval --task arith --adaptation base --adaptation "file:$RUN/math.safetensors" \
-  --json "$RUN/eval-test.json" --markdown "$RUN/eval-test.md"
+# TEST=0 leaves the test split alone, for a run whose strength is chosen on validation first
+# (scripts/strength-gate.sh) and only then evaluated once.
+if [ "${TEST:-1}" = 1 ]; then
+  nice -n 19 "$T2" eval --task arith --adaptation base --adaptation "file:$RUN/math.safetensors" \
+    --json "$RUN/eval-test.json" --markdown "$RUN/eval-test.md"
+fi
