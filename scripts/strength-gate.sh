@@ -25,17 +25,7 @@ GATE_N=${GATE_N:-400}
 EXPERTS=${EXPERTS:-"math reasoning"}
 has() { [[ " $EXPERTS " == *" $1 "* ]]; }
 mkdir -p "$DIR"
-at() { # expert strength -> adaptation
-  python3 -c 'import sys; e, t = sys.argv[1], float(sys.argv[2]); print(f"mix:{e}={t:g},base={1 - t:g}")' "$1" "$2"
-}
-adaptations() { # expert... -> --adaptation flags: base, then each expert at 1 and each strength
-  local out=(--adaptation base)
-  for e in "$@"; do
-    out+=(--adaptation "$e")
-    for t in $STRENGTHS; do out+=(--adaptation "$(at "$e" "$t")"); done
-  done
-  echo "${out[@]}"
-}
+source scripts/strength-adaptations.sh
 run() { # name task split limit mode expert...
   local name=$1 task=$2 split=$3 limit=$4 mode=$5
   shift 5
@@ -56,22 +46,15 @@ has reasoning && run arc_easy arc_easy val all loglik reasoning
 # shellcheck disable=SC2086
 run pyfunc-gate pyfunc train "$GATE_N" generate $EXPERTS
 python3 - "$DIR" "$STRENGTHS" "$EXPERTS" <<'PYEOF' | tee "$DIR/choice.md"
-import json, os, sys
+import sys
 sys.path.insert(0, "scripts")
 from importlib import import_module
+import strength_rows
 mcnemar = import_module("fewshot-table").mcnemar
 d, strengths = sys.argv[1], [float(t) for t in sys.argv[2].split()]
 own = {e: t for e, t in {"math": "arith", "reasoning": "arc_easy"}.items() if e in sys.argv[3].split()}
-def key(adaptation):
-    """One spelling per adaptation: a mix's weights sorted by expert, rounded."""
-    if not adaptation.startswith("mix:"):
-        return adaptation
-    w = sorted((kv.split("=")[0], round(float(kv.split("=")[1]), 4)) for kv in adaptation[4:].split(","))
-    return "mix:" + ",".join(f"{k}={v:g}" for k, v in w)
-res = {t: {key(r["adaptation"]): r for r in json.load(open(os.path.join(d, f"{t}.json")))}
-       for t in list(own.values()) + ["pyfunc-gate"]}
-def name(e, t):
-    return e if t == 1.0 else key(f"mix:{e}={t:g},base={1 - t:g}")
+res = strength_rows.rows(d, list(own.values()) + ["pyfunc-gate"])
+name = strength_rows.at_strength
 gate = res["pyfunc-gate"]
 b = gate["base"]
 print(f"Gate: {b['n']} pyfunc train items; base {100 * b['accuracy']:.1f}% "

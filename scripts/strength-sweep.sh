@@ -15,17 +15,7 @@ MODEL_DIR=experts/SmolLM2-135M-Instruct
 DIR=${DIR:-$MODEL_DIR/eval/strength}
 STRENGTHS=${STRENGTHS:-"0.75 0.5"}
 mkdir -p "$DIR"
-at() { # expert strength -> adaptation
-  python3 -c 'import sys; e, t = sys.argv[1], float(sys.argv[2]); print(f"mix:{e}={t:g},base={1 - t:g}")' "$1" "$2"
-}
-adaptations() { # task expert... -> --adaptation flags: base, then each expert at 1 and each strength
-  local out=(--adaptation base)
-  for e in "$@"; do
-    out+=(--adaptation "$e")
-    for t in $STRENGTHS; do out+=(--adaptation "$(at "$e" "$t")"); done
-  done
-  echo "${out[@]}"
-}
+source scripts/strength-adaptations.sh
 run() { # task mode expert...
   local task=$1 mode=$2
   shift 2
@@ -43,20 +33,14 @@ run arith generate math
 run arc_easy loglik reasoning
 run pyfunc generate math reasoning
 python3 - "$DIR" "$STRENGTHS" <<'PYEOF' | tee "$DIR/choice.md"
-import json, os, sys
+import sys
+sys.path.insert(0, "scripts")
+import strength_rows
 d, strengths = sys.argv[1], [float(t) for t in sys.argv[2].split()]
 own = {"math": "arith", "reasoning": "arc_easy"}
 others = {"math": ["pyfunc"], "reasoning": ["pyfunc"]}
-def key(adaptation):
-    """One spelling per adaptation: a mix's weights sorted by expert, rounded."""
-    if not adaptation.startswith("mix:"):
-        return adaptation
-    w = sorted((kv.split("=")[0], round(float(kv.split("=")[1]), 4)) for kv in adaptation[4:].split(","))
-    return "mix:" + ",".join(f"{k}={v:g}" for k, v in w)
-res = {t: {key(r["adaptation"]): r for r in json.load(open(os.path.join(d, f"{t}.json")))}
-       for t in ("arith", "arc_easy", "pyfunc")}
-def name(e, t):
-    return e if t == 1.0 else key(f"mix:{e}={t:g},base={1 - t:g}")
+res = strength_rows.rows(d, ("arith", "arc_easy", "pyfunc"))
+name = strength_rows.at_strength
 print("| expert | strength | own area (val) | base there | " + " | ".join(f"{o} (val)" for o in ["pyfunc"])
       + " | base's interval there | passes |")
 print("|---|---|---|---|---|---|---|")
