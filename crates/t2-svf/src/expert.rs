@@ -386,22 +386,7 @@ impl ExpertStore {
     /// Opens (and validates) the store for `model_id` under `root`; no manifest means no experts yet.
     pub fn open(root: &Path, model_id: &str, decomp: &Decomposition) -> Result<Self> {
         let dir = root.join(model_id);
-        let path = dir.join(MANIFEST);
-        let manifest = if path.is_file() {
-            let text = std::fs::read_to_string(&path).map_err(|e| SvfError::Io {
-                path: path.clone(),
-                source: e,
-            })?;
-            serde_json::from_str::<Manifest>(&text).map_err(|e| SvfError::BadExpert {
-                name: path.display().to_string(),
-                reason: format!("bad manifest: {e}"),
-            })?
-        } else {
-            Manifest {
-                model_id: model_id.into(),
-                ..Default::default()
-            }
-        };
+        let manifest = read_manifest(&dir, model_id)?;
         let mut experts = BTreeMap::new();
         for entry in &manifest.experts {
             let e = Expert::load(&dir.join(&entry.file))?;
@@ -548,7 +533,7 @@ impl ExpertStore {
         self.check(&mix.mix)?;
         self.create_dir()?;
         let _lock = self.lock_manifest()?;
-        let mut disk = self.disk_manifest()?;
+        let mut disk = read_manifest(&self.dir, &self.model_id)?;
         if self.read().experts.contains_key(&mix.name)
             || disk.experts.iter().any(|e| e.name == mix.name)
         {
@@ -593,7 +578,7 @@ impl ExpertStore {
         let _w = self.writer.lock().expect("expert store writer");
         self.create_dir()?;
         let _lock = self.lock_manifest()?;
-        let mut disk = self.disk_manifest()?;
+        let mut disk = read_manifest(&self.dir, &self.model_id)?;
         if self.read().manifest.mixes.iter().any(|m| m.name == name)
             || disk.mixes.iter().any(|m| m.name == name)
         {
@@ -654,7 +639,7 @@ impl ExpertStore {
         check_name(name)?;
         let _w = self.writer.lock().expect("expert store writer");
         let _lock = self.lock_manifest()?;
-        let mut disk = self.disk_manifest()?;
+        let mut disk = read_manifest(&self.dir, &self.model_id)?;
         let mut c = self.contents.write().expect("expert store lock");
         let Some(loaded) = c.experts.get(name).cloned() else {
             return Err(Self::unknown(&c, name));
@@ -756,23 +741,6 @@ impl ExpertStore {
         Ok(file)
     }
 
-    /// The manifest as it is on disk now (no file: no experts yet). A manifest that cannot be read is an
-    /// error rather than an empty store, so that a change never overwrites what it could not read.
-    fn disk_manifest(&self) -> Result<Manifest> {
-        let path = self.dir.join(MANIFEST);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| SvfError::BadExpert {
-                name: path.display().to_string(),
-                reason: format!("bad manifest: {e}"),
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Manifest {
-                model_id: self.model_id.clone(),
-                ..Default::default()
-            }),
-            Err(e) => Err(SvfError::Io { path, source: e }),
-        }
-    }
-
     fn write_manifest(&self, manifest: &Manifest) -> Result<()> {
         let path = self.dir.join(MANIFEST);
         #[cfg(test)]
@@ -795,6 +763,23 @@ impl ExpertStore {
             let _ = std::fs::remove_file(&tmp);
             SvfError::Io { path, source: e }
         })
+    }
+}
+
+/// The manifest in `dir` as it is on disk now (no file: no experts yet). A manifest that cannot be read is
+/// an error rather than an empty store, so that a change never overwrites what it could not read.
+fn read_manifest(dir: &Path, model_id: &str) -> Result<Manifest> {
+    let path = dir.join(MANIFEST);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| SvfError::BadExpert {
+            name: path.display().to_string(),
+            reason: format!("bad manifest: {e}"),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Manifest {
+            model_id: model_id.into(),
+            ..Default::default()
+        }),
+        Err(e) => Err(SvfError::Io { path, source: e }),
     }
 }
 
