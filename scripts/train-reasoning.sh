@@ -37,20 +37,12 @@ fi
 # items in eval/whole (scripts/paired-table.py). (Until 2026-12-07 this ran base and expert with shorter
 # budgets, arith 24, pyfunc 96, sst2 8 tokens: paired, but not the protocol of the whole-split tables.)
 if [ "${OTHERS:-0}" = 1 ]; then
-  source scripts/task-protocol.sh
-  WHOLE=experts/SmolLM2-135M-Instruct/eval/whole
   mkdir -p "$RUN/whole"
   python3 - "$RUN/eval-test.json" "$RUN/whole/arc_easy.json" <<'PYEOF'
 import json, sys
 rows = [r for r in json.load(open(sys.argv[1])) if r["adaptation"] != "base"]
 json.dump(rows, open(sys.argv[2], "w"), indent=2)
 PYEOF
-  for task in pyfunc arith sst2 arc_challenge; do
-    [ -s "$RUN/whole/$task.json" ] && continue
-    nice -n 19 "$T2" eval --task "$task" --mode "$(task_mode "$task")" \
-      --adaptation "file:$RUN/reasoning.safetensors" --json "$RUN/whole/$task.json.tmp" --markdown "$RUN/whole/$task.md"
-    mv "$RUN/whole/$task.json.tmp" "$RUN/whole/$task.json"
-  done
-  python3 scripts/paired-table.py "$RUN/whole" "$WHOLE" arc_easy pyfunc arith sst2 arc_challenge |
-    tee "$RUN/whole/README.md"
+  FILE="$RUN/reasoning.safetensors" OUT="$RUN/whole" TASKS="arc_easy pyfunc arith sst2 arc_challenge" \
+    bash scripts/eval-file-whole.sh
 fi
