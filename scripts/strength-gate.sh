@@ -26,7 +26,6 @@ GATE_N=${GATE_N:-400}
 # The experts gated (store names): math, reasoning, code.
 EXPERTS=${EXPERTS:-"math reasoning"}
 GATES=${GATES:-pyfunc}
-has() { [[ " $EXPERTS " == *" $1 "* ]]; }
 mkdir -p "$DIR"
 source scripts/strength-adaptations.sh
 source scripts/task-protocol.sh
@@ -45,22 +44,32 @@ run() { # name task split limit mode expert...
     --json "$DIR/$name.json.tmp" --markdown "$DIR/$name.md"
   mv "$DIR/$name.json.tmp" "$DIR/$name.json"
 }
-has math && run arith arith val all generate math
-has reasoning && run arc_easy arc_easy val all loglik reasoning
-has code && run pyfunc pyfunc val all generate code
+own_area() { # expert -> the task it was trained on, its own area
+  case $1 in
+    math) echo arith ;;
+    reasoning) echo arc_easy ;;
+    code) echo pyfunc ;;
+    *) echo "no own area known for expert '$1'" >&2 && exit 1 ;;
+  esac
+}
+OWN=()
+for e in $EXPERTS; do
+  task=$(own_area "$e")
+  run "$task" "$task" val all "$(task_mode "$task")" "$e"
+  OWN+=("$e=$task")
+done
 for gate in $GATES; do
   # shellcheck disable=SC2086
   run "$gate-gate" "$gate" train "$GATE_N" "$(task_mode "$gate")" $EXPERTS
 done
-python3 - "$DIR" "$STRENGTHS" "$EXPERTS" "$GATES" <<'PYEOF' | tee "$DIR/choice.md"
+python3 - "$DIR" "$STRENGTHS" "${OWN[*]}" "$GATES" <<'PYEOF' | tee "$DIR/choice.md"
 import sys
 sys.path.insert(0, "scripts")
 from importlib import import_module
 import strength_rows
 mcnemar = import_module("fewshot-table").mcnemar
 d, strengths = sys.argv[1], [float(t) for t in sys.argv[2].split()]
-areas = {"math": "arith", "reasoning": "arc_easy", "code": "pyfunc"}
-own = {e: areas[e] for e in sys.argv[3].split()}
+own = dict(pair.split("=") for pair in sys.argv[3].split())
 gates = [f"{g}-gate" for g in sys.argv[4].split()]
 res = strength_rows.rows(d, list(own.values()) + gates)
 name = strength_rows.at_strength
