@@ -35,6 +35,7 @@ DIR=${DIR:-$MODEL_DIR/eval/fewshot-paper}
 WHOLE=${WHOLE:-$MODEL_DIR/eval/whole}
 TASKS=${TASKS:-"arc_challenge arc_easy sst2"}
 ITERATIONS=${ITERATIONS:-50}
+SHOTS=10
 HOLDOUT_CAP=400
 mkdir -p "$DIR"
 for task in $TASKS; do
@@ -46,12 +47,12 @@ for task in $TASKS; do
   # The shots' split: train, or val for a task without one (arc_challenge), as `t2 adapt` draws them.
   split=data/tasks/$task/train.jsonl
   [ -f "$split" ] || split=data/tasks/$task/val.jsonl
-  unseen=$(( $(grep -c . "$split") - 10 ))
+  unseen=$(( $(grep -c . "$split") - SHOTS ))
   holdout=${HOLDOUT:-$(( unseen < HOLDOUT_CAP ? unseen : HOLDOUT_CAP ))}
   score=()
   [ "$mode" = loglik ] && score=(--likelihood)
   echo "== $task: search (shots scored by ${score[*]:-generation})"
-  nice -n 19 "$T2" adapt --task "$task" "${score[@]}" --shots 10 --population 32 --elites 6 \
+  nice -n 19 "$T2" adapt --task "$task" "${score[@]}" --shots "$SHOTS" --population 32 --elites 6 \
     --iterations "$ITERATIONS" --holdout "$holdout" --name "fewshot-$task" \
     --state "$DIR/$task.state.json" --json "$DIR/$task.search.json"
   python3 - "$DIR/$task.search.json" > "$DIR/$task.selections.json" <<'PYEOF'
