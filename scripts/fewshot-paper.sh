@@ -7,7 +7,7 @@
 # sentiment expert alone (eval/attempts/fewshot-paper-sst2-likelihood).
 # The search runs with the sparsity prior (`t2 adapt`'s default): the first population holds base and
 # each expert alone, and among equal shot accuracy fewer experts rank first. The result is then chosen
-# on HOLDOUT (below) more examples of the same split that the search never saw (`t2 adapt --holdout`):
+# on HOLDOUT (below) more examples of the same split that the search never saw (`t2 adapt --holdout`, `--holdout-max`):
 # among the search's best, its final mean, base and each expert alone, fewer experts winning a tie; on
 # sst2 the search's best fitted all ten shots and lost to the sentiment expert on the test split.
 # The hold-out was 20 for sst2 and arc_challenge (eval/fewshot-paper/README.md), then 80 (fixed before
@@ -44,16 +44,14 @@ for task in $TASKS; do
     continue
   fi
   mode=$(task_mode "$task")
-  # The shots' split: train, or val for a task without one (arc_challenge), as `t2 adapt` draws them.
-  split=data/tasks/$task/train.jsonl
-  [ -f "$split" ] || split=data/tasks/$task/val.jsonl
-  unseen=$(( $(grep -c . "$split") - SHOTS ))
-  holdout=${HOLDOUT:-$(( unseen < HOLDOUT_CAP ? unseen : HOLDOUT_CAP ))}
+  # `t2 adapt` knows which split the shots come from (train, else val) and holds out the rest of it.
+  holdout=(--holdout-max "$HOLDOUT_CAP")
+  [ -n "${HOLDOUT:-}" ] && holdout=(--holdout "$HOLDOUT")
   score=()
   [ "$mode" = loglik ] && score=(--likelihood)
   echo "== $task: search (shots scored by ${score[*]:-generation})"
   nice -n 19 "$T2" adapt --task "$task" "${score[@]}" --shots "$SHOTS" --population 32 --elites 6 \
-    --iterations "$ITERATIONS" --holdout "$holdout" --name "fewshot-$task" \
+    --iterations "$ITERATIONS" "${holdout[@]}" --name "fewshot-$task" \
     --state "$DIR/$task.state.json" --json "$DIR/$task.search.json"
   python3 - "$DIR/$task.search.json" > "$DIR/$task.selections.json" <<'PYEOF'
 import json, sys

@@ -75,6 +75,10 @@ pub struct AdaptArgs {
     /// against a mix that only fits the shots
     #[arg(long, default_value_t = 0)]
     pub holdout: usize,
+    /// Hold out every example the shots leave, up to this many (instead of --holdout's exact count):
+    /// the largest hold-out the examples allow, without counting them first
+    #[arg(long, conflicts_with = "holdout")]
+    pub holdout_max: Option<usize>,
 }
 
 /// The examples of a search: its shots, the held-out ones, and where they came from.
@@ -110,15 +114,28 @@ fn load_examples(a: &AdaptArgs) -> Result<Examples> {
     if a.shots == 0 {
         bail!("--shots must be at least 1");
     }
-    if items.len() < a.shots + a.holdout {
+    let holdout = match a.holdout_max {
+        Some(max) => {
+            let rest = items.len().saturating_sub(a.shots);
+            if max > 0 && rest == 0 {
+                bail!(
+                    "too few examples: {source} has {}, and --shots takes them all, leaving none for --holdout-max",
+                    items.len()
+                );
+            }
+            rest.min(max)
+        }
+        None => a.holdout,
+    };
+    if items.len() < a.shots + holdout {
         bail!(
             "too few examples: {source} has {}, and --shots with --holdout asks for {}",
             items.len(),
-            a.shots + a.holdout
+            a.shots + holdout
         );
     }
     // The shots are what `--shots` alone draws, so a search saved without a hold-out goes on with one.
-    let (shots, held_out) = t2_adapt::eval::subset_and_next(&items, a.shots, a.holdout);
+    let (shots, held_out) = t2_adapt::eval::subset_and_next(&items, a.shots, holdout);
     Ok(Examples {
         area,
         shots,

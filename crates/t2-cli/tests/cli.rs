@@ -768,8 +768,8 @@ fn adapt_by_likelihood_resumes_a_stopped_search_as_if_unbroken() {
 
 /// `t2 adapt --holdout`: the result is chosen on examples the search never saw, among the search's best,
 /// its mean, base and each expert alone, and is what the outcome reports; a saved search that already
-/// ran every iteration gives its result again (the choice can be made afterwards); too few examples for
-/// shots plus hold-out are refused.
+/// ran every iteration gives its result again (the choice can be made afterwards), also when the hold-out
+/// is asked as "the rest, up to N"; too few examples for shots plus hold-out are refused.
 #[test]
 fn adapt_chooses_its_result_on_held_out_examples() {
     let m = model();
@@ -863,8 +863,9 @@ fn adapt_chooses_its_result_on_held_out_examples() {
             "{held}"
         );
     }
-    // The finished search, asked again: no new iteration, the same choice.
-    let o = adapt(&["--holdout", "2", "--json", s(&again)]);
+    // The finished search, asked again: no new iteration, the same choice. `--holdout-max` takes the
+    // two examples the shots leave, the same hold-out as `--holdout 2`.
+    let o = adapt(&["--holdout-max", "400", "--json", s(&again)]);
     assert!(o.status.success(), "{}", stderr(&o));
     let again = outcome(&again);
     assert_eq!(again["history"].as_array().unwrap().len(), 1);
@@ -873,6 +874,24 @@ fn adapt_chooses_its_result_on_held_out_examples() {
         first["history"][0]["population"]
     );
     assert_eq!(again["holdout"]["chosen"], held["chosen"]);
+    assert_eq!(again["holdout"]["ids"], held["ids"]);
     let o = adapt(&["--holdout", "3"]);
     assert_clean_failure(&o, "too few examples");
+    let o = t2(&[
+        "adapt",
+        "--model",
+        s(&m),
+        "--task",
+        s(&shots),
+        "--name",
+        "fs",
+        "--experts-dir",
+        s(&shipped),
+        "--no-save",
+        "--shots",
+        "4",
+        "--holdout-max",
+        "10",
+    ]);
+    assert_clean_failure(&o, "leaving none for --holdout-max");
 }
