@@ -789,20 +789,23 @@ fn adapt_chooses_its_result_on_held_out_examples() {
     std::fs::write(&shots, lines.join("\n") + "\n").unwrap();
     let shipped = repo().join("experts");
     let state = dir.path().join("search.json");
+    let task = [
+        "adapt",
+        "--model",
+        s(&m),
+        "--task",
+        s(&shots),
+        "--name",
+        "fs",
+        "--experts-dir",
+        s(&shipped),
+        "--no-save",
+    ];
     let adapt = |extra: &[&str]| {
         t2(&[
-            &[
-                "adapt",
-                "--model",
-                s(&m),
-                "--task",
-                s(&shots),
-                "--name",
-                "fs",
-            ][..],
-            &["--experts-dir", s(&shipped), "--likelihood", "--no-save"],
-            &["--population", "4", "--elites", "2", "--iterations", "1"],
-            &["--state", s(&state), "--shots", "2"],
+            &task[..],
+            &["--likelihood", "--population", "4", "--elites", "2"],
+            &["--iterations", "1", "--state", s(&state), "--shots", "2"],
             extra,
         ]
         .concat())
@@ -877,21 +880,6 @@ fn adapt_chooses_its_result_on_held_out_examples() {
     assert_eq!(again["holdout"]["ids"], held["ids"]);
     let o = adapt(&["--holdout", "3"]);
     assert_clean_failure(&o, "too few examples");
-    let o = t2(&[
-        "adapt",
-        "--model",
-        s(&m),
-        "--task",
-        s(&shots),
-        "--name",
-        "fs",
-        "--experts-dir",
-        s(&shipped),
-        "--no-save",
-        "--shots",
-        "4",
-        "--holdout-max",
-        "10",
-    ]);
+    let o = t2(&[&task[..], &["--shots", "4", "--holdout-max", "10"]].concat());
     assert_clean_failure(&o, "leaving none for --holdout-max");
 }
