@@ -16,7 +16,7 @@
 set -uo pipefail
 BIN=$(realpath "$1")
 MODEL=$(realpath "$2")
-OUT=$(realpath "$3")
+OUT=$(realpath -m "$3")
 DEVICE=${DEVICE:-cuda}
 SHAPES=${SHAPES:-llama-3.2-1b llama-3-8b}
 SERVE_SHAPE=${SERVE_SHAPE:-llama-3.2-1b}
