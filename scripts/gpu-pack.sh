@@ -3,17 +3,17 @@
 # it takes at most 64 MiB a call, and the machine goes back after ~30 s idle, so the visit is a few calls in a
 # row, each carrying its pieces, and the last one running scripts/gpu-visit.sh (which unpacks and checks).
 #
-#   bash scripts/gpu-pack.sh [BINARY]     (default: the cuda release build in $CARGO_TARGET_DIR or target/)
+#   bash scripts/gpu-pack.sh [BINARY]     (default: target/cuda/release/t2, what scripts/build-cuda.sh builds)
 #
 # Pieces: gpu-bin.tar.xz (the stripped binary and ../shared/gpu/with-gpu-libs.sh) and the default model split
 # into parts; each call's list is printed at the end, together under 60 MiB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=${1:-${CARGO_TARGET_DIR:-target}/release/t2}
+BIN=${1:-target/cuda/release/t2}
 MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf
 WRAP=../shared/gpu/with-gpu-libs.sh
 CALL_MIB=60
-[[ -x $BIN ]] || { echo "error: no binary at $BIN (build it with ../shared/gpu.md's recipe)" >&2; exit 1; }
+[[ -x $BIN ]] || { echo "error: no binary at $BIN (bash scripts/build-cuda.sh)" >&2; exit 1; }
 # A cpu-only binary would fail on the machine after the transfer; tell it here instead.
 grep -q "cuModuleLoadData\|libcuda" "$BIN" || { echo "error: $BIN was not built with --features cuda" >&2; exit 1; }
 [[ -f $MODEL ]] || { echo "error: $MODEL missing (bash scripts/fetch-model.sh)" >&2; exit 1; }
