@@ -8,9 +8,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SETUP=../shared/gpu/setup-cuda-pip.sh
-CUDA=${CUDA_PIP:-$HOME/lab/cuda-pip}/cuda
+# The setup installs into PREFIX (its default is the same); CUDA_PIP=DIR picks another.
+PREFIX=${CUDA_PIP:-$HOME/lab/cuda-pip}
+CUDA=$PREFIX/cuda
 [[ -f $SETUP ]] || { echo "error: $SETUP missing" >&2; exit 1; }
-[[ -x $CUDA/bin/nvcc ]] || bash "$SETUP"
+[[ -x $CUDA/bin/nvcc ]] || bash "$SETUP" "$PREFIX"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/cuda}
 export CUDA_HOME=$CUDA PATH=$CUDA/bin:$PATH CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 export CUDARC_CUDA_VERSION=13000 CUDAFORGE_THREADS=${CUDAFORGE_THREADS:-2} CARGO_INCREMENTAL=0
@@ -22,7 +24,7 @@ trap 'rm -f "$log"' EXIT
 if ! build 2>&1 | tee "$log"; then
     grep -q "unable to find library -lcuda" "$log" || exit 1
     echo "build-cuda: -lcuda missing on the first build; running the setup again and relinking"
-    bash "$SETUP"
+    bash "$SETUP" "$PREFIX"
     build
 fi
 echo "built $CARGO_TARGET_DIR/release/t2"

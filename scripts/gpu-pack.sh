@@ -34,12 +34,13 @@ bin_mib=$(mib .remote/gpu-bin.tar.xz)
 first=$((CALL_MIB - bin_mib))
 ((first > 0)) || { echo "error: the packed binary alone is $bin_mib MiB" >&2; exit 1; }
 head -c $((first * 1048576)) "$MODEL" >.remote/model.part-00
-tail -c +$((first * 1048576 + 1)) "$MODEL" | split -b $((CALL_MIB * 1048576)) -d -a 2 \
+tail -c +$((first * 1048576 + 1)) "$MODEL" | split -b $((CALL_MIB * 1048576)) -a 2 \
     --numeric-suffixes=1 - .remote/model.part-
 
 echo "calls (run each at once after the last; carry lists, paths from the repository root):"
 echo "  1: .remote/gpu-bin.tar.xz .remote/model.sha256 .remote/model.part-00  ($((bin_mib + $(mib .remote/model.part-00))) MiB)"
 n=2
+shopt -s nullglob
 for part in .remote/model.part-0[1-9]; do
     echo "  $n: $part  ($(mib "$part") MiB)"
     n=$((n + 1))

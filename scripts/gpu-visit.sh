@@ -11,7 +11,6 @@ R=.remote
 for need in "$R/gpu-bin.tar.xz" "$R/model.sha256" "$R/model.part-00"; do
     [[ -f $need ]] || { echo "error: $need did not arrive (carry every call's pieces, in a row)" >&2; exit 1; }
 done
-mkdir -p "$R/bin"
 # Python's tarfile reads xz without an xz binary, which the machine may lack.
 python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$R/gpu-bin.tar.xz" "$R/bin"
 model=$(awk '{print $2}' "$R/model.sha256")
