@@ -10,6 +10,7 @@ use candle_core::Tensor;
 use clap::Args;
 use serde::Serialize;
 use t2_model::{random_llama, BaseWeights, Llama, LlamaConfig, SeqStep, WantLogits};
+use t2_svf::decompose::{CacheDtype, CacheOptions};
 use t2_svf::{Decomposition, SvfProjector, TargetSet, BASE_MIX};
 
 use crate::common::ModelArgs;
@@ -196,7 +197,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut resident = Vec::new();
     for &targets in &a.targets {
         let decomp = match &real_path {
-            Some(p) => Decomposition::load_or_compute(p, &model, &sha, targets, true)?.0,
+            Some(p) => {
+                let cache_dtype = CacheDtype::for_weights(dtype, a.model.base_weights(&device));
+                let opts = CacheOptions::new(targets, cache_dtype);
+                Decomposition::load_or_compute_with(p, &model, &sha, &opts, true)?.0
+            }
             None => Decomposition::random(&model, targets, 11)?,
         };
         // Factors beyond the dense weights, in the dtype they are streamed in (half beside half weights).

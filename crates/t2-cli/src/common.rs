@@ -33,6 +33,11 @@ pub struct SvfArgs {
     /// Matrices SVF adapts: mlp, attn or all
     #[arg(long, default_value = "all")]
     pub targets: TargetSet,
+    /// Precision of the SVF factors' cache file to load, or to write when none serves: f32, or bf16
+    /// (half the file; an f32 cache serves a bf16 request too) [default: bf16 when the weights run in
+    /// bf16, else f32]
+    #[arg(long)]
+    pub cache_dtype: Option<CacheDtype>,
     /// Root of the expert store (experts/<model-id>/manifest.json)
     #[arg(long, env = "T2_EXPERTS", default_value = "experts")]
     pub experts_dir: PathBuf,
@@ -165,6 +170,9 @@ pub fn engine_config(m: &ModelArgs, s: &SvfArgs, svf: bool) -> Result<EngineConf
         dtype,
         base_weights,
         targets: s.targets,
+        cache_dtype: s
+            .cache_dtype
+            .unwrap_or_else(|| CacheDtype::for_weights(dtype, base_weights)),
         experts_dir: s.experts_dir.clone(),
         svf,
         progress: true,

@@ -160,6 +160,18 @@ fn bad_arguments_are_refused() {
         ]),
         "context",
     );
+    assert_clean_failure(
+        &t2(&[
+            "generate",
+            "--model",
+            s(&m),
+            "--prompt",
+            "hi",
+            "--cache-dtype",
+            "f8",
+        ]),
+        "unknown cache dtype 'f8' (expected f32 or bf16)",
+    );
 }
 
 /// An expert store for the default model in a temp dir, holding `experts`.

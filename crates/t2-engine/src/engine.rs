@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device};
 use t2_model::{BaseWeights, ChatMessage, DenseProjector, LoadedModel, ModelError, Projector};
-use t2_svf::decompose::Origin;
+use t2_svf::decompose::{CacheDtype, CacheOptions, Origin};
 use t2_svf::{
     Adaptation, Decomposition, ExpertStore, MixKey, MixLease, SvfError, SvfProjector, TargetSet,
 };
@@ -34,6 +34,9 @@ pub struct EngineConfig {
     /// Base weights in the model's dtype, or 8-bit on the CPU (`--dtype q8_0`).
     pub base_weights: BaseWeights,
     pub targets: TargetSet,
+    /// Precision of the decomposition cache to load, or to write when none serves (a bf16 request is
+    /// also served by an f32 cache).
+    pub cache_dtype: CacheDtype,
     pub experts_dir: PathBuf,
     /// Load (or build) the decomposition and experts; without it only the base model runs.
     pub svf: bool,
@@ -58,6 +61,7 @@ impl EngineConfig {
             dtype: DType::F32,
             base_weights: BaseWeights::Dense,
             targets: TargetSet::All,
+            cache_dtype: CacheDtype::F32,
             experts_dir: PathBuf::from("experts"),
             svf: true,
             mix_capacity: 64,
@@ -88,13 +92,14 @@ impl Engine {
         if !cfg.svf {
             return Ok(Self::without_svf(loaded).released_if(cfg.release_dense));
         }
-        let (decomp, origin) = Decomposition::load_or_compute(
+        let (decomp, origin) = Decomposition::load_or_compute_with(
             &cfg.model_path,
             &loaded.model,
             &loaded.weights_sha256,
-            cfg.targets,
+            &CacheOptions::new(cfg.targets, cfg.cache_dtype),
             cfg.progress,
         )?;
+        tracing::info!(targets = %cfg.targets, "SVF factors {origin}");
         let experts = ExpertStore::open(&cfg.experts_dir, &loaded.model_id, &decomp)?;
         let mut svf = SvfProjector::new(decomp, cfg.mix_capacity, cfg.merged_capacity)?;
         match cfg.base_weights {

@@ -7,10 +7,13 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
+use t2_engine::{Engine, EngineConfig};
 use t2_model::{
     export::export_hf, ChatMessage, DenseProjector, LoadedModel, ModelSource, RopeScaling,
     RopeStyle, SeqStep, WantLogits,
 };
+use t2_svf::decompose::{CacheDtype, Origin};
+use t2_svf::{Decomposition, TargetSet};
 
 #[test]
 fn hf_folder_matches_gguf() {
@@ -280,4 +283,43 @@ fn checkpoint_layout_errors_are_clear() {
     let m = load(silent.path());
     assert!(m.model.cfg.tie_word_embeddings);
     assert!(worst_diff(&m, &reference("qwen2")) <= TOLERANCE);
+}
+
+/// The engine loads the cache precision it is asked for, or writes it: a bf16 request is written once as a
+/// bf16 file and then loaded from it; an f32 request does not settle for bf16 factors; once an f32 cache
+/// exists, a bf16 request still takes its own bf16 file first.
+#[test]
+fn engine_loads_or_writes_the_cache_precision_it_is_asked_for() {
+    let model = edited_copy("llama3", |_| {});
+    let experts = tempfile::tempdir().unwrap();
+    let origin = |cache_dtype| {
+        let cfg = EngineConfig {
+            targets: TargetSet::Mlp,
+            cache_dtype,
+            experts_dir: experts.path().into(),
+            ..EngineConfig::new(model.path().into())
+        };
+        Engine::open(&cfg).unwrap().decomposition_origin.unwrap()
+    };
+    let path = |dtype| Decomposition::cache_path_for(model.path(), TargetSet::Mlp, dtype);
+    let (bf16, f32) = (path(CacheDtype::Bf16), path(CacheDtype::F32));
+    let computed = |p: &Path| Origin::Computed {
+        saved_to: p.to_path_buf(),
+        rejected: None,
+    };
+    assert_eq!(origin(CacheDtype::Bf16), computed(&bf16));
+    assert!(!f32.exists());
+    let bytes = std::fs::read(&bf16).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (name, u) = st
+        .tensors()
+        .into_iter()
+        .find(|(n, _)| n.ends_with(".u"))
+        .unwrap();
+    assert_eq!(u.dtype(), safetensors::Dtype::BF16, "{name}");
+    assert_eq!(origin(CacheDtype::Bf16), Origin::Loaded(bf16.clone()));
+    assert_eq!(origin(CacheDtype::F32), computed(&f32));
+    assert_eq!(origin(CacheDtype::Bf16), Origin::Loaded(bf16.clone()));
+    std::fs::remove_file(&bf16).unwrap();
+    assert_eq!(origin(CacheDtype::Bf16), Origin::Loaded(f32));
 }

@@ -20,7 +20,7 @@ use std::time::Instant;
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};
-use t2_model::{Llama, ProjId};
+use t2_model::{BaseWeights, Llama, ProjId};
 
 use crate::error::{Result, SvfError};
 use crate::targets::TargetSet;
@@ -66,6 +66,17 @@ impl CacheDtype {
         match self {
             Self::F32 => MAX_REL_ERROR,
             Self::Bf16 => MAX_REL_ERROR_BF16,
+        }
+    }
+
+    /// The precision a server asks of the cache when none is named: bf16 where the factors end up in
+    /// bf16 anyway (a bf16 model on a GPU, or bf16-stored weights on the CPU), which halves the file and
+    /// the load; f32 otherwise (f16 keeps two more mantissa bits than a bf16 cache would give it). A bf16
+    /// request is also served by an f32 cache, so an existing one is never computed again.
+    pub fn for_weights(dtype: DType, base: BaseWeights) -> Self {
+        match (dtype, base) {
+            (DType::BF16, _) | (_, BaseWeights::BF16) => Self::Bf16,
+            _ => Self::F32,
         }
     }
 
@@ -220,6 +231,26 @@ pub enum Origin {
         saved_to: PathBuf,
         rejected: Option<String>,
     },
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Loaded(p) => write!(f, "loaded from {}", p.display()),
+            Self::Computed {
+                saved_to,
+                rejected: None,
+            } => write!(f, "computed and saved to {}", saved_to.display()),
+            Self::Computed {
+                saved_to,
+                rejected: Some(why),
+            } => write!(
+                f,
+                "computed and saved to {} (the old cache was rejected: {why})",
+                saved_to.display()
+            ),
+        }
+    }
 }
 
 pub fn decomposition_hash(model_sha256: &str) -> String {

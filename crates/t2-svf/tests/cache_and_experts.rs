@@ -388,3 +388,16 @@ fn streaming_from_the_checkpoint_file_equals_streaming_from_the_resident_model()
         Decomposition::load(&a, &m, SHA).unwrap();
     }
 }
+
+#[test]
+fn a_server_asks_for_bf16_factors_only_where_they_end_up_in_bf16() {
+    use t2_model::BaseWeights;
+    let pick = CacheDtype::for_weights;
+    assert_eq!(pick(DType::BF16, BaseWeights::Dense), CacheDtype::Bf16);
+    assert_eq!(pick(DType::F32, BaseWeights::BF16), CacheDtype::Bf16);
+    // f32 factors stay f32; f16 ones keep the two mantissa bits a bf16 cache would lose
+    for base in [BaseWeights::Dense, BaseWeights::F16, BaseWeights::Q8] {
+        assert_eq!(pick(DType::F32, base), CacheDtype::F32);
+    }
+    assert_eq!(pick(DType::F16, BaseWeights::Dense), CacheDtype::F32);
+}
