@@ -50,11 +50,17 @@ cat "$OUT/versions.txt"
 
 export BIN WRAP
 export -f t2
+probe() { section "selftest-$1" 40 t2 selftest --device "$DEVICE" --no-model --json "$OUT/selftest-$1.json"; }
 if ! section selftest 80 t2 selftest --device "$DEVICE" --model "$MODEL" --json "$OUT/selftest.json"; then
-    # Tell a fused kernel's fault from the rest: without them, do the checks pass? Then measure without.
-    export T2_CUDA_UNFUSED=1
-    section selftest-unfused 80 t2 selftest --device "$DEVICE" --model "$MODEL" \
-        --json "$OUT/selftest-unfused.json" || unset T2_CUDA_UNFUSED
+    # Which part is at fault? The random-model checks alone as served, then with separate projections,
+    # then without any fused kernel; the benchmarks run in the first configuration whose checks pass.
+    if ! probe served; then
+        export T2_CUDA_UNSTACKED=1
+        if ! probe unstacked; then
+            export T2_CUDA_UNFUSED=1
+            probe unfused || unset T2_CUDA_UNFUSED T2_CUDA_UNSTACKED
+        fi
+    fi
 fi
 
 limit_for() { [[ $1 == llama-3-8b ]] && echo 100 || echo 80; }
@@ -106,6 +112,13 @@ section launches 60 launches
 # The same model unprofiled: its batch-1 decode step time ÷ launches per step is the host time per launch.
 section bench-smollm2-135m 35 t2 bench --device "$DEVICE" --random smollm2-135m --targets mlp \
     --modes base --batches 1 --prompt-len 8 --decode-steps 64 --json "$OUT/bench-smollm2-135m.json"
+# The same with q/k/v and gate/up as separate GEMMs (3 launches more per layer): what stacking saved, and
+# (step time difference ÷ 90 launches) the host time per launch measured a second way.
+if [[ -z ${T2_CUDA_UNSTACKED:-} ]]; then
+    section bench-smollm2-135m-unstacked 35 env T2_CUDA_UNSTACKED=1 bash -c 't2 "$@"' _ bench \
+        --device "$DEVICE" --random smollm2-135m --targets mlp --modes base --batches 1 --prompt-len 8 \
+        --decode-steps 64 --json "$OUT/bench-smollm2-135m-unstacked.json"
+fi
 
 section decomp 60 t2 decompose-bench --shape llama-3-8b --device "$DEVICE" --json "$OUT/decomp-gpu.json"
 

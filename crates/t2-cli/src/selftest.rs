@@ -5,6 +5,9 @@
 //! - the forward pass of small random models of each architecture over a ragged batch (prefill across
 //!   block boundaries, a second prefill chunk beside decode rows, decode), f32 logits within 1e-4 relative;
 //! - rows with different SVF mixes in one batch == each sequence alone, and merged == factored weights;
+//! - the device model runs as a GPU serves it, with q/k/v and gate/up stacked into one GEMM each (a model on
+//!   a GPU stacks itself; on the CPU the check stacks it, so a CPU run checks the stacked path against the
+//!   separate one), also beside mixes that adapt only the MLP;
 //! - the default model: the same greedy tokens as the CPU for the llama.cpp reference prompts (f32), and
 //!   how long bf16 on the device agrees with them.
 //!
@@ -83,12 +86,12 @@ pub fn run(a: SelftestArgs) -> Result<()> {
     for (arch, cfg) in architectures() {
         let t0 = Instant::now();
         let cpu = random_llama(&cfg, DType::F32, &Device::Cpu, 3)?;
-        let dev = random_llama(&cfg, DType::F32, &device, 3)?;
+        let dev = served(random_llama(&cfg, DType::F32, &device, 3)?)?;
         let want = ragged_logits(&cpu, &DenseProjector, &[BASE_MIX; 3])?;
         let got = ragged_logits(&dev, &DenseProjector, &[BASE_MIX; 3])?;
         let e = rel_err(&want, &got);
         record(
-            format!("forward f32 {arch}: device vs CPU"),
+            format!("forward f32 {arch}: device{} vs CPU", stacked_note(&dev)),
             e,
             e <= REL_TOL,
             format!("≤ {REL_TOL:e}"),
@@ -124,6 +127,33 @@ pub fn run(a: SelftestArgs) -> Result<()> {
             t0,
         );
     }
+    {
+        // Mixes on the MLP only: attention stays on the base weights for every row, so it runs stacked
+        // beside rows with mixes, and the base rows' MLP too when the whole batch is base.
+        let t0 = Instant::now();
+        let cfg = LlamaConfig {
+            qkv_bias: true,
+            ..LlamaConfig::tiny()
+        };
+        let run = |model: &Llama| -> Result<Vec<f32>> {
+            let decomp = Decomposition::compute(model, "selftest", TargetSet::Mlp, false)?;
+            let svf = SvfProjector::new(decomp, 8, 2)?;
+            let ids = register_mixes(&svf, 2)?;
+            let mut out = ragged_logits(model, &svf, &[BASE_MIX, ids[0], ids[1]])?;
+            out.extend(ragged_logits(model, &svf, &[BASE_MIX; 3])?);
+            Ok(out)
+        };
+        let want = run(&random_llama(&cfg, DType::F32, &Device::Cpu, 4)?)?;
+        let dev = served(random_llama(&cfg, DType::F32, &device, 4)?)?;
+        let e = rel_err(&want, &run(&dev)?);
+        record(
+            format!("base and 2 mlp mixes: device{} vs CPU", stacked_note(&dev)),
+            e,
+            e <= REL_TOL,
+            format!("≤ {REL_TOL:e}"),
+            t0,
+        );
+    }
     if !a.no_model {
         default_model_checks(&a, &device, &mut record)?;
     }
@@ -141,6 +171,23 @@ pub fn run(a: SelftestArgs) -> Result<()> {
         bail!("{failed} selftest check(s) failed");
     }
     Ok(())
+}
+
+/// The model as the device serves it: stacked projections on a GPU (the model does that itself, unless
+/// `T2_CUDA_UNSTACKED=1`), and stacked here on the CPU, whose own serving keeps them apart, so that a CPU
+/// run checks the stacked path against the separate one.
+fn served(mut model: Llama) -> Result<Llama> {
+    if model.device().is_cpu() {
+        model.stack_projections()?;
+    }
+    Ok(model)
+}
+
+fn stacked_note(model: &Llama) -> &'static str {
+    match model.is_stacked() {
+        true => " (stacked)",
+        false => "",
+    }
 }
 
 /// The small random shapes each architecture is checked on: grouped and plain attention, both RoPE

@@ -624,14 +624,18 @@ fn selftest_runs_every_check_and_refuses_a_device_it_lacks() {
         "llama3 rope scaling",
         "mixes in one batch",
         "merged == factored",
+        "base and 2 mlp mixes: device (stacked) vs CPU",
     ] {
         assert!(
             names.iter().any(|n| n.contains(want)),
             "no check on {want}: {names:?}"
         );
     }
+    // On the CPU the checked model is stacked (what a GPU serves), the reference is not.
+    let stacked = names.iter().filter(|n| n.contains("(stacked)")).count();
+    assert_eq!(stacked, 7 + 1, "{names:?}");
     // Six reference prompts, two checks each, beside the random-model checks.
-    assert!(checks.len() >= 9 + 12, "{names:?}");
+    assert!(checks.len() >= 10 + 12, "{names:?}");
     assert!(checks.iter().all(|c| c["passed"] == true), "{r}");
     assert_eq!(r["failed"], 0);
     if !candle_core::utils::cuda_is_available() {

@@ -20,6 +20,7 @@ pub mod load;
 pub mod pool;
 pub mod profile;
 pub mod sampling;
+pub mod stacked;
 pub mod tokenizer;
 mod vmath;
 

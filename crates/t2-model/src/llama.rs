@@ -11,6 +11,7 @@ use crate::config::{LlamaConfig, RopeStyle};
 use crate::gemm::PackedWeight;
 use crate::kv::{KvPool, SeqKv};
 use crate::profile::{self, Phase};
+use crate::stacked::Stacked;
 
 /// Which projection of a layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -119,6 +120,12 @@ impl Linear {
         self.dims
     }
 
+    /// Replaces W by the same values held elsewhere (a view into a [`Stacked`] weight).
+    pub(crate) fn set_weight(&mut self, weight: Tensor) {
+        debug_assert_eq!(weight.dims2().ok(), Some(self.dims));
+        self.weight = Some(weight);
+    }
+
     /// Drops the dense copy where the packed one serves every product; returns the bytes freed.
     pub fn release_dense(&mut self) -> usize {
         match (&self.packed, &self.weight) {
@@ -185,6 +192,9 @@ impl RowMixes {
 pub trait Projector: Send + Sync {
     /// Returns x·W'ᵀ (no bias) for x of shape (rows, in), where W' is `lin`'s weight as adapted for each row.
     fn project(&self, lin: &Linear, x: &Tensor, rows: &RowMixes) -> candle_core::Result<Tensor>;
+
+    /// Whether every row multiplies `lin` by its base weights, so a [`Stacked`] weight may serve it.
+    fn uses_base(&self, lin: &Linear, rows: &RowMixes) -> bool;
 }
 
 /// The unadapted model: every row uses the base weights.
@@ -193,6 +203,10 @@ pub struct DenseProjector;
 impl Projector for DenseProjector {
     fn project(&self, lin: &Linear, x: &Tensor, _rows: &RowMixes) -> candle_core::Result<Tensor> {
         lin.dense(x)
+    }
+
+    fn uses_base(&self, _lin: &Linear, _rows: &RowMixes) -> bool {
+        true
     }
 }
 
@@ -215,6 +229,8 @@ pub struct Attention {
     /// Qwen3: RMSNorm of each q and k head (weights of size head_dim), before RoPE.
     pub q_norm: Option<RmsNorm>,
     pub k_norm: Option<RmsNorm>,
+    /// q, k and v stacked (on a GPU): one GEMM for rows on the base weights.
+    pub qkv: Option<Stacked>,
 }
 
 impl Attention {
@@ -231,6 +247,8 @@ pub struct Mlp {
     pub gate: Linear,
     pub up: Linear,
     pub down: Linear,
+    /// gate and up stacked (on a GPU): one GEMM for rows on the base weights.
+    pub gate_up: Option<Stacked>,
 }
 
 pub struct Block {
@@ -372,7 +390,7 @@ impl Llama {
             }
         }
         let lm_head_packed = crate::kernels::pack(&lm_head);
-        Ok(Self {
+        let mut model = Self {
             cfg,
             embed,
             blocks,
@@ -383,7 +401,11 @@ impl Llama {
             rope_sin,
             dtype,
             device,
-        })
+        };
+        if crate::stacked::stacks_projections(&model.device) {
+            model.stack_projections()?;
+        }
+        Ok(model)
     }
 
     pub fn dtype(&self) -> DType {
@@ -700,9 +722,25 @@ impl Llama {
         let cfg = &self.cfg;
         let n = h.dim(0)?;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let q = self.project(&attn.q, h, p, rows)?.reshape((n, nh, hd))?;
-        let k = self.project(&attn.k, h, p, rows)?.reshape((n, nkv, hd))?;
-        let v = self.project(&attn.v, h, p, rows)?.reshape((n, nkv, hd))?;
+        let (q, k, v) = match Stacked::serving(&attn.qkv, &[&attn.q, &attn.k, &attn.v], p, rows) {
+            // Views into one (rows, heads + 2·kv_heads, head_dim) output, each row strided.
+            Some(s) => {
+                let qkv = {
+                    let _gemm = profile::span(Phase::Gemm);
+                    s.forward(h)?.reshape((n, nh + 2 * nkv, hd))?
+                };
+                (
+                    qkv.narrow(1, 0, nh)?,
+                    qkv.narrow(1, nh, nkv)?,
+                    qkv.narrow(1, nh + nkv, nkv)?,
+                )
+            }
+            None => (
+                self.project(&attn.q, h, p, rows)?.reshape((n, nh, hd))?,
+                self.project(&attn.k, h, p, rows)?.reshape((n, nkv, hd))?,
+                self.project(&attn.v, h, p, rows)?.reshape((n, nkv, hd))?,
+            ),
+        };
         let q = Attention::norm_heads(&attn.q_norm, q)?;
         let k = Attention::norm_heads(&attn.k_norm, k)?;
         // Every new position's K/V goes into its pool row first: attention then reads all positions,
@@ -715,9 +753,10 @@ impl Llama {
             #[cfg(feature = "cuda")]
             KvIndex::Device(a) => {
                 let q = if crate::cuda::fused() {
-                    q.contiguous()?.apply_op3_no_bwd(
-                        &k.contiguous()?,
-                        &v.contiguous()?,
+                    let rows_of = crate::cuda::row_strided;
+                    rows_of(&q)?.apply_op3_no_bwd(
+                        &rows_of(&k)?,
+                        &rows_of(&v)?,
                         &crate::cuda::RopeStore {
                             rows: a,
                             cos: &self.rope_cos,
@@ -856,8 +895,23 @@ impl Llama {
         p: &dyn Projector,
         rows: &RowMixes,
     ) -> candle_core::Result<Tensor> {
-        let gate = self.project(&mlp.gate, h, p, rows)?;
-        let up = self.project(&mlp.up, h, p, rows)?;
+        let (gate, up) = match Stacked::serving(&mlp.gate_up, &[&mlp.gate, &mlp.up], p, rows) {
+            Some(s) => {
+                let width = mlp.gate.dims().0;
+                let gate_up = {
+                    let _gemm = profile::span(Phase::Gemm);
+                    s.forward(h)?
+                };
+                (
+                    gate_up.narrow(1, 0, width)?,
+                    gate_up.narrow(1, width, width)?,
+                )
+            }
+            None => (
+                self.project(&mlp.gate, h, p, rows)?,
+                self.project(&mlp.up, h, p, rows)?,
+            ),
+        };
         #[cfg(feature = "cuda")]
         if gate.device().is_cuda() && crate::cuda::fused() {
             return self.project(&mlp.down, &crate::cuda::silu_mul(&gate, &up)?, p, rows);
@@ -970,6 +1024,7 @@ pub fn random_llama(
                 o: lin(ProjKind::O, (hs, qd), 1.0 / (qd as f32).sqrt())?,
                 q_norm: head_norm()?,
                 k_norm: head_norm()?,
+                qkv: None,
             },
             mlp_norm: RmsNorm {
                 weight: ones.clone(),
@@ -979,6 +1034,7 @@ pub fn random_llama(
                 gate: lin(ProjKind::Gate, (is, hs), std_in)?,
                 up: lin(ProjKind::Up, (is, hs), std_in)?,
                 down: lin(ProjKind::Down, (hs, is), 1.0 / (is as f32).sqrt())?,
+                gate_up: None,
             },
         });
     }

@@ -359,12 +359,14 @@ fn assemble_block(
             o: take(ProjKind::O),
             q_norm,
             k_norm,
+            qkv: None,
         },
         mlp_norm,
         mlp: Mlp {
             gate: take(ProjKind::Gate),
             up: take(ProjKind::Up),
             down: take(ProjKind::Down),
+            gate_up: None,
         },
     }
 }

@@ -285,7 +285,7 @@ impl SvfProjector {
 
 impl Projector for SvfProjector {
     fn project(&self, lin: &Linear, x: &Tensor, rows: &RowMixes) -> candle_core::Result<Tensor> {
-        if !self.decomp.factors.contains_key(&lin.id) || rows.uniform == Some(BASE_MIX) {
+        if self.uses_base(lin, rows) {
             return lin.dense(x);
         }
         if let Some(m) = rows.uniform {
@@ -301,6 +301,10 @@ impl Projector for SvfProjector {
             }
         }
         self.factored(lin, x, rows)
+    }
+
+    fn uses_base(&self, lin: &Linear, rows: &RowMixes) -> bool {
+        !self.decomp.factors.contains_key(&lin.id) || rows.uniform == Some(BASE_MIX)
     }
 }
 

@@ -136,36 +136,43 @@ __device__ void add_rms_norm(const T* x, const T* r, const T* w, T* out, int row
     normed[i] = from_f<T>(to_f(sum[i]) * inv * to_f(w[i]));
 }
 
-// silu(g) * u, rounded as the separate ops round (silu to T, then the product to T).
+// silu(g) * u, rounded as the separate ops round (silu to T, then the product to T). g and u are
+// (rows, cols) with their own row strides (the halves of a stacked gate/up output); out is contiguous.
 template <typename T>
-__device__ void silu_mul(const T* g, const T* u, T* out, size_t n) {
+__device__ void silu_mul(const T* g, const T* u, T* out, size_t rows, size_t cols, size_t g_stride,
+                         size_t u_stride) {
+  const size_t n = rows * cols;
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-    float gf = to_f(g[i]);
+    const size_t r = i / cols, c = i % cols;
+    float gf = to_f(g[r * g_stride + c]);
     T s = from_f<T>(gf / (1.f + __expf(-gf)));
-    out[i] = from_f<T>(to_f(s) * to_f(u[i]));
+    out[i] = from_f<T>(to_f(s) * to_f(u[r * u_stride + c]));
   }
 }
 
 // RoPE on q and k at each row's position, q into q_out, and k (rotated) and v into their pool rows.
-// grid (rows, heads + kv_heads), block head_dim / 2 threads (one rotation pair each). cos/sin: the model's
-// tables, (positions, head_dim / 2). half_style: pairs (i, i + d/2) (HF); else (2i, 2i + 1) (GGUF).
+// grid (rows, heads + kv_heads), block head_dim / 2 threads (one rotation pair each). q, k, v: (rows,
+// heads, head_dim) with each row's heads contiguous and rows *_stride elements apart (a stacked q/k/v
+// output); q_out is contiguous. cos/sin: the model's tables, (positions, head_dim / 2). half_style: pairs
+// (i, i + d/2) (HF); else (2i, 2i + 1) (GGUF).
 template <typename T>
 __device__ void rope_store(const T* q, const T* k, const T* v, const T* cos_t, const T* sin_t,
                            const uint32_t* row_pos, const uint32_t* slot, T* q_out, T* k_pool,
-                           T* v_pool, int heads, int kv_heads, int head_dim, int half_style) {
+                           T* v_pool, size_t q_stride, size_t k_stride, size_t v_stride, int heads,
+                           int kv_heads, int head_dim, int half_style) {
   const int r = blockIdx.x, y = blockIdx.y, half = head_dim / 2;
   const size_t pos = row_pos[r];
   const T* src;
   T* dst;
   if (y < heads) {
-    src = q + ((size_t)r * heads + y) * head_dim;
+    src = q + (size_t)r * q_stride + (size_t)y * head_dim;
     dst = q_out + ((size_t)r * heads + y) * head_dim;
   } else {
     const int h = y - heads;
-    src = k + ((size_t)r * kv_heads + h) * head_dim;
+    src = k + (size_t)r * k_stride + (size_t)h * head_dim;
     const size_t row = (size_t)slot[r] + (size_t)h * BLOCK;
     dst = k_pool + row * head_dim;
-    const T* vs = v + ((size_t)r * kv_heads + h) * head_dim;
+    const T* vs = v + (size_t)r * v_stride + (size_t)h * head_dim;
     T* vd = v_pool + row * head_dim;
     for (int i = threadIdx.x; i < head_dim; i += blockDim.x) vd[i] = vs[i];
   }
@@ -194,15 +201,16 @@ __device__ void rope_store(const T* q, const T* k, const T* v, const T* cos_t, c
                                                    int rows, int d, float eps) {                      \
     add_rms_norm<T>(x, r, w, out, rows, d, eps);                                                      \
   }                                                                                                   \
-  extern "C" __global__ void silu_mul_##SUFFIX(const T* g, const T* u, T* out, size_t n) {           \
-    silu_mul<T>(g, u, out, n);                                                                        \
+  extern "C" __global__ void silu_mul_##SUFFIX(const T* g, const T* u, T* out, size_t rows,         \
+                                               size_t cols, size_t g_stride, size_t u_stride) {       \
+    silu_mul<T>(g, u, out, rows, cols, g_stride, u_stride);                                           \
   }                                                                                                   \
   extern "C" __global__ void rope_store_##SUFFIX(                                                     \
       const T* q, const T* k, const T* v, const T* cos_t, const T* sin_t, const uint32_t* row_pos,    \
-      const uint32_t* slot, T* q_out, T* k_pool, T* v_pool, int heads, int kv_heads, int head_dim,    \
-      int half_style) {                                                                               \
-    rope_store<T>(q, k, v, cos_t, sin_t, row_pos, slot, q_out, k_pool, v_pool, heads, kv_heads,       \
-                  head_dim, half_style);                                                              \
+      const uint32_t* slot, T* q_out, T* k_pool, T* v_pool, size_t q_stride, size_t k_stride,         \
+      size_t v_stride, int heads, int kv_heads, int head_dim, int half_style) {                       \
+    rope_store<T>(q, k, v, cos_t, sin_t, row_pos, slot, q_out, k_pool, v_pool, q_stride, k_stride,    \
+                  v_stride, heads, kv_heads, head_dim, half_style);                                   \
   }
 
 INSTANTIATE(float, f32)

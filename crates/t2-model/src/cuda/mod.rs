@@ -26,6 +26,22 @@ fn start(l: &Layout, what: &str) -> Result<usize> {
     }
 }
 
+fn rows_start(l: &Layout, what: &str) -> Result<(usize, usize)> {
+    match crate::stacked::rows_layout(l) {
+        Some(r) => Ok(r),
+        None => candle_core::bail!("{what}: each row must be contiguous"),
+    }
+}
+
+/// `t` itself where the kernels can read it row by row (each row contiguous, rows at any stride), else a
+/// contiguous copy: the parts of a stacked projection's output go in without a copy.
+pub fn row_strided(t: &Tensor) -> Result<Tensor> {
+    match crate::stacked::rows_layout(t.layout()) {
+        Some(_) => Ok(t.clone()),
+        None => t.contiguous(),
+    }
+}
+
 /// Runs `$body` with `$T` bound to the element type of `$dtype`.
 macro_rules! with_dtype {
     ($dtype:expr, $T:ident, $body:block) => {
@@ -294,7 +310,18 @@ impl RowOffsets {
 /// turns them off, leaving candle's separate ops, to tell a fused kernel's fault from the rest.
 pub fn fused() -> bool {
     static FUSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FUSED.get_or_init(|| std::env::var("T2_CUDA_UNFUSED").map_or(true, |v| v != "1"))
+    *FUSED.get_or_init(|| !env_set("T2_CUDA_UNFUSED"))
+}
+
+/// Whether models on the GPU stack q/k/v and gate/up ([`crate::stacked`]): with the fused kernels, unless
+/// `T2_CUDA_UNSTACKED=1`, which keeps the fused kernels but runs each projection on its own.
+pub fn stacking() -> bool {
+    static STACKING: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *STACKING.get_or_init(|| fused() && !env_set("T2_CUDA_UNSTACKED"))
+}
+
+fn env_set(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v == "1")
 }
 
 fn launch_cfg(grid: (u32, u32), block: u32) -> LaunchConfig {
@@ -393,25 +420,27 @@ impl candle_core::CustomOp2 for SiluMul {
         u: &CudaStorage,
         ul: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let n = gl.shape().elem_count();
+        let (rows, cols) = gl.shape().dims2()?;
         if ul.shape() != gl.shape() {
             candle_core::bail!("t2-silu-mul: shapes differ");
         }
+        let n = rows * cols;
         let dev = g.device().clone();
         let func =
             dev.get_or_load_custom_func(&format!("silu_mul_{}", suffix(g.dtype())?), MODULE, PTX)?;
-        let (g0, u0) = (start(gl, "gate")?, start(ul, "up")?);
+        let ((g0, g_stride), (u0, u_stride)) = (rows_start(gl, "gate")?, rows_start(ul, "up")?);
         let blocks = n.div_ceil(256).min(65_535) as u32;
         let out = with_dtype!(g.dtype(), T, {
             let (gs, us) = (
                 g.as_cuda_slice::<T>()?.slice(g0..),
                 u.as_cuda_slice::<T>()?.slice(u0..),
             );
-            // SAFETY: the kernel writes all n elements.
+            // SAFETY: the kernel writes all rows·cols elements.
             let out = unsafe { dev.alloc::<T>(n)? };
             let mut b = func.builder();
-            b.arg(&gs).arg(&us).arg(&out).arg(&n);
-            // SAFETY: n elements of each input, checked above.
+            b.arg(&gs).arg(&us).arg(&out);
+            b.arg(&rows).arg(&cols).arg(&g_stride).arg(&u_stride);
+            // SAFETY: cols elements of each row of each input, at the strides their layouts give.
             unsafe { b.launch(launch_cfg((blocks, 1), 256)) }.w()?;
             CudaStorage::wrap_cuda_slice(out, dev.clone())
         });
@@ -419,9 +448,10 @@ impl candle_core::CustomOp2 for SiluMul {
     }
 }
 
-/// silu(g)·u in one launch.
+/// silu(g)·u in one launch, for g and u (rows, cols): read in place where each row is contiguous (the
+/// halves of a stacked gate/up output).
 pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
-    g.contiguous()?.apply_op2_no_bwd(&u.contiguous()?, &SiluMul)
+    row_strided(g)?.apply_op2_no_bwd(&row_strided(u)?, &SiluMul)
 }
 
 /// RoPE on q and k at each row's position (from the step's upload), k and v stored into their pool rows,
@@ -488,10 +518,15 @@ impl candle_core::CustomOp3 for RopeStore<'_> {
             head_dim as i32,
             self.half_style as i32,
         );
+        let ((q0, q_stride), (k0, k_stride), (v0, v_stride)) = (
+            rows_start(ql, "q")?,
+            rows_start(kl, "k")?,
+            rows_start(vl, "v")?,
+        );
         let offs = [
-            start(ql, "q")?,
-            start(kl, "k")?,
-            start(vl, "v")?,
+            q0,
+            k0,
+            v0,
             start(cl, "cos")?,
             start(sl, "sin")?,
             start(kpl, "the K pool")?,
@@ -522,6 +557,9 @@ impl candle_core::CustomOp3 for RopeStore<'_> {
             b.arg(&out)
                 .arg(&kps)
                 .arg(&vps)
+                .arg(&q_stride)
+                .arg(&k_stride)
+                .arg(&v_stride)
                 .arg(&h)
                 .arg(&kvh)
                 .arg(&hd)
