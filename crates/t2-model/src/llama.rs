@@ -345,6 +345,28 @@ impl KvRows {
     }
 }
 
+/// Each new row's RoPE cos and sin, (rows, 1, head_dim / 2), gathered from the model's tables on first use:
+/// the fused GPU kernel reads the tables at each row's position itself, and two gathers a step are two
+/// launches it does not need.
+struct RopeRows<'a> {
+    model: &'a Llama,
+    pos: &'a Tensor,
+    rows: std::cell::OnceCell<(Tensor, Tensor)>,
+}
+
+impl RopeRows<'_> {
+    fn get(&self) -> candle_core::Result<(&Tensor, &Tensor)> {
+        if self.rows.get().is_none() {
+            let (n, half) = (self.pos.dim(0)?, self.model.cfg.head_dim / 2);
+            let gather = |t: &Tensor| t.index_select(self.pos, 0)?.reshape((n, 1, half));
+            let pair = (gather(&self.model.rope_cos)?, gather(&self.model.rope_sin)?);
+            let _ = self.rows.set(pair);
+        }
+        let (cos, sin) = self.rows.get().expect("just set");
+        Ok((cos, sin))
+    }
+}
+
 /// How a step finds its KV rows: host-side row lists for the CPU kernels, or the step's upload for the
 /// GPU kernels.
 enum KvIndex {
@@ -597,15 +619,11 @@ impl Llama {
         let pos_ids = meta.narrow(0, n, n)?;
         let rows = RowMixes::with_tensor(row_mix, meta.narrow(0, 2 * n, n)?);
         let wanted_ids = meta.narrow(0, 3 * n, wanted.len())?;
-        let half = cfg.head_dim / 2;
-        let cos = self
-            .rope_cos
-            .index_select(&pos_ids, 0)?
-            .reshape((n, 1, half))?;
-        let sin = self
-            .rope_sin
-            .index_select(&pos_ids, 0)?
-            .reshape((n, 1, half))?;
+        let rope = RopeRows {
+            model: self,
+            pos: &pos_ids,
+            rows: std::cell::OnceCell::new(),
+        };
 
         #[cfg(feature = "cuda")]
         let kv_rows = match gpu_rows {
@@ -624,8 +642,7 @@ impl Llama {
                 layer,
                 &block.attn,
                 &h,
-                &cos,
-                &sin,
+                &rope,
                 steps,
                 &spans,
                 (pool, &kv_rows),
@@ -692,7 +709,8 @@ impl Llama {
         }
     }
 
-    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    fn rope(&self, x: &Tensor, rope: &RopeRows<'_>) -> candle_core::Result<Tensor> {
+        let (cos, sin) = rope.get()?;
         // (rows, heads, head_dim) seen as (batch=rows, heads, seq=1, head_dim): every row has its own position.
         let (n, h, d) = x.dims3()?;
         let x = x.reshape((n, h, 1, d))?;
@@ -709,8 +727,7 @@ impl Llama {
         layer: usize,
         attn: &Attention,
         h: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        rope: &RopeRows<'_>,
         steps: &[SeqStep<'_>],
         spans: &[(usize, usize, usize)],
         (pool, kv_index): (&KvPool, &KvIndex),
@@ -767,10 +784,10 @@ impl Llama {
                         },
                     )?
                 } else {
-                    let k = self.rope(&k, cos, sin)?;
+                    let k = self.rope(&k, rope)?;
                     k_pool.inplace_op3(&k.contiguous()?, &a.slots, &crate::cuda::KvWrite)?;
                     v_pool.inplace_op3(&v.contiguous()?, &a.slots, &crate::cuda::KvWrite)?;
-                    self.rope(&q, cos, sin)?.contiguous()?
+                    self.rope(&q, rope)?.contiguous()?
                 };
                 let out = q.apply_op3_no_bwd(
                     k_pool,
@@ -783,8 +800,8 @@ impl Llama {
                 return self.project(&attn.o, &out.reshape((n, nh * hd))?, p, rows);
             }
         };
-        let q = self.rope(&q, cos, sin)?;
-        let k = self.rope(&k, cos, sin)?;
+        let q = self.rope(&q, rope)?;
+        let k = self.rope(&k, rope)?;
         if k_pool.device().is_cpu() {
             let (k, v) = (k.contiguous()?, v.contiguous()?);
             for (pool_t, src) in [(k_pool, &k), (v_pool, &v)] {
