@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Every GPU figure of issue 11 from one release binary, in one run on the GPU machine (≤ 8 minutes):
-# correctness (t2 selftest), kernel launches per decode step (ncu), t2 bench at the Llama-3.2-1B and
-# Llama-3-8B shapes (random bf16 weights), and the serving load generator against `t2 serve --device cuda`.
+# Every GPU figure of issue 11 from one release binary, in one run on the GPU machine (at most 8 minutes:
+# each section is time-boxed, and a section gets no more than what is left of BUDGET): correctness (t2 selftest), kernel
+# launches per decode step (ncu), t2 bench at the Llama-3.2-1B and Llama-3-8B shapes (random bf16 weights),
+# the serving load generator against `t2 serve --device cuda`, the batch-1 step with and without stacked
+# projections, and the decomposition on cuSOLVER.
 # Each section is time-boxed and writes its own file, so a rerun can skip what already came back.
 #
 #   bash scripts/gpu-check.sh BINARY MODEL.gguf OUTDIR
@@ -12,7 +14,11 @@
 #   DEVICE=cuda        where to run (cpu runs the same sections, for checking this script)
 #   SHAPES="llama-3.2-1b llama-3-8b"   random shapes for t2 bench
 #   SERVE_SHAPE=llama-3.2-1b            random shape behind the serving measurement
-#   SKIP="launches serve ..."           sections to leave out (selftest launches bench-SHAPE serve decomp)
+#   BUDGET=470                          seconds for all sections (8 minutes, less packing the results);
+#                                       sections run in order of importance, and one that would start with
+#                                       less than 10 s left is skipped
+#   SKIP="launches serve ..."           sections to leave out (selftest launches bench-SHAPE serve decomp,
+#                                       bench-smollm2-135m-unstacked)
 set -uo pipefail
 BIN=$(realpath "$1")
 MODEL=$(realpath "$2")
@@ -21,6 +27,7 @@ DEVICE=${DEVICE:-cuda}
 SHAPES=${SHAPES:-llama-3.2-1b llama-3-8b}
 SERVE_SHAPE=${SERVE_SHAPE:-llama-3.2-1b}
 SKIP=${SKIP:-}
+BUDGET=${BUDGET:-470}
 HERE=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$OUT"
 WRAP=""
@@ -31,6 +38,12 @@ section() {
     local name=$1 limit=$2
     shift 2
     skip "$name" && return
+    local left=$((BUDGET - SECONDS))
+    if ((left < 10)); then
+        echo "=== $name: skipped, ${left}s of the ${BUDGET}s budget left"
+        return 124
+    fi
+    ((limit > left)) && limit=$left
     local t0=$SECONDS
     echo "=== $name (at most ${limit}s)"
     timeout --kill-after=5 "$limit" bash -c '"$@"' _ "$@" >"$OUT/$name.log" 2>&1
@@ -115,7 +128,7 @@ section bench-smollm2-135m 35 t2 bench --device "$DEVICE" --random smollm2-135m 
 # The same with q/k/v and gate/up as separate GEMMs (3 launches more per layer): what stacking saved, and
 # (step time difference ÷ 90 launches) the host time per launch measured a second way.
 if [[ -z ${T2_CUDA_UNSTACKED:-} ]]; then
-    section bench-smollm2-135m-unstacked 35 env T2_CUDA_UNSTACKED=1 bash -c 't2 "$@"' _ bench \
+    section bench-smollm2-135m-unstacked 25 env T2_CUDA_UNSTACKED=1 bash -c 't2 "$@"' _ bench \
         --device "$DEVICE" --random smollm2-135m --targets mlp --modes base --batches 1 --prompt-len 8 \
         --decode-steps 64 --json "$OUT/bench-smollm2-135m-unstacked.json"
 fi
