@@ -113,65 +113,20 @@ fn truncated_or_garbage_gguf_is_refused() {
 #[test]
 fn bad_arguments_are_refused() {
     let m = model();
-    assert_clean_failure(
-        &t2(&[
-            "generate",
-            "--model",
-            s(&m),
-            "--prompt",
-            "hi",
-            "--temperature=-1",
-        ]),
-        "temperature",
-    );
-    assert_clean_failure(
-        &t2(&[
-            "generate",
-            "--model",
-            s(&m),
-            "--prompt",
-            "hi",
-            "--device",
-            "tpu",
-        ]),
-        "unknown device",
-    );
-    assert_clean_failure(
-        &t2(&[
-            "generate",
-            "--model",
-            s(&m),
-            "--prompt",
-            "hi",
-            "--mix",
-            "math=abc",
-        ]),
-        "not a number",
-    );
-    assert_clean_failure(
-        &t2(&[
-            "generate",
-            "--model",
-            s(&m),
-            "--prompt",
-            "hi",
-            "--max-tokens",
-            "9000",
-        ]),
-        "context",
-    );
-    assert_clean_failure(
-        &t2(&[
-            "generate",
-            "--model",
-            s(&m),
-            "--prompt",
-            "hi",
-            "--cache-dtype",
-            "f8",
-        ]),
-        "unknown cache dtype 'f8' (expected f32 or bf16)",
-    );
+    for (extra, needle) in [
+        (&["--temperature=-1"][..], "temperature"),
+        (&["--device", "tpu"], "unknown device"),
+        (&["--mix", "math=abc"], "not a number"),
+        (&["--max-tokens", "9000"], "context"),
+        (
+            &["--cache-dtype", "f8"],
+            "unknown cache dtype 'f8' (expected f32 or bf16)",
+        ),
+    ] {
+        let mut args = vec!["generate", "--model", s(&m), "--prompt", "hi"];
+        args.extend_from_slice(extra);
+        assert_clean_failure(&t2(&args), needle);
+    }
 }
 
 /// An expert store for the default model in a temp dir, holding `experts`.
