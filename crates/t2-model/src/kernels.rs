@@ -140,6 +140,25 @@ fn stream_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> 
     Ok(Some(y.to_dtype(x.dtype())?))
 }
 
+/// Each row of x (rows, cols) times its mix's scales: `table` (capacity, cols) at the row's id in `rows`.
+/// One kernel on a GPU with the fused kernels on; elsewhere a gather and a multiply (the CPU's factored
+/// path runs on packed kernels around this, where these are not the cost).
+pub fn scale_rows(
+    x: &Tensor,
+    table: &Tensor,
+    rows: &crate::llama::RowMixes,
+) -> candle_core::Result<Tensor> {
+    let capacity = table.dim(0)?;
+    if let Some(&bad) = rows.ids.iter().find(|&&m| m as usize >= capacity) {
+        candle_core::bail!("mix id {bad} is outside the mix table of {capacity}");
+    }
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && crate::cuda::fused() {
+        return crate::cuda::scale_rows(x, table, &rows.ids_tensor);
+    }
+    x * table.index_select(&rows.ids_tensor, 0)?
+}
+
 /// Writes a step's new K (or V) rows into a layer's pool in place: `src` is (rows, kv_heads, head_dim),
 /// contiguous, in the pool's dtype; each write is (first batch row, rows, first pool row of head 0), and
 /// head h's run starts h·block_size rows further (the pool's head-major block layout). One op per layer
@@ -548,6 +567,19 @@ pub fn silu_mul(g: &Tensor, u: &Tensor) -> candle_core::Result<Option<Tensor>> {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn each_row_takes_its_own_mixes_scales_and_an_unknown_mix_is_refused() {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[1f32, 2., 3.], [4., 5., 6.], [7., 8., 9.]], &dev).unwrap();
+        let table = Tensor::new(&[[1f32, 1., 1.], [2., 3., 4.]], &dev).unwrap();
+        let rows = crate::llama::RowMixes::new(vec![1, 0, 1], &dev).unwrap();
+        let y: Vec<Vec<f32>> = scale_rows(&x, &table, &rows).unwrap().to_vec2().unwrap();
+        assert_eq!(y, [[2., 6., 12.], [4., 5., 6.], [14., 24., 36.]]);
+        let stale = crate::llama::RowMixes::new(vec![0, 2, 1], &dev).unwrap();
+        let e = scale_rows(&x, &table, &stale).unwrap_err().to_string();
+        assert!(e.contains("mix id 2 is outside the mix table of 2"), "{e}");
+    }
 
     /// The fused CPU kernels give candle's separate ops' results (add + norm to the bit, silu·up to a few
     /// ulp), at batch sizes on both sides of the switch to the thread pool.

@@ -277,7 +277,7 @@ impl SvfProjector {
         let xv = linear_packed(x, f.vt().ok(), pv.as_ref())?;
         let scaled = match rows.uniform {
             Some(m) => xv.broadcast_mul(&stacked.get(m as usize)?.unsqueeze(0)?)?,
-            None => (xv * stacked.index_select(&rows.ids_tensor, 0)?)?,
+            None => t2_model::kernels::scale_rows(&xv, stacked, rows)?,
         };
         linear_packed(&scaled, f.u().ok(), pu.as_ref())
     }

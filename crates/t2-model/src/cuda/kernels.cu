@@ -150,6 +150,19 @@ __device__ void silu_mul(const T* g, const T* u, T* out, size_t rows, size_t col
   }
 }
 
+// x * table[ids[r]] row by row: x and out (rows, cols) contiguous, table (capacity, cols), each row's
+// scales at ids[r] (the mix table of the factored SVF product). The product is rounded once, as candle's
+// multiply rounds it.
+template <typename T>
+__device__ void scale_rows(const T* x, const T* table, const uint32_t* ids, T* out, size_t rows,
+                           size_t cols) {
+  const size_t n = rows * cols;
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    const size_t r = i / cols, c = i % cols;
+    out[i] = from_f<T>(to_f(x[i]) * to_f(table[(size_t)ids[r] * cols + c]));
+  }
+}
+
 // RoPE on q and k at each row's position, q into q_out, and k (rotated) and v into their pool rows.
 // grid (rows, heads + kv_heads), block head_dim / 2 threads (one rotation pair each). q, k, v: (rows,
 // heads, head_dim) with each row's heads contiguous and rows *_stride elements apart (a stacked q/k/v
@@ -204,6 +217,10 @@ __device__ void rope_store(const T* q, const T* k, const T* v, const T* cos_t, c
   extern "C" __global__ void silu_mul_##SUFFIX(const T* g, const T* u, T* out, size_t rows,         \
                                                size_t cols, size_t g_stride, size_t u_stride) {       \
     silu_mul<T>(g, u, out, rows, cols, g_stride, u_stride);                                           \
+  }                                                                                                   \
+  extern "C" __global__ void scale_rows_##SUFFIX(const T* x, const T* table, const uint32_t* ids,   \
+                                                 T* out, size_t rows, size_t cols) {                  \
+    scale_rows<T>(x, table, ids, out, rows, cols);                                                    \
   }                                                                                                   \
   extern "C" __global__ void rope_store_##SUFFIX(                                                     \
       const T* q, const T* k, const T* v, const T* cos_t, const T* sin_t, const uint32_t* row_pos,    \

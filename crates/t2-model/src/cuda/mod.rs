@@ -454,6 +454,69 @@ pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     row_strided(g)?.apply_op2_no_bwd(&row_strided(u)?, &SiluMul)
 }
 
+/// x (rows, cols) times each row's scales, `table` (capacity, cols) at the row's id: applied as
+/// `x.apply_op3_no_bwd(table, ids, &ScaleRows)`; ids are u32 and every one below the capacity (the caller
+/// checks).
+struct ScaleRows;
+
+impl candle_core::CustomOp3 for ScaleRows {
+    cuda_only_op3!("t2-scale-rows");
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        table: &CudaStorage,
+        tl: &Layout,
+        ids: &CudaStorage,
+        il: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (rows, cols) = xl.shape().dims2()?;
+        if tl.shape().dims2()?.1 != cols || il.shape().elem_count() != rows {
+            candle_core::bail!("t2-scale-rows: shapes differ");
+        }
+        let dev = x.device().clone();
+        let func = dev.get_or_load_custom_func(
+            &format!("scale_rows_{}", suffix(x.dtype())?),
+            MODULE,
+            PTX,
+        )?;
+        let (x0, t0, i0) = (
+            start(xl, "x")?,
+            start(tl, "the mix table")?,
+            start(il, "the row ids")?,
+        );
+        let n = rows * cols;
+        let blocks = n.div_ceil(256).clamp(1, 65_535) as u32;
+        let ids = ids.as_cuda_slice::<u32>()?.slice(i0..);
+        let out = with_dtype!(x.dtype(), T, {
+            let (xs, ts) = (
+                x.as_cuda_slice::<T>()?.slice(x0..),
+                table.as_cuda_slice::<T>()?.slice(t0..),
+            );
+            // SAFETY: the kernel writes all rows·cols elements.
+            let out = unsafe { dev.alloc::<T>(n)? };
+            let mut b = func.builder();
+            b.arg(&xs)
+                .arg(&ts)
+                .arg(&ids)
+                .arg(&out)
+                .arg(&rows)
+                .arg(&cols);
+            // SAFETY: rows·cols of x; table rows at ids the caller checked against the capacity.
+            unsafe { b.launch(launch_cfg((blocks, 1), 256)) }.w()?;
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        });
+        Ok((out, xl.shape().clone()))
+    }
+}
+
+/// x·table[ids] in one launch (instead of a gather and a multiply); see [`crate::kernels::scale_rows`].
+pub fn scale_rows(x: &Tensor, table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3_no_bwd(&table.contiguous()?, &ids.contiguous()?, &ScaleRows)
+}
+
 /// RoPE on q and k at each row's position (from the step's upload), k and v stored into their pool rows,
 /// q returned rotated: applied as `q.apply_op3_no_bwd(k, v, op)`.
 pub struct RopeStore<'a> {
